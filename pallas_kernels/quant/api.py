@@ -1,0 +1,320 @@
+"""Public quantized-matmul API and backend dispatch.
+
+Backends: "gpu" (Pallas on Triton), "interpret" (the same Pallas kernels with ``interpret=True``, runs
+on CPU), "reference" (pure jnp dequantize-then-matmul), "auto" (gpu on GPU, interpret on CPU,
+reference on TPU: no Mosaic TPU kernel yet), "tpu" (not implemented: raises NotImplementedError).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import reference
+from .formats import QuantizedWeight
+
+BACKENDS = ("auto", "gpu", "tpu", "interpret", "reference")
+DEFAULT_OUTLIER_THRESHOLD = 6.0
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
+    if backend == "auto":
+        platform = jax.default_backend()
+        if platform == "gpu":
+            return "gpu"
+        if platform == "tpu":
+            return "reference"
+        return "interpret"
+    if backend == "tpu":
+        raise NotImplementedError("backend='tpu': no Mosaic TPU quantized kernels yet; use 'reference' or 'auto'")
+    return backend
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _is_pow2(v) -> bool:
+    return isinstance(v, (int, np.integer)) and v > 0 and (v & (v - 1)) == 0
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def _normalize_block_sizes(block_sizes) -> tuple:
+    """None | (bm, bn, bk) | {"block_m"/"bm": .., "block_n"/"bn": .., "block_k"/"bk": ..} -> (bm, bn, bk)."""
+    if block_sizes is None:
+        return (None, None, None)
+    if isinstance(block_sizes, Mapping):
+        alias = {"block_m": 0, "bm": 0, "block_n": 1, "bn": 1, "block_k": 2, "bk": 2}
+        out = [None, None, None]
+        for k, v in block_sizes.items():
+            if k not in alias:
+                raise ValueError(f"block_sizes: unknown key {k!r}, expected block_m, block_n, block_k")
+            out[alias[k]] = v
+        bs = tuple(out)
+    else:
+        bs = tuple(block_sizes)
+        if len(bs) != 3:
+            raise ValueError(f"block_sizes: got {block_sizes!r}, expected (block_m, block_n, block_k)")
+    for name, v in zip(("block_m", "block_n", "block_k"), bs):
+        if v is not None and (not _is_pow2(v) or v < 16):
+            raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 16")
+    return tuple(None if v is None else int(v) for v in bs)
+
+
+def _default_bm(M: int) -> int:
+    return min(128, max(16, _next_pow2(M)))
+
+
+def _pad_to(a, shape):
+    pads = [(0, t - s) for s, t in zip(a.shape, shape)]
+    if all(p == (0, 0) for p in pads):
+        return a
+    return jnp.pad(a, pads)
+
+
+def _check_x(x, K, what="x"):
+    if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != K:
+        raise ValueError(f"{what}: got shape {tuple(getattr(x, 'shape', ()))}, expected [..., {K}] (last dim = K of the weight)")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{what}: got dtype {x.dtype} with shape {tuple(x.shape)}, expected a floating dtype")
+
+
+# ------------------------------------------------------------------------------------------------
+# weight-only quantized matmul
+# ------------------------------------------------------------------------------------------------
+
+
+def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int]:
+    bm, bn, bk = bs
+    K, N = qw.shape
+    g = qw.group_size
+    bm = bm or _default_bm(M)
+    bn = bn or min(128, max(16, _next_pow2(N)))
+    if g is None:
+        bk = bk or min(128, max(16, _next_pow2(K)))
+    else:
+        bk = bk or g
+        if bk % g:
+            raise ValueError(f"block_sizes: block_k={bk} must be a multiple of the group size {g} of qw")
+    if qw.double_quant and bn > 256:
+        raise ValueError(f"block_sizes: block_n={bn} must be <= 256 for double-quantized nf4")
+    return bm, bn, bk
+
+
+def _padded_qw(qw: QuantizedWeight, Kp: int, Np: int) -> QuantizedWeight:
+    """Pad the leaves (zeros: finite, contribute nothing because x/dy are zero-padded) to Kp x Np."""
+    g = qw.group_size
+    div = 2 if qw.packed else 1
+    s_rows = 1 if g is None else Kp // g
+    return QuantizedWeight(
+        data=_pad_to(qw.data, (Kp // div, Np)),
+        scales=_pad_to(qw.scales, (s_rows, Np)),
+        zeros=None if qw.zeros is None else _pad_to(qw.zeros, (s_rows, Np)),
+        dq_scales=None if qw.dq_scales is None else _pad_to(qw.dq_scales, (s_rows, qw.dq_scales.shape[1])),
+        dq_mean=qw.dq_mean,
+        fmt=qw.fmt, shape=qw.shape, group_size=g, symmetric=qw.symmetric, double_quant=qw.double_quant)
+
+
+def _qmm_forward(x, qw, backend, bs):
+    if backend == "reference":
+        return reference.quantized_matmul(x, qw)
+    from . import triton_matmul
+
+    K, N = qw.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    bm, bn, bk = _wo_blocks(qw, M, bs)
+    Mp, Np = _round_up(M, bm), _round_up(N, bn)
+    Kp = _round_up(qw.padded_K, bk)
+    xp = _pad_to(x2, (Mp, Kp))
+    qp = _padded_qw(qw, Kp, Np)
+    out = triton_matmul.weight_only_matmul(xp, qp, bm=bm, bn=bn, bk=bk, interpret=(backend == "interpret"))
+    return out[:M, :N].reshape(lead + (N,))
+
+
+def _qmm_backward(dy, qw, backend, bs):
+    if backend == "reference":
+        return reference.quantized_matmul_t(dy, qw)
+    from . import triton_matmul
+
+    K, N = qw.shape
+    lead = dy.shape[:-1]
+    dy2 = dy.reshape(-1, N)
+    M = dy2.shape[0]
+    bm, bn, bk = _wo_blocks(qw, M, bs)
+    if qw.group_size is not None:
+        bk = qw.group_size  # one group per output block of dx
+    Mp, Np = _round_up(M, bm), _round_up(N, bn)
+    Kp = _round_up(qw.padded_K, bk)
+    dyp = _pad_to(dy2, (Mp, Np))
+    qp = _padded_qw(qw, Kp, Np)
+    dx = triton_matmul.weight_only_matmul_t(dyp, qp, bm=bm, bn=bn, bk=bk, interpret=(backend == "interpret"))
+    return dx[:M, :K].reshape(lead + (K,))
+
+
+def _zero_cotangent(leaf):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmm(x, qw, backend, bs):
+    return _qmm_forward(x, qw, backend, bs)
+
+
+def _qmm_fwd(x, qw, backend, bs):
+    return _qmm_forward(x, qw, backend, bs), qw
+
+
+def _qmm_bwd(backend, bs, qw, dy):
+    dx = _qmm_backward(dy, qw, backend, bs)
+    return dx, jax.tree_util.tree_map(_zero_cotangent, qw)
+
+
+_qmm.defvjp(_qmm_fwd, _qmm_bwd)
+
+
+def quantized_matmul(x, qw: QuantizedWeight, *, backend: str = "auto", block_sizes=None):
+    """``x [..., K] @ W [K, N]`` with W given as a ``QuantizedWeight``; output in x's dtype.
+
+    Dequantization is fused in the kernel (W stays packed in HBM). Differentiable wrt x
+    (dx = dy @ W^T by a fused transposed kernel); the weight's cotangent is zero (float0 for
+    integer leaves). ``block_sizes``: None, ``(block_m, block_n, block_k)`` or a dict with those keys
+    (powers of two >= 16; ``block_k`` must be a multiple of the group size). Shapes that are not block
+    multiples are padded internally (the weight leaves are padded per call only when K/N are not
+    multiples of the blocks).
+    """
+    if not isinstance(qw, QuantizedWeight):
+        raise ValueError(f"qw: got {type(qw).__name__}, expected a QuantizedWeight from quantize()")
+    if len(qw.shape) != 2:
+        raise ValueError(f"qw: got a weight of shape {qw.shape}, expected a 2-D [K, N] weight (index batched weights first)")
+    _check_x(x, qw.shape[0])
+    backend = _resolve_backend(backend)
+    bs = _normalize_block_sizes(block_sizes)
+    return _qmm(x, qw, backend, bs)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8 (LLM.int8())
+# ------------------------------------------------------------------------------------------------
+
+
+def _absmax_quant(a, axis):
+    """Symmetric int8 with absmax -> 127 along ``axis``; returns (q int8, scale = absmax / 127, keepdims)."""
+    amax = jnp.max(jnp.abs(a), axis=axis, keepdims=True)
+    scale = amax / 127.0
+    q = jnp.clip(jnp.round(a / jnp.where(scale > 0, scale, 1.0)), -127, 127).astype(jnp.int8)
+    return q, scale.astype(jnp.float32)
+
+
+def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
+    if backend == "reference":
+        return reference.w8a8_core(xq, sx, wq, sw, out_dtype)
+    from . import triton_matmul
+
+    M, K = xq.shape
+    N = wq.shape[1]
+    bm, bn, bk = bs
+    bm = bm or _default_bm(M)
+    bn = bn or min(128, max(16, _next_pow2(N)))
+    bk = bk or min(128, max(32, _next_pow2(K)))
+    Mp, Np, Kp = _round_up(M, bm), _round_up(N, bn), _round_up(K, bk)
+    out = triton_matmul.w8a8_matmul(
+        _pad_to(xq, (Mp, Kp)), _pad_to(sx, (Mp, 1)), _pad_to(wq, (Kp, Np)), _pad_to(sw, (1, Np)),
+        bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=(backend == "interpret"))
+    return out[:M, :N]
+
+
+def int8_matmul(x, w, *, outlier_threshold=None, max_outliers: int | None = None, backend: str = "auto",
+                block_sizes=None):
+    """W8A8 matmul (LLM.int8()): ``x [..., K] @ w [K, N]`` -> ``[..., N]`` in x's dtype.
+
+    Rows of x and columns of W are scaled by their absmax to 127; the kernel does int8 x int8 with
+    int32 accumulation and dequantizes by ``absmax_x[m] * absmax_w[n] / 127**2``.
+
+    Args:
+      x: float activations ``[..., K]``.
+      w: either a float ``[K, N]`` weight (quantized per column on the fly), or a prepared
+        ``quantize(w, "int8")`` QuantizedWeight (per-channel, symmetric: ``scales = absmax / 127``).
+      outlier_threshold: None = plain int8. A float (or True = 6.0, the LLM.int8() default): feature
+        columns of x where any ``|x| >= threshold`` go through a 16-bit matmul
+        ``x[:, outliers] @ W[outliers, :]`` (in x's dtype if 16-bit, else float32; fp32 accumulation)
+        and the rest through int8; the two outputs add. With a float W, the outlier rows of W are
+        also excluded from W's int8 column scales; with a prepared int8 W the outlier rows come from
+        the int8 weight (only the activation side is kept in high precision).
+      max_outliers: static cap on the number of outlier columns (the shapes must be static under
+        jit); default ``min(K, max(16, K // 64))``. Outlier columns beyond the cap (lowest-index
+        first are kept) stay in the int8 path.
+      backend, block_sizes: as for ``quantized_matmul``.
+
+    Not differentiable (rounding); use ``quantized_matmul`` for training.
+    """
+    if isinstance(w, QuantizedWeight):
+        if w.fmt != "int8" or w.group_size is not None or not w.symmetric or len(w.shape) != 2:
+            raise ValueError(f"w: got QuantizedWeight(fmt={w.fmt!r}, group_size={w.group_size}, symmetric={w.symmetric}, "
+                             f"shape={w.shape}), expected quantize(w, 'int8') (2-D, per-channel, symmetric)")
+        K, N = w.shape
+    else:
+        if not hasattr(w, "ndim") or w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"w: got shape {tuple(getattr(w, 'shape', ()))} dtype {getattr(w, 'dtype', None)}, "
+                             "expected a float [K, N] weight or quantize(w, 'int8')")
+        K, N = w.shape
+    _check_x(x, K)
+    if outlier_threshold is True:
+        outlier_threshold = DEFAULT_OUTLIER_THRESHOLD
+    if outlier_threshold is not None and not (isinstance(outlier_threshold, (int, float)) and outlier_threshold > 0):
+        raise ValueError(f"outlier_threshold: got {outlier_threshold!r}, expected None, True or a positive float")
+    if max_outliers is None:
+        max_outliers = min(K, max(16, K // 64))
+    if not isinstance(max_outliers, (int, np.integer)) or not 1 <= max_outliers <= K:
+        raise ValueError(f"max_outliers: got {max_outliers!r}, expected an int in [1, K={K}]")
+    backend = _resolve_backend(backend)
+    bs = _normalize_block_sizes(block_sizes)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).astype(jnp.float32)
+    prepared = isinstance(w, QuantizedWeight)
+    wf = None if prepared else w.astype(jnp.float32)
+    out_extra = None
+    if outlier_threshold is not None:
+        is_out = jnp.max(jnp.abs(x2), axis=0) >= outlier_threshold  # [K]
+        idx = jnp.nonzero(is_out, size=int(max_outliers), fill_value=0)[0]
+        valid = jnp.arange(int(max_outliers)) < jnp.sum(is_out)
+        sel = jnp.zeros((K,), jnp.int32).at[idx].add(valid.astype(jnp.int32)) > 0
+        hp = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+        x_o = jnp.where(valid[None, :], x2[:, idx], 0.0).astype(hp)
+        if prepared:
+            w_rows = w.data[idx].astype(jnp.float32) * w.scales
+        else:
+            w_rows = wf[idx]
+        w_o = jnp.where(valid[:, None], w_rows, 0.0).astype(hp)
+        out_extra = jnp.matmul(x_o, w_o, preferred_element_type=jnp.float32,
+                               precision=jax.lax.Precision.HIGHEST)
+        x2 = jnp.where(sel[None, :], 0.0, x2)
+        if not prepared:
+            wf = jnp.where(sel[:, None], 0.0, wf)
+    xq, sx = _absmax_quant(x2, axis=1)
+    if prepared:
+        wq, sw = w.data, w.scales.astype(jnp.float32)
+    else:
+        wq, sw = _absmax_quant(wf, axis=0)
+    out = _w8a8_dispatch(xq, sx, wq, sw, jnp.float32, backend, bs)
+    if out_extra is not None:
+        out = out + out_extra
+    return out.astype(x.dtype).reshape(lead + (N,))

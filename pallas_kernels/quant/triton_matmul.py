@@ -1,0 +1,316 @@
+"""Pallas (Triton backend) kernels for quantized matmuls. ``interpret=True`` runs them on CPU.
+
+Kernels (all 2-D; the api pads M/N/K to block multiples and slices the result):
+
+* ``weight_only_matmul(x, qw)``: ``x [M, K] @ W [K, N]`` where W stays packed in HBM. Grid over
+  (M blocks, N blocks); a ``fori_loop`` walks K one block at a time. Each step loads the packed
+  bytes of the block, unpacks nibbles with a mask/shift, turns codes into values (``code - zero`` for
+  int4/int8, a 4-level select tree over the 16 NF4 values for nf4), does the dot in the activation
+  dtype with an fp32 accumulator and multiplies the group's partial product by the group's scale row
+  (scales vary along K only per group, so scaling the [bm, bn] partial product is exact).
+* ``weight_only_matmul_t(dy, qw)``: ``dy [M, N] @ W^T`` (the backward wrt x). Grid over
+  (M blocks, K groups); loops over N, dequantizes the [group, bn] tile (scale varies along the
+  contracted N here, so the tile is scaled before the dot) and contracts on N.
+* ``w8a8_matmul(xq, sx, wq, sw)``: int8 x int8 with int32 accumulation
+  (``preferred_element_type=jnp.int32``), dequantized in the epilogue by ``sx[m] * sw[n]``.
+
+Nothing here imports jax_triton; ``jax.experimental.pallas.triton`` is jax's own module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .formats import NF4_CODEBOOK_VALUES, QuantizedWeight
+
+_NT = (((1,), (1,)), ((), ()))  # contract last dims: a [m, k] . b [n, k] -> [m, n]
+_NN = (((1,), (0,)), ((), ()))
+
+
+def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _precision(cdt):
+    # f32 activations: ask for IEEE fp32 on GPU (Triton would otherwise use TF32).
+    return lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+
+
+def _dot(a, b, cdt, dims=_NN):
+    return lax.dot_general(a, b, dims, precision=_precision(cdt), preferred_element_type=jnp.float32)
+
+
+def _nf4_values(code):
+    """code int32 in [0, 16) -> NF4 codebook value (f32) via a select tree on the 4 code bits."""
+    bits = [(code & (1 << i)) != 0 for i in range(4)]
+    level = [jnp.where(bits[0], NF4_CODEBOOK_VALUES[2 * i + 1], NF4_CODEBOOK_VALUES[2 * i]) for i in range(8)]
+    for b in bits[1:]:
+        level = [jnp.where(b, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _codes_to_values(codes_u8, fmt, zero_row):
+    """Unpacked codes (uint8 / int8 tile) -> integer-valued or NF4 values (int32 or f32)."""
+    if fmt == "nf4":
+        return _nf4_values(codes_u8.astype(jnp.int32))
+    v = codes_u8.astype(jnp.int32)
+    if zero_row is not None:
+        v = v - zero_row
+    return v
+
+
+def _scale_row(s_ref, s2_ref, mean_ref, r, c0, bn, dq):
+    """Scale row r (shape [1, bn] f32) for the weight columns held by the block."""
+    s = s_ref[pl.ds(r, 1), pl.ds(c0, bn)]
+    if not dq:
+        return s.astype(jnp.float32)
+    s2 = s2_ref[pl.ds(r, 1), pl.ds(c0 // 256, 1)]  # [1, 1]: bn <= 256 divides 256
+    return s.astype(jnp.float32) * s2 + mean_ref[...]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward: x @ W
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, symmetric, dq, cdt, bn):
+    it = iter(refs)
+    x_ref, d_ref, s_ref = next(it), next(it), next(it)
+    z_ref = next(it) if has_zeros else None
+    s2_ref, mean_ref = (next(it), next(it)) if dq else (None, None)
+    o_ref = next(it)
+    bm = x_ref.shape[0]
+    packed = fmt in ("int4", "nf4")
+
+    def zero_row(r):
+        if has_zeros:
+            return z_ref[pl.ds(r, 1), :].astype(jnp.int32)
+        if fmt == "int4":
+            return 8  # symmetric int4 codes are q + 8
+        return None
+
+    if g is None:  # int8 per output channel: one scale row, applied once at the end
+        def body(k, acc):
+            k0 = pl.multiple_of(k * bk, bk)
+            xs = x_ref[:, pl.ds(k0, bk)].astype(cdt)
+            v = _codes_to_values(d_ref[pl.ds(k0, bk), :], fmt, zero_row(0)) if has_zeros else d_ref[pl.ds(k0, bk), :]
+            return acc + _dot(xs, v.astype(cdt), cdt)
+
+        acc = lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.float32))
+        acc = acc * s_ref[pl.ds(0, 1), :].astype(jnp.float32)
+        o_ref[...] = acc.astype(o_ref.dtype)
+        return
+
+    gps = bk // g  # groups per K step
+
+    def body(k, acc):
+        for j in range(gps):
+            r = k * gps + j
+            if packed:
+                h = g // 2
+                p = d_ref[pl.ds(pl.multiple_of(r * h, h), h), :]
+                lo = _codes_to_values(p & 0xF, fmt, zero_row(r))
+                hi = _codes_to_values(p >> 4, fmt, zero_row(r))
+                x0 = pl.multiple_of(r * g, g)
+                x_lo = x_ref[:, pl.ds(x0, h)].astype(cdt)
+                x_hi = x_ref[:, pl.ds(x0 + h, h)].astype(cdt)
+                part = _dot(x_lo, lo.astype(cdt), cdt) + _dot(x_hi, hi.astype(cdt), cdt)
+            else:
+                r0 = pl.multiple_of(r * g, g)
+                q = d_ref[pl.ds(r0, g), :]
+                v = _codes_to_values(q, fmt, zero_row(r)) if has_zeros else q
+                part = _dot(x_ref[:, pl.ds(r0, g)].astype(cdt), v.astype(cdt), cdt)
+            acc = acc + part * _scale_row(s_ref, s2_ref, mean_ref, r, 0, bn, dq)
+        return acc
+
+    acc = lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages"))
+def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, interpret: bool,
+                       num_warps: int = 4, num_stages: int = 3):
+    """x [Mp, Kp] (already padded: Mp % bm == 0, Kp % bk == 0, Kp == rows of qw) @ W -> [Mp, Np] in x.dtype.
+
+    ``qw`` must already be padded along N to a multiple of ``bn`` (leaves [rows, Np]).
+    """
+    Mp, Kp = x.shape
+    fmt, g = qw.fmt, qw.group_size
+    Np = qw.data.shape[1]
+    cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    dq = bool(qw.double_quant)
+    has_zeros = qw.zeros is not None
+    d_rows = qw.data.shape[0]
+    s_rows = qw.scales.shape[0]
+    in_specs = [
+        pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
+        pl.BlockSpec((d_rows, bn), lambda i, j: (0, j)),
+        pl.BlockSpec((s_rows, bn), lambda i, j: (0, j)),
+    ]
+    args = [x, qw.data, qw.scales]
+    if has_zeros:
+        in_specs.append(pl.BlockSpec((qw.zeros.shape[0], bn), lambda i, j: (0, j)))
+        args.append(qw.zeros)
+    if dq:
+        in_specs.append(pl.BlockSpec((s_rows, 1), lambda i, j: (0, (j * bn) // 256)))
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
+        args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
+    kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk, has_zeros=has_zeros,
+                               symmetric=qw.symmetric, dq=dq, cdt=cdt, bn=bn)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
+        grid=(Mp // bm, Np // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, num_warps, num_stages),
+        name=f"quant_{fmt}_matmul",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward wrt x: dy @ W^T
+# ------------------------------------------------------------------------------------------------
+
+
+def _bwd_kernel(*refs, fmt, g, bkt, bn, n_steps, has_zeros, dq, cdt):
+    it = iter(refs)
+    dy_ref, d_ref, s_ref = next(it), next(it), next(it)
+    z_ref = next(it) if has_zeros else None
+    s2_ref, mean_ref = (next(it), next(it)) if dq else (None, None)
+    o_ref = next(it)
+    bm = dy_ref.shape[0]
+    packed = fmt in ("int4", "nf4")
+
+    def tile(codes, c0):
+        zr = None
+        if has_zeros:
+            zr = z_ref[pl.ds(0, 1), pl.ds(c0, bn)].astype(jnp.int32)
+        elif fmt == "int4":
+            zr = 8
+        v = _codes_to_values(codes, fmt, zr).astype(jnp.float32)
+        s = _scale_row(s_ref, s2_ref, mean_ref, 0, c0, bn, dq)
+        return (v * s).astype(cdt)
+
+    if packed:
+        h = g // 2
+
+        def body(n, carry):
+            acc_lo, acc_hi = carry
+            c0 = pl.multiple_of(n * bn, bn)
+            dys = dy_ref[:, pl.ds(c0, bn)].astype(cdt)
+            p = d_ref[:, pl.ds(c0, bn)]  # [h, bn]
+            acc_lo = acc_lo + _dot(dys, tile(p & 0xF, c0), cdt, _NT)
+            acc_hi = acc_hi + _dot(dys, tile(p >> 4, c0), cdt, _NT)
+            return acc_lo, acc_hi
+
+        z = jnp.zeros((bm, h), jnp.float32)
+        acc_lo, acc_hi = lax.fori_loop(0, n_steps, body, (z, z))
+        o_ref[:, pl.ds(0, h)] = acc_lo.astype(o_ref.dtype)
+        o_ref[:, pl.ds(h, h)] = acc_hi.astype(o_ref.dtype)
+    else:
+        def body(n, acc):
+            c0 = pl.multiple_of(n * bn, bn)
+            dys = dy_ref[:, pl.ds(c0, bn)].astype(cdt)
+            return acc + _dot(dys, tile(d_ref[:, pl.ds(c0, bn)], c0), cdt, _NT)
+
+        acc = lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bkt), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages"))
+def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, interpret: bool,
+                         num_warps: int = 4, num_stages: int = 3):
+    """dy [Mp, Np] @ W^T -> [Mp, Kp]. Padding as for ``weight_only_matmul``; grouped formats use one
+    group per output K block, per-channel int8 uses ``bk`` (Kp % bk == 0)."""
+    Mp, Np = dy.shape
+    fmt, g = qw.fmt, qw.group_size
+    Kp = qw.data.shape[0] * (2 if qw.packed else 1)
+    cdt = dy.dtype if dy.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    dq = bool(qw.double_quant)
+    has_zeros = qw.zeros is not None
+    bkt = bk if g is None else g
+    d_blk = bkt // 2 if qw.packed else bkt
+    if g is None:
+        s_map = lambda i, k: (0, 0)  # noqa: E731
+    else:
+        s_map = lambda i, k: (k, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((bm, Np), lambda i, k: (i, 0)),
+        pl.BlockSpec((d_blk, Np), lambda i, k: (k, 0)),
+        pl.BlockSpec((1, Np), s_map),
+    ]
+    args = [dy, qw.data, qw.scales]
+    if has_zeros:
+        in_specs.append(pl.BlockSpec((1, Np), s_map))
+        args.append(qw.zeros)
+    if dq:
+        in_specs.append(pl.BlockSpec((1, qw.dq_scales.shape[1]), s_map))
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, k: (0, 0)))
+        args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
+    kernel = functools.partial(_bwd_kernel, fmt=fmt, g=g, bkt=bkt, bn=bn, n_steps=Np // bn,
+                               has_zeros=has_zeros, dq=dq, cdt=cdt)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((Mp, Kp), dy.dtype),
+        grid=(Mp // bm, Kp // bkt),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bkt), lambda i, k: (i, k)),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, num_warps, num_stages),
+        name=f"quant_{fmt}_matmul_t",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8
+# ------------------------------------------------------------------------------------------------
+
+
+def _w8a8_kernel(xq_ref, sx_ref, wq_ref, sw_ref, o_ref, *, bk, n_steps):
+    bm, bn = o_ref.shape
+
+    def body(k, acc):
+        k0 = pl.multiple_of(k * bk, bk)
+        a = xq_ref[:, pl.ds(k0, bk)]
+        b = wq_ref[pl.ds(k0, bk), :]
+        return acc + lax.dot_general(a, b, _NN, preferred_element_type=jnp.int32)
+
+    acc = lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), jnp.int32))
+    out = acc.astype(jnp.float32) * sx_ref[...] * sw_ref[...]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret", "num_warps",
+                                             "num_stages"))
+def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpret: bool,
+                num_warps: int = 8, num_stages: int = 3):
+    """xq int8 [Mp, Kp], sx f32 [Mp, 1], wq int8 [Kp, Np], sw f32 [1, Np] -> (xq @ wq) * sx * sw."""
+    Mp, Kp = xq.shape
+    Np = wq.shape[1]
+    kernel = functools.partial(_w8a8_kernel, bk=bk, n_steps=Kp // bk)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        grid=(Mp // bm, Np // bn),
+        in_specs=[
+            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+            pl.BlockSpec((Kp, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret, num_warps, num_stages),
+        name="w8a8_matmul",
+    )(xq, sx, wq, sw)
