@@ -1,0 +1,124 @@
+"""Real text from LOCAL files, read through Hugging Face ``datasets`` (never from the Hub).
+
+Formats (``format="auto"`` picks by extension, per file):
+
+* ``text`` (``.txt``, ``.text``, ``.md``): each FILE is one document, kept verbatim (trailing newline
+  included) -- ``load_dataset("text", sample_by="document")``. One-document-per-file keeps books, source
+  files and articles whole, which matters for long-context training; split a corpus into several files if
+  you want several documents.
+* ``json`` (``.json``, ``.jsonl``, ``.ndjson``): one record per line (or a JSON array); the document is
+  the ``text_field`` column.
+* ``parquet`` (``.parquet``): the document is the ``text_field`` column.
+
+Documents come back in path order, then row order. Empty strings and nulls are skipped (they would be
+nothing but bos/eos after tokenisation). The ``datasets`` cache goes to a fresh temporary directory that is
+deleted afterwards and the data are kept in memory, so nothing is written under the user's home (the
+``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` variables are not needed for local files, but are honoured).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from jaxeff.errors import DataError
+
+__all__ = ["load_text_documents", "FORMATS", "EXTENSIONS"]
+
+FORMATS = ("auto", "text", "json", "parquet")
+EXTENSIONS: dict[str, str] = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+}
+_FORMAT_ALIASES = {"txt": "text", "jsonl": "json"}
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of the innermost cause (``datasets`` wraps the useful pyarrow error), on one line."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        seen.add(id(e))
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def load_text_documents(
+    paths: list[str], *, format: str = "auto", text_field: str = "text", field_name: str = "data.paths"
+) -> list[str]:
+    """Read the documents of local text/json/jsonl/parquet files; see the module docstring.
+
+    ``field_name`` is the config field the paths came from, used in error messages
+    (``"data.paths[1]: file 'x.txt' does not exist"``)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # type: ignore[list-item]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise DataError(f"{field_name}: no files given (expected a list of .txt/.jsonl/.json/.parquet paths)")
+    fmt_req = _FORMAT_ALIASES.get(format, format)
+    if fmt_req not in FORMATS:
+        raise DataError(f"data.format: unknown format {format!r} (expected one of: {', '.join(FORMATS)})")
+
+    formats: list[str] = []
+    for i, p in enumerate(paths):
+        where = f"{field_name}[{i}]"
+        if not os.path.exists(p):
+            raise DataError(f"{where}: file {p!r} does not exist")
+        if os.path.isdir(p):
+            raise DataError(f"{where}: {p!r} is a directory (expected a file)")
+        if fmt_req == "auto":
+            ext = os.path.splitext(p)[1].lower()
+            if ext not in EXTENSIONS:
+                raise DataError(
+                    f"{where}: cannot tell the format of {p!r} from its extension {ext or '(none)'!r} "
+                    f"(expected one of: {', '.join(EXTENSIONS)}; or set the format explicitly)"
+                )
+            formats.append(EXTENSIONS[ext])
+        else:
+            formats.append(fmt_req)
+
+    import datasets
+
+    docs: list[str] = []
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # per-file "Generating train split" bars are noise here
+    try:
+        _load_into(docs, paths, formats, text_field, field_name)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return docs
+
+
+def _load_into(docs: list[str], paths: list[str], formats: list[str], text_field: str, field_name: str) -> None:
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="jaxeff-datasets-") as cache_dir:
+        for i, (p, fmt) in enumerate(zip(paths, formats)):
+            where = f"{field_name}[{i}]"
+            kwargs = {"sample_by": "document"} if fmt == "text" else {}
+            try:
+                ds = datasets.load_dataset(
+                    fmt, data_files=[p], split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs
+                )
+            except Exception as e:  # malformed JSON/parquet and friends
+                raise DataError(f"{where}: cannot read {p!r} as {fmt}: {_one_line(e)}") from None
+            field = "text" if fmt == "text" else text_field
+            if field not in ds.column_names:
+                raise DataError(
+                    f"data.text_field: {where} ({p!r}) has no column {field!r} "
+                    f"(columns found: {', '.join(ds.column_names) or 'none'})"
+                )
+            for j, t in enumerate(ds[field]):
+                if t is None or t == "":
+                    continue
+                if not isinstance(t, str):
+                    raise DataError(
+                        f"data.text_field: {where} ({p!r}) row {j}: column {field!r} holds "
+                        f"{type(t).__name__}, expected a string"
+                    )
+                docs.append(t)
