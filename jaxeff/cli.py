@@ -1,0 +1,130 @@
+"""``jaxeff train | eval | generate``: the command-line entry points.
+
+A mistake in the user's input (config, files, shapes, checkpoints) prints one line
+``error: ...`` on stderr and exits with code 2; nothing is written before the input is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from jaxeff.errors import JaxeffError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxeff", description="Efficient transformer LM training and inference in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML experiment config")
+    t.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
+    t.add_argument("--resume", action="store_true", help="same as resume=true")
+
+    e = sub.add_parser("eval", help="per-domain eval loss of a checkpoint")
+    e.add_argument("config", help="YAML experiment file (its data section is evaluated)")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--step", type=int, default=None)
+    g.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn", "pallas"])
+    return p
+
+
+def cmd_train(args) -> int:
+    from jaxeff.config import load_config
+    from jaxeff.train.loop import run_training, setup_distributed
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    setup_distributed(cfg)
+    result = run_training(cfg)
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()
+               if k.startswith("eval/loss") or k in ("train/loss", "step")}
+    print(json.dumps(summary))
+    return EXIT_INTERRUPTED if result.get("stopped_early") else 0
+
+
+def cmd_eval(args) -> int:
+    from jaxeff.config import load_config
+    from jaxeff.train.checkpoint import find_checkpoint_dir
+    from jaxeff.train.inputs import build_data
+    from jaxeff.train.loop import load_params
+
+    cfg = load_config(args.config, list(args.overrides))
+    ckpt_dir = find_checkpoint_dir(args.checkpoint)
+    _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
+    trainer, params = load_params(cfg, ckpt_dir, args.step)
+    result = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
+    for k, v in result.items():
+        print(f"{k:32s} {v:.4f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+
+    from jaxeff.config import from_dict
+    from jaxeff.data.tokenizer import load_tokenizer
+    from jaxeff.models.generate import generate
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.loop import load_params
+
+    if args.max_new_tokens < 1:
+        raise JaxeffError(f"--max-new-tokens: expected a positive number (got {args.max_new_tokens})")
+    ckpt_dir = find_checkpoint_dir(args.checkpoint)
+    probe = Checkpointer(ckpt_dir, create=False)
+    saved = probe.read_config(args.step)
+    probe.close()
+    if args.attention_impl:
+        saved["model"]["attention_impl"] = args.attention_impl
+    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
+    saved["data"]["batch_size"] = 1
+    saved["optim"]["grad_accum"] = 1
+    cfg = from_dict(saved)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    total = len(ids) + args.max_new_tokens
+    if total > cfg.model.max_seq_len:
+        raise JaxeffError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed "
+                          f"the model's max_seq_len={cfg.model.max_seq_len}")
+    trainer, params = load_params(cfg, ckpt_dir, args.step, devices=jax.devices()[:1])
+    new = generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    new = [int(t) for t in np.asarray(new)[0]]
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.command]
+    try:
+        return handler(args)
+    except JaxeffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed experiment config: one YAML file per experiment, dotted overrides from the command line.
+
+The schema below is the single place where defaults live. Loading goes
+YAML file -> dict -> dotted overrides applied -> pydantic validation -> cross-field checks.
+Any mistake (missing file, invalid YAML, unknown key, wrong type, impossible combination) raises
+:class:`jaxeff.errors.ConfigError` with one line naming the key and what was expected.
+
+Why pydantic: it validates nested, typed schemas and reports the exact location of each error
+(``model.n_layers``), which is what a one-line error for people needs; hand-written validation of
+nested dataclasses would re-implement it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jaxeff.errors import ConfigError
+from jaxeff.models.config import TransformerConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where tokens come from and how they are packed."""
+
+    source: Literal["synthetic", "files"] = "synthetic"
+    # synthetic corpus: named domains (see jaxeff.data.synthetic.DOMAINS)
+    domains: tuple[str, ...] = ("arithmetic", "records", "prose", "code", "recall")
+    weights: dict[str, float] | None = None  # mixture weights per domain; None = uniform
+    docs_per_domain: int = Field(2000, gt=0)
+    eval_docs_per_domain: int = Field(64, gt=0)
+    doc_len: int | None = Field(None, gt=0)  # characters per 'recall' document; None = domain default
+    # local files through Hugging Face `datasets` (text, json/jsonl, parquet)
+    paths: tuple[str, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out from `paths` when no eval_paths
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    seq_len: int = Field(128, gt=1)  # tokens per packed row
+    batch_size: int = Field(16, gt=0)  # global batch (rows) per optimizer step
+    seed: int = 0
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adam", "sgd", "lion"] = "adamw"
+    lr: float = Field(3e-4, ge=0.0)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0
+    # weight decay applies to parameters of ndim >= 2 (kernels, embeddings), never to norms/biases
+    decay_embeddings: bool = True
+    grad_clip: float | None = Field(1.0, gt=0.0)  # global-norm clipping; null = off
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step (the batch is split)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0)
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(4, gt=0)  # per domain
+    log_every: int = Field(10, gt=0)
+    peak_flops: float | None = Field(None, gt=0)  # per device, FLOP/s; None = look up device kind
+
+
+class MeshConfig(_Section):
+    """Device mesh axes; -1 takes the remaining devices. Logical axis rules map parameter and
+    activation axis names onto mesh axes."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("norm", None),
+        ("length", None),
+    )
+
+
+class CheckpointConfig(_Section):
+    dir: str | None = None  # default: <logging.run_dir>/<name>/checkpoints
+    every: int = Field(100, gt=0)  # steps between checkpoints (the last step is always saved)
+    keep: int = Field(3, gt=0)  # newest checkpoints kept on disk
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs"  # TensorBoard runs: <run_dir>/<name>
+    progress: bool = True  # console progress bar
+
+
+class DistributedConfig(_Section):
+    """Multi-process training through jax.distributed (see README)."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: when coordinator env/flags are present
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    method: Literal["lm"] = "lm"
+    resume: bool = False  # continue from the newest complete checkpoint of this run
+    model: TransformerConfig = Field(default_factory=TransformerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", ".."):
+            raise ValueError("expected a plain folder name (no '/')")
+        return v
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.logging.run_dir) / self.name
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_path / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<config>"
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    msg = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    if isinstance(given, (dict, list)) or given is None:
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {given!r})"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set '{dotted}'")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=3e-4", "model.n_layers=4"]`` -> ``[("optim.lr", 3e-4), ...]`` (values as YAML)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 3e-4 as a string; people mean a number
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        parsed.append((key, value))
+    return parsed
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+    check_consistency(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment file (or only defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file '{p}': invalid YAML{where}: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}': expected a mapping of sections at the top level")
+        raw = loaded
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Cross-field checks the per-field types cannot express."""
+    m, d = cfg.model, cfg.data
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: {d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}"
+        )
+    if d.batch_size % cfg.optim.grad_accum:
+        raise ConfigError(
+            f"optim.grad_accum: {cfg.optim.grad_accum} must divide data.batch_size={d.batch_size}"
+        )
+    if d.source == "files" and not d.paths:
+        raise ConfigError("data.paths: data.source is 'files' but no paths are given")
+    if d.source == "synthetic":
+        from jaxeff.data.synthetic import DOMAINS
+
+        for name in d.domains:
+            if name not in DOMAINS:
+                raise ConfigError(f"data.domains: unknown domain '{name}' (expected one of {', '.join(DOMAINS)})")
+        if not d.domains:
+            raise ConfigError("data.domains: expected at least one domain")
+    if d.weights is not None:
+        names = d.domains if d.source == "synthetic" else ("files",)
+        for k, w in d.weights.items():
+            if k not in names:
+                raise ConfigError(f"data.weights: '{k}' is not a domain of this run (expected {', '.join(names)})")
+            if w < 0:
+                raise ConfigError(f"data.weights.{k}: expected a non-negative weight (got {w})")
+        if sum(d.weights.values()) <= 0:
+            raise ConfigError("data.weights: expected at least one positive weight")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}: expected a positive size or -1 (got {size})")
+    if sum(1 for a in ("data", "fsdp", "tensor") if getattr(cfg.mesh, a) == -1) > 1:
+        raise ConfigError("mesh: at most one axis may be -1")

@@ -1,0 +1,110 @@
+"""Attention dispatch: one function, several implementations (``xla | cudnn | pallas | auto``).
+
+Shapes: q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len, kv_heads, head_dim]`` with
+``heads % kv_heads == 0`` (GQA/MQA). Query i sits at absolute index ``q_offset + i`` of the key
+sequence; masks combine causality, an optional sliding window (``window`` visible tokens including
+the current one), segment ids (packed documents) and the number of valid keys (KV cache).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+
+def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_ids, kv_valid):
+    """Boolean mask broadcastable to ``[batch, 1, 1, q_len, kv_len]`` (True = visible)."""
+    q_idx = q_offset + jnp.arange(q_len)[:, None]
+    k_idx = jnp.arange(kv_len)[None, :]
+    mask = jnp.ones((q_len, kv_len), bool)
+    if causal:
+        mask &= k_idx <= q_idx
+    if window is not None:
+        mask &= k_idx > q_idx - window
+        if not causal:
+            mask &= k_idx < q_idx + window
+    mask = mask[None, None, None]
+    if q_segment_ids is not None:
+        seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        mask = mask & seg[:, None, None]
+    if kv_valid is not None:
+        mask = mask & (k_idx < kv_valid)[None, None, None]
+    return mask
+
+
+def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
+                  q_offset=0, kv_valid=None, scale=None):
+    """Reference-quality attention in plain jnp (softmax in float32). Rows with no visible key
+    return zeros. K/V heads are shared across query groups by reshaping, not by repeating."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kvh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = _mask(t, s, q_offset=q_offset, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids, kv_valid=kv_valid)
+    logits = jnp.where(mask, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _cudnn_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_valid, scale):
+    if q.shape[1] != k.shape[1]:
+        raise ValueError("attention impl 'cudnn' supports full-sequence attention only; decoding uses 'xla'")
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    lws = None if window is None else (window - 1, 0 if causal else window - 1)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                        local_window_size=lws, implementation="cudnn")
+
+
+@functools.cache
+def _pallas():
+    try:
+        import pallas_kernels.attention as pk
+    except ImportError as e:  # pragma: no cover - the kernel package ships with jaxeff
+        raise ValueError(f"attention impl 'pallas' is unavailable: {e}") from None
+    return pk
+
+
+def _pallas_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_valid, scale):
+    pk = _pallas()
+    lws = None if window is None else (window - 1, 0 if causal else window - 1)
+    if kv_valid is not None:  # decoding against a KV cache
+        kv_len = jnp.broadcast_to(jnp.asarray(kv_valid, jnp.int32), (q.shape[0],))
+        return pk.flash_decode(q, k, v, kv_len=kv_len, scale=scale, local_window_size=lws)
+    if q_offset != 0 and q_offset != k.shape[1] - q.shape[1]:
+        raise ValueError("attention impl 'pallas': queries must be the last q_len positions")
+    return pk.flash_attention(q, k, v, causal=causal, local_window_size=lws, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids, scale=scale)
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto``: cuDNN on GPU for full sequences, XLA elsewhere (the Pallas kernel is chosen
+    explicitly until it is measured faster on the device in docs/benchmarks.md)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl: expected one of {', '.join(IMPLS)} (got '{impl}')")
+    if impl != "auto":
+        return impl
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def attention(q, k, v, *, impl="auto", causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
+              q_offset=0, kv_valid=None, scale=None):
+    """Dispatch to the chosen implementation; all take the same arguments."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}")
+    impl = resolve_impl(impl)
+    if impl == "cudnn" and kv_valid is not None:
+        impl = "xla"  # decode steps: cuDNN's fused kernel wants full sequences
+    fn = {"xla": xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}[impl]
+    return fn(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+              q_offset=q_offset, kv_valid=kv_valid, scale=scale)

@@ -1,0 +1,44 @@
+"""Autoregressive generation with a KV cache: greedy, temperature and top-k sampling."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.models.transformer import Transformer, init_cache
+
+
+def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+    """``logits [batch, vocab]`` -> token ids ``[batch]``. ``temperature == 0`` is greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def generate(model: Transformer, params, prompt: jax.Array, rng, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+    """``prompt [batch, prompt_len]`` (all rows the same length) -> new tokens ``[batch, max_new_tokens]``.
+
+    The prompt is run once through the model filling the cache (prefill); each new token then
+    costs one single-token forward pass against the cache.
+    """
+    b, t = prompt.shape
+    cache = init_cache(model.config, b, t + max_new_tokens)
+    out = model.apply({"params": params}, prompt, cache=cache)
+
+    def body(carry, key):
+        logits, cache = carry
+        tok = sample_logits(logits, key, temperature=temperature, top_k=top_k)
+        o = model.apply({"params": params}, tok[:, None], cache=cache)
+        return (o.logits[:, -1], o.cache), tok
+
+    keys = jax.random.split(rng, max_new_tokens)
+    _, toks = jax.lax.scan(body, (out.logits[:, -1], out.cache), keys)
+    return toks.T

@@ -1,0 +1,203 @@
+"""A LLaMA-style decoder in Flax Linen: RMSNorm, RoPE, GQA attention, SwiGLU MLP, KV cache.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
+``norm``) that the trainer maps onto mesh axes. Every projection is a 2-D ``Dense`` kernel
+``[in, out]`` so parameter-tree transforms (LoRA, quantization, pruning) see plain matrices.
+
+Usage::
+
+    model = Transformer(TransformerConfig(vocab_size=264, d_model=128, n_layers=2, n_heads=4))
+    params = model.init(jax.random.key(0), tokens)["params"]   # boxed: see unbox_params
+    out = model.apply({"params": params}, tokens)               # out.logits [batch, seq, vocab]
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxeff.models.attention import attention
+from jaxeff.models.config import TransformerConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TransformerOutput(NamedTuple):
+    logits: jax.Array  # [batch, seq, vocab], float32
+    hidden_states: tuple[jax.Array, ...] | None  # (embeddings, block 1, ..., block n), pre final norm
+    cache: dict[str, Any] | None  # updated KV cache when one was passed in
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache: per layer ``k, v [batch, max_len, kv_heads, head_dim]`` and the number
+    of tokens already written (``index``)."""
+    dtype = dtype or _DTYPES[config.dtype]
+    shape = (batch, max_len, config.kv_heads, config.hd)
+    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers))
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on ``x [batch, seq, heads, head_dim]`` at ``positions [batch, seq]``
+    (rotating the two halves of head_dim, as in LLaMA / Hugging Face)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * freq  # [batch, seq, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None):
+    init = nn.initializers.normal(std or cfg.init_std)
+    return nn.Dense(
+        features,
+        use_bias=cfg.use_bias,
+        dtype=_DTYPES[cfg.dtype],
+        param_dtype=_DTYPES[cfg.param_dtype],
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+    window: int | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache, deterministic):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        q = _dense(cfg, h * hd, ("embed", "heads"), "q")(x).reshape(b, t, h, hd)
+        k = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, kvh, hd)
+        v = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, kvh, hd)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        new_cache = None
+        if cache is None:
+            y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=self.window,
+                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        else:
+            index = cache["index"]
+            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            new_cache = {"k": ck, "v": cv}
+            y = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
+                          window=self.window, q_offset=index, kv_valid=index + t)
+        y = y.reshape(b, t, h * hd)
+        y = _dense(cfg, cfg.d_model, ("heads", "embed"), "o", std=out_std)(y)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        cfg = self.config
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        gate = _dense(cfg, cfg.ff, ("embed", "mlp"), "gate")(x)
+        up = _dense(cfg, cfg.ff, ("embed", "mlp"), "up")(x)
+        y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=out_std)(nn.silu(gate) * up)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: TransformerConfig
+    window: int | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache, deterministic):
+        cfg = self.config
+        norm = dict(eps=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
+        y, new_cache = Attention(cfg, self.window, name="attn")(
+            RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic)
+        x = x + y
+        x = x + MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x), deterministic)
+        x = nn.with_logical_constraint(x, ("batch", None, None))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``tokens [batch, seq]`` int -> :class:`TransformerOutput`.
+
+    ``positions`` (RoPE) default to ``0..seq-1`` (or continue from the cache index); pass the
+    packed positions with ``segment_ids`` so documents in one row do not see each other.
+    With ``cache`` (from :func:`init_cache`) the new tokens are appended and attend to the
+    cached ones; the updated cache is returned in the output.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True,
+                 return_hidden=False):
+        cfg = self.config
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                     ("vocab", "embed")),
+                         name="embed")
+        x = embed(tokens)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", None, None))
+        hidden = [x]
+        block_cls = nn.remat(Block, static_argnums=(5,)) if cfg.remat else Block
+        new_layers = []
+        for i, window in enumerate(cfg.windows):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = {**cache["layers"][i], "index": cache["index"]}
+            x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache, deterministic)
+            new_layers.append(lc)
+            hidden.append(x)
+        x = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": cache["index"] + t, "layers": tuple(new_layers)}
+        return TransformerOutput(logits, tuple(hidden) if return_hidden else None, new_cache)
+
+
+def unbox_params(boxed):
+    """Strip Flax's logical-partitioning boxes from an ``init`` result: plain arrays."""
+    return nn.meta.unbox(boxed)
+
+
+def logical_axes(model: Transformer, tokens_shape=(1, 8)):
+    """Logical axis names of every parameter (a tree of ``PartitionSpec``), without allocating."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens_shape, jnp.int32)))
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def init_params(model: Transformer, rng, tokens_shape=(1, 8)):
+    """Plain (unboxed) parameters."""
+    return unbox_params(model.init(rng, jnp.zeros(tokens_shape, jnp.int32))["params"])

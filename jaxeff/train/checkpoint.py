@@ -1,0 +1,118 @@
+"""orbax checkpoints: train state + data-loader position + the resolved config, in one step folder.
+
+orbax writes each step into a temporary folder and renames it when complete, so a run killed
+mid-save leaves no step that ``latest_step`` would pick up. The saved config lets ``eval`` and
+``generate`` rebuild the model from the checkpoint alone and lets a resume refuse a checkpoint of
+a different model with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxeff.errors import CheckpointError
+
+for _name in ("absl", "orbax"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 3, create: bool = True):
+        self.directory = Path(directory).absolute()
+        if not create and not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint directory '{directory}' does not exist")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def save(self, step: int, state, *, data_state: dict, config: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave({"config": config}))
+        self._mngr.save(step, args=args, force=True)
+        self._mngr.wait_until_finished()
+
+    def read_config(self, step: int | None = None) -> dict:
+        step = self._resolve(step)
+        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return meta["config"]
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
+        """Restore onto the shardings of ``abstract_state`` (a tree of ShapeDtypeStruct)."""
+        step = self._resolve(step)
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                   data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step} does not match this run: {first}") from None
+        return out["state"], out["data"]
+
+    def _resolve(self, step):
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"checkpoint directory '{self.directory}' holds no complete checkpoint")
+        elif step not in self.all_steps():
+            raise CheckpointError(f"checkpoint directory '{self.directory}' has no step {step} (has {self.all_steps()})")
+        return step
+
+    def close(self):
+        self._mngr.close()
+
+
+def find_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run folder (``runs/<name>``) or its ``checkpoints`` folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint directory '{path}' does not exist")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    return p
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """Dotted path of the first differing entry between two JSON-like trees (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                return sub
+            d = first_difference(a[key], b[key], sub)
+            if d:
+                return d
+        return None
+    norm = lambda v: json.loads(json.dumps(v))  # tuples vs lists
+    return None if norm(a) == norm(b) else prefix or "<root>"
+
+
+# settings that change how a model runs, not which parameters it has
+RUNTIME_ONLY = ("attention_impl", "remat", "dropout", "dtype")
+
+
+def check_same_model(saved_config: dict, model_config: dict, where: Path) -> None:
+    saved = {k: v for k, v in saved_config.get("model", {}).items() if k not in RUNTIME_ONLY}
+    diff = first_difference(saved, {k: v for k, v in model_config.items() if k not in RUNTIME_ONLY})
+    if diff:
+        def get(tree, dotted):
+            for k in dotted.split("."):
+                tree = tree.get(k, "<absent>") if isinstance(tree, dict) else "<absent>"
+            return tree
+        raise CheckpointError(
+            f"checkpoint '{where}' is from a different model: model.{diff} is "
+            f"{get(saved_config.get('model', {}), diff)!r} there but {get(model_config, diff)!r} here"
+        )
+
+
+def abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,238 @@
+"""The training loop: config -> mesh, data, model, method -> jitted sharded steps -> logs, checkpoints.
+
+``Trainer`` holds what is fixed for a run (mesh, model, method, optimizer, shardings, jitted
+steps); ``run_training`` adds the data loader, TensorBoard, the progress bar and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxeff.config import ExperimentConfig
+from jaxeff.data.loader import eval_batches, process_slice
+from jaxeff.data.packing import PACKED_KEYS
+from jaxeff.errors import ConfigError
+from jaxeff.models import Transformer, init_params, logical_axes
+from jaxeff.train import sharding as shd
+from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
+from jaxeff.train.methods import make_method
+from jaxeff.train.optim import make_optimizer, make_schedule
+from jaxeff.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+# dense bf16 peak FLOP/s per device, by jax device_kind (for MFU)
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops_per_device(cfg: ExperimentConfig) -> float | None:
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+class Trainer:
+    """Everything about a run that does not change from step to step."""
+
+    def __init__(self, cfg: ExperimentConfig, *, devices=None):
+        self.cfg = cfg
+        self.mesh = shd.build_mesh(cfg.mesh, devices)
+        self.rules = cfg.mesh.rules
+        div = shd.batch_divisor(self.mesh, self.rules)
+        if cfg.data.batch_size % div:
+            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the {div} batch shards of the mesh")
+        per_micro = cfg.data.batch_size // cfg.optim.grad_accum
+        if cfg.optim.grad_accum > 1 and per_micro % div:
+            raise ConfigError(f"optim.grad_accum: micro-batches of {per_micro} rows do not split over {div} batch shards")
+        self.model = Transformer(cfg.model)
+        try:
+            self.method = make_method(cfg, self.model)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        seq = cfg.data.seq_len
+        abstract_params = jax.eval_shape(lambda: init_params(self.model, jax.random.key(0), (1, seq)))
+        trainable = self.method.trainable(abstract_params)
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps, trainable)
+        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
+        self.param_shardings = shd.param_shardings(logical_axes(self.model, (1, seq)), abstract_params, self.mesh,
+                                                   self.rules)
+        abstract_state = jax.eval_shape(self._init_fn)
+        self.state_shardings = shd.shardings_like_params(abstract_state, abstract_params, self.param_shardings,
+                                                         self.mesh)
+        self.state_shardings = self.state_shardings.replace(params=self.param_shardings)
+        self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
+        self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, P())
+        self._train_step = jax.jit(make_train_step(self.method, self.tx, cfg.optim.grad_accum),
+                                   in_shardings=(self.state_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        self._eval_step = jax.jit(make_eval_step(self.model),
+                                  in_shardings=(self.param_shardings, self.batch_sharding),
+                                  out_shardings=(replicated, replicated))
+        self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+        self.n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(abstract_params),
+                                                                      jax.tree.leaves(trainable)) if t)
+
+    def _init_fn(self):
+        params = init_params(self.model, jax.random.PRNGKey(self.cfg.seed), (1, self.cfg.data.seq_len))
+        return init_state(params, self.tx, self.method, self.cfg.seed)
+
+    @contextlib.contextmanager
+    def _context(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def init_state(self) -> TrainState:
+        with self._context():
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+
+    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global numpy batch -> global jax arrays; each process contributes its own rows."""
+        local = process_slice({k: batch[k] for k in PACKED_KEYS}, jax.process_index(), jax.process_count())
+        global_rows = batch["inputs"].shape[0]
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (global_rows,) + v.shape[1:])
+                for k, v in local.items()}
+
+    def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
+        with self._context():
+            return self._train_step(state, self.shard_batch(batch))
+
+    def evaluate(self, params, eval_sets: dict[str, dict[str, np.ndarray]], max_batches: int) -> dict[str, float]:
+        """Mean loss over real tokens per domain (``eval/loss/<domain>``) and their mean (``eval/loss``)."""
+        out = {}
+        with self._context():
+            for name, arrays in eval_sets.items():
+                tot, n = 0.0, 0.0
+                for i, batch in enumerate(eval_batches(arrays, self.cfg.data.batch_size)):
+                    if i >= max_batches:
+                        break
+                    s, c = self._eval_step(params, self.shard_batch(batch))
+                    tot, n = tot + float(s), n + float(c)
+                out[f"eval/loss/{name}"] = tot / max(n, 1.0)
+        if out:
+            out["eval/loss"] = float(np.mean(list(out.values())))
+            out["eval/perplexity"] = float(np.exp(min(out["eval/loss"], 50.0)))
+        return out
+
+    def restore(self, ckpt: Checkpointer, step: int | None = None):
+        check_same_model(ckpt.read_config(step), self.cfg.to_dict()["model"], ckpt.directory)
+        return ckpt.restore(self.abstract_state, step)
+
+
+def setup_distributed(cfg: ExperimentConfig) -> None:
+    """``jax.distributed.initialize`` from config or JAX's own auto-detection (SLURM, Open MPI,
+    Cloud TPU). Must run before any other JAX call."""
+    import os
+
+    d = cfg.distributed
+    enabled = d.enabled
+    if enabled == "auto":
+        enabled = bool(d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if enabled and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+
+
+def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
+    """Train as the config says; returns the last logged metrics (and ``stopped_early`` on Ctrl-C)."""
+    from jaxeff.train.inputs import build_data
+    from jaxeff.train.logging import RunLogger
+
+    # Everything that can reject the user's input happens before anything is written.
+    trainer = Trainer(cfg, devices=devices)
+    tokenizer, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
+    ckpt_dir = cfg.checkpoint_path
+    existing = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, create=False).latest_step() if ckpt_dir.is_dir() else None
+    if existing is not None and not cfg.resume:
+        raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
+                          "pass resume=true to continue it, or choose another name / checkpoint.dir")
+    state, start = None, 0
+    if cfg.resume and existing is not None:
+        probe = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, create=False)
+        state, data_state = trainer.restore(probe)
+        loader.load_state_dict(data_state)
+        start = int(state.step)
+    config_dict = cfg.to_dict()
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
+    if state is None:
+        state = trainer.init_state()
+    logger = RunLogger(cfg.run_path, config_dict, total_steps=cfg.train.steps, start_step=start,
+                       progress=cfg.logging.progress)
+    if start:
+        logger.message(f"resumed from {ckpt_dir} at step {start}")
+    logger.message(f"{trainer.n_params:,} parameters ({trainer.n_trainable:,} trainable); mesh {dict(trainer.mesh.shape)}; "
+                   f"run dir {cfg.run_path}")
+    logger.scalars(start, {"params/total": trainer.n_params, "params/trainable": trainer.n_trainable})
+
+    peak = peak_flops_per_device(cfg)
+    flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
+    last: dict[str, Any] = {}
+    tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
+    step = start
+    saved_step = start if existing is not None and cfg.resume else None
+    try:
+        while step < cfg.train.steps:
+            batch = loader.next_batch()
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            steps_since += 1
+            tokens_since += float(batch["loss_mask"].sum())
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t_last
+                rows = steps_since * cfg.data.batch_size * cfg.data.seq_len
+                logs = {"train/loss": m.pop("loss"), "train/grad_norm": m.pop("grad_norm"),
+                        "train/lr": float(trainer.schedule(step - 1)), "perf/step_time_s": dt / steps_since,
+                        "perf/tokens_per_sec": rows / dt, "perf/loss_tokens_per_sec": tokens_since / dt}
+                logs["train/perplexity"] = float(np.exp(min(logs["train/loss"], 50.0)))
+                if peak:
+                    logs["perf/mfu"] = flops_tok * rows / dt / (peak * jax.device_count())
+                logs.update({f"train/{k}": v for k, v in m.items()})
+                logger.scalars(step, logs)
+                logger.advance(steps_since, {"loss": logs["train/loss"]})
+                last.update(logs)
+                tokens_since, steps_since, t_last = 0.0, 0, time.perf_counter()
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                ev = trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches)
+                logger.scalars(step, ev)
+                last.update(ev)
+                t_last = time.perf_counter()
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
+                saved_step = step
+                t_last = time.perf_counter()
+    except KeyboardInterrupt:
+        logger.advance(steps_since)
+        if saved_step != step:
+            ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
+        logger.message(f"interrupted: checkpoint at step {step} in {ckpt_dir}; resume with resume=true")
+        last["stopped_early"] = True
+    finally:
+        logger.close()
+        ckpt.close()
+    last["step"] = step
+    return last
+
+
+def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, devices=None):
+    """Parameters of a checkpoint, placed with the run's shardings (for eval / generate)."""
+    trainer = Trainer(cfg, devices=devices)
+    ckpt = Checkpointer(checkpoint_dir, create=False)
+    try:
+        state, _ = trainer.restore(ckpt, step)
+    finally:
+        ckpt.close()
+    return trainer, state.params
+
+
+__all__ = ["Trainer", "run_training", "load_params", "setup_distributed"]

@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.models import Transformer, TransformerConfig, init_cache, init_params, logical_axes, xla_attention
+from jaxeff.models.generate import generate
+
+
+def small(**kw):
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    return TransformerConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_bias": True, "tie_embeddings": False}, {"n_kv_heads": 1}, {"head_dim": 16}])
+def test_param_count_matches_the_initialised_tree(kw):
+    cfg = small(**kw)
+    params = init_params(Transformer(cfg), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.param_count()
+
+
+def test_every_parameter_has_logical_axis_names():
+    specs = logical_axes(Transformer(small(use_bias=True)))
+    params = init_params(Transformer(small(use_bias=True)), jax.random.key(0))
+    for spec, p in zip(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+                       jax.tree.leaves(params)):
+        assert len(spec) == p.ndim and all(isinstance(n, str) for n in spec)
+
+
+def test_hidden_states_are_returned_for_every_layer_on_request():
+    cfg = small(n_layers=3)
+    m = Transformer(cfg)
+    p = init_params(m, jax.random.key(0))
+    toks = jnp.ones((2, 5), jnp.int32)
+    out = m.apply({"params": p}, toks, return_hidden=True)
+    assert out.logits.shape == (2, 5, 64)
+    assert len(out.hidden_states) == cfg.n_layers + 1
+    assert all(h.shape == (2, 5, 32) for h in out.hidden_states)
+    assert m.apply({"params": p}, toks).hidden_states is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 4}, {"sliding_window": (None, 3)}, {"n_kv_heads": 1},
+                                {"dtype": "bfloat16"}])
+def test_cached_decoding_gives_the_same_logits_as_a_full_forward_pass(kw):
+    cfg = small(**kw)
+    m = Transformer(cfg)
+    p = init_params(m, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 13), 0, 64)
+    full = m.apply({"params": p}, toks).logits
+    out = m.apply({"params": p}, toks[:, :6], cache=init_cache(cfg, 2, 20))
+    logits, cache = [out.logits], out.cache
+    for i in range(6, 13):  # one token at a time against the cache
+        o = m.apply({"params": p}, toks[:, i:i + 1], cache=cache)
+        logits.append(o.logits)
+        cache = o.cache
+    assert int(cache["index"]) == 13
+    tol = 5e-2 if kw.get("dtype") == "bfloat16" else 1e-4
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=tol, rtol=tol)
+
+
+def test_packed_segments_do_not_see_each_other():
+    cfg = small()
+    m = Transformer(cfg)
+    p = init_params(m, jax.random.key(0))
+    a = jax.random.randint(jax.random.key(1), (1, 7), 0, 64)
+    b = jax.random.randint(jax.random.key(2), (1, 5), 0, 64)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.array([[1] * 7 + [2] * 5])
+    pos = jnp.array([list(range(7)) + list(range(5))])
+    out = m.apply({"params": p}, packed, positions=pos, segment_ids=seg).logits
+    np.testing.assert_allclose(out[:, :7], m.apply({"params": p}, a).logits, atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], m.apply({"params": p}, b).logits, atol=1e-5)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    q = jax.random.normal(jax.random.key(0), (1, 10, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 10, 2, 8))
+    v = jax.random.normal(jax.random.key(2), (1, 10, 2, 8))
+    base = xla_attention(q, k, v, causal=True, window=3)
+    v2 = v.at[:, 5].set(100.0)  # position 5 is outside the window of queries >= 8
+    changed = xla_attention(q, k, v2, causal=True, window=3)
+    np.testing.assert_allclose(base[:, 8:], changed[:, 8:], atol=1e-6)
+    assert not np.allclose(base[:, 5:8], changed[:, 5:8])
+
+
+def test_attention_row_with_no_visible_key_is_zero_not_nan():
+    q = jnp.ones((1, 2, 2, 4))
+    k = jnp.ones((1, 2, 2, 4))
+    seg_q, seg_k = jnp.array([[1, 2]]), jnp.array([[1, 1]])
+    out = xla_attention(q, k, k, causal=False, q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    assert not np.isnan(out).any()
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+
+
+def test_greedy_generation_equals_repeated_argmax_of_full_forward_passes():
+    cfg = small()
+    m = Transformer(cfg)
+    p = init_params(m, jax.random.key(3))
+    prompt = jnp.array([[5, 9, 11]], jnp.int32)
+    new = generate(m, p, prompt, jax.random.key(0), max_new_tokens=6)
+    seq = prompt
+    for _ in range(6):
+        nxt = jnp.argmax(m.apply({"params": p}, seq).logits[:, -1], -1)
+        seq = jnp.concatenate([seq, nxt[:, None].astype(jnp.int32)], 1)
+    np.testing.assert_array_equal(new, seq[:, 3:])
+
+
+def test_top_k_sampling_only_draws_from_the_k_most_likely_tokens():
+    from jaxeff.models.generate import sample_logits
+
+    logits = jnp.tile(jnp.arange(10.0)[None], (500, 1))
+    toks = sample_logits(logits, jax.random.key(0), temperature=1.0, top_k=3)
+    assert set(np.asarray(toks).tolist()) <= {7, 8, 9}
+    assert len(set(np.asarray(toks).tolist())) == 3
+
+
+@pytest.mark.parametrize("kw,msg", [({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+                                    ({"sliding_window": (1, 2, 3)}, "one per layer"),
+                                    ({"d_model": 30}, "not divisible")])
+def test_impossible_architectures_are_rejected_with_the_reason(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        small(**kw)
