@@ -3,11 +3,11 @@
 ``MixtureLoader.next_batch()`` for step ``t``:
 
 1. the domain of each of the ``batch_size`` rows is drawn i.i.d. from the current weights with
-   ``default_rng([seed, t, 0x6d6978])``;
+   ``default_rng([seed % 2**64, t, 0x6d6978])``;
 2. rows are served in order of the batch: a row of domain ``d`` is row ``perm[cursor_d]`` of that
    domain's packed arrays, where ``perm`` is the permutation for the domain's current epoch,
-   ``default_rng([seed, d, epoch_d, 0x7065726d]).permutation(n_rows_d)``; the cursor then advances, and when
-   it reaches ``n_rows_d`` the domain's epoch increments and its cursor goes back to 0.
+   ``default_rng([seed % 2**64, d, epoch_d, 0x7065726d]).permutation(n_rows_d)``; the cursor then
+   advances, and when it reaches ``n_rows_d`` the domain's epoch increments and its cursor goes back to 0.
 
 So a batch is a pure function of (seed, step, current weights, cursors and epochs), and ``state_dict()``
 (step, weights, cursor and epoch per domain) is everything needed to resume exactly.
@@ -71,9 +71,10 @@ class MixtureLoader:
         if not isinstance(domains, Mapping) or not domains:
             raise DataError("data.domains: the mixture needs at least one domain")
         self.batch_size = _check_batch_size(batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DataError(f"seed: must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise DataError(f"data.seed: must be an integer, got {seed!r}")
         self.seed = int(seed)
+        self._entropy = self.seed % 2**64  # numpy seeds must be non-negative; negative seeds wrap
         self.domain_names: list[str] = [str(k) for k in domains]
         self._arrays: list[dict[str, np.ndarray]] = []
         self._n_rows: list[int] = []
@@ -111,7 +112,9 @@ class MixtureLoader:
         domains left out get weight 0; values must be finite and >= 0 with a positive sum; they are
         normalised to sum to 1."""
         if not isinstance(weights, Mapping):
-            raise DataError(f"data.weights: expected a mapping from domain name to weight, got {type(weights).__name__}")
+            raise DataError(
+                f"data.weights: expected a mapping from domain name to weight, got {type(weights).__name__}"
+            )
         unknown = [k for k in weights if k not in self.domain_names]
         if unknown:
             raise DataError(
@@ -135,7 +138,7 @@ class MixtureLoader:
     def _perm(self, d: int) -> np.ndarray:
         cached = self._perm_cache[d]
         if cached is None or cached[0] != self._epoch[d]:
-            perm = np.random.default_rng([self.seed, d, self._epoch[d], _PERM_TAG]).permutation(self._n_rows[d])
+            perm = np.random.default_rng([self._entropy, d, self._epoch[d], _PERM_TAG]).permutation(self._n_rows[d])
             cached = (self._epoch[d], perm)
             self._perm_cache[d] = cached
         return cached[1]
@@ -144,7 +147,7 @@ class MixtureLoader:
         """The GLOBAL batch for the current step (then the step advances): ``inputs``, ``targets``,
         ``segment_ids``, ``positions`` (int32), ``loss_mask`` (float32) of shape [batch_size, seq_len]
         and ``domain_ids`` [batch_size] int32."""
-        rng = np.random.default_rng([self.seed, self.step, _DRAW_TAG])
+        rng = np.random.default_rng([self._entropy, self.step, _DRAW_TAG])
         dom = rng.choice(len(self._arrays), size=self.batch_size, p=self._w)
         rows = np.empty(self.batch_size, np.int64)
         for i, d in enumerate(dom):

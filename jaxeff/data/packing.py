@@ -58,7 +58,9 @@ def pack_documents(
     for d in docs:
         a = np.asarray(d)
         if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-            raise DataError(f"packing: every document must be a 1-D sequence of integer token ids, got {a.dtype} {a.shape}")
+            raise DataError(
+                f"packing: every document must be a 1-D sequence of integer token ids, got {a.dtype} {a.shape}"
+            )
         toks.append(np.concatenate([[bos_id], a.astype(np.int64, copy=False), [eos_id]]))
     if not toks:
         empty = np.zeros((0, seq_len), np.int32)

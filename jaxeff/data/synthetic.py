@@ -2,7 +2,7 @@
 
 Every domain is a pure function of ``(domain, seed, document index, doc_len)``:
 
-* each document ``i`` is drawn from its own ``numpy.random.default_rng([seed, crc32(domain), i])``, so the
+* each document ``i`` is drawn from its own ``numpy.random.default_rng([seed % 2**64, crc32(domain), i])``, so the
   output is identical across runs and processes, and ``generate_documents(d, n, s)[:k] ==
   generate_documents(d, k, s)`` (a prefix property: asking for more documents never changes earlier ones);
 * the *language* of a domain (the prose Markov transition table, the name/city/job vocabularies) is fixed:
@@ -438,16 +438,16 @@ def generate_documents(domain: str, n_docs: int, seed: int, *, doc_len: int | No
         raise DataError(f"unknown synthetic data domain {domain!r} (expected one of: {', '.join(DOMAINS)})")
     if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 0:
         raise DataError(f"synthetic data: n_docs must be a non-negative integer, got {n_docs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"synthetic data: seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise DataError(f"data.seed: must be an integer, got {seed!r}")
     if doc_len is None:
         doc_len = DEFAULT_DOC_LEN
     if isinstance(doc_len, bool) or not isinstance(doc_len, (int, np.integer)) or doc_len < MIN_DOC_LEN:
-        raise DataError(f"synthetic data: doc_len must be an integer >= {MIN_DOC_LEN} characters, got {doc_len!r}")
+        raise DataError(f"data.doc_len: must be an integer >= {MIN_DOC_LEN} (characters per document), got {doc_len!r}")
     key = _domain_key(domain)
     docs = []
     for i in range(int(n_docs)):
-        rng = np.random.default_rng([int(seed), key, i])
+        rng = np.random.default_rng([int(seed) % 2**64, key, i])  # any int seed; negative ones wrap
         if domain == "recall":
             docs.append(_recall_document(rng, int(doc_len)))
         else:

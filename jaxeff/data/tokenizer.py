@@ -79,7 +79,8 @@ class HFTokenizer:
 
         if os.path.isdir(path):
             raise DataError(
-                f"data.tokenizer: {path!r} is a directory (expected 'byte' or a path to a Hugging Face tokenizer.json file)"
+                f"data.tokenizer: {path!r} is a directory "
+                "(expected 'byte' or a path to a Hugging Face tokenizer.json file)"
             )
         if not os.path.isfile(path):
             raise DataError(
