@@ -10,6 +10,7 @@ Formats (``format="auto"`` picks by extension, per file):
   the ``text_field`` column.
 * ``parquet`` (``.parquet``): the document is the ``text_field`` column.
 
+Paths are taken literally (glob characters such as ``*`` or ``[`` in a file name are escaped).
 Documents come back in path order, then row order. Empty strings and nulls are skipped (they would be
 nothing but bos/eos after tokenisation). The ``datasets`` cache goes to a fresh temporary directory that is
 deleted afterwards and the data are kept in memory, so nothing is written under the user's home (the
@@ -18,6 +19,7 @@ deleted afterwards and the data are kept in memory, so nothing is written under 
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 
@@ -103,7 +105,7 @@ def _load_into(docs: list[str], paths: list[str], formats: list[str], text_field
             kwargs = {"sample_by": "document"} if fmt == "text" else {}
             try:
                 ds = datasets.load_dataset(
-                    fmt, data_files=[p], split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs
+                    fmt, data_files=[glob.escape(os.path.abspath(p))], split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs
                 )
             except Exception as e:  # malformed JSON/parquet and friends
                 raise DataError(f"{where}: cannot read {p!r} as {fmt}: {_one_line(e)}") from None

@@ -66,7 +66,8 @@ _ADDED_SPECIAL = "<|endoftext|>"
 
 
 class HFTokenizer:
-    """A local Hugging Face ``tokenizer.json`` (loaded with ``tokenizers.Tokenizer.from_file``).
+    """A local Hugging Face ``tokenizer.json`` (loaded with ``tokenizers.Tokenizer.from_file``); ``path`` may
+    also be a directory holding a ``tokenizer.json`` (e.g. a downloaded model folder).
 
     Special ids are looked up among common special tokens (see ``_BOS_CANDIDATES`` etc.). Fallbacks:
     no bos -> eos is used as bos; no eos -> bos is used as eos; neither -> the special token
@@ -78,10 +79,13 @@ class HFTokenizer:
         import tokenizers
 
         if os.path.isdir(path):
-            raise DataError(
-                f"data.tokenizer: {path!r} is a directory "
-                "(expected 'byte' or a path to a Hugging Face tokenizer.json file)"
-            )
+            inner = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(inner):
+                raise DataError(
+                    f"data.tokenizer: {path!r} is a directory without a tokenizer.json "
+                    "(expected 'byte' or a path to a Hugging Face tokenizer.json file)"
+                )
+            path = inner
         if not os.path.isfile(path):
             raise DataError(
                 f"data.tokenizer: file {path!r} does not exist "

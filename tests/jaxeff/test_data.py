@@ -66,8 +66,8 @@ def test_load_tokenizer_missing_file_raises_data_error_with_exact_message(tmp_pa
     assert isinstance(ei.value, JaxeffError)
 
 
-def test_load_tokenizer_rejects_a_directory_and_a_non_tokenizer_file(tmp_path):
-    with pytest.raises(DataError, match="is a directory"):
+def test_load_tokenizer_rejects_a_directory_without_tokenizer_json_and_a_non_tokenizer_file(tmp_path):
+    with pytest.raises(DataError, match="is a directory without a tokenizer.json"):
         load_tokenizer(str(tmp_path))
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"not": "a tokenizer"}')
@@ -105,6 +105,12 @@ def test_hf_tokenizer_from_local_json_encodes_decodes_and_finds_special_ids(tmp_
     assert not {0, 1, 2} & set(ids)
     assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == "the cat sat"
     assert tok.encode_batch(["the cat sat", "a dog"]) == [ids, tok.encode("a dog")]
+
+
+def test_load_tokenizer_accepts_a_directory_holding_tokenizer_json(tmp_path):
+    path, _ = _bpe_json(tmp_path, ["<pad>", "<s>", "</s>"])
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.name == path and tok.encode("the cat") == HFTokenizer(path).encode("the cat")
 
 
 def test_hf_tokenizer_without_pad_token_uses_eos_as_pad_and_endoftext_as_bos_and_eos(tmp_path):
@@ -331,6 +337,12 @@ def test_load_text_documents_reads_txt_jsonl_parquet_in_path_order(tmp_path):
         "p three",
         "second file",
     ]
+
+
+def test_load_text_documents_takes_paths_literally_not_as_glob_patterns(tmp_path):
+    (tmp_path / "odd [1] *.txt").write_text("odd")
+    (tmp_path / "odd 1 x.txt").write_text("would match the pattern")
+    assert load_text_documents([str(tmp_path / "odd [1] *.txt")]) == ["odd"]
 
 
 def test_load_text_documents_uses_text_field_and_skips_empty_and_null_rows(tmp_path):
