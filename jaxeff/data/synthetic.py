@@ -13,6 +13,10 @@ Every domain is a pure function of ``(domain, seed, document index, doc_len)``:
 are built from whole units (lines, sentences, snippets) and stop before the next unit would overflow, so
 their length is between roughly ``doc_len`` minus one unit and ``doc_len``. Everything is ASCII, so with
 the byte tokenizer one character is one token.
+
+For ``recall`` to test memory, a whole document must fit in one packed row: with the byte tokenizer,
+``seq_len >= doc_len + 2`` (bos and eos); a longer document is split across rows, and a row that holds
+only queries cannot be predicted.
 """
 
 from __future__ import annotations
