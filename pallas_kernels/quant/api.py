@@ -54,24 +54,27 @@ def _round_up(a: int, b: int) -> int:
 
 
 def _normalize_block_sizes(block_sizes) -> tuple:
-    """None | (bm, bn, bk) | {"block_m"/"bm": .., "block_n"/"bn": .., "block_k"/"bk": ..} -> (bm, bn, bk)."""
+    """None | (bm, bn, bk[, split_k]) | {"block_m"/"bm", "block_n"/"bn", "block_k"/"bk", "split_k"} -> 4-tuple."""
     if block_sizes is None:
-        return (None, None, None)
+        return (None, None, None, None)
     if isinstance(block_sizes, Mapping):
-        alias = {"block_m": 0, "bm": 0, "block_n": 1, "bn": 1, "block_k": 2, "bk": 2}
-        out = [None, None, None]
+        alias = {"block_m": 0, "bm": 0, "block_n": 1, "bn": 1, "block_k": 2, "bk": 2, "split_k": 3}
+        out = [None, None, None, None]
         for k, v in block_sizes.items():
             if k not in alias:
-                raise ValueError(f"block_sizes: unknown key {k!r}, expected block_m, block_n, block_k")
+                raise ValueError(f"block_sizes: unknown key {k!r}, expected block_m, block_n, block_k, split_k")
             out[alias[k]] = v
         bs = tuple(out)
     else:
         bs = tuple(block_sizes)
-        if len(bs) != 3:
-            raise ValueError(f"block_sizes: got {block_sizes!r}, expected (block_m, block_n, block_k)")
+        if len(bs) not in (3, 4):
+            raise ValueError(f"block_sizes: got {block_sizes!r}, expected (block_m, block_n, block_k[, split_k])")
+        bs = bs + (None,) * (4 - len(bs))
     for name, v in zip(("block_m", "block_n", "block_k"), bs):
         if v is not None and (not _is_pow2(v) or v < 16):
             raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 16")
+    if bs[3] is not None and not _is_pow2(bs[3]):
+        raise ValueError(f"block_sizes: split_k={bs[3]!r}, expected a power of two >= 1")
     return tuple(None if v is None else int(v) for v in bs)
 
 
@@ -98,12 +101,19 @@ def _check_x(x, K, what="x"):
 # ------------------------------------------------------------------------------------------------
 
 
-def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int]:
-    bm, bn, bk = bs
+# Aim for at least this many programs (~2 waves on an H100/H200 with 132 SMs) by splitting K
+# when M and N give too few (decode shapes).
+_TARGET_PROGRAMS = 264
+_MAX_SPLIT_K = 16
+
+
+def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int, int]:
+    """(block_m, block_n, block_k, split_k) for the forward weight-only kernel; checks user values."""
+    bm, bn, bk, sk = bs
     K, N = qw.shape
     g = qw.group_size
     bm = bm or _default_bm(M)
-    bn = bn or min(128, max(16, _next_pow2(N)))
+    bn = bn or min(128 if M > 64 else 64, max(16, _next_pow2(N)))
     if g is None:
         bk = bk or min(128, max(16, _next_pow2(K)))
     else:
@@ -112,7 +122,15 @@ def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int]:
             raise ValueError(f"block_sizes: block_k={bk} must be a multiple of the group size {g} of qw")
     if qw.double_quant and bn > 256:
         raise ValueError(f"block_sizes: block_n={bn} must be <= 256 for double-quantized nf4")
-    return bm, bn, bk
+    n_steps = _round_up(qw.padded_K, bk) // bk
+    if sk is None:
+        programs = (_round_up(M, bm) // bm) * (_round_up(N, bn) // bn)
+        sk = 1
+        while sk < _MAX_SPLIT_K and programs * sk < _TARGET_PROGRAMS and n_steps % (2 * sk) == 0:
+            sk *= 2
+    elif n_steps % sk:
+        raise ValueError(f"block_sizes: split_k={sk} must divide the number of K blocks {n_steps} (K={K}, block_k={bk})")
+    return bm, bn, bk, sk
 
 
 def _padded_qw(qw: QuantizedWeight, Kp: int, Np: int) -> QuantizedWeight:
@@ -138,12 +156,15 @@ def _qmm_forward(x, qw, backend, bs):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    bm, bn, bk = _wo_blocks(qw, M, bs)
+    bm, bn, bk, sk = _wo_blocks(qw, M, bs)
     Mp, Np = _round_up(M, bm), _round_up(N, bn)
     Kp = _round_up(qw.padded_K, bk)
     xp = _pad_to(x2, (Mp, Kp))
     qp = _padded_qw(qw, Kp, Np)
-    out = triton_matmul.weight_only_matmul(xp, qp, bm=bm, bn=bn, bk=bk, interpret=(backend == "interpret"))
+    out = triton_matmul.weight_only_matmul(xp, qp, bm=bm, bn=bn, bk=bk, split_k=sk,
+                                           interpret=(backend == "interpret"))
+    if sk > 1:
+        out = jnp.sum(out, axis=0).astype(x.dtype)
     return out[:M, :N].reshape(lead + (N,))
 
 
@@ -156,7 +177,7 @@ def _qmm_backward(dy, qw, backend, bs):
     lead = dy.shape[:-1]
     dy2 = dy.reshape(-1, N)
     M = dy2.shape[0]
-    bm, bn, bk = _wo_blocks(qw, M, bs)
+    bm, bn, bk, _ = _wo_blocks(qw, M, bs)
     if qw.group_size is not None:
         bk = qw.group_size  # one group per output block of dx
     Mp, Np = _round_up(M, bm), _round_up(N, bn)
@@ -230,7 +251,7 @@ def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
 
     M, K = xq.shape
     N = wq.shape[1]
-    bm, bn, bk = bs
+    bm, bn, bk, _ = bs
     bm = bm or _default_bm(M)
     bn = bn or min(128, max(16, _next_pow2(N)))
     bk = bk or min(128, max(32, _next_pow2(K)))

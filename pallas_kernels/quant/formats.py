@@ -26,6 +26,7 @@ Layouts (``Kp`` is ``K`` padded up to a multiple of ``group_size`` with zero wei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -179,11 +180,15 @@ def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symm
     batch = w.shape[:-2]
     K, N = w.shape[-2:]
     w3 = w.reshape((-1, K, N)).astype(jnp.float32)
-    fn = lambda m: _quantize_2d(m, fmt, group_size, symmetric, double_quant)  # noqa: E731
-    leaves = jax.vmap(fn)(w3)
+    leaves = _quantize_batched(w3, fmt, group_size, bool(symmetric), bool(double_quant))
     leaves = {k: (None if v is None else v.reshape(batch + v.shape[1:])) for k, v in leaves.items()}
     return QuantizedWeight(**leaves, fmt=fmt, shape=tuple(int(d) for d in w.shape), group_size=group_size,
                            symmetric=bool(symmetric), double_quant=bool(double_quant))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_batched(w3, fmt, g, symmetric, double_quant):
+    return jax.vmap(lambda m: _quantize_2d(m, fmt, g, symmetric, double_quant))(w3)
 
 
 def _safe(s):
@@ -296,6 +301,11 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
     """Return the dense ``[..., K, N]`` weight in ``dtype`` (computed in float32)."""
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"qw: got {type(qw).__name__}, expected a QuantizedWeight")
+    return _dequantize(qw, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize(qw: QuantizedWeight, dtype):
     K, N = qw.shape[-2:]
     batch = qw.shape[:-2]
     scales = absmax_of(qw)

@@ -136,42 +136,53 @@ def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, symmetric, dq, cdt, bn):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages"))
-def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, interpret: bool,
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "split_k", "interpret", "num_warps", "num_stages"))
+def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, split_k: int = 1, interpret: bool,
                        num_warps: int = 4, num_stages: int = 3):
-    """x [Mp, Kp] (already padded: Mp % bm == 0, Kp % bk == 0, Kp == rows of qw) @ W -> [Mp, Np] in x.dtype.
+    """x [Mp, Kp] @ W -> [Mp, Np] in x.dtype (split_k == 1) or f32 partial sums [split_k, Mp, Np].
 
-    ``qw`` must already be padded along N to a multiple of ``bn`` (leaves [rows, Np]).
+    Already padded: Mp % bm == 0, Kp % (bk * split_k) == 0 with Kp the (padded) K of ``qw``, and the
+    leaves of ``qw`` padded along N to a multiple of ``bn``. With ``split_k > 1`` program (i, j, s)
+    reduces the s-th of ``split_k`` contiguous K ranges (more programs for small M: decode shapes);
+    the caller sums the partials.
     """
     Mp, Kp = x.shape
     fmt, g = qw.fmt, qw.group_size
     Np = qw.data.shape[1]
+    S = split_k
     cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
     dq = bool(qw.double_quant)
     has_zeros = qw.zeros is not None
-    d_rows = qw.data.shape[0]
-    s_rows = qw.scales.shape[0]
+    d_rows = qw.data.shape[0] // S
+    s_rows = qw.scales.shape[0] if g is None else qw.scales.shape[0] // S
+    s_idx = (lambda i, j, s: (0, j)) if g is None else (lambda i, j, s: (s, j))  # noqa: E731
     in_specs = [
-        pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
-        pl.BlockSpec((d_rows, bn), lambda i, j: (0, j)),
-        pl.BlockSpec((s_rows, bn), lambda i, j: (0, j)),
+        pl.BlockSpec((bm, Kp // S), lambda i, j, s: (i, s)),
+        pl.BlockSpec((d_rows, bn), lambda i, j, s: (s, j)),
+        pl.BlockSpec((s_rows, bn), s_idx),
     ]
     args = [x, qw.data, qw.scales]
     if has_zeros:
-        in_specs.append(pl.BlockSpec((qw.zeros.shape[0], bn), lambda i, j: (0, j)))
+        in_specs.append(pl.BlockSpec((s_rows, bn), s_idx))
         args.append(qw.zeros)
     if dq:
-        in_specs.append(pl.BlockSpec((s_rows, 1), lambda i, j: (0, (j * bn) // 256)))
-        in_specs.append(pl.BlockSpec((1, 1), lambda i, j: (0, 0)))
+        in_specs.append(pl.BlockSpec((s_rows, 1), lambda i, j, s: (s, (j * bn) // 256)))
+        in_specs.append(pl.BlockSpec((1, 1), lambda i, j, s: (0, 0)))
         args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
-    kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk, has_zeros=has_zeros,
+    kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk // S, has_zeros=has_zeros,
                                symmetric=qw.symmetric, dq=dq, cdt=cdt, bn=bn)
+    if S == 1:
+        out_shape = jax.ShapeDtypeStruct((Mp, Np), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((S, Mp, Np), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
-        grid=(Mp // bm, Np // bn),
+        out_shape=out_shape,
+        grid=(Mp // bm, Np // bn, S),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=out_spec,
         interpret=interpret,
         compiler_params=_compiler_params(interpret, num_warps, num_stages),
         name=f"quant_{fmt}_matmul",

@@ -208,11 +208,18 @@ def test_quantized_matmul_bf16_and_batch_dims(name):
     ("nf4_dq", {"block_m": 16, "block_n": 32, "block_k": 128}),
     ("int8_channel", (16, 64, 16)),        # many K steps, K padded 200 -> 208
     ("int8_group32", (32, 16, 32)),
+    ("int4_g64", (16, 16, 64, 1)),         # no split-K
+    ("nf4", {"block_n": 16, "split_k": 2}),
+    ("int8_channel", (16, 16, 16, 13)),    # 13 K blocks: split_k must divide them -> error
 ])
 def test_quantized_matmul_block_sizes(name, blocks):
     fmt, kw = CONFIGS[name]
     qw = quantize(jnp.asarray(_weight(13)), fmt, **kw)
     x = jnp.asarray(_rand((33, K), 14))
+    if isinstance(blocks, tuple) and len(blocks) == 4 and blocks[3] == 13:
+        with pytest.raises(ValueError, match="split_k"):
+            quantized_matmul(x, qw, backend="interpret", block_sizes=blocks)
+        return
     out = quantized_matmul(x, qw, backend="interpret", block_sizes=blocks)
     _check_close(out, x, dequantize(qw), 1e-5, 1e-6)
 
