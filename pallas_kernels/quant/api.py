@@ -325,7 +325,9 @@ def int8_matmul(x, w, *, outlier_threshold=None, max_outliers: int | None = None
         else:
             w_rows = wf[idx]
         w_o = jnp.where(valid[:, None], w_rows, 0.0).astype(hp)
-        out_extra = jnp.matmul(x_o, w_o, preferred_element_type=jnp.float32,
+        # 16-bit operands, fp32 products/accumulation (exact products, so done as an f32 dot: XLA:CPU
+        # has no bf16 x bf16 -> f32 dot).
+        out_extra = jnp.matmul(x_o.astype(jnp.float32), w_o.astype(jnp.float32),
                                precision=jax.lax.Precision.HIGHEST)
         x2 = jnp.where(sel[None, :], 0.0, x2)
         if not prepared:

@@ -377,12 +377,18 @@ def test_int8_matmul_within_int8_error_bound():
 def test_int8_matmul_batch_dims_bf16():
     w = jnp.asarray(_weight(42))
     x = jnp.asarray(_rand((2, 3, K), 43)).astype(jnp.bfloat16)
-    out = int8_matmul(x, w, backend="interpret", block_sizes={"block_m": 16, "block_n": 32, "block_k": 64})
-    assert out.shape == (2, 3, N) and out.dtype == jnp.bfloat16
     x32 = np.asarray(x.astype(jnp.float32)).reshape(6, K)
     ref = x32.astype(np.float64) @ np.asarray(w, np.float64)
-    err = np.abs(_f64(out).reshape(6, N) - ref)
-    assert np.all(err <= _w8a8_bound(x32, np.asarray(w)) + 2**-8 * np.abs(ref) + 1e-3)
+    for thr in (None, 6.0):  # no |x| >= 6 here: the outlier path must then change nothing
+        out = int8_matmul(x, w, backend="interpret", outlier_threshold=thr,
+                          block_sizes={"block_m": 16, "block_n": 32, "block_k": 64})
+        assert out.shape == (2, 3, N) and out.dtype == jnp.bfloat16
+        err = np.abs(_f64(out).reshape(6, N) - ref)
+        assert np.all(err <= _w8a8_bound(x32, np.asarray(w)) + 2**-8 * np.abs(ref) + 1e-3)
+    x = x.at[0, 1, 7].set(50.0)  # one outlier column, bf16 x through both paths
+    out = int8_matmul(x, w, backend="interpret", outlier_threshold=6.0)
+    ref = np.asarray(x.astype(jnp.float32), np.float64).reshape(6, K) @ np.asarray(w, np.float64)
+    assert np.all(np.isfinite(_f64(out))) and np.abs(_f64(out).reshape(6, N) - ref).max() < 0.1 * np.abs(ref).max()
 
 
 def test_int8_outlier_decomposition_reduces_error():
