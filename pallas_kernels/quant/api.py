@@ -1,8 +1,9 @@
 """Public quantized-matmul API and backend dispatch.
 
-Backends: "gpu" (Pallas on Triton), "interpret" (the same Pallas kernels with ``interpret=True``, runs
-on CPU), "reference" (pure jnp dequantize-then-matmul), "auto" (gpu on GPU, interpret on CPU,
-reference on TPU: no Mosaic TPU kernel yet), "tpu" (not implemented: raises NotImplementedError).
+Backends: "gpu" (Pallas on Triton), "interpret" (the same Triton-backend kernels with
+``interpret=True``, runs on CPU), "tpu" (Pallas Mosaic TPU kernels, ``mosaic_tpu.py``; not yet run on
+TPU hardware), "tpu_interpret" (the TPU kernels under ``pltpu.InterpretParams()``, runs on CPU),
+"reference" (pure jnp dequantize-then-matmul), "auto" (gpu on GPU, tpu on TPU, interpret otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from . import reference
 from .formats import QuantizedWeight
 
-BACKENDS = ("auto", "gpu", "tpu", "interpret", "reference")
+BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "reference")
 DEFAULT_OUTLIER_THRESHOLD = 6.0
 
 
@@ -34,10 +35,8 @@ def _resolve_backend(backend: str) -> str:
         if platform == "gpu":
             return "gpu"
         if platform == "tpu":
-            return "reference"
+            return "tpu"
         return "interpret"
-    if backend == "tpu":
-        raise NotImplementedError("backend='tpu': no Mosaic TPU quantized kernels yet; use 'reference' or 'auto'")
     return backend
 
 
@@ -147,9 +146,76 @@ def _padded_qw(qw: QuantizedWeight, Kp: int, Np: int) -> QuantizedWeight:
         fmt=qw.fmt, shape=qw.shape, group_size=g, symmetric=qw.symmetric, double_quant=qw.double_quant)
 
 
+# ---- TPU (Mosaic) block choice: Mosaic wants blocks whose last two dims are multiples of (8, 128)
+# or the full array dims; a K block holds 8 groups (sublane-aligned scale rows) or all of K.
+
+
+def _tpu_dim(n: int, cap: int) -> tuple[int, int]:
+    """(block, padded size) for a dim of size n: the full dim when n <= cap, else ``cap`` blocks."""
+    if n <= cap:
+        return n, n
+    return cap, _round_up(n, cap)
+
+
+def _tpu_n(N: int) -> tuple[int, int]:
+    for b in (256, 128):
+        if N % b == 0:
+            return b, N
+    if N <= 512:
+        return N, N
+    return 128, _round_up(N, 128)
+
+
+def _tpu_weight_args(qw: QuantizedWeight, bk_unit: int, bn_np):
+    from .formats import absmax_of
+
+    K0 = qw.padded_K
+    bk, Kp = _tpu_dim(K0, bk_unit)
+    bn, Np = bn_np
+    g = qw.group_size
+    div = 2 if qw.packed else 1
+    s_rows = 1 if g is None else Kp // g
+    data = _pad_to(qw.data, (Kp // div, Np))
+    scales = _pad_to(absmax_of(qw), (s_rows, Np))
+    zeros = None if qw.zeros is None else _pad_to(qw.zeros.astype(jnp.float32), (s_rows, Np))
+    return data, scales, zeros, bk, Kp
+
+
+def _tpu_forward(x2, qw, interpret):
+    from . import mosaic_tpu
+
+    M = x2.shape[0]
+    K, N = qw.shape
+    unit = 512 if qw.group_size is None else 8 * qw.group_size
+    bn, Np = _tpu_n(N)
+    data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
+    bm, Mp = _tpu_dim(M, 256)
+    out = mosaic_tpu.weight_only_matmul(_pad_to(x2, (Mp, Kp)), data, scales, zeros, fmt=qw.fmt, g=qw.group_size,
+                                        bm=bm, bn=bn, bk=bk, interpret=interpret)
+    return out[:M, :N]
+
+
+def _tpu_backward(dy2, qw, interpret):
+    from . import mosaic_tpu
+
+    M = dy2.shape[0]
+    K, N = qw.shape
+    unit = 512 if qw.group_size is None else 8 * qw.group_size
+    bn, Np = _tpu_n(N)
+    data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
+    bm, Mp = _tpu_dim(M, 256)
+    dx = mosaic_tpu.weight_only_matmul_t(_pad_to(dy2, (Mp, Np)), data, scales, zeros, fmt=qw.fmt,
+                                         g=qw.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret)
+    return dx[:M, :K]
+
+
 def _qmm_forward(x, qw, backend, bs):
     if backend == "reference":
         return reference.quantized_matmul(x, qw)
+    if backend in ("tpu", "tpu_interpret"):
+        K, N = qw.shape
+        out = _tpu_forward(x.reshape(-1, K), qw, backend == "tpu_interpret")
+        return out.reshape(x.shape[:-1] + (N,))
     from . import triton_matmul
 
     K, N = qw.shape
@@ -171,6 +237,10 @@ def _qmm_forward(x, qw, backend, bs):
 def _qmm_backward(dy, qw, backend, bs):
     if backend == "reference":
         return reference.quantized_matmul_t(dy, qw)
+    if backend in ("tpu", "tpu_interpret"):
+        K, N = qw.shape
+        dx = _tpu_backward(dy.reshape(-1, N), qw, backend == "tpu_interpret")
+        return dx.reshape(dy.shape[:-1] + (K,))
     from . import triton_matmul
 
     K, N = qw.shape
@@ -216,10 +286,12 @@ def quantized_matmul(x, qw: QuantizedWeight, *, backend: str = "auto", block_siz
 
     Dequantization is fused in the kernel (W stays packed in HBM). Differentiable wrt x
     (dx = dy @ W^T by a fused transposed kernel); the weight's cotangent is zero (float0 for
-    integer leaves). ``block_sizes``: None, ``(block_m, block_n, block_k)`` or a dict with those keys
-    (powers of two >= 16; ``block_k`` must be a multiple of the group size). Shapes that are not block
-    multiples are padded internally (the weight leaves are padded per call only when K/N are not
-    multiples of the blocks).
+    integer leaves). ``block_sizes`` (Triton kernels; the TPU kernels choose their own): None,
+    ``(block_m, block_n, block_k[, split_k])`` or a dict with keys block_m, block_n, block_k, split_k
+    (powers of two, blocks >= 16; ``block_k`` a multiple of the group size; ``split_k`` dividing the
+    number of K blocks; default split_k grows until there are >= 264 programs). Shapes that are not
+    block multiples are padded internally (the weight leaves are padded per call only when K/N are
+    not multiples of the blocks).
     """
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"qw: got {type(qw).__name__}, expected a QuantizedWeight from quantize()")
@@ -247,6 +319,18 @@ def _absmax_quant(a, axis):
 def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
     if backend == "reference":
         return reference.w8a8_core(xq, sx, wq, sw, out_dtype)
+    if backend in ("tpu", "tpu_interpret"):
+        from . import mosaic_tpu
+
+        M, K = xq.shape
+        N = wq.shape[1]
+        bm, Mp = _tpu_dim(M, 256)
+        bn, Np = _tpu_n(N)
+        bk, Kp = _tpu_dim(K, 512)
+        out = mosaic_tpu.w8a8_matmul(
+            _pad_to(xq, (Mp, Kp)), _pad_to(sx, (Mp, 1)), _pad_to(wq, (Kp, Np)), _pad_to(sw, (1, Np)),
+            bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=(backend == "tpu_interpret"))
+        return out[:M, :N]
     from . import triton_matmul
 
     M, K = xq.shape

@@ -174,6 +174,20 @@ def test_quantized_weight_sharded():
     np.testing.assert_array_equal(np.asarray(jax.jit(dequantize)(qs)), np.asarray(dequantize(qw)))
 
 
+def test_quantized_weight_orbax_roundtrip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    qw = quantize(jnp.asarray(_weight(7)), "int4", group_size=32, symmetric=False)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "qw", qw)
+    ckpt.wait_until_finished()
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), qw)
+    restored = ckpt.restore(tmp_path / "qw", target)
+    assert isinstance(restored, QuantizedWeight) and restored.fmt == "int4" and restored.shape == (K, N)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(qw)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ------------------------------------------------------------------------------------------------
 # weight-only kernels
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +296,7 @@ def test_backends_agree_and_auto():
     c = quantized_matmul(x, qw)  # auto -> interpret on CPU
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
-    assert qapi._resolve_backend("auto") == {"gpu": "gpu", "tpu": "reference"}.get(jax.default_backend(), "interpret")
+    assert qapi._resolve_backend("auto") == {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
 
 
 def test_bad_inputs_raise_value_error():
@@ -340,6 +354,56 @@ def test_triton_lowering_on_cpu():
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
     finally:
         gpu_info.get_gpu_info = orig
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tpu_kernels_interpret(name):
+    """The Mosaic TPU kernels under pltpu.InterpretParams (CPU): forward (f32 and bf16) and grad wrt x."""
+    fmt, kw = CONFIGS[name]
+    k = 600  # > 8 groups / 512: several K blocks
+    qw = quantize(jnp.asarray(_weight(31, k=k)), fmt, **kw)
+    w_deq = dequantize(qw)
+    x = jnp.asarray(_rand((2, 3, k), 32))
+    out = quantized_matmul(x, qw, backend="tpu_interpret")
+    assert out.shape == (2, 3, N)
+    _check_close(out.reshape(6, N), x.reshape(6, k), w_deq, 1e-5, 1e-6)
+    xb = x[0].astype(jnp.bfloat16)
+    _check_close(quantized_matmul(xb, qw, backend="tpu_interpret"), xb, w_deq, 2**-7, 1e-3)
+    dy = _rand((2, 3, N), 33)
+    dx = jax.grad(lambda x: jnp.sum(quantized_matmul(x, qw, backend="tpu_interpret") * dy))(x)
+    ref = dy.reshape(6, N).astype(np.float64) @ np.asarray(w_deq, np.float64).T
+    mag = np.abs(dy.reshape(6, N).astype(np.float64)) @ np.abs(np.asarray(w_deq, np.float64)).T
+    assert np.all(np.abs(np.asarray(dx, np.float64).reshape(6, k) - ref) <= 1e-5 * mag + 1e-6)
+
+
+def test_tpu_int8_matmul_interpret():
+    w = _weight(34, k=600, n=72)  # K > 512: several K blocks
+    x = _rand((5, 600), 35)
+    x[:, 9] *= 30
+    for thr in (None, 6.0):
+        got = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=thr, backend="tpu_interpret"))
+        ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=thr, backend="reference"))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_tpu_lowering_on_cpu():
+    """Lower the TPU kernels to Mosaic without a TPU (Mosaic's own layout passes run later, in libtpu)."""
+    from jax import export
+
+    w = jnp.asarray(_rand((1024, 512), 36))
+    x = jnp.ones((16, 1024), jnp.bfloat16)
+    for fmt, kw in CONFIGS.values():
+        qw = quantize(w, fmt, **kw)
+
+        def f(x, q):
+            y, vjp = jax.vjp(lambda x: quantized_matmul(x, q, backend="tpu"), x)
+            return y, vjp(y)[0]
+
+        exp = export.export(jax.jit(f), platforms=["tpu"])(x, qw)
+        assert exp.mlir_module().count("tpu_custom_call") == 2
+    exp = export.export(jax.jit(lambda x, w: int8_matmul(x, w, outlier_threshold=6.0, backend="tpu")),
+                        platforms=["tpu"])(x, w)
+    assert "tpu_custom_call" in exp.mlir_module()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,3 +528,22 @@ def test_gpu_int8_matmul():
         out = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=thr, backend="gpu"))
         ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=thr, backend="reference"))
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tpu_kernels_on_tpu(name):
+    fmt, kw = CONFIGS[name]
+    qw = quantize(jnp.asarray(_weight(64, k=1000, n=520)), fmt, **kw)
+    w_deq = dequantize(qw)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2**-7)):
+        x = jnp.asarray(_rand((33, 1000), 65)).astype(dtype)
+        _check_close(quantized_matmul(x, qw, backend="tpu"), x, w_deq, tol, 1e-3)
+        dx = jax.grad(lambda x: jnp.sum(quantized_matmul(x, qw, backend="tpu").astype(jnp.float32)))(x)
+        ref = jax.grad(lambda x: jnp.sum(quantized_matmul(x, qw, backend="reference").astype(jnp.float32)))(x)
+        np.testing.assert_allclose(_f64(dx), _f64(ref), rtol=4 * tol, atol=4 * tol * 30)
+    x = _rand((64, 1000), 66)
+    got = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(_weight(67, k=1000, n=520)), backend="tpu"))
+    ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(_weight(67, k=1000, n=520)), backend="reference"))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+
