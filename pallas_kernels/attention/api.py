@@ -72,8 +72,8 @@ def _plan(st: AttnStatic, bs: BlockSizes, q_len, kv_len, head_dim):
   sp = common.round_up(kv_len, max(bk, bk_dkv, bk_dq))
   nw = bs.num_warps or (4 if head_dim <= 64 else 8)
   ns = bs.num_stages or (3 if head_dim <= 128 else 2)
-  nw_b = bs.num_warps_bwd or (4 if head_dim <= 64 else 8)
-  ns_b = bs.num_stages_bwd or 2
+  nw_b = bs.num_warps_bwd or 4
+  ns_b = bs.num_stages_bwd or (3 if head_dim <= 128 else 2)
   return dict(bq=bq, bk=bk, bq_dkv=bq_dkv, bk_dkv=bk_dkv, bq_dq=bq_dq, bk_dq=bk_dq, tp=tp,
               sp=sp, nw=nw, ns=ns, nw_b=nw_b, ns_b=ns_b)
 

@@ -374,3 +374,16 @@ def test_larger_gqa_with_default_blocks(causal):
   _assert_close("out", out, ref_out, TOL["float32"][0])
   for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
     _assert_close(name, g, rg, TOL["float32"][1])
+
+
+@pytest.mark.slow
+def test_benchmark_small_smoke_runs():
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_attention.py"),
+                         "--small", "--skip", "window,gqa"], capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "FAIL" not in proc.stdout and "decode" in proc.stdout
