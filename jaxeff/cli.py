@@ -114,7 +114,13 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may come after --options too
+    if extra:
+        bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
     handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.command]
     try:
         return handler(args)

@@ -37,7 +37,7 @@ class DataConfig(_Section):
     weights: dict[str, float] | None = None  # mixture weights per domain; None = uniform
     docs_per_domain: int = Field(2000, gt=0)
     eval_docs_per_domain: int = Field(64, gt=0)
-    doc_len: int | None = Field(None, gt=0)  # characters per 'recall' document; None = domain default
+    doc_len: int | None = Field(None, ge=64)  # max characters per synthetic document; None = 1000
     # local files through Hugging Face `datasets` (text, json/jsonl, parquet)
     paths: tuple[str, ...] = ()
     eval_paths: tuple[str, ...] = ()
@@ -157,7 +157,7 @@ class ExperimentConfig(_Section):
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<config>"
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{loc}: unknown key"
     msg = first["msg"].removeprefix("Value error, ")
     given = first.get("input")

@@ -180,6 +180,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
     step = start
     saved_step = start if existing is not None and cfg.resume else None
+    if start == 0:  # the untrained baseline, so curves show how far training moved
+        logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))
     try:
         while step < cfg.train.steps:
             batch = loader.next_batch()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxeff.config import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr``, then constant, cosine or linear decay to ``min_lr_ratio·lr``."""
+    """Linear warm-up (``lr·(step+1)/warmup_steps``, so the first update is not wasted at lr 0),
+    then constant, cosine or linear decay to ``min_lr_ratio·lr`` at the last step."""
     warm = min(cfg.warmup_steps, total_steps)
     decay_steps = max(total_steps - warm, 1)
     end = cfg.lr * cfg.min_lr_ratio
@@ -21,7 +23,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         main = optax.linear_schedule(cfg.lr, end, decay_steps)
     if warm == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+    return lambda step: jnp.where(step < warm, cfg.lr * (step + 1) / warm, main(step - warm))
 
 
 def decay_mask(params, decay_embeddings: bool = True):
