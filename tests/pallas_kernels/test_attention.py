@@ -87,9 +87,16 @@ def _reference_f64(arrays64, kw):
   with jax.enable_x64(True):
     kw64 = {n: (jnp.asarray(np.asarray(x)) if n.endswith("segment_ids") else x)
             for n, x in kw.items()}
-    f = lambda q, k, v: attention_reference(q, k, v, **kw64)
-    out, vjp = jax.vjp(f, *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
-    grads = vjp(jnp.asarray(do, jnp.float64))
+    seg = {n: x for n, x in kw64.items() if n.endswith("segment_ids")}
+    static = {n: x for n, x in kw64.items() if n not in seg}
+
+    @jax.jit
+    def run(q, k, v, do, seg):
+      out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **static, **seg), q, k, v)
+      return out, vjp(do)
+
+    out, grads = run(*(jnp.asarray(x, jnp.float64) for x in (q, k, v, do)), seg)
+    assert out.dtype == jnp.float64
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
