@@ -52,7 +52,7 @@ def timeit(fn, *args, warmup: int, iters: int, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def check_correctness(backend: str, small: bool) -> bool:
+def check_correctness(backend: str, small: bool, opts=None) -> bool:
     ok = True
     key = jax.random.key(0)
     k, n = (200, 72) if small else (4096, 1024)
@@ -63,7 +63,7 @@ def check_correctness(backend: str, small: bool) -> bool:
             qw = quantize(w, kw["fmt"], **{a: b for a, b in kw.items() if a != "fmt"})
             for dt in (jnp.float32, jnp.bfloat16):
                 xd = x.astype(dt)
-                got = np.asarray(quantized_matmul(xd, qw, backend=backend).astype(jnp.float32), np.float64)
+                got = np.asarray(quantized_matmul(xd, qw, backend=backend, block_sizes=opts).astype(jnp.float32), np.float64)
                 ref = np.asarray(xd.astype(jnp.float32), np.float64) @ np.asarray(dequantize(qw), np.float64)
                 mag = np.abs(np.asarray(xd.astype(jnp.float32), np.float64)) @ np.abs(np.asarray(dequantize(qw), np.float64))
                 tol = (1e-5 if dt == jnp.float32 else 2**-7) * mag + 1e-3
@@ -92,6 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--block-m", type=int, default=None, help="Triton kernels: block_m (default: by M)")
+    p.add_argument("--block-n", type=int, default=None)
+    p.add_argument("--block-k", type=int, default=None)
+    p.add_argument("--split-k", type=int, default=None, help="weight-only kernels: K splits (default: auto)")
+    p.add_argument("--num-warps", type=int, default=None)
+    p.add_argument("--num-stages", type=int, default=None)
     args = p.parse_args(argv)
 
     backend = args.backend or ("interpret" if args.small else "auto")
@@ -104,7 +110,13 @@ def main(argv=None) -> int:
     if args.small:
         print("(--small: interpret-mode timings on CPU, meaningless as performance numbers)")
 
-    if not args.skip_check and not check_correctness(backend, args.small):
+    opts = {"block_m": args.block_m, "block_n": args.block_n, "block_k": args.block_k, "split_k": args.split_k,
+            "num_warps": args.num_warps, "num_stages": args.num_stages}
+    opts = {k: v for k, v in opts.items() if v is not None} or None
+    w8_opts = None if opts is None else ({k: v for k, v in opts.items() if k != "split_k"} or None)
+    if opts:
+        print(f"block_sizes: {opts}")
+    if not args.skip_check and not check_correctness(backend, args.small, opts):
         return 1
 
     key = jax.random.key(1)
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
 
     bf16_mm = jax.jit(lambda x, w: x @ w)  # XLA accumulates bf16 dots in fp32 on GPU
     deq_mm = jax.jit(lambda x, q: x @ dequantize(q, jnp.bfloat16))
-    fused = jax.jit(lambda x, q: quantized_matmul(x, q, backend=backend))
+    fused = jax.jit(lambda x, q: quantized_matmul(x, q, backend=backend, block_sizes=opts))
 
     print(f"\nWeight-only matmul, K={K}, N={N} (x, out: bf16)")
     hdr = f"{'method':<26}{'M':>5}{'time (us)':>12}{'vs bf16':>10}{'weight GB/s':>14}"
@@ -139,8 +151,8 @@ def main(argv=None) -> int:
     ws_bf16 = ws.astype(jnp.bfloat16)
     flops = 2 * S**3
     t_bf16 = timeit(bf16_mm, xs, ws_bf16, warmup=warmup, iters=max(1, iters // 5))
-    w8 = jax.jit(lambda x, q: int8_matmul(x, q, backend=backend))
-    w8o = jax.jit(lambda x, q: int8_matmul(x, q, outlier_threshold=6.0, backend=backend))
+    w8 = jax.jit(lambda x, q: int8_matmul(x, q, backend=backend, block_sizes=w8_opts))
+    w8o = jax.jit(lambda x, q: int8_matmul(x, q, outlier_threshold=6.0, backend=backend, block_sizes=w8_opts))
     t_w8 = timeit(w8, xs, ws_q, warmup=warmup, iters=max(1, iters // 5))
     t_w8o = timeit(w8o, xs, ws_q, warmup=warmup, iters=max(1, iters // 5))
     hdr = f"{'method':<34}{'time (us)':>12}{'TFLOP/s':>10}{'vs bf16':>10}"

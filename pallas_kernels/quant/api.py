@@ -52,29 +52,40 @@ def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
+_BS_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+
+
 def _normalize_block_sizes(block_sizes) -> tuple:
-    """None | (bm, bn, bk[, split_k]) | {"block_m"/"bm", "block_n"/"bn", "block_k"/"bk", "split_k"} -> 4-tuple."""
+    """None | (bm, bn, bk[, split_k]) | dict with keys in ``_BS_KEYS`` (bm/bn/bk also accepted)
+    -> 6-tuple (block_m, block_n, block_k, split_k, num_warps, num_stages), None = default."""
     if block_sizes is None:
-        return (None, None, None, None)
+        return (None,) * 6
     if isinstance(block_sizes, Mapping):
-        alias = {"block_m": 0, "bm": 0, "block_n": 1, "bn": 1, "block_k": 2, "bk": 2, "split_k": 3}
-        out = [None, None, None, None]
+        alias = {k: i for i, k in enumerate(_BS_KEYS)} | {"bm": 0, "bn": 1, "bk": 2}
+        out = [None] * 6
         for k, v in block_sizes.items():
             if k not in alias:
-                raise ValueError(f"block_sizes: unknown key {k!r}, expected block_m, block_n, block_k, split_k")
+                raise ValueError(f"block_sizes: unknown key {k!r}, expected one of {_BS_KEYS}")
             out[alias[k]] = v
         bs = tuple(out)
     else:
         bs = tuple(block_sizes)
         if len(bs) not in (3, 4):
             raise ValueError(f"block_sizes: got {block_sizes!r}, expected (block_m, block_n, block_k[, split_k])")
-        bs = bs + (None,) * (4 - len(bs))
-    for name, v in zip(("block_m", "block_n", "block_k"), bs):
+        bs = bs + (None,) * (6 - len(bs))
+    for name, v in zip(_BS_KEYS[:3], bs):
         if v is not None and (not _is_pow2(v) or v < 16):
             raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 16")
-    if bs[3] is not None and not _is_pow2(bs[3]):
-        raise ValueError(f"block_sizes: split_k={bs[3]!r}, expected a power of two >= 1")
+    for name, v in zip(_BS_KEYS[3:5], bs[3:5]):
+        if v is not None and not _is_pow2(v):
+            raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 1")
+    if bs[5] is not None and not (isinstance(bs[5], (int, np.integer)) and bs[5] >= 1):
+        raise ValueError(f"block_sizes: num_stages={bs[5]!r}, expected an int >= 1")
     return tuple(None if v is None else int(v) for v in bs)
+
+
+def _triton_opts(bs, num_warps: int) -> dict:
+    return dict(num_warps=bs[4] or num_warps, num_stages=bs[5] or 3)
 
 
 def _default_bm(M: int) -> int:
@@ -108,7 +119,7 @@ _MAX_SPLIT_K = 16
 
 def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int, int]:
     """(block_m, block_n, block_k, split_k) for the forward weight-only kernel; checks user values."""
-    bm, bn, bk, sk = bs
+    bm, bn, bk, sk = bs[:4]
     K, N = qw.shape
     g = qw.group_size
     bm = bm or _default_bm(M)
@@ -116,7 +127,8 @@ def _wo_blocks(qw: QuantizedWeight, M: int, bs: tuple) -> tuple[int, int, int, i
     if g is None:
         bk = bk or min(128, max(16, _next_pow2(K)))
     else:
-        bk = bk or g
+        if bk is None:  # two 64-row groups per K step when that needs no padding
+            bk = 128 if (g < 128 and qw.padded_K % 128 == 0) else g
         if bk % g:
             raise ValueError(f"block_sizes: block_k={bk} must be a multiple of the group size {g} of qw")
     if qw.double_quant and bn > 256:
@@ -210,6 +222,8 @@ def _tpu_backward(dy2, qw, interpret):
 
 
 def _qmm_forward(x, qw, backend, bs):
+    if x.size == 0:
+        return jnp.zeros(x.shape[:-1] + (qw.shape[1],), x.dtype)
     if backend == "reference":
         return reference.quantized_matmul(x, qw)
     if backend in ("tpu", "tpu_interpret"):
@@ -228,13 +242,15 @@ def _qmm_forward(x, qw, backend, bs):
     xp = _pad_to(x2, (Mp, Kp))
     qp = _padded_qw(qw, Kp, Np)
     out = triton_matmul.weight_only_matmul(xp, qp, bm=bm, bn=bn, bk=bk, split_k=sk,
-                                           interpret=(backend == "interpret"))
+                                           interpret=(backend == "interpret"), **_triton_opts(bs, 4))
     if sk > 1:
         out = jnp.sum(out, axis=0).astype(x.dtype)
     return out[:M, :N].reshape(lead + (N,))
 
 
 def _qmm_backward(dy, qw, backend, bs):
+    if dy.size == 0:
+        return jnp.zeros(dy.shape[:-1] + (qw.shape[0],), dy.dtype)
     if backend == "reference":
         return reference.quantized_matmul_t(dy, qw)
     if backend in ("tpu", "tpu_interpret"):
@@ -254,7 +270,8 @@ def _qmm_backward(dy, qw, backend, bs):
     Kp = _round_up(qw.padded_K, bk)
     dyp = _pad_to(dy2, (Mp, Np))
     qp = _padded_qw(qw, Kp, Np)
-    dx = triton_matmul.weight_only_matmul_t(dyp, qp, bm=bm, bn=bn, bk=bk, interpret=(backend == "interpret"))
+    dx = triton_matmul.weight_only_matmul_t(dyp, qp, bm=bm, bn=bn, bk=bk, interpret=(backend == "interpret"),
+                                            **_triton_opts(bs, 4))
     return dx[:M, :K].reshape(lead + (K,))
 
 
@@ -287,8 +304,8 @@ def quantized_matmul(x, qw: QuantizedWeight, *, backend: str = "auto", block_siz
     Dequantization is fused in the kernel (W stays packed in HBM). Differentiable wrt x
     (dx = dy @ W^T by a fused transposed kernel); the weight's cotangent is zero (float0 for
     integer leaves). ``block_sizes`` (Triton kernels; the TPU kernels choose their own): None,
-    ``(block_m, block_n, block_k[, split_k])`` or a dict with keys block_m, block_n, block_k, split_k
-    (powers of two, blocks >= 16; ``block_k`` a multiple of the group size; ``split_k`` dividing the
+    ``(block_m, block_n, block_k[, split_k])`` or a dict with keys block_m, block_n, block_k, split_k,
+    num_warps, num_stages (powers of two, blocks >= 16; ``block_k`` a multiple of the group size; ``split_k`` dividing the
     number of K blocks; default split_k grows until there are >= 264 programs). Shapes that are not
     block multiples are padded internally (the weight leaves are padded per call only when K/N are
     not multiples of the blocks).
@@ -317,6 +334,8 @@ def _absmax_quant(a, axis):
 
 
 def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
+    if xq.shape[0] == 0:
+        return jnp.zeros((0, wq.shape[1]), out_dtype)
     if backend == "reference":
         return reference.w8a8_core(xq, sx, wq, sw, out_dtype)
     if backend in ("tpu", "tpu_interpret"):
@@ -335,14 +354,15 @@ def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
 
     M, K = xq.shape
     N = wq.shape[1]
-    bm, bn, bk, _ = bs
+    bm, bn, bk = bs[:3]
     bm = bm or _default_bm(M)
     bn = bn or min(128, max(16, _next_pow2(N)))
     bk = bk or min(128, max(32, _next_pow2(K)))
     Mp, Np, Kp = _round_up(M, bm), _round_up(N, bn), _round_up(K, bk)
     out = triton_matmul.w8a8_matmul(
         _pad_to(xq, (Mp, Kp)), _pad_to(sx, (Mp, 1)), _pad_to(wq, (Kp, Np)), _pad_to(sw, (1, Np)),
-        bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=(backend == "interpret"))
+        bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=(backend == "interpret"),
+        **_triton_opts(bs, 8 if bm * bn >= 128 * 128 else 4))
     return out[:M, :N]
 
 

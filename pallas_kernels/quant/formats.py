@@ -66,7 +66,7 @@ DQ_BLOCK = 256
 DEFAULT_INT4_GROUP = 64
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A quantized ``[..., K, N]`` weight. Pytree: array fields are leaves, the rest is static.
 

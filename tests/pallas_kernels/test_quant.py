@@ -288,6 +288,15 @@ def test_zero_weight_and_zero_rows_are_finite():
     assert np.all(np.isfinite(out8)) and np.all(out8[2] == 0)
 
 
+def test_empty_batch():
+    qw = quantize(jnp.asarray(_weight(26)), "int4")
+    for backend in ("interpret", "reference"):
+        assert quantized_matmul(jnp.zeros((0, K)), qw, backend=backend).shape == (0, N)
+        assert int8_matmul(jnp.zeros((2, 0, K)), jnp.asarray(_weight(26)), backend=backend).shape == (2, 0, N)
+    dx = jax.grad(lambda x: jnp.sum(quantized_matmul(x, qw, backend="interpret")))(jnp.zeros((0, K)))
+    assert dx.shape == (0, K)
+
+
 def test_backends_agree_and_auto():
     qw = quantize(jnp.asarray(_weight(27)), "nf4")
     x = jnp.asarray(_rand((7, K), 28))
