@@ -82,7 +82,7 @@ def _scale_row(s_ref, s2_ref, mean_ref, r, c0, bn, dq):
 # ------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, symmetric, dq, cdt, bn):
+def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, dq, cdt, bn):
     it = iter(refs)
     x_ref, d_ref, s_ref = next(it), next(it), next(it)
     z_ref = next(it) if has_zeros else None
@@ -170,7 +170,7 @@ def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, spl
         in_specs.append(pl.BlockSpec((1, 1), lambda i, j, s: (0, 0)))
         args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
     kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk // S, has_zeros=has_zeros,
-                               symmetric=qw.symmetric, dq=dq, cdt=cdt, bn=bn)
+                               dq=dq, cdt=cdt, bn=bn)
     if S == 1:
         out_shape = jax.ShapeDtypeStruct((Mp, Np), x.dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
