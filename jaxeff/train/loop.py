@@ -152,18 +152,24 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     trainer = Trainer(cfg, devices=devices)
     tokenizer, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     ckpt_dir = cfg.checkpoint_path
-    existing = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, create=False).latest_step() if ckpt_dir.is_dir() else None
+    # One manager, created by every process alike (orbax synchronises its set-up across processes);
+    # all checks of the user's input have passed by now.
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
+    existing = ckpt.latest_step()
     if existing is not None and not cfg.resume:
+        ckpt.close()
         raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
                           "pass resume=true to continue it, or choose another name / checkpoint.dir")
     state, start = None, 0
     if cfg.resume and existing is not None:
-        probe = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, create=False)
-        state, data_state = trainer.restore(probe)
+        try:
+            state, data_state = trainer.restore(ckpt)
+        except Exception:
+            ckpt.close()
+            raise
         loader.load_state_dict(data_state)
         start = int(state.step)
     config_dict = cfg.to_dict()
-    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
     if state is None:
         state = trainer.init_state()
     logger = RunLogger(cfg.run_path, config_dict, total_steps=cfg.train.steps, start_step=start,

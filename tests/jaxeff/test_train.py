@@ -139,3 +139,15 @@ def test_a_checkpoint_of_a_different_model_is_refused_by_name(tiny_config):
     other = tiny_config(["train.steps=6", "model.d_model=48", "resume=true"])
     with pytest.raises(CheckpointError, match=r"model\.d_model is 32 there but 48 here"):
         run_training(other)
+
+
+def test_trains_on_local_jsonl_files_through_datasets(tiny_config, tmp_path):
+    import json as _json
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(_json.dumps({"body": f"document {i}: " + "abc " * (i % 7 + 3)}) for i in range(60)))
+    cfg = tiny_config(["data.source=files", f"data.paths=[{path}]", "data.text_field=body", "train.steps=3",
+                       "data.eval_fraction=0.2"])
+    out = run_training(cfg)
+    assert out["step"] == 3
+    assert np.isfinite(out["eval/loss/files"])
