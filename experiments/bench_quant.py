@@ -11,6 +11,10 @@ prints:
 
   python experiments/bench_quant.py              # on a GPU (backend auto -> gpu)
   python experiments/bench_quant.py --small      # tiny shapes, interpret mode on CPU (smoke test)
+  python experiments/bench_quant.py --m 1 --block-n 32 --split-k 8 --num-warps 4 --num-stages 4   # tuning
+
+GPU test run (tests/conftest.py forces CPU unless JAXEFF_TEST_DEVICE is set):
+  JAXEFF_TEST_DEVICE=1 pytest tests/pallas_kernels/test_quant.py -m gpu
 """
 
 from __future__ import annotations
