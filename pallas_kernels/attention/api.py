@@ -10,11 +10,14 @@ import jax.numpy as jnp
 from pallas_kernels.attention import common
 from pallas_kernels.attention.common import BlockSizes
 from pallas_kernels.attention.decode import combine_splits, flash_decode_partials
+from pallas_kernels.attention.mosaic_tpu import TpuPlan, flash_tpu_core
 from pallas_kernels.attention.reference import attention_reference, decode_reference
 from pallas_kernels.attention.triton_bwd import flash_bwd
 from pallas_kernels.attention.triton_fwd import AttnStatic, flash_fwd
 
-BACKENDS = ("auto", "gpu", "tpu", "interpret", "reference")
+BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "reference")
+TPU_DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                                block_q_dq=128, block_k_dq=128)
 
 
 def resolve_backend(backend: str) -> str:
@@ -146,7 +149,9 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
     scale: logits multiplier, default ``1/sqrt(head_dim)``.
     block_sizes: None, a ``BlockSizes``, a dict of its fields or a ``(block_q, block_k)`` pair.
     backend: "auto" (gpu on GPU, tpu on TPU, interpret on CPU), "gpu" (Pallas Triton),
-      "interpret" (the GPU kernel in Pallas interpret mode), "reference" (plain jnp), "tpu".
+      "interpret" (the GPU kernel in Pallas interpret mode), "tpu" (Pallas Mosaic TPU; untested
+      on hardware), "tpu_interpret" (the TPU kernels under ``pltpu.InterpretParams()``),
+      "reference" (plain jnp).
 
   Returns ``[batch, q_len, heads, head_dim]`` in q's dtype; rows with no visible key are 0.
   """
@@ -156,16 +161,16 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
     return attention_reference(q, k, v, causal=causal, local_window_size=local_window_size,
                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                scale=scale)
-  if backend == "tpu":
-    raise ValueError("backend: 'tpu' (Pallas Mosaic TPU) is not implemented yet; use "
-                     "backend='reference' or 'interpret'")
   for name, a in (("q", q), ("k", k), ("v", v)):
     if a.dtype not in common.KERNEL_DTYPES:
       raise ValueError(f"{name}: got dtype {a.dtype}, expected one of bfloat16, float16, float32 "
                        "for the Pallas kernels")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"k, v: got dtypes {k.dtype}, {v.dtype}, expected q's dtype {q.dtype}")
-  bs = common.BlockSizes.from_arg(block_sizes)
+  if backend in ("tpu", "tpu_interpret"):
+    bs = TPU_DEFAULT_BLOCKS if block_sizes is None else common.BlockSizes.from_arg(block_sizes)
+  else:
+    bs = common.BlockSizes.from_arg(block_sizes)
 
   b, t, h, d = q.shape
   s, kvh = k.shape[1], k.shape[2]
@@ -176,7 +181,9 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
   left, right = common.window_bounds(causal, local_window_size)
   st = AttnStatic(scale=common.default_scale(q, scale), left=left, right=right, q_len=t,
                   kv_len=s, heads=h, kv_heads=kvh, has_segments=q_segment_ids is not None,
-                  interpret=backend == "interpret")
+                  interpret=backend in ("interpret", "tpu_interpret"))
+  if backend in ("tpu", "tpu_interpret"):
+    return _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs)
   dp = max(16, common.next_pow2(d))
   plan = _Plan(_plan(st, bs, t, s, dp))
 
@@ -189,6 +196,22 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
     kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan["sp"], mode="edge")
   out = _flash_core(qp, kp, vp, q_seg, kv_seg, st, plan)
   return out[:, :t, :, :d]
+
+
+def _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs):
+  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  p = _plan(st, bs, t, s, d)
+  plan = TpuPlan(bq=p["bq"], bk=p["bk"], bq_dkv=p["bq_dkv"], bk_dkv=p["bk_dkv"], bq_dq=p["bq_dq"],
+                 bk_dq=p["bk_dq"], tp=p["tp"], sp=p["sp"])
+  qt = _pad_axis(q, 1, plan.tp).transpose(0, 2, 1, 3)     # [B, H, Tp, D]
+  kt = _pad_axis(k, 1, plan.sp).transpose(0, 2, 1, 3)
+  vt = _pad_axis(v, 1, plan.sp).transpose(0, 2, 1, 3)
+  qseg = kseg = None
+  if st.has_segments:
+    qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.tp, mode="edge")[:, :, None]
+    kseg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.sp, mode="edge")[:, None, :]
+  out = flash_tpu_core(qt, kt, vt, qseg, kseg, st, plan)
+  return out.transpose(0, 2, 1, 3)[:, :t]
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,8 +251,9 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
   if backend == "reference":
     return decode_reference(q, k_cache, v_cache, kv_len=kv_len, scale=scale,
                             local_window_size=local_window_size)
-  if backend == "tpu":
-    raise ValueError("backend: 'tpu' is not implemented for flash_decode; use 'reference'")
+  if backend in ("tpu", "tpu_interpret"):
+    raise ValueError(f"backend: {backend!r} is not implemented for flash_decode; use 'gpu', "
+                     "'interpret' or 'reference'")
   for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
     if a.dtype not in common.KERNEL_DTYPES:
       raise ValueError(f"{name}: got dtype {a.dtype}, expected bfloat16, float16 or float32")

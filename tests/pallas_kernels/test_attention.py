@@ -337,6 +337,50 @@ def test_decode_kernel_lowers_to_triton_ir():
   assert text.count("xla.gpu.triton") == 1
 
 
+TPU_CASES = {
+    "gqa_causal_packed_segments": Case(q_len=40, kv_len=40, heads=4, kv_heads=2, causal=True,
+                                       segments=(9, 31), batch=1),
+    "window_q_shorter_than_kv": Case(q_len=30, kv_len=61, heads=2, kv_heads=1, window=(7, 2),
+                                     batch=1),
+    "mqa_8_1_odd_len": Case(q_len=37, kv_len=37, heads=8, kv_heads=1, batch=1),
+}
+
+
+@pytest.mark.parametrize("name", [  # TPU interpret mode is slow: one case by default
+    pytest.param(n, marks=() if i == 0 else pytest.mark.slow, id=n)
+    for i, n in enumerate(TPU_CASES)])
+def test_tpu_kernels_in_tpu_interpret_mode_match_float64_reference(name):
+  case = TPU_CASES[name]
+  inputs, do, kw, arrays64 = _inputs(case, jnp.float32)
+  blocks = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
+                      block_k_dq=16)
+  out, grads = _flash_with_grads(inputs, do, kw, block_sizes=blocks, backend="tpu_interpret")
+  ref_out, ref_grads = _reference_f64(arrays64, kw)
+  _assert_close("out", out, ref_out, TOL["float32"][0])
+  for name_, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+    _assert_close(name_, g, rg, TOL["float32"][1])
+
+
+@pytest.mark.parametrize("cfg", LOWERING_CASES.values(), ids=LOWERING_CASES.keys())
+def test_tpu_kernels_lower_to_mosaic(cfg):
+  """jax.export for "tpu" on CPU: lowers fwd + both bwd kernels to Mosaic (libtpu passes not run)."""
+  from jax import export
+  t, s, d = cfg.get("q_len", 256), cfg.get("kv_len", 256), cfg.get("head_dim", 128)
+  q = jax.ShapeDtypeStruct((2, t, 4, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, s, 2, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, t), jnp.int32) if cfg.get("segments") else None
+
+  def f(q, k, v, seg):
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=cfg.get("causal", False),
+                                         local_window_size=cfg.get("window"),
+                                         q_segment_ids=seg, backend="tpu")
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(out)
+
+  exp = export.export(jax.jit(f), platforms=["tpu"])(q, kv, kv, seg)
+  assert exp.mlir_module().count("tpu_custom_call") == 3
+
+
 gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 
 
