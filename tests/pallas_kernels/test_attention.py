@@ -40,8 +40,9 @@ class Case:
   head_dim: int = 64
   causal: bool = False
   window: object = None
-  segments: tuple | None = None   # segment lengths (packed), applied to q and kv if lengths match
-  batch: int = 2
+  segments: tuple | None = None   # packed segment lengths over kv_len; queries take the last
+  batch: int = 2                  # q_len positions of that packing
+  scale: float | None = None
 
 
 CASES = {
@@ -50,7 +51,7 @@ CASES = {
     "causal_q_shorter_than_kv_77_130": Case(q_len=77, kv_len=130, causal=True),
     "noncausal_q_longer_than_kv_130_77": Case(q_len=130, kv_len=77),
     "window_5_3": Case(q_len=100, kv_len=100, window=(5, 3)),
-    "window_1": Case(q_len=77, kv_len=77, window=1),
+    "window_1_custom_scale": Case(q_len=77, kv_len=77, window=1, scale=0.3),
     "window_ge_len_causal": Case(q_len=77, kv_len=77, causal=True, window=500),
     "causal_window_9_q_shorter": Case(q_len=50, kv_len=120, causal=True, window=9),
     "gqa_8_2_causal": Case(q_len=40, kv_len=40, heads=8, kv_heads=2, causal=True),
@@ -58,6 +59,8 @@ CASES = {
     "packed_segments_causal": Case(q_len=96, kv_len=96, causal=True, segments=(10, 41, 1, 44)),
     "packed_segments_bidirectional_gqa": Case(q_len=70, kv_len=70, heads=4, kv_heads=2,
                                               segments=(33, 37)),
+    "segments_causal_q_shorter_than_kv": Case(q_len=45, kv_len=90, causal=True,
+                                              segments=(20, 30, 40)),
     "len_1": Case(q_len=1, kv_len=1, causal=True),
     "q_1_kv_77_causal": Case(q_len=1, kv_len=77, causal=True),
     "head_dim_128_causal": Case(q_len=48, kv_len=48, head_dim=128, causal=True, batch=1),
@@ -72,11 +75,18 @@ def _inputs(case: Case, dtype, seed=0):
   v = rng.standard_normal((case.batch, case.kv_len, case.kv_heads, case.head_dim))
   do = rng.standard_normal((case.batch, case.q_len, case.heads, case.head_dim))
   kw = dict(causal=case.causal, local_window_size=case.window)
+  if case.scale is not None:
+    kw["scale"] = case.scale
   if case.segments is not None:
+    assert sum(case.segments) == case.kv_len
     seg = np.repeat(np.arange(len(case.segments)), case.segments)[None]
     seg = np.repeat(seg, case.batch, 0).astype(np.int32)
     seg[-1] = seg[-1][::-1]  # second batch row: a different packing
-    kw["q_segment_ids"] = jnp.asarray(seg)
+    if case.q_len == case.kv_len:
+      kw["q_segment_ids"] = jnp.asarray(seg)   # one array: used for q and kv
+    else:
+      kw["q_segment_ids"] = jnp.asarray(seg[:, -case.q_len:])
+      kw["kv_segment_ids"] = jnp.asarray(seg)
   cast = lambda x: jnp.asarray(x, dtype)
   return tuple(map(cast, (q, k, v))), cast(do), kw, (q, k, v, do)
 
