@@ -143,7 +143,7 @@ def print_table(title, rows, names):
 # correctness gate
 # ------------------------------------------------------------------------------------------------
 
-def check_correctness(backend):
+def check_correctness(backend, decode_backend):
   rng = np.random.default_rng(0)
   cases = [
       dict(t=70, s=70, h=4, kvh=2, causal=True, window=None, seg=False),
@@ -159,9 +159,8 @@ def check_correctness(backend):
     if c["seg"]:
       kw["q_segment_ids"] = jnp.asarray(np.repeat([0, 1, 2], [20, 30, 14])[None], jnp.int32)
     f = lambda q, k, v, impl: impl(q, k, v, **kw).sum()
-    ours = functools.partial(flash_attention, backend=backend,
-                             block_sizes=dict(block_q=32, block_k=32, block_q_dkv=32,
-                                              block_k_dkv=32, block_q_dq=32, block_k_dq=32))
+    small_blocks = (32, 32) if backend != "tpu" else None   # real TPUs want 128-multiples
+    ours = functools.partial(flash_attention, backend=backend, block_sizes=small_blocks)
     o1 = ours(q, k, v, **kw)
     o2 = attention_reference(q, k, v, **kw)
     g1 = jax.grad(f, (0, 1, 2))(q, k, v, ours)
@@ -176,7 +175,7 @@ def check_correctness(backend):
   vc = jnp.asarray(rng.standard_normal((2, 256, 2, 64)), jnp.float32)
   n = jnp.array([256, 77], jnp.int32)
   err = float(jnp.abs(flash_decode(q, kc, vc, kv_len=n, num_splits=3, block_k=32,
-                                   backend=backend)
+                                   backend=decode_backend)
                       - decode_reference(q, kc, vc, kv_len=n)).max())
   ok &= err < 1e-3
   print(f"correctness decode: max|err| {err:.2e} {'OK' if err < 1e-3 else 'FAIL'}")
@@ -197,12 +196,13 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   platform = jax.default_backend()
-  backend = "gpu" if platform == "gpu" else "interpret"
+  backend = {"gpu": "gpu", "tpu": "tpu"}.get(platform, "interpret")
+  decode_backend = "gpu" if platform == "gpu" else "interpret"   # no TPU decode kernel yet
   on_gpu = platform == "gpu"
   print(f"jax {jax.__version__} on {platform} ({jax.devices()[0].device_kind}); "
         f"our backend: {backend}; tokamax: {'yes' if tokamax else 'not installed'}")
 
-  if not check_correctness(backend):
+  if not check_correctness(backend, decode_backend):
     print("correctness check FAILED, not benchmarking")
     return 1
 
@@ -256,7 +256,8 @@ def main(argv=None):
       kv_len = jnp.full((b,), s, jnp.int32)
       nbytes = 2 * b * s * kvh * d * kc.dtype.itemsize + 2 * q.size * q.dtype.itemsize
       cols = []
-      for fn in (jax.jit(lambda q, k, v, n: flash_decode(q, k, v, kv_len=n, backend=backend)),
+      for fn in (jax.jit(lambda q, k, v, n: flash_decode(q, k, v, kv_len=n,
+                                                         backend=decode_backend)),
                  jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
                      q, k, v, key_value_seq_lengths=n, implementation="xla"))):
         try:
