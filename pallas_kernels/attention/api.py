@@ -37,26 +37,7 @@ def resolve_backend(backend: str) -> str:
 # Segment block ranges
 # --------------------------------------------------------------------------------------------
 
-def _block_min_max(seg, block):
-  b, n = seg.shape
-  s = seg.reshape(b, n // block, block)
-  return s.min(-1), s.max(-1)
-
-
-def segment_block_ranges(own_seg, other_seg, own_block, other_block):
-  """For each own block, the [lo, hi) range of other blocks whose [min, max] segment ids overlap.
-
-  Always correct (a superset of the blocks holding visible pairs); tight for packed (sorted)
-  segments, where it makes packed-sequence attention cost ~ sum of per-segment costs.
-  """
-  amin, amax = _block_min_max(own_seg, own_block)
-  bmin, bmax = _block_min_max(other_seg, other_block)
-  overlap = (bmax[:, None, :] >= amin[:, :, None]) & (bmin[:, None, :] <= amax[:, :, None])
-  nb = overlap.shape[-1]
-  anyv = overlap.any(-1)
-  lo = jnp.argmax(overlap, axis=-1)
-  hi = nb - jnp.argmax(overlap[..., ::-1], axis=-1)
-  return (jnp.where(anyv, lo, 0).astype(jnp.int32), jnp.where(anyv, hi, 0).astype(jnp.int32))
+segment_block_ranges = common.segment_block_ranges
 
 
 # --------------------------------------------------------------------------------------------

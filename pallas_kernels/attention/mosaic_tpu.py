@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.attention.common import segment_block_ranges
 from pallas_kernels.attention.triton_fwd import (AttnStatic, block_range, dot_nn, dot_nt,
                                                  visibility_mask)
 
@@ -58,19 +59,6 @@ def _cparams(*sem):
 # visibility tables
 # ------------------------------------------------------------------------------------------------
 
-def _seg_overlap_range(own_seg, other_seg, own_block, other_block):
-  b = own_seg.shape[0]
-  a = own_seg.reshape(b, -1, own_block)
-  o = other_seg.reshape(b, -1, other_block)
-  ov = ((o.max(-1)[:, None, :] >= a.min(-1)[:, :, None])
-        & (o.min(-1)[:, None, :] <= a.max(-1)[:, :, None]))
-  nb = ov.shape[-1]
-  anyv = ov.any(-1)
-  lo = jnp.where(anyv, jnp.argmax(ov, -1), 0)
-  hi = jnp.where(anyv, nb - jnp.argmax(ov[..., ::-1], -1), 0)
-  return lo.astype(jnp.int32), hi.astype(jnp.int32)
-
-
 def visibility_table(st: AttnStatic, batch, n_own, own_block, n_other, other_block, *,
                      transposed, own_seg=None, other_seg=None):
   """int32 [4, batch, n_own]: (lo, full_lo, full_hi, hi) block ranges of the other axis.
@@ -90,7 +78,7 @@ def visibility_table(st: AttnStatic, batch, n_own, own_block, n_other, other_blo
         n_blocks=n_other, n_full=n_other))(first, last)
   lo, flo, fhi, hi = (jnp.broadcast_to(r[None], (batch, n_own)) for r in rng)
   if own_seg is not None:
-    slo, shi = _seg_overlap_range(own_seg, other_seg, own_block, other_block)
+    slo, shi = segment_block_ranges(own_seg, other_seg, own_block, other_block)
     lo = jnp.maximum(lo, slo)
     hi = jnp.maximum(jnp.minimum(hi, shi), lo)
     flo = fhi = jnp.zeros_like(lo)   # segment masks can cut any block

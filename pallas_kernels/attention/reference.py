@@ -14,7 +14,6 @@ Materialises the full ``[batch, heads, q_len, kv_len]`` mask and logits, compute
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention import common
