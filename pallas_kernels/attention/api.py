@@ -223,11 +223,14 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
       a GPU, ~264, capped by the number of KV blocks).
     block_k: KV tile length (power of two >= 16). If no power of two >= 16 divides cache_len the
       cache is padded (a copy): keep cache_len a multiple of 16 (ideally of block_k).
-    backend: "auto" | "gpu" | "interpret" | "reference".
+    backend: "auto" (gpu on GPU, the jnp reference on TPU, interpret on CPU) | "gpu" |
+      "interpret" | "reference". There is no TPU decode kernel ("tpu" raises ValueError).
 
   Returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
   """
   common.check_decode_args(q, k_cache, v_cache, kv_len)
+  if backend == "auto" and jax.default_backend() == "tpu":
+    backend = "reference"   # no Mosaic TPU decode kernel yet
   backend = resolve_backend(backend)
   if backend == "reference":
     return decode_reference(q, k_cache, v_cache, kv_len=kv_len, scale=scale,
