@@ -1,11 +1,15 @@
 """Pallas FlashAttention: interpret-mode kernels vs a float64 reference (CPU), plus GPU checks.
 
-Tolerances (max abs error, inputs ~N(0, 1)):
-  * float32 kernels vs float64 reference: forward 2e-5, gradients 1e-4 (observed ~1e-6).
-  * bfloat16 kernels vs float64 reference: forward 4e-2, gradients 1e-1 (bf16 has 8 mantissa bits;
-    P is rounded to bf16 before P@V, as in every FlashAttention). For comparison a
-    bf16 plain-jnp attention shows errors of the same order.
-  * float16: forward 5e-3, gradients 2e-2.
+Tolerances (max abs error vs the float64 reference on the same, already rounded, inputs ~N(0, 1);
+observed values in brackets):
+  * float32: forward 2e-5, dq/dk/dv 1e-4                    [~1e-6, ~5e-6]
+  * bfloat16: forward 2e-2, dq/dk/dv 5e-2                   [8e-3, 1.5e-2]
+  * float16: forward 3e-3, dq/dk/dv 1e-2                    [8e-4, 2e-3]
+Low-precision error comes from rounding P (and dS) to the input dtype before the P@V / dS@K
+matmuls, as every FlashAttention does, and from rounding the output / gradients.
+The Triton kernels run with ``backend="interpret"``, the Mosaic TPU kernels with
+``backend="tpu_interpret"``; both are also lowered (no GPU/TPU needed) to catch ops their
+compilers can't take. Tests needing real hardware are marked ``gpu``.
 """
 
 import contextlib
@@ -26,8 +30,8 @@ BLOCKS = BlockSizes(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=16, bloc
                     block_k_dq=32)
 TOL = {  # dtype: (forward atol, gradient atol)
     "float32": (2e-5, 1e-4),
-    "bfloat16": (4e-2, 1e-1),
-    "float16": (5e-3, 2e-2),
+    "bfloat16": (2e-2, 5e-2),
+    "float16": (3e-3, 1e-2),
 }
 
 
@@ -417,12 +421,13 @@ def test_gpu_bf16_large_and_decode():
   arrays64 = tuple(np.asarray(x.astype(jnp.float32), np.float64) for x in (*inputs, do))
   out, grads = _flash_with_grads(inputs, do, kw, backend="gpu")
   ref_out, ref_grads = _reference_f64(arrays64, kw)
-  _assert_close("out", out, ref_out, TOL["bfloat16"][0])
+  # 1024 keys: sums 13x longer than the CPU tests, so allow 2x the CPU bf16 tolerance.
+  _assert_close("out", out, ref_out, 2 * TOL["bfloat16"][0])
   for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
-    _assert_close(name, g, rg, TOL["bfloat16"][1])
+    _assert_close(name, g, rg, 2 * TOL["bfloat16"][1])
   q = inputs[0][:, -1:]
   dec = flash_decode(q, inputs[1], inputs[2], backend="gpu")
-  _assert_close("decode", dec, ref_out[:, -1:], TOL["bfloat16"][0])
+  _assert_close("decode", dec, ref_out[:, -1:], 2 * TOL["bfloat16"][0])
 
 
 @pytest.mark.slow
