@@ -7,6 +7,8 @@ steps); ``run_training`` adds the data loader, TensorBoard, the progress bar and
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -185,11 +187,11 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     last: dict[str, Any] = {}
     tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
     step = start
-    saved_step = start if existing is not None and cfg.resume else None
     if start == 0:  # the untrained baseline, so curves show how far training moved
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))
+    stop = _StopRequest()
     try:
-        while step < cfg.train.steps:
+        while step < cfg.train.steps and not stop.requested:
             batch = loader.next_batch()
             state, metrics = trainer.train_step(state, batch)
             step += 1
@@ -217,19 +219,41 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
                 t_last = time.perf_counter()
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
-                saved_step = step
                 t_last = time.perf_counter()
-    except KeyboardInterrupt:
-        logger.advance(steps_since)
-        if saved_step != step:
-            ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
-        logger.message(f"interrupted: checkpoint at step {step} in {ckpt_dir}; resume with resume=true")
-        last["stopped_early"] = True
+        if stop.requested:
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
+            logger.advance(steps_since)
+            logger.message(f"interrupted: checkpoint at step {step} in {ckpt_dir}; resume with resume=true")
+            last["stopped_early"] = True
     finally:
+        stop.restore()
         logger.close()
         ckpt.close()
     last["step"] = step
     return last
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM during training: finish the current step, checkpoint, and stop. (A step
+    interrupted half-way would leave the donated train state deleted.) A second Ctrl-C stops at
+    once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, devices=None):
