@@ -197,7 +197,7 @@ def main(argv=None):
 
   platform = jax.default_backend()
   backend = {"gpu": "gpu", "tpu": "tpu"}.get(platform, "interpret")
-  decode_backend = "gpu" if platform == "gpu" else "interpret"   # no TPU decode kernel yet
+  decode_backend = backend
   on_gpu = platform == "gpu"
   print(f"jax {jax.__version__} on {platform} ({jax.devices()[0].device_kind}); "
         f"our backend: {backend}; tokamax: {'yes' if tokamax else 'not installed'}")

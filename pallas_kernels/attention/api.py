@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from pallas_kernels.attention import common
 from pallas_kernels.attention.common import BlockSizes
 from pallas_kernels.attention.decode import combine_splits, flash_decode_partials
-from pallas_kernels.attention.mosaic_tpu import TpuPlan, flash_tpu_core
+from pallas_kernels.attention.mosaic_tpu import (TpuPlan, flash_decode_partials_tpu,
+                                                 flash_tpu_core)
 from pallas_kernels.attention.reference import attention_reference, decode_reference
 from pallas_kernels.attention.triton_bwd import flash_bwd
 from pallas_kernels.attention.triton_fwd import AttnStatic, flash_fwd
@@ -223,21 +224,16 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
       a GPU, ~264, capped by the number of KV blocks).
     block_k: KV tile length (power of two >= 16). If no power of two >= 16 divides cache_len the
       cache is padded (a copy): keep cache_len a multiple of 16 (ideally of block_k).
-    backend: "auto" (gpu on GPU, the jnp reference on TPU, interpret on CPU) | "gpu" |
-      "interpret" | "reference". There is no TPU decode kernel ("tpu" raises ValueError).
+    backend: "auto" (gpu on GPU, tpu on TPU, interpret on CPU) | "gpu" | "interpret" | "tpu"
+      (Mosaic; untested on hardware) | "tpu_interpret" | "reference".
 
   Returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
   """
   common.check_decode_args(q, k_cache, v_cache, kv_len)
-  if backend == "auto" and jax.default_backend() == "tpu":
-    backend = "reference"   # no Mosaic TPU decode kernel yet
   backend = resolve_backend(backend)
   if backend == "reference":
     return decode_reference(q, k_cache, v_cache, kv_len=kv_len, scale=scale,
                             local_window_size=local_window_size)
-  if backend in ("tpu", "tpu_interpret"):
-    raise ValueError(f"backend: {backend!r} is not implemented for flash_decode; use 'gpu', "
-                     "'interpret' or 'reference'")
   for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
     if a.dtype not in common.KERNEL_DTYPES:
       raise ValueError(f"{name}: got dtype {a.dtype}, expected bfloat16, float16 or float32")
@@ -269,9 +265,16 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
   q_rows = _pad_axis(_pad_axis(q_rows.astype(k_cache.dtype), 2, rows), 3, dp)
   kc = _pad_axis(_pad_axis(k_cache, 1, sp), 3, dp)
   vc = _pad_axis(_pad_axis(v_cache, 1, sp), 3, dp)
-  o_part, lse_part = flash_decode_partials(
-      q_rows, kc, vc, kv_len, scale=common.default_scale(q, scale), q_len=t, left=left, block_k=bk, num_splits=num_splits, num_warps=4,
-      num_stages=3 if d <= 128 else 2, interpret=backend == "interpret")
+  if backend in ("tpu", "tpu_interpret"):
+    o_part, lse_part = flash_decode_partials_tpu(
+        q_rows, kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3), kv_len,
+        scale=common.default_scale(q, scale), q_len=t, left=left, block_k=bk,
+        num_splits=num_splits, interpret=backend == "tpu_interpret")
+  else:
+    o_part, lse_part = flash_decode_partials(
+        q_rows, kc, vc, kv_len, scale=common.default_scale(q, scale), q_len=t, left=left,
+        block_k=bk, num_splits=num_splits, num_warps=4, num_stages=3 if d <= 128 else 2,
+        interpret=backend == "interpret")
   o = combine_splits(o_part, lse_part)[:, :, :g * t, :d]            # [B, K, G*T, D]
   o = o.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
   return o.astype(q.dtype)

@@ -13,7 +13,9 @@ TPU-style structure (vs the Triton kernels, which loop over KV inside one progra
   * backward: dQ kernel (grid B, H, q_blocks, kv_blocks) and dK/dV kernel (grid B, kv_heads,
     kv_blocks, group * q_blocks): GQA sums over the group's query heads inside the reduction axis.
   * natural-log softmax statistics (``exp``); lse saved as ``[B, H, T, 1]`` fp32, +inf for empty
-    rows.
+    rows;
+  * flash-decoding: grid (B, kv_heads, splits, blocks per split), per-batch ``kv_len`` is
+    scalar-prefetched and bounds both the compute (``pl.when``) and the DMAs (clamped index_map).
 On real TPUs use block sizes that are multiples of 128 (the lane width); tests use smaller ones.
 """
 
@@ -352,3 +354,100 @@ def _core_bwd(st, plan, res, do):
 
 
 flash_tpu_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode (flash-decoding) on TPU
+# ------------------------------------------------------------------------------------------------
+
+def _decode_block_bounds(kvl, q_len, left, block_k, split, per_split):
+  lo = split * per_split
+  hi = jnp.minimum(lo + per_split, lax.div(kvl + (block_k - 1), jnp.int32(block_k)))
+  if left is not None:
+    lo = jnp.maximum(lo, lax.div(jnp.maximum(kvl - q_len - left, 0), jnp.int32(block_k)))
+  return lo, jnp.maximum(hi, lo)
+
+
+def _decode_kernel(kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale,
+                   q_len, left, block_k, per_split):
+  b, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  rows = q_ref.shape[0]
+  kvl = kvlen_ref[b]
+  lo, hi = _decode_block_bounds(kvl, q_len, left, block_k, split, per_split)
+  blk = split * per_split + j
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(jnp.logical_and(blk >= lo, blk < hi))
+  def _step():
+    s = dot_nt(q_ref[...], k_ref[...]) * scale
+    t = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), jnp.int32(q_len))
+    q_pos = kvl - q_len + t
+    k_pos = blk * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    mask = k_pos <= q_pos
+    if left is not None:
+      mask = jnp.logical_and(mask, k_pos >= q_pos - left)
+    s = jnp.where(mask, s, NEG_INF)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = jnp.exp(m_prev - m_use)
+    p = jnp.exp(s - m_use)
+    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    acc_sc[...] = acc_sc[...] * alpha + dot_nn(p.astype(v.dtype), v)
+    m_sc[...] = m_new
+
+  @pl.when(j == per_split - 1)
+  def _finish():
+    l = l_sc[...]
+    empty = l == 0.0
+    o_ref[...] = acc_sc[...] * jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
+    # base-2 lse, like the Triton decode kernel, so decode.combine_splits serves both
+    lse_ref[...] = jnp.where(empty, NEG_INF,
+                             (m_sc[...] + jnp.log(jnp.where(empty, 1.0, l))) * 1.4426950408889634)
+
+
+def flash_decode_partials_tpu(q_rows, k_cache, v_cache, kv_len, *, scale, q_len, left, block_k,
+                              num_splits, interpret):
+  """Same contract as decode.flash_decode_partials, as a Mosaic TPU kernel.
+
+  q_rows [B, K, R, D]; caches are transposed to [B, K, S, D] by the caller. Blocks past kv_len /
+  before the window are skipped and their DMA avoided by clamping the index_map.
+  """
+  b, kvh, rows, d = q_rows.shape
+  s = k_cache.shape[2]
+  n_blocks = s // block_k
+  per_split = -(-n_blocks // num_splits)
+
+  def kv_map(bi, ki, sp, j, kvl_ref):
+    lo, hi = _decode_block_bounds(kvl_ref[bi], q_len, left, block_k, sp, per_split)
+    blk = jnp.clip(sp * per_split + j, lo, jnp.maximum(hi - 1, lo))
+    return (bi, ki, jnp.minimum(blk, n_blocks - 1), 0)
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, kvh, num_splits, per_split),
+      in_specs=[pl.BlockSpec((None, None, rows, d), lambda bi, ki, sp, j, r: (bi, ki, 0, 0)),
+                pl.BlockSpec((None, None, block_k, d), kv_map),
+                pl.BlockSpec((None, None, block_k, d), kv_map)],
+      out_specs=[pl.BlockSpec((None, None, None, rows, d),
+                              lambda bi, ki, sp, j, r: (bi, ki, sp, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows, 1),
+                              lambda bi, ki, sp, j, r: (bi, ki, sp, 0, 0))],
+      scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                      pltpu.VMEM((rows, d), jnp.float32)])
+  o, lse = pl.pallas_call(
+      functools.partial(_decode_kernel, scale=scale, q_len=q_len, left=left, block_k=block_k,
+                        per_split=per_split),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, kvh, num_splits, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kvh, num_splits, rows, 1), jnp.float32)],
+      compiler_params=_cparams("parallel", "parallel", "parallel", "arbitrary"),
+      interpret=_interpret_arg(interpret),
+      name="flash_decode_tpu",
+  )(kv_len, q_rows, k_cache, v_cache)
+  return o, lse[..., 0]

@@ -200,8 +200,9 @@ DECODE_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
 @pytest.mark.parametrize("cfg", DECODE_CASES.values(), ids=DECODE_CASES.keys())
-def test_decode_matches_float64_reference(cfg):
+def test_decode_matches_float64_reference(cfg, backend):
   rng = np.random.default_rng(2)
   cache = cfg.get("cache", 256)
   b, t, h, kvh, d = 3, cfg["q_len"], cfg["heads"], cfg["kv_heads"], 64
@@ -209,7 +210,7 @@ def test_decode_matches_float64_reference(cfg):
   kv_len = np.array([cache, 100, 2], np.int32)   # last row: fewer keys than queries
   q, k, v = (jnp.asarray(x, jnp.float32) for x in arrs)
   out = flash_decode(q, k, v, kv_len=jnp.asarray(kv_len), num_splits=cfg["splits"], block_k=32,
-                     local_window_size=cfg["window"], backend="interpret")
+                     local_window_size=cfg["window"], backend=backend)
   with jax.enable_x64(True):
     ref = np.asarray(decode_reference(*(jnp.asarray(x, jnp.float64) for x in arrs),
                                       kv_len=jnp.asarray(kv_len),
@@ -339,6 +340,16 @@ def test_gpu_kernels_lower_to_triton_ir(cfg):
   with _pretend_h200():
     text = jax.jit(f).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 3   # fwd, dkdv, dq
+
+
+def test_decode_kernel_lowers_to_mosaic():
+  from jax import export
+  q = jax.ShapeDtypeStruct((2, 4, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 4096, 2, 128), jnp.bfloat16)
+  kv_len = jax.ShapeDtypeStruct((2,), jnp.int32)
+  f = lambda q, k, v, n: flash_decode(q, k, v, kv_len=n, local_window_size=512, backend="tpu")
+  exp = export.export(jax.jit(f), platforms=["tpu"])(q, kv, kv, kv_len)
+  assert exp.mlir_module().count("tpu_custom_call") == 1
 
 
 def test_decode_kernel_lowers_to_triton_ir():
