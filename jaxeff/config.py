@@ -24,6 +24,12 @@ from jaxeff.errors import ConfigError
 from jaxeff.models.config import TransformerConfig
 
 
+# method name -> module that registers it with jaxeff.train.methods.register_method
+METHOD_MODULES = {
+    "lm": "jaxeff.train.methods",
+}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +79,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(4, gt=0)  # per domain
     log_every: int = Field(10, gt=0)
     peak_flops: float | None = Field(None, gt=0)  # per device, FLOP/s; None = look up device kind
+    init_from: str | None = None  # a run (or checkpoints) folder whose model parameters start this run
 
 
 class MeshConfig(_Section):
@@ -117,7 +124,7 @@ class DistributedConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
-    method: Literal["lm"] = "lm"
+    method: str = "lm"  # one of METHOD_MODULES
     resume: bool = False  # continue from the newest complete checkpoint of this run
     model: TransformerConfig = Field(default_factory=TransformerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -127,6 +134,13 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHOD_MODULES:
+            raise ValueError(f"unknown method '{v}' (expected one of {', '.join(METHOD_MODULES)})")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -58,6 +58,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint '{self.directory}' step {step} does not match this run: {first}") from None
         return out["state"], out["data"]
 
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Only the ``params`` of a saved train state (whatever method wrote it)."""
+        step = self._resolve(step)
+        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
+                                      restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)})
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: {first}") from None
+        return out["state"]["params"]
+
     def _resolve(self, step):
         if step is None:
             step = self.latest_step()

@@ -62,31 +62,47 @@ class Trainer:
         except KeyError as e:
             raise ConfigError(str(e.args[0])) from None
         seq = cfg.data.seq_len
-        abstract_params = jax.eval_shape(lambda: init_params(self.model, jax.random.key(0), (1, seq)))
+        key = jax.random.PRNGKey(cfg.seed)
+        self.base_abstract = jax.eval_shape(lambda: init_params(self.model, key, (1, seq)))
+        abstract_params = jax.eval_shape(lambda: self.method.prepare_params(init_params(self.model, key, (1, seq)), key))
         trainable = self.method.trainable(abstract_params)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps, trainable)
         self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        self.param_shardings = shd.param_shardings(logical_axes(self.model, (1, seq)), abstract_params, self.mesh,
+        model_axes = logical_axes(self.model, (1, seq))
+        self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)
+        self.param_shardings = shd.param_shardings(self.method.logical_axes(model_axes), abstract_params, self.mesh,
                                                    self.rules)
-        abstract_state = jax.eval_shape(self._init_fn)
+        abstract_state = jax.eval_shape(self._init_fn, self.base_abstract)
         self.state_shardings = shd.shardings_like_params(abstract_state, abstract_params, self.param_shardings,
                                                          self.mesh)
         self.state_shardings = self.state_shardings.replace(params=self.param_shardings)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, P())
+        frozen = self.method.frozen
+        if frozen is None:
+            self.frozen, frozen_shardings = None, None
+        else:
+            if self.method.frozen_logical_axes is not None:
+                frozen_shardings = shd.param_shardings(self.method.frozen_logical_axes, frozen, self.mesh, self.rules)
+            else:
+                frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
+            self.frozen = jax.device_put(frozen, frozen_shardings)
         self._train_step = jax.jit(make_train_step(self.method, self.tx, cfg.optim.grad_accum),
-                                   in_shardings=(self.state_shardings, self.batch_sharding),
+                                   in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
                                    out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-        self._eval_step = jax.jit(make_eval_step(self.model),
+        self._eval_step = jax.jit(make_eval_step(self.model, self.method),
                                   in_shardings=(self.param_shardings, self.batch_sharding),
                                   out_shardings=(replicated, replicated))
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
         self.n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(abstract_params),
                                                                       jax.tree.leaves(trainable)) if t)
 
-    def _init_fn(self):
-        params = init_params(self.model, jax.random.PRNGKey(self.cfg.seed), (1, self.cfg.data.seq_len))
+    def _init_fn(self, base_params=None):
+        key = jax.random.PRNGKey(self.cfg.seed)
+        if base_params is None:
+            base_params = init_params(self.model, key, (1, self.cfg.data.seq_len))
+        params = self.method.prepare_params(base_params, jax.random.fold_in(key, 1))
         return init_state(params, self.tx, self.method, self.cfg.seed)
 
     @contextlib.contextmanager
@@ -94,9 +110,25 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
-    def init_state(self) -> TrainState:
+    def init_state(self, base_params=None) -> TrainState:
+        """A fresh train state; ``base_params`` (model parameters, e.g. from ``train.init_from``)
+        replace the random initialisation."""
         with self._context():
-            return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+            if base_params is None:
+                return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+            return jax.jit(self._init_fn, in_shardings=(self.base_shardings,),
+                           out_shardings=self.state_shardings)(base_params)
+
+    def load_base_params(self, path) -> Any:
+        """Model parameters of another run's checkpoint (same architecture) for ``train.init_from``."""
+        from jaxeff.train.checkpoint import find_checkpoint_dir
+
+        ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
+        try:
+            check_same_model(ckpt.read_config(), self.cfg.to_dict()["model"], ckpt.directory)
+            return ckpt.restore_params(abstract_with_shardings(self.base_abstract, self.base_shardings))
+        finally:
+            ckpt.close()
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Global numpy batch -> global jax arrays; each process contributes its own rows."""
@@ -107,7 +139,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
         with self._context():
-            return self._train_step(state, self.shard_batch(batch))
+            return self._train_step(state, self.shard_batch(batch), self.frozen)
 
     def evaluate(self, params, eval_sets: dict[str, dict[str, np.ndarray]], max_batches: int) -> dict[str, float]:
         """Mean loss over real tokens per domain (``eval/loss/<domain>``) and their mean (``eval/loss``)."""
@@ -173,7 +205,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
         start = int(state.step)
     config_dict = cfg.to_dict()
     if state is None:
-        state = trainer.init_state()
+        base = trainer.load_base_params(cfg.train.init_from) if cfg.train.init_from else None
+        state = trainer.init_state(base)
     logger = RunLogger(cfg.run_path, config_dict, total_steps=cfg.train.steps, start_step=start,
                        progress=cfg.logging.progress)
     if start:

@@ -1,19 +1,29 @@
 """The method interface: how a training method plugs into the shared trainer.
 
-A method is a few pure functions, not a subclass of the trainer:
+A method is a few pure functions and data, not a subclass of the trainer:
 
-- ``loss(params, batch, rng, *, extra, deterministic) -> (loss, metrics)``: the scalar to minimise
-  and a dict of scalar metrics; ``extra`` is the method's own state (e.g. Lagrange multipliers).
+- ``loss(params, batch, rng, *, extra, frozen, deterministic) -> (loss, metrics)``: the scalar to
+  minimise and a dict of scalar metrics. ``extra`` is the method's own trained/updated state
+  (e.g. Lagrange multipliers; checkpointed), ``frozen`` its read-only arrays (e.g. a teacher's
+  parameters; passed to every step, sharded, never checkpointed).
 - ``trainable(params) -> bool tree``: which parameters the optimizer updates; the others get no
   optimizer state and never change.
-- ``init_extra(params) -> pytree``: initial method state (checkpointed with the train state).
+- ``prepare_params(params, rng) -> params``: turns the model's parameters (fresh or loaded with
+  ``train.init_from``) into the trained tree, e.g. adds LoRA adapters. Runs under ``jit``.
+- ``logical_axes(model_axes) -> axes``: logical axis names of the prepared tree (default: same).
+- ``model_params(params) -> params``: the plain model parameters the prepared tree stands for
+  (e.g. base + merged adapters); evaluation and generation apply the model to these.
+- ``init_extra(params) -> pytree``: initial ``extra`` (under ``jit``; default ``{}``).
+- ``frozen`` / ``frozen_logical_axes``: the read-only arrays and their logical axis names.
 
-Methods register a factory ``factory(cfg, model) -> Method`` under their config name.
+Methods register a factory ``factory(cfg, model) -> Method`` under their config name, in the
+module that ``jaxeff.config.METHOD_MODULES`` names for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -23,12 +33,21 @@ from jaxeff.train.losses import cross_entropy
 _REGISTRY: dict[str, Callable[..., "Method"]] = {}
 
 
+def _identity(x, *args):
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     trainable: Callable[[Any], Any] = lambda params: jax.tree.map(lambda _: True, params)
+    prepare_params: Callable[[Any, jax.Array], Any] = _identity
+    logical_axes: Callable[[Any], Any] = _identity
+    model_params: Callable[[Any], Any] = _identity
     init_extra: Callable[[Any], Any] = lambda params: {}
+    frozen: Any = None
+    frozen_logical_axes: Any = None
 
 
 def register_method(name: str):
@@ -39,8 +58,13 @@ def register_method(name: str):
 
 
 def make_method(cfg, model) -> Method:
+    from jaxeff.config import METHOD_MODULES
+
+    module = METHOD_MODULES.get(cfg.method)
+    if module:
+        importlib.import_module(module)
     if cfg.method not in _REGISTRY:
-        raise KeyError(f"method: unknown method '{cfg.method}' (expected one of {', '.join(sorted(_REGISTRY))})")
+        raise KeyError(f"method: unknown method '{cfg.method}' (expected one of {', '.join(sorted(METHOD_MODULES))})")
     return _REGISTRY[cfg.method](cfg, model)
 
 
@@ -54,7 +78,7 @@ def lm_forward_loss(model, params, batch, rng, deterministic):
 @register_method("lm")
 def lm_method(cfg, model) -> Method:
     """Plain next-token language modelling."""
-    def loss(params, batch, rng, *, extra, deterministic):
-        value, n = lm_forward_loss(model, params, batch, rng, deterministic)
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        value, _ = lm_forward_loss(model, params, batch, rng, deterministic)
         return value, {}
     return Method("lm", loss)

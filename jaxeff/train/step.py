@@ -32,23 +32,24 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
     micro-batches (rows), their gradients averaged in a ``lax.scan``, and one update applied."""
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
         if grad_accum == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng, extra=state.extra, deterministic=False)
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, extra=state.extra, frozen=frozen,
+                                                    deterministic=False)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def body(carry, inp):
                 i, mb = inp
                 (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), extra=state.extra,
-                                    deterministic=False)
+                                    frozen=frozen, deterministic=False)
                 acc_l, acc_m, acc_g = carry
                 return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             _, m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                                                        extra=state.extra, deterministic=False)[0])
+                                                        extra=state.extra, frozen=frozen, deterministic=False)[0])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g),
                                                      (jnp.arange(grad_accum), micro))
@@ -64,12 +65,12 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, method: Method):
     """``eval_step(params, batch) -> (sum of token losses, number of tokens)`` for exact means
-    over many batches."""
+    over many batches; the model runs on ``method.model_params(params)``."""
 
     def eval_step(params, batch):
-        out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+        out = model.apply({"params": method.model_params(params)}, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], deterministic=True)
         loss, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return loss * n, n
