@@ -103,8 +103,9 @@ def cmd_generate(args) -> int:
         raise JaxeffError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed "
                           f"the model's max_seq_len={cfg.model.max_seq_len}")
     trainer, params = load_params(cfg, ckpt_dir, args.step, devices=jax.devices()[:1])
-    new = generate(trainer.model, trainer.method.model_params(params), np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    new = generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   apply_fn=trainer.method.run)
     new = [int(t) for t in np.asarray(new)[0]]
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]

@@ -18,20 +18,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from jaxeff.distill.config import DistillConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models.config import TransformerConfig
+from jaxeff.peft.config import PeftConfig
+from jaxeff.quant.config import QuantConfig
+from jaxeff.schema import Section as _Section
 
 
 # method name -> module that registers it with jaxeff.train.methods.register_method
 METHOD_MODULES = {
     "lm": "jaxeff.train.methods",
+    "distill": "jaxeff.distill",
+    "lora": "jaxeff.peft",
+    "qlora": "jaxeff.peft",
+    "bitfit": "jaxeff.peft",
+    "qat": "jaxeff.quant",
 }
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(_Section):
@@ -134,6 +139,10 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    # method sections (each read only by its method)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
 
     @field_validator("method")
     @classmethod

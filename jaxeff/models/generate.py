@@ -21,22 +21,28 @@ def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: in
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def _plain_apply(model, params, tokens, **kwargs):
+    return model.apply({"params": params}, tokens, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "apply_fn"))
 def generate(model: Transformer, params, prompt: jax.Array, rng, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+             temperature: float = 0.0, top_k: int = 0, apply_fn=None) -> jax.Array:
     """``prompt [batch, prompt_len]`` (all rows the same length) -> new tokens ``[batch, max_new_tokens]``.
 
     The prompt is run once through the model filling the cache (prefill); each new token then
-    costs one single-token forward pass against the cache.
+    costs one single-token forward pass against the cache. ``apply_fn(model, params, tokens,
+    **kwargs)`` replaces ``model.apply`` (e.g. ``Method.run`` for adapters or quantized layers).
     """
+    apply_fn = apply_fn or _plain_apply
     b, t = prompt.shape
     cache = init_cache(model.config, b, t + max_new_tokens)
-    out = model.apply({"params": params}, prompt, cache=cache)
+    out = apply_fn(model, params, prompt, cache=cache)
 
     def body(carry, key):
         logits, cache = carry
         tok = sample_logits(logits, key, temperature=temperature, top_k=top_k)
-        o = model.apply({"params": params}, tok[:, None], cache=cache)
+        o = apply_fn(model, params, tok[:, None], cache=cache)
         return (o.logits[:, -1], o.cache), tok
 
     keys = jax.random.split(rng, max_new_tokens)

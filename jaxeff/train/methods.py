@@ -14,6 +14,10 @@ A method is a few pure functions and data, not a subclass of the trainer:
 - ``model_params(params) -> params``: the plain model parameters the prepared tree stands for
   (e.g. base + merged adapters); evaluation and generation apply the model to these.
 - ``init_extra(params) -> pytree``: initial ``extra`` (under ``jit``; default ``{}``).
+- ``apply(model, params, tokens, **kwargs) -> TransformerOutput``: how evaluation and generation
+  run the model on the prepared tree (default: ``model.apply`` on ``model_params(params)``); a
+  method that changes the computation (fake quantization, unmerged adapters via
+  ``flax.linen.intercept_methods``) overrides it and uses it in its loss too.
 - ``frozen`` / ``frozen_logical_axes``: the read-only arrays and their logical axis names.
 
 Methods register a factory ``factory(cfg, model) -> Method`` under their config name, in the
@@ -37,7 +41,7 @@ def _identity(x, *args):
     return x
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: it may hold arrays (frozen)
 class Method:
     name: str
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -48,6 +52,13 @@ class Method:
     init_extra: Callable[[Any], Any] = lambda params: {}
     frozen: Any = None
     frozen_logical_axes: Any = None
+    apply: Callable[..., Any] | None = None
+
+    def run(self, model, params, tokens, **kwargs):
+        """The model's output for the prepared parameter tree (see ``apply``)."""
+        if self.apply is not None:
+            return self.apply(model, params, tokens, **kwargs)
+        return model.apply({"params": self.model_params(params)}, tokens, **kwargs)
 
 
 def register_method(name: str):

@@ -67,10 +67,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
 
 def make_eval_step(model, method: Method):
     """``eval_step(params, batch) -> (sum of token losses, number of tokens)`` for exact means
-    over many batches; the model runs on ``method.model_params(params)``."""
+    over many batches; the model runs as ``method.run`` says."""
 
     def eval_step(params, batch):
-        out = model.apply({"params": method.model_params(params)}, batch["inputs"], positions=batch["positions"],
+        out = method.run(model, params, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], deterministic=True)
         loss, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return loss * n, n

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: LoRA, QLoRA, BitFit (methods `lora`, `qlora`, `bitfit`)."""

@@ -1,0 +1,1 @@
+"""Quantization: quantizers, fake quant / QAT (method `qat`), PTQ, conversion to low-bit kernels."""
