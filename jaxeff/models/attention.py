@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
@@ -83,8 +84,37 @@ def _pallas_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids,
         return pk.flash_decode(q, k, v, kv_len=kv_len, scale=scale, local_window_size=lws)
     if q_offset != 0 and q_offset != k.shape[1] - q.shape[1]:
         raise ValueError("attention impl 'pallas': queries must be the last q_len positions")
-    return pk.flash_attention(q, k, v, causal=causal, local_window_size=lws, q_segment_ids=q_segment_ids,
-                              kv_segment_ids=kv_segment_ids, scale=scale)
+
+    def kernel(q, k, v, qs, ks):
+        return pk.flash_attention(q, k, v, causal=causal, local_window_size=lws, q_segment_ids=qs,
+                                  kv_segment_ids=ks, scale=scale)
+
+    return _per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _per_shard(kernel, q, k, v, q_seg, kv_seg):
+    """Run a kernel that XLA cannot partition once per device under the ambient mesh (the trainer
+    sets one): batch rows split over the 'data'/'fsdp' axes, heads over 'tensor' when both the
+    query and the KV heads divide. Without a mesh the kernel runs as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, q_seg, kv_seg)
+    sizes = dict(mesh.shape)
+    batch_axes, rows = [], q.shape[0]
+    for a in ("data", "fsdp"):
+        if sizes.get(a, 1) > 1 and rows % sizes[a] == 0:
+            batch_axes.append(a)
+            rows //= sizes[a]
+    t = sizes.get("tensor", 1)
+    head_axis = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    if not batch_axes and head_axis is None:
+        return kernel(q, k, v, q_seg, kv_seg)
+    b = tuple(batch_axes) or None
+    qkv = P(b, None, head_axis, None)
+    seg = P(b, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg if q_seg is not None else None,
+                                                      seg if kv_seg is not None else None),
+                         out_specs=qkv, check_vma=False)(q, k, v, q_seg, kv_seg)
 
 
 def resolve_impl(impl: str) -> str:

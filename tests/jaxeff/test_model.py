@@ -148,3 +148,28 @@ def test_pallas_decoding_against_the_cache_matches_the_full_forward_pass():
     out = m.apply({"params": p}, toks[:, :8], cache=init_cache(cfg, 2, 16))
     step = m.apply({"params": p}, toks[:, 8:11], cache=out.cache)
     np.testing.assert_allclose(jnp.concatenate([out.logits, step.logits], 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_pallas_attention_runs_per_shard_under_a_mesh_and_matches_xla():
+    """XLA cannot partition a Pallas call: under the trainer's mesh it runs per device (batch over
+    data/fsdp, heads over tensor) and must equal unsharded XLA attention, gradients included."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from jaxeff.models.attention import attention
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (4, 24, 4, 16))
+    k = jax.random.normal(ks[1], (4, 24, 2, 16))
+    v = jax.random.normal(ks[2], (4, 24, 2, 16))
+    seg = jnp.array([[1] * 10 + [2] * 14] * 2 + [[1] * 24] * 2)
+    f = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, impl=impl, causal=True, window=7,
+                                                                q_segment_ids=seg, kv_segment_ids=seg))))
+    ref, ref_g = jax.value_and_grad(f("xla"), argnums=(0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+        sh = NamedSharding(mesh, P(("data", "fsdp")))
+        args = [jax.device_put(x, sh) for x in (q, k, v)]
+        out, g = jax.jit(jax.value_and_grad(f("pallas"), argnums=(0, 1, 2)))(*args)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(a, b, atol=1e-5)
