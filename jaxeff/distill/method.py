@@ -1,0 +1,170 @@
+"""Method ``distill``: train a student (the run's ``model``) against a frozen teacher checkpoint.
+
+The teacher's architecture is read from the config saved in its checkpoint; its parameters are the
+method's ``frozen`` input: sharded like the student's (same logical axis rules), passed to every
+jitted step, never differentiated, never given optimizer state, never checkpointed. Optionally they
+are held and run in bfloat16 (``distill.teacher_dtype``).
+
+The trained tree is ``{"student": <model params>}`` plus ``"proj"`` (one learned ``[d_student,
+d_teacher]`` matrix per layer pair) when the cosine loss is on and the widths differ; evaluation and
+generation use ``params["student"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.distill.losses import distillation_loss
+from jaxeff.errors import CheckpointError, ConfigError
+from jaxeff.models import Transformer, TransformerConfig, init_params, logical_axes
+from jaxeff.train.checkpoint import RUNTIME_ONLY, Checkpointer, find_checkpoint_dir, first_difference
+from jaxeff.train.methods import Method, register_method
+
+KEY = "distill.teacher_checkpoint"
+
+
+@dataclasses.dataclass
+class Teacher:
+    config: TransformerConfig  # as run here (dtype / runtime settings applied)
+    params: Any  # numpy tree, float32 as saved
+
+
+def load_teacher(path: str | None, step: int | None, student: TransformerConfig, seq_len: int, *,
+                 dtype: str = "float32") -> Teacher:
+    """Parameters and architecture of a teacher run's checkpoint, as host (numpy) arrays.
+
+    Accepts a checkpoint written by any method whose ``params`` are the model's, or by ``distill``
+    (then the student it trained is the teacher). Raises ConfigError / CheckpointError with one line.
+    """
+    if not path:
+        raise ConfigError(f"{KEY}: expected the teacher's run folder (e.g. runs/teacher) or its checkpoints folder")
+    try:
+        ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{KEY}: {e}") from None
+    try:
+        saved = ckpt.read_config(step)
+        try:
+            cfg = TransformerConfig(**saved["model"])
+        except Exception as e:  # noqa: BLE001 - any malformed saved config is the user's input
+            raise CheckpointError(f"{KEY}: '{path}' holds no readable model config ({type(e).__name__})") from None
+        if cfg.vocab_size != student.vocab_size:
+            raise ConfigError(f"{KEY}: the teacher's vocab_size is {cfg.vocab_size} but model.vocab_size is "
+                              f"{student.vocab_size}; teacher and student must share the vocabulary")
+        if seq_len > cfg.max_seq_len:
+            raise ConfigError(f"{KEY}: data.seq_len={seq_len} is above the teacher's max_seq_len={cfg.max_seq_len}")
+        abstract = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.PRNGKey(0), (1, 8)))
+        nested = saved.get("method") == "distill"
+        target = {"student": abstract} if nested else abstract
+        try:
+            params = ckpt.restore_params(target, step)  # no shardings given: numpy arrays
+        except CheckpointError as e:
+            raise CheckpointError(f"{KEY}: {e}") from None
+    finally:
+        ckpt.close()
+    params = params["student"] if nested else params
+    run_cfg = dataclasses.replace(cfg, dropout=0.0, remat=student.remat, attention_impl=student.attention_impl,
+                                  dtype=dtype, param_dtype=dtype)
+    return Teacher(run_cfg, jax.tree.map(np.asarray, params))
+
+
+def layer_pairs(layer_map, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
+    """Hidden-state index pairs (0 = embeddings, i = block i's output) for the cosine loss."""
+    if layer_map == "last":
+        return ((n_student, n_teacher),)
+    if layer_map == "every_other":
+        if 2 * n_student > n_teacher:
+            raise ConfigError(f"distill.layer_map: every_other pairs student layer i with teacher layer 2i, which "
+                              f"needs a teacher of >= {2 * n_student} layers (it has {n_teacher})")
+        return tuple((i, 2 * i) for i in range(1, n_student + 1))
+    for s, t in layer_map:
+        if s > n_student or t > n_teacher:
+            raise ConfigError(f"distill.layer_map: pair [{s}, {t}] is out of range (student has hidden states "
+                              f"0..{n_student}, teacher 0..{n_teacher})")
+    return tuple(tuple(p) for p in layer_map)
+
+
+def every_other_layer_params(teacher_params, teacher_cfg: TransformerConfig, student_cfg: TransformerConfig):
+    """DistilBERT initialisation: student block i = teacher block 2i (0, 2, 4, ...); embeddings,
+    final norm and output head copied. Needs the same shapes apart from depth."""
+    ignore = set(RUNTIME_ONLY) | {"n_layers", "sliding_window", "param_dtype", "max_seq_len"}
+    a = {k: v for k, v in dataclasses.asdict(teacher_cfg).items() if k not in ignore}
+    b = {k: v for k, v in dataclasses.asdict(student_cfg).items() if k not in ignore}
+    diff = first_difference(a, b)
+    if diff:
+        raise ConfigError(f"distill.student_init: every_other_layer needs the teacher's layer shapes, but model.{diff} "
+                          f"is {b[diff]!r} here and {a[diff]!r} in the teacher")
+    n_s, n_t = student_cfg.n_layers, teacher_cfg.n_layers
+    if 2 * (n_s - 1) >= n_t:
+        raise ConfigError(f"distill.student_init: every_other_layer takes teacher layers 0, 2, ..., {2 * (n_s - 1)} "
+                          f"but the teacher has {n_t} layers")
+    out = {k: v for k, v in teacher_params.items() if not k.startswith("layers_")}
+    for i in range(n_s):
+        out[f"layers_{i}"] = teacher_params[f"layers_{2 * i}"]
+    return out
+
+
+@register_method("distill")
+def distill_method(cfg, model: Transformer) -> Method:
+    """Knowledge distillation into ``model`` from ``cfg.distill.teacher_checkpoint`` (see the
+    ``distill`` config section for the loss)."""
+    d = cfg.distill
+    seq = cfg.data.seq_len
+    if d.student_init == "every_other_layer" and cfg.train.init_from:
+        raise ConfigError("distill.student_init: every_other_layer and train.init_from both initialise the "
+                          "student; use one")
+    teacher = load_teacher(d.teacher_checkpoint, d.teacher_step, model.config, seq, dtype=d.teacher_dtype)
+    teacher_model = Transformer(teacher.config)
+    s_cfg, t_cfg = model.config, teacher.config
+    pairs = layer_pairs(d.layer_map, s_cfg.n_layers, t_cfg.n_layers) if d.cos_weight else ()
+    project = bool(pairs) and s_cfg.d_model != t_cfg.d_model
+    init_tree = None
+    if d.student_init == "every_other_layer":
+        init_tree = every_other_layer_params(teacher.params, t_cfg, s_cfg)
+    frozen = jax.tree.map(lambda x: x.astype(jnp.dtype(d.teacher_dtype)), teacher.params)
+
+    def prepare_params(params, rng):
+        if init_tree is not None:
+            params = jax.tree.map(lambda p, t: jnp.asarray(t, p.dtype), params, init_tree)
+        out = {"student": params}
+        if project:
+            std = s_cfg.d_model ** -0.5
+            keys = jax.random.split(rng, len(pairs))
+            out["proj"] = {f"pair_{k}": {"kernel": std * jax.random.normal(keys[k], (s_cfg.d_model, t_cfg.d_model),
+                                                                          jnp.float32)}
+                           for k in range(len(pairs))}
+        return out
+
+    def axes(model_axes):
+        out = {"student": model_axes}
+        if project:
+            out["proj"] = {f"pair_{k}": {"kernel": P("embed", None)} for k in range(len(pairs))}
+        return out
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(pairs))
+        s_out = model.apply({"params": params["student"]}, batch["inputs"], deterministic=deterministic,
+                            rngs={"dropout": rng}, **kw)
+        t_out = jax.lax.stop_gradient(teacher_model.apply({"params": frozen}, batch["inputs"], deterministic=True,
+                                                          **kw))
+        s_hidden, t_hidden = [], []
+        for k, (si, ti) in enumerate(pairs):
+            h = s_out.hidden_states[si].astype(jnp.float32)
+            if project:
+                h = h @ params["proj"][f"pair_{k}"]["kernel"]
+            s_hidden.append(h)
+            t_hidden.append(t_out.hidden_states[ti])
+        return distillation_loss(
+            s_out.logits, t_out.logits, batch["targets"], batch["loss_mask"], ce_weight=d.ce_weight,
+            kd_weight=d.kd_weight, cos_weight=d.cos_weight, student_hidden=s_hidden, teacher_hidden=t_hidden,
+            temperature=d.temperature, divergence=d.divergence, beta=d.jsd_beta)
+
+    return Method("distill", loss, prepare_params=prepare_params, logical_axes=axes,
+                  model_params=lambda p: p["student"], frozen=frozen,
+                  frozen_logical_axes=logical_axes(teacher_model, (1, seq)))
