@@ -14,7 +14,8 @@ import sys
 from jaxeff.errors import JaxeffError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_HALTED = 3  # the non-finite guard stopped training (last good state checkpointed)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: checkpointed at the current step
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--step", type=int, default=None)
     g.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn", "pallas"])
+
+    x = sub.add_parser("export-adapter", help="save the LoRA/QLoRA adapter of a run on its own")
+    x.add_argument("--checkpoint", required=True, help="a lora or qlora run folder (or its checkpoints folder)")
+    x.add_argument("--out", required=True, help="new adapter folder")
+    x.add_argument("--step", type=int, default=None)
+
+    m = sub.add_parser("merge-adapter", help="fold an adapter into a base checkpoint, saved as a new run")
+    m.add_argument("--base", required=True, help="the base run folder the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder (from export-adapter)")
+    m.add_argument("--out", required=True, help="new run folder, e.g. runs/merged")
     return p
 
 
@@ -55,6 +66,9 @@ def cmd_train(args) -> int:
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()
                if k.startswith("eval/loss") or k in ("train/loss", "step")}
     print(json.dumps(summary))
+    if result.get("halted"):
+        print(f"error: {result['halted']}", file=sys.stderr)
+        return EXIT_HALTED
     return EXIT_INTERRUPTED if result.get("stopped_early") else 0
 
 
@@ -113,6 +127,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export_adapter(args) -> int:
+    from jaxeff.peft.adapters import export_adapter
+
+    print(f"adapter saved to {export_adapter(args.checkpoint, args.out, args.step)}")
+    return 0
+
+
+def cmd_merge_adapter(args) -> int:
+    from jaxeff.peft.adapters import merge_adapter
+
+    print(f"merged model saved as run {merge_adapter(args.base, args.adapter, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = _parser()
@@ -122,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
-    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
+               "merge-adapter": cmd_merge_adapter}[args.command]
     try:
         return handler(args)
     except JaxeffError as e:

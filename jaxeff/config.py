@@ -36,6 +36,7 @@ METHOD_MODULES = {
     "qlora": "jaxeff.peft",
     "bitfit": "jaxeff.peft",
     "qat": "jaxeff.quant",
+    "quantized": "jaxeff.quant",
 }
 
 
@@ -85,6 +86,10 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     peak_flops: float | None = Field(None, gt=0)  # per device, FLOP/s; None = look up device kind
     init_from: str | None = None  # a run (or checkpoints) folder whose model parameters start this run
+    # NaN/Inf loss or gradient norm: skip the update (halt after max_skips in a row), stop at once, or off
+    nonfinite: Literal["skip", "stop", "off"] = "skip"
+    max_skips: int = Field(10, gt=0)
+    inject_nan_at_step: int | None = Field(None, gt=0)  # tests only: poison this (1-based) step
 
 
 class MeshConfig(_Section):

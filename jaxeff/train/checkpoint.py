@@ -70,6 +70,24 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: {first}") from None
         return out["state"]["params"]
 
+    def quarantine(self, step: int) -> Path:
+        """Move an unreadable step folder aside (``<step>.unreadable``) so a resumed run can write
+        that step again; nothing is deleted."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.unreadable"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}.unreadable{n}"
+        if jax.process_index() == 0:
+            src.rename(dst)
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxeff:quarantine:{step}")
+        self._mngr.reload()
+        return dst
+
     def _resolve(self, step):
         if step is None:
             step = self.latest_step()

@@ -7,20 +7,23 @@ steps); ``run_training`` adds the data loader, TensorBoard, the progress bar and
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxeff.config import ExperimentConfig
 from jaxeff.data.loader import eval_batches, process_slice
 from jaxeff.data.packing import PACKED_KEYS
-from jaxeff.errors import ConfigError
+from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.models import Transformer, init_params, logical_axes
 from jaxeff.train import sharding as shd
 from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
@@ -88,7 +91,9 @@ class Trainer:
             else:
                 frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
             self.frozen = jax.device_put(frozen, frozen_shardings)
-        self._train_step = jax.jit(make_train_step(self.method, self.tx, cfg.optim.grad_accum),
+        step_fn = make_train_step(self.method, self.tx, cfg.optim.grad_accum, nonfinite=cfg.train.nonfinite,
+                                  max_skips=cfg.train.max_skips, inject_nan_at=cfg.train.inject_nan_at_step)
+        self._train_step = jax.jit(step_fn,
                                    in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
                                    out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
         self._eval_step = jax.jit(make_eval_step(self.model, self.method),
@@ -97,6 +102,10 @@ class Trainer:
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
         self.n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(abstract_params),
                                                                       jax.tree.leaves(trainable)) if t)
+        # optimizer state bytes (frozen leaves have none); trainable share of the model's parameters
+        self.opt_state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                                   for x in jax.tree.leaves(abstract_state.opt_state))
+        self.trainable_pct = 100.0 * self.n_trainable / cfg.model.param_count()
 
     def _init_fn(self, base_params=None):
         key = jax.random.PRNGKey(self.cfg.seed)
@@ -177,8 +186,55 @@ def setup_distributed(cfg: ExperimentConfig) -> None:
                                    process_id=d.process_id)
 
 
+def _check_writable(path: Path, key: str) -> None:
+    """Fail before training if ``path`` cannot be created or written (one line, exit 2)."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: '{path}' is not writable ('{probe}' does not accept new files)")
+
+
+def _resume(trainer: Trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
+    """Restore the newest complete checkpoint; an unreadable one (truncated, corrupted) is
+    reported and the previous one is used. A checkpoint of another model is an error."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            saved = ckpt.read_config(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata means a damaged checkpoint
+            moved = ckpt.quarantine(step)
+            log(f"checkpoint step {step} in {ckpt.directory} is unreadable ({_first_line(e)}); moved to "
+                f"{moved.name}, trying an older one")
+            continue
+        check_same_model(saved, trainer.cfg.to_dict()["model"], ckpt.directory)
+        if saved.get("method", "lm") != trainer.cfg.method:
+            raise CheckpointError(f"checkpoint '{ckpt.directory}' step {step} was written by method "
+                                  f"'{saved.get('method')}', not '{trainer.cfg.method}'")
+        try:
+            state, data_state = ckpt.restore(trainer.abstract_state, step)
+        except Exception as e:  # noqa: BLE001
+            if i + 1 == len(steps):
+                raise CheckpointError(f"checkpoint '{ckpt.directory}': no readable checkpoint "
+                                      f"(step {step}: {_first_line(e)})") from None
+            moved = ckpt.quarantine(step)
+            log(f"checkpoint step {step} in {ckpt.directory} is unreadable ({_first_line(e)}); moved to "
+                f"{moved.name}, trying an older one")
+            continue
+        # a run halted by the non-finite guard resumes as a new attempt (e.g. with a lower lr)
+        state = state.replace(halted_at=jnp.full_like(state.halted_at, -1), bad_streak=jnp.zeros_like(state.bad_streak))
+        return state, data_state, step
+    raise CheckpointError(f"checkpoint '{ckpt.directory}': no readable checkpoint among steps {steps}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
-    """Train as the config says; returns the last logged metrics (and ``stopped_early`` on Ctrl-C)."""
+    """Train as the config says; returns the last logged metrics, with ``stopped_early`` (Ctrl-C /
+    SIGTERM) or ``halted`` (non-finite guard) when training ended before ``train.steps``."""
     from jaxeff.train.inputs import build_data
     from jaxeff.train.logging import RunLogger
 
@@ -186,18 +242,20 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     trainer = Trainer(cfg, devices=devices)
     tokenizer, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     ckpt_dir = cfg.checkpoint_path
-    # One manager, created by every process alike (orbax synchronises its set-up across processes);
-    # all checks of the user's input have passed by now.
+    _check_writable(cfg.run_path, "logging.run_dir")
+    _check_writable(ckpt_dir, "checkpoint.dir")
+    # One manager, created by every process alike (orbax synchronises its set-up across processes).
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
     existing = ckpt.latest_step()
     if existing is not None and not cfg.resume:
         ckpt.close()
         raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
                           "pass resume=true to continue it, or choose another name / checkpoint.dir")
+    notes: list[str] = []
     state, start = None, 0
     if cfg.resume and existing is not None:
         try:
-            state, data_state = trainer.restore(ckpt)
+            state, data_state, _ = _resume(trainer, ckpt, notes.append)
         except Exception:
             ckpt.close()
             raise
@@ -209,17 +267,23 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
         state = trainer.init_state(base)
     logger = RunLogger(cfg.run_path, config_dict, total_steps=cfg.train.steps, start_step=start,
                        progress=cfg.logging.progress)
+    for note in notes:
+        logger.message(note)
     if start:
         logger.message(f"resumed from {ckpt_dir} at step {start}")
     logger.message(f"{trainer.n_params:,} parameters ({trainer.n_trainable:,} trainable); mesh {dict(trainer.mesh.shape)}; "
                    f"run dir {cfg.run_path}")
-    logger.scalars(start, {"params/total": trainer.n_params, "params/trainable": trainer.n_trainable})
+    param_stats = {"params/total": trainer.n_params, "params/trainable": trainer.n_trainable,
+                   "params/trainable_pct": trainer.trainable_pct, "params/opt_state_bytes": trainer.opt_state_bytes}
+    logger.scalars(start, param_stats)
 
     peak = peak_flops_per_device(cfg)
     flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = dict(param_stats)
     tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
     step = start
+    # loader positions since the last host check, so a halted state is saved with its own position
+    data_states = {step: loader.state_dict()}
     if start == 0:  # the untrained baseline, so curves show how far training moved
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))
     stop = _StopRequest()
@@ -230,13 +294,33 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
             step += 1
             steps_since += 1
             tokens_since += float(batch["loss_mask"].sum())
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            data_states[step] = loader.state_dict()
+            log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            eval_now = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+            save_now = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+            if not (log_now or eval_now or save_now):
+                continue
+            halted_at = int(state.halted_at)  # host check only on steps that sync anyway
+            if halted_at >= 0:
+                good = int(state.step)  # the state froze at the halt: it is the one of step `good`
+                if good not in ckpt.all_steps():
+                    ckpt.save(good, state, data_state=data_states[good], config=config_dict)
+                reason = ("a non-finite loss or gradient norm" if cfg.train.nonfinite == "stop" else
+                          f"{cfg.train.max_skips} consecutive non-finite losses or gradient norms")
+                last["halted"] = (f"training halted at step {halted_at}: {reason}; the last good state "
+                                  f"(step {good}) is checkpointed in {ckpt_dir}")
+                logger.message(last["halted"])
+                step = good
+                break
+            data_states = {step: data_states[step]}
+            if log_now:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t_last
                 rows = steps_since * cfg.data.batch_size * cfg.data.seq_len
                 logs = {"train/loss": m.pop("loss"), "train/grad_norm": m.pop("grad_norm"),
                         "train/lr": float(trainer.schedule(step - 1)), "perf/step_time_s": dt / steps_since,
-                        "perf/tokens_per_sec": rows / dt, "perf/loss_tokens_per_sec": tokens_since / dt}
+                        "perf/tokens_per_sec": rows / dt, "perf/loss_tokens_per_sec": tokens_since / dt,
+                        "train/skipped_updates": float(state.skipped)}
                 logs["train/perplexity"] = float(np.exp(min(logs["train/loss"], 50.0)))
                 if peak:
                     logs["perf/mfu"] = flops_tok * rows / dt / (peak * jax.device_count())
@@ -245,15 +329,15 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
                 logger.advance(steps_since, {"loss": logs["train/loss"]})
                 last.update(logs)
                 tokens_since, steps_since, t_last = 0.0, 0, time.perf_counter()
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            if eval_now:
                 ev = trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches)
                 logger.scalars(step, ev)
                 last.update(ev)
                 t_last = time.perf_counter()
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+            if save_now:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
                 t_last = time.perf_counter()
-        if stop.requested:
+        if stop.requested and "halted" not in last:
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
             logger.advance(steps_since)

@@ -20,16 +20,30 @@ class TrainState:
     opt_state: Any
     extra: Any  # method state (checkpointed)
     rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
+    # non-finite guard (see make_train_step)
+    skipped: jax.Array  # int32: updates dropped because the loss or gradient norm was not finite
+    bad_streak: jax.Array  # int32: consecutive such steps
+    halted_at: jax.Array  # int32: the 1-based step that halted training, or -1
 
 
 def init_state(params, tx: optax.GradientTransformation, method: Method, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      extra=method.init_extra(params), rng=jax.random.PRNGKey(seed))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=method.init_extra(params),
+                      rng=jax.random.PRNGKey(seed), skipped=zero, bad_streak=zero, halted_at=zero - 1)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum: int = 1):
+def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum: int = 1, *,
+                    nonfinite: str = "skip", max_skips: int = 10, inject_nan_at: int | None = None):
     """One optimizer update. With ``grad_accum > 1`` the batch is split into that many
-    micro-batches (rows), their gradients averaged in a ``lax.scan``, and one update applied."""
+    micro-batches (rows), their gradients averaged in a ``lax.scan``, and one update applied.
+
+    Non-finite guard, inside the step (no host sync): when the loss or the gradient norm is NaN/Inf
+    the update is dropped (``skipped`` counts it). ``nonfinite="stop"`` halts at the first such step,
+    ``"skip"`` after ``max_skips`` consecutive ones: ``halted_at`` records the step, and from then on
+    the state no longer changes (it is the last good one) until the host notices and checkpoints it.
+    ``"off"`` applies every update. ``inject_nan_at`` (tests only) makes that 1-based step's loss NaN.
+    """
+    limit = 1 if nonfinite == "stop" else max_skips
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
@@ -55,12 +69,28 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
                                                      (jnp.arange(grad_accum), micro))
             loss, metrics = loss / grad_accum, jax.tree.map(lambda x: x / grad_accum, metrics)
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        if inject_nan_at is not None:
+            poison = jnp.where(state.step + 1 == inject_nan_at, jnp.nan, 1.0)
+            loss, grads = loss * poison, jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
         trainable = method.trainable(state.params)
         grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        if nonfinite == "off":
+            return new_state, metrics
+        bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        streak = jnp.where(bad, state.bad_streak + 1, 0)
+        running = state.halted_at < 0
+        halted_at = jnp.where(running & (streak >= limit), state.step + 1, state.halted_at)
+        apply = ~bad & running
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        new_state = new_state.replace(
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            step=jnp.where(halted_at < 0, state.step + 1, state.step),
+            skipped=state.skipped + bad.astype(jnp.int32), bad_streak=streak, halted_at=halted_at)
+        return new_state, metrics
 
     return train_step
 
