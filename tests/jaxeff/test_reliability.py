@@ -204,3 +204,14 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_uninterrupted_r
     assert again.returncode == 0, again.stderr[-2000:]
     assert _summary(again.stdout)["train/loss"] == _summary(ref.stdout)["train/loss"]
     assert _summary(again.stdout)["eval/loss"] == _summary(ref.stdout)["eval/loss"]
+
+
+def test_a_checkpoint_written_by_another_method_is_refused_naming_both(tiny_config):
+    from jaxeff.errors import CheckpointError
+
+    lm = tiny_config(["train.steps=3"])
+    run_training(lm)
+    other = tiny_config(["train.steps=6", "resume=true", "method=distill",
+                         f"distill.teacher_checkpoint={lm.run_path}"])
+    with pytest.raises(CheckpointError, match="written by method 'lm', not 'distill'"):
+        run_training(other)
