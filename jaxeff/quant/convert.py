@@ -1,0 +1,168 @@
+"""Conversion to a real quantized model: method ``quantized`` and ``python -m jaxeff.quant.convert``.
+
+The Dense kernels on ``quant.weight_layers`` become ``pallas_kernels.quant.QuantizedWeight`` leaves
+(``quant.convert.format``: int8 per channel or per group, int4 / nf4 per group of 64, or w8a8 = a
+per-channel int8 weight run by ``int8_matmul`` with int8 activations and optional LLM.int8()
+outlier decomposition). Running the model intercepts those Dense layers and calls
+``quantized_matmul`` / ``int8_matmul`` (backend ``quant.convert.backend``; ``auto`` = the Pallas
+kernel on GPU/TPU, interpret mode on CPU). Embeddings, norms and biases stay float.
+
+Method ``quantized``: ``prepare_params`` converts float model parameters (fresh, from
+``train.init_from``, or restored from a converted checkpoint), nothing is trainable, and
+``Method.run`` (what ``jaxeff eval`` and ``jaxeff generate`` use) runs the kernels.
+
+Convert a float (method ``lm``) or QAT (method ``qat``: its quantize-dequantize weights) run::
+
+    python -m jaxeff.quant.convert --checkpoint runs/float --out runs/float_int4 quant.convert.format=int4
+    jaxeff generate --checkpoint runs/float_int4 --prompt "x = "
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
+from jaxeff.train.methods import Method, register_method
+from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize, quantized_matmul
+
+
+def quantize_kernel(kernel, ccfg) -> QuantizedWeight:
+    fmt = "int8" if ccfg.format == "w8a8" else ccfg.format
+    group = None if ccfg.format == "w8a8" else ccfg.group_size
+    return quantize(kernel, fmt, group_size=group, symmetric=ccfg.symmetric, double_quant=ccfg.double_quant)
+
+
+def convert_params(params, qcfg) -> dict:
+    """Model parameters with each selected kernel replaced by a ``QuantizedWeight``."""
+    for path in dense_paths(params, qcfg.weight_layers):
+        node = get_path(params, path)
+        params = set_path(params, path, {**node, "kernel": quantize_kernel(node["kernel"], qcfg.convert)})
+    return params
+
+
+def quantized_apply(model, params, tokens, qcfg, *, backend=None, **kwargs):
+    """Run the model on converted parameters: quantized kernels through the low-bit matmuls."""
+    ccfg = qcfg.convert
+    backend = backend or ccfg.backend
+
+    def dense_fn(path, x, kernel, module):
+        if not isinstance(kernel, QuantizedWeight):
+            return float_dense(x, kernel, module)
+        if ccfg.format == "w8a8":
+            return int8_matmul(x, kernel, outlier_threshold=ccfg.outlier_threshold, backend=backend)
+        return quantized_matmul(x, kernel, backend=backend)
+
+    return run_with_dense(model, params, tokens, dense_fn, **kwargs)
+
+
+def _is_qw(x):
+    return isinstance(x, QuantizedWeight)
+
+
+def model_bytes(params) -> dict[str, int]:
+    """Bytes of a (converted or float) parameter tree: ``total``, ``quantized`` (QuantizedWeight
+    leaves: packed data, scales, zero points) and ``float`` (everything else)."""
+    q = f = 0
+    for leaf in jax.tree.leaves(params, is_leaf=_is_qw):
+        if _is_qw(leaf):
+            q += leaf.nbytes
+        else:
+            f += math.prod(leaf.shape) * leaf.dtype.itemsize
+    return {"total": q + f, "quantized": q, "float": f}
+
+
+@register_method("quantized")
+def quantized_method(cfg, model) -> Method:
+    """A converted model: float parameters become QuantizedWeight kernels; nothing trains."""
+    qcfg = cfg.quant
+
+    def apply(model_, params, tokens, **kwargs):
+        return quantized_apply(model_, params, tokens, qcfg, **kwargs)
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        from jaxeff.train.losses import cross_entropy
+
+        out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                    deterministic=True)
+        value, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+        return jax.lax.stop_gradient(value), {}
+
+    def logical_axes(model_axes):  # quantized leaves are replicated; the rest keeps the model's axes
+        from jaxeff.models import init_params
+
+        abstract = jax.eval_shape(lambda: convert_params(init_params(model, jax.random.PRNGKey(0), (1, 8)), qcfg))
+        for path in dense_paths(model_axes, qcfg.weight_layers):
+            qw = get_path(abstract, path)["kernel"]
+            spec = dataclasses.replace(qw, **{f: (None if getattr(qw, f) is None else P())
+                                              for f in ("data", "scales", "zeros", "dq_scales", "dq_mean")})
+            model_axes = set_path(model_axes, path, {**get_path(model_axes, path), "kernel": spec})
+        return model_axes
+
+    return Method("quantized", loss, trainable=lambda params: jax.tree.map(lambda _: False, params),
+                  prepare_params=lambda params, rng: convert_params(params, qcfg), logical_axes=logical_axes,
+                  apply=apply)
+
+
+def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None = None) -> dict:
+    """Write a converted checkpoint of the run at ``checkpoint`` (method lm or qat) to ``out``;
+    ``overrides`` (dotted, e.g. ``quant.convert.format=int4``) apply to the saved config with
+    ``method=quantized``. Returns the byte counts of the source and converted parameters."""
+    from jaxeff.config import _set_dotted, from_dict, parse_overrides
+    from jaxeff.errors import ConfigError
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.loop import Trainer, load_params
+
+    ckpt_dir = find_checkpoint_dir(checkpoint)
+    probe = Checkpointer(ckpt_dir, create=False)
+    step = probe.latest_step() if step is None else step
+    saved = probe.read_config(step)
+    probe.close()
+    if saved.get("method") not in ("lm", "qat"):
+        raise ConfigError(f"--checkpoint: run '{checkpoint}' has method '{saved.get('method')}', expected lm or qat")
+    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
+    saved["optim"]["grad_accum"] = 1
+    devices = jax.devices()[:1]
+    src_trainer, params = load_params(from_dict(saved), ckpt_dir, step, devices=devices)
+    base = src_trainer.method.model_params(params)
+    raw = copy.deepcopy(saved)
+    raw["method"] = "quantized"
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    cfg = from_dict(raw)
+    trainer = Trainer(cfg, devices=devices)
+    state = trainer.init_state(jax.device_get(base))
+    ckpt = Checkpointer(out)
+    try:
+        ckpt.save(step, state, data_state={}, config=cfg.to_dict())
+    finally:
+        ckpt.close()
+    return {"source_bytes": model_bytes(base)["total"], **{f"converted_{k}": v for k, v in model_bytes(state.params).items()}}
+
+
+def main(argv=None) -> int:
+    from jaxeff.errors import JaxeffError
+
+    p = argparse.ArgumentParser(prog="python -m jaxeff.quant.convert", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints folder) of a lm or qat run")
+    p.add_argument("--out", required=True, help="checkpoints folder for the converted model")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="e.g. quant.convert.format=int4")
+    args = p.parse_args(argv)
+    try:
+        report = convert_checkpoint(args.checkpoint, args.out, args.overrides, args.step)
+    except JaxeffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
