@@ -9,6 +9,19 @@ from pydantic.dataclasses import dataclass
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class RopeScaling:
+    """RoPE frequency scaling for long context. ``llama3``: Llama 3.1's piecewise scaling (high
+    frequencies kept, low ones divided by ``factor``, a smooth ramp between); ``linear``: every
+    frequency divided by ``factor`` (position interpolation)."""
+
+    type: Literal["llama3", "linear"] = "llama3"
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, gt=0)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class TransformerConfig:
     """Architecture hyper-parameters. ``None`` fields are derived (see the properties below).
 
@@ -26,8 +39,10 @@ class TransformerConfig:
     d_ff: int | None = Field(None, gt=0)  # None = 8/3 d_model rounded up to a multiple of 64
     max_seq_len: int = Field(2048, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = Field(1e-5, gt=0)
     use_bias: bool = False  # biases on every Dense (BitFit trains only these)
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); implied by use_bias
     tie_embeddings: bool = True
     sliding_window: int | tuple[int | None, ...] | None = None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -75,7 +90,8 @@ class TransformerConfig:
         """Exact number of parameters of :class:`jaxeff.models.Transformer` with this config."""
         d, h, kvh, hd, ff = self.d_model, self.n_heads, self.kv_heads, self.hd, self.ff
         b = self.use_bias
-        attn = d * h * hd + 2 * d * kvh * hd + h * hd * d + (b * (h * hd + 2 * kvh * hd + d))
+        qkv_b = b or self.qkv_bias
+        attn = d * h * hd + 2 * d * kvh * hd + h * hd * d + qkv_b * (h * hd + 2 * kvh * hd) + b * d
         mlp = 3 * d * ff + b * (2 * ff + d)
         per_layer = attn + mlp + 2 * d
         n = self.n_layers * per_layer + d

@@ -40,11 +40,27 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) 
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+    """Inverse frequencies ``theta^(-2i/head_dim)`` ``[head_dim // 2]``, with optional scaling
+    (:class:`jaxeff.models.config.RopeScaling`)."""
+    half = head_dim // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return freq
+    if scaling.type == "linear":
+        return freq / scaling.factor
+    orig = scaling.original_max_position_embeddings
+    wavelen = 2 * jnp.pi / freq
+    low_wavelen, high_wavelen = orig / scaling.low_freq_factor, orig / scaling.high_freq_factor
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    ramp = (1 - smooth) * freq / scaling.factor + smooth * freq
+    return jnp.where(wavelen < high_wavelen, freq, jnp.where(wavelen > low_wavelen, freq / scaling.factor, ramp))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
     """Rotary embedding on ``x [batch, seq, heads, head_dim]`` at ``positions [batch, seq]``
     (rotating the two halves of head_dim, as in LLaMA / Hugging Face)."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = rope_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * freq  # [batch, seq, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -66,11 +82,12 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None):
+def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None,
+           bias: bool | None = None):
     init = nn.initializers.normal(std or cfg.init_std)
     return nn.Dense(
         features,
-        use_bias=cfg.use_bias,
+        use_bias=cfg.use_bias if bias is None else bias,
         dtype=_DTYPES[cfg.dtype],
         param_dtype=_DTYPES[cfg.param_dtype],
         kernel_init=nn.with_logical_partitioning(init, axes),
@@ -89,10 +106,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        q = _dense(cfg, h * hd, ("embed", "heads"), "q")(x).reshape(b, t, h, hd)
-        k = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "k")(x).reshape(b, t, kvh, hd)
-        v = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "v")(x).reshape(b, t, kvh, hd)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = _dense(cfg, h * hd, ("embed", "heads"), "q", bias=qkv_bias)(x).reshape(b, t, h, hd)
+        k = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "k", bias=qkv_bias)(x).reshape(b, t, kvh, hd)
+        v = _dense(cfg, kvh * hd, ("embed", "kv_heads"), "v", bias=qkv_bias)(x).reshape(b, t, kvh, hd)
+        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         new_cache = None
         if cache is None:
             y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=self.window,

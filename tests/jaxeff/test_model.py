@@ -173,3 +173,29 @@ def test_pallas_attention_runs_per_shard_under_a_mesh_and_matches_xla():
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     for a, b in zip(g, ref_g):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_qkv_bias_puts_biases_on_q_k_v_only():
+    params = init_params(Transformer(small(qkv_bias=True)), jax.random.key(0))
+    attn = params["layers_0"]["attn"]
+    assert all("bias" in attn[n] for n in "qkv") and "bias" not in attn["o"]
+    assert "bias" not in params["layers_0"]["mlp"]["up"]
+    assert sum(x.size for x in jax.tree.leaves(params)) == small(qkv_bias=True).param_count()
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
+    from jaxeff.models.config import RopeScaling
+    from jaxeff.models.transformer import rope_frequencies
+
+    sc = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=64)
+    base = np.asarray(rope_frequencies(32, 10000.0))
+    scaled = np.asarray(rope_frequencies(32, 10000.0, sc))
+    wavelen = 2 * np.pi / base
+    hi, lo = wavelen < 64 / 4, wavelen > 64 / 1
+    assert hi.any() and lo.any() and (~hi & ~lo).any()
+    np.testing.assert_allclose(scaled[hi], base[hi], rtol=1e-6)
+    np.testing.assert_allclose(scaled[lo], base[lo] / 8, rtol=1e-6)
+    mid = ~hi & ~lo
+    smooth = (64 / wavelen[mid] - 1.0) / 3.0
+    np.testing.assert_allclose(scaled[mid], (1 - smooth) * base[mid] / 8 + smooth * base[mid], rtol=1e-5)
