@@ -143,26 +143,38 @@ def _final_params(run_dir):
     return step, out["state"]["params"]
 
 
+def _latest(ckpt_dir: Path) -> int:
+    done = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.exists() else []
+    return max(done, default=-1)
+
+
 def _kill_fuzz(tmp_path, kills, seed):
-    steps = 12
-    ref_cfg = _cfg_file(tmp_path, "reference", steps=steps, eval_every=steps, log_every=1)
-    ref = _run(["train", str(ref_cfg)])
+    """Kill -9 at random moments: each try arms at a random checkpoint step (waits until the run
+    has written it), then kills after a random 0-0.5 s more, which lands mid-step, mid-eval or
+    mid-checkpoint-write. The run is resumed with the same command until it finishes."""
+    steps, every = 60, 5
+    ref_cfg = _cfg_file(tmp_path, "reference", steps=steps, eval_every=20, log_every=1)
+    ref = _run(["train", str(ref_cfg), f"checkpoint.every={every}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
-    cfg = _cfg_file(tmp_path, "killed", steps=steps, eval_every=steps, log_every=1)
+    cfg = _cfg_file(tmp_path, "killed", steps=steps, eval_every=20, log_every=1)
+    ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     rng = random.Random(seed)
+    targets = sorted(rng.sample(range(0, steps - every, every), kills))
     outcomes = []
-    for _ in range(kills):
-        proc = subprocess.Popen([EXE, "train", str(cfg), "resume=true"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(rng.uniform(3.0, 9.0))  # start-up, compile, steps and checkpoint writes
+    for target in targets:
+        proc = subprocess.Popen([EXE, "train", str(cfg), "resume=true", f"checkpoint.every={every}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 240
+        while proc.poll() is None and _latest(ckpt_dir) < target and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        outcomes.append(Checkpointer(cfg.parent / "runs" / "killed" / "checkpoints", create=False).latest_step()
-                        if (cfg.parent / "runs" / "killed" / "checkpoints").exists() else None)
-    assert any(o is not None for o in outcomes), "no kill landed after a checkpoint: nothing was resumed"
-    print("kill outcomes (latest complete checkpoint after each kill):", outcomes)
-    final = _run(["train", str(cfg), "resume=true"])
+        outcomes.append((target, _latest(ckpt_dir), proc.returncode))
+    print("kill outcomes (armed at checkpoint, newest complete checkpoint after the kill, exit code):", outcomes)
+    assert any(code == -signal.SIGKILL for _, _, code in outcomes)
+    final = _run(["train", str(cfg), "resume=true", f"checkpoint.every={every}"])
     assert final.returncode == 0, final.stderr[-2000:]
     got, want = _summary(final.stdout), _summary(ref.stdout)
     assert got["step"] == want["step"] == steps
