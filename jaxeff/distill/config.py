@@ -24,7 +24,7 @@ class DistillConfig(Section):
     teacher_checkpoint: str | None = None  # run folder (runs/<name>) or its checkpoints/ folder
     teacher_step: int | None = Field(None, ge=0)  # checkpoint step; None = newest
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"  # teacher params and compute
-    temperature: float = Field(2.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)  # T (the soft loss is multiplied by T²)
     ce_weight: float = Field(0.5, ge=0.0)  # λ_ce: cross-entropy with the labels
     kd_weight: float = Field(0.5, ge=0.0)  # λ_kd: soft-target divergence (already × T²)
     cos_weight: float = Field(0.0, ge=0.0)  # λ_cos: hidden-state cosine loss
@@ -40,6 +40,9 @@ class DistillConfig(Section):
     # student's block i starts as the teacher's block 2i (0, 2, 4, ...), embeddings, final norm
     # and head copied (same width needed)
     student_init: Literal["random", "every_other_layer"] = "random"
+    # offline mode: train from the teacher's top-k logits precomputed by `python -m
+    # jaxeff.distill.offline` (an .npz) instead of running the teacher; see jaxeff/distill/offline.py
+    offline_topk: str | None = None
 
     @model_validator(mode="after")
     def _check(self):

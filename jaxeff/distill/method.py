@@ -116,6 +116,8 @@ def distill_method(cfg, model: Transformer) -> Method:
     ``distill`` config section for the loss)."""
     d = cfg.distill
     seq = cfg.data.seq_len
+    if d.offline_topk:
+        return _offline_method(cfg, model)
     if d.student_init == "every_other_layer" and cfg.train.init_from:
         raise ConfigError("distill.student_init: every_other_layer and train.init_from both initialise the "
                           "student; use one")
@@ -168,3 +170,31 @@ def distill_method(cfg, model: Transformer) -> Method:
     return Method("distill", loss, prepare_params=prepare_params, logical_axes=axes,
                   model_params=lambda p: p["student"], frozen=frozen,
                   frozen_logical_axes=logical_axes(teacher_model, (1, seq)))
+
+
+def _offline_method(cfg, model: Transformer) -> Method:
+    """Distillation from precomputed teacher top-k logits (jaxeff.distill.offline)."""
+    from jaxeff.distill.offline import load_topk, lookup, topk_kd_loss
+    from jaxeff.train.losses import cross_entropy
+
+    d = cfg.distill
+    for bad, why in [(d.cos_weight > 0, "distill.cos_weight: the hidden-state loss needs the online teacher"),
+                     (d.divergence != "forward_kl", "distill.divergence: offline top-k supports forward_kl only"),
+                     (d.student_init != "random", "distill.student_init: every_other_layer needs the teacher checkpoint")]:
+        if bad:
+            raise ConfigError(f"{why} (distill.offline_topk is set)")
+    table = load_topk(d.offline_topk, cfg.data.seq_len, model.config.vocab_size)
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        out = model.apply({"params": params["student"]}, batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ce = cross_entropy(out.logits, batch["targets"], mask)[0]
+        idx, found = lookup(frozen["fingerprints"], batch["inputs"], batch["segment_ids"])
+        kd = topk_kd_loss(out.logits, frozen["topk_logits"][idx], frozen["topk_ids"][idx],
+                          mask * found[:, None].astype(jnp.float32), temperature=d.temperature)
+        total = d.ce_weight * ce + d.kd_weight * kd
+        return total, {"ce": ce, "kd": kd, "offline_miss": 1.0 - found.astype(jnp.float32).mean()}
+
+    return Method("distill", loss, prepare_params=lambda p, rng: {"student": p},
+                  logical_axes=lambda axes: {"student": axes}, model_params=lambda p: p["student"], frozen=table)

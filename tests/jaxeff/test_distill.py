@@ -285,3 +285,59 @@ def test_every_distill_yaml_config_loads():
             assert cfg.distill.teacher_checkpoint
             assert cfg.model.n_layers < TransformerConfig(**load_config(REPO / "configs/distill/teacher.yaml")
                                                           .to_dict()["model"]).n_layers
+
+
+# ------------------------------------------------------------------------------------------------
+# offline top-k
+
+
+def test_topk_kd_loss_is_the_kl_to_the_renormalised_teacher_top_k():
+    from jaxeff.distill.offline import topk_kd_loss
+
+    s, t, mask = _random(20, 2, 5, 19), _random(21, 2, 5, 19), _mask(22, 2, 5)
+    for k in [19, 4]:
+        vals, ids = jax.lax.top_k(jnp.asarray(t), k)
+        got = topk_kd_loss(s, vals, ids, mask, temperature=2.0)
+        trunc = np.full_like(t, -np.inf)
+        np.put_along_axis(trunc, np.asarray(ids), np.asarray(vals), -1)
+        p = np.exp(np_log_softmax(trunc, 2.0))
+        ls = np_log_softmax(s, 2.0)
+        kl = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - ls), 0).sum(-1)
+        np.testing.assert_allclose(float(got), 4.0 * np_masked_mean(kl, mask), rtol=1e-5)
+        if k == 19:  # the whole vocabulary: the online loss exactly
+            np.testing.assert_allclose(float(got), float(kd_loss(s, t, mask, temperature=2.0)), rtol=1e-5)
+
+
+def test_offline_rows_are_found_by_fingerprint_and_unknown_rows_are_not():
+    from jaxeff.distill.offline import lookup, row_fingerprints
+
+    rng = np.random.default_rng(23)
+    inputs = rng.integers(0, 264, (50, 16)).astype(np.int32)
+    segs = np.ones_like(inputs)
+    fp = row_fingerprints(inputs, segs)
+    order = np.argsort(fp[:, 0])
+    query = inputs[[7, 3, 41]].copy()
+    query[2, 5] += 1  # one token changed: not in the table
+    idx, found = lookup(jnp.asarray(fp[order]), jnp.asarray(query), jnp.asarray(segs[:3]))
+    assert list(np.asarray(found)) == [True, True, False]
+    assert list(order[np.asarray(idx)[:2]]) == [7, 3]
+    np.testing.assert_array_equal(np.asarray(row_fingerprints(jnp.asarray(inputs), jnp.asarray(segs))), fp)
+
+
+@pytest.mark.slow
+def test_offline_top_k_over_the_whole_vocabulary_reproduces_the_online_step(tiny_config, teacher_dir, tmp_path):
+    from jaxeff.distill.offline import precompute_topk
+
+    online = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", "distill.temperature=2.0")
+    path = precompute_topk(online, 264, tmp_path / "top.npz")
+    offline = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", "distill.temperature=2.0",
+                           f"distill.offline_topk={path}")
+    batch = _batch(online)
+    t_on, t_off = Trainer(online, devices=jax.devices()[:1]), Trainer(offline, devices=jax.devices()[:1])
+    _, m_on = t_on.train_step(t_on.init_state(), batch)
+    _, m_off = t_off.train_step(t_off.init_state(), batch)
+    assert float(m_off["offline_miss"]) == 0.0  # every batch row was found by its fingerprint
+    for key in ["loss", "ce", "kd"]:
+        np.testing.assert_allclose(float(m_off[key]), float(m_on[key]), rtol=2e-5)
+    with pytest.raises(ConfigError, match="offline top-k supports forward_kl only"):
+        Trainer(_distill_cfg(tiny_config, teacher_dir, f"distill.offline_topk={path}", "distill.divergence=jsd"))
