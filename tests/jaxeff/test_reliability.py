@@ -160,7 +160,7 @@ def _kill_fuzz(tmp_path, kills, seed):
     ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(0, steps - every, every), kills))
+    targets = sorted(rng.randrange(0, steps - every, every) for _ in range(kills))  # repeats: kill again soon after a resume
     outcomes = []
     for target in targets:
         proc = subprocess.Popen([EXE, "train", str(cfg), "resume=true", f"checkpoint.every={every}"],
