@@ -1,0 +1,264 @@
+"""LoRA as a parameter-tree transform, and the ``lora`` training method.
+
+A LoRA adapter for a ``Dense`` kernel ``W [in, out]`` is ``A [in, rank]`` (random) and
+``B [rank, out]`` (zeros), and the layer computes ``x W + (alpha / rank) · (x A) B``; with B = 0
+the adapted model starts as the base exactly. Adapters live in a tree that mirrors the module
+paths of the kernels they adapt::
+
+    adapters = {"layers_0": {"attn": {"q": {"a": [in, rank], "b": [rank, out]}, ...}, ...}, ...}
+
+Which kernels get one is chosen by regexes over module paths (``layers_0/attn/q``), qwix-style,
+so the model is never edited: the adapted computation is injected at run time with
+``flax.linen.intercept_methods`` (:func:`lora_interceptor`), or folded into the kernels with
+:func:`merge` (and taken out again with :func:`unmerge`).
+
+The trained tree of the ``lora`` method is ``{"base": model params (frozen), "lora": adapters}``;
+only ``lora`` gets optimizer state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import zlib
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.errors import ConfigError
+from jaxeff.models import init_params
+from jaxeff.train.methods import Method, lm_forward_loss, register_method
+
+Path = tuple[str, ...]
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# targets
+
+
+def compile_targets(targets: Iterable[str]) -> list[re.Pattern]:
+    out = []
+    for t in targets:
+        try:
+            out.append(re.compile(t))
+        except re.error as e:
+            raise ConfigError(f"peft.targets: '{t}' is not a valid regex ({e})") from None
+    return out
+
+
+def dense_paths(params) -> list[Path]:
+    """Module paths of every 2-D ``kernel`` in a parameter tree (the ``Dense`` layers)."""
+    flat = traverse_util.flatten_dict(params)
+    return [k[:-1] for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2]
+
+
+def target_paths(params, targets: Iterable[str]) -> list[Path]:
+    """Module paths of the kernels whose path (``layers_0/attn/q``) fully matches a regex;
+    ConfigError if none does."""
+    patterns = compile_targets(targets)
+    candidates = dense_paths(params)
+    paths = [p for p in candidates if any(r.fullmatch("/".join(p)) for r in patterns)]
+    if not paths:
+        shown = ", ".join("/".join(p) for p in candidates[:8])
+        raise ConfigError(f"peft.targets: {list(targets)} match no Dense kernel (module paths look like: {shown})")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters as a tree transform
+
+
+def _get(tree, path: Path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def init_adapters(params, paths: Iterable[Path], rank: int, rng, dtype=jnp.float32):
+    """``{path: {"a": U(-1/sqrt(in), 1/sqrt(in)) [in, rank], "b": zeros [rank, out]}}`` (nested)."""
+    flat = {}
+    for i, path in enumerate(paths):
+        d_in, d_out = _get(params, path)["kernel"].shape
+        bound = d_in ** -0.5
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, rank), jnp.float32, -bound, bound)
+        flat[path + ("a",)] = a.astype(dtype)
+        flat[path + ("b",)] = jnp.zeros((rank, d_out), dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def adapter_paths(adapters) -> list[Path]:
+    return sorted({k[:-1] for k in traverse_util.flatten_dict(adapters)})
+
+
+def adapter_axes(model_axes, adapters):
+    """Logical axes of an adapter tree: A takes the kernel's input axis, B its output axis."""
+    flat = {}
+    for path in adapter_paths(adapters):
+        spec = tuple(_get(model_axes, path)["kernel"])
+        flat[path + ("a",)] = P(spec[0], None)
+        flat[path + ("b",)] = P(None, spec[1])
+    return traverse_util.unflatten_dict(flat)
+
+
+def delta(adapter, scale: float, dtype=jnp.float32) -> jax.Array:
+    """``scale · A B`` [in, out], computed in float32."""
+    a, b = adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32)
+    return (scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)).astype(dtype)
+
+
+def _fold(params, adapters, scale: float, sign: float):
+    flat = traverse_util.flatten_dict(params)
+    for path in adapter_paths(adapters):
+        key = path + ("kernel",)
+        if key not in flat:
+            raise ValueError(f"adapter for '{'/'.join(path)}' has no kernel in the parameters")
+        w = flat[key]
+        flat[key] = (w.astype(jnp.float32) + sign * delta(_get(adapters, path), scale)).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def merge(params, adapters, scale: float):
+    """Model parameters with ``scale · A B`` folded into each adapted kernel (a new tree)."""
+    return _fold(params, adapters, scale, 1.0)
+
+
+def unmerge(params, adapters, scale: float):
+    """Inverse of :func:`merge` (exact up to float rounding of the kernels)."""
+    return _fold(params, adapters, scale, -1.0)
+
+
+def switch(params, old, new, scale_old: float, scale_new: float | None = None):
+    """Merged parameters of one adapter -> merged parameters of another, on the same base."""
+    return merge(unmerge(params, old, scale_old), new, scale_old if scale_new is None else scale_new)
+
+
+# ------------------------------------------------------------------------------------------------
+# the adapted computation, injected into nn.Dense
+
+
+@contextlib.contextmanager
+def lora_interceptor(adapters, scale: float, *, dropout: float = 0.0, rng=None, qbase=None,
+                     backend: str = "reference", compute_dtype=None):
+    """Within this context every ``nn.Dense`` whose module path has an adapter computes
+    ``x W + b + scale · (dropout(x) A) B``. With ``qbase`` (a tree of ``QuantizedWeight`` by module
+    path, see :mod:`jaxeff.peft.qlora`) the kernel of those layers is the quantized one, multiplied
+    by ``pallas_kernels.quantized_matmul`` (their float ``kernel`` is never read, and need not exist).
+    ``compute_dtype`` (default: the layer's) is the dtype of the matmuls."""
+    flat_ad = {p: _get(adapters, p) for p in adapter_paths(adapters)} if adapters else {}
+    flat_q = {}
+    if qbase is not None:
+        from pallas_kernels.quant import QuantizedWeight
+
+        flat_q = _flatten_until(qbase, QuantizedWeight)
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+            return next_fun(*args, **kwargs)
+        path = tuple(mod.path)
+        ad, qw = flat_ad.get(path), flat_q.get(path)
+        if ad is None and qw is None:
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        out_dtype = mod.dtype or x.dtype
+        cd = compute_dtype or out_dtype
+        if qw is None:
+            y = next_fun(*args, **kwargs)
+        else:
+            from pallas_kernels.quant import quantized_matmul
+
+            y = quantized_matmul(x.astype(cd), qw, backend=backend)
+            if mod.use_bias:
+                y = y + mod.get_variable("params", "bias").astype(cd)
+        if ad is not None:
+            xa = x.astype(cd)
+            if dropout > 0.0 and rng is not None:
+                key = jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()))
+                keep = jax.random.bernoulli(key, 1.0 - dropout, xa.shape)
+                xa = jnp.where(keep, xa / (1.0 - dropout), 0).astype(cd)
+            z = jnp.matmul(jnp.matmul(xa, ad["a"].astype(cd)), ad["b"].astype(cd))
+            y = y.astype(cd) + (scale * z).astype(cd)
+        return y.astype(out_dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _flatten_until(tree, leaf_type) -> dict[Path, Any]:
+    out = {}
+
+    def walk(node, path):
+        if isinstance(node, leaf_type):
+            out[path] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+    walk(tree, ())
+    return out
+
+
+def apply_lora(model, params, adapters, scale: float, tokens, **kwargs):
+    """The model's output with unmerged adapters (the base ``params`` are untouched)."""
+    with lora_interceptor(adapters, scale):
+        return model.apply({"params": params}, tokens, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+
+
+def lora_scale(peft_cfg) -> float:
+    return peft_cfg.alpha / peft_cfg.rank
+
+
+def abstract_base(cfg, model):
+    key = jax.random.PRNGKey(cfg.seed)
+    return jax.eval_shape(lambda: init_params(model, key, (1, cfg.data.seq_len)))
+
+
+def adapter_dtype(peft_cfg, default: str):
+    return _DTYPES[peft_cfg.adapter_dtype or default]
+
+
+def _mask(tree, value: bool):
+    return jax.tree.map(lambda _: value, tree)
+
+
+@register_method("lora")
+def lora_method(cfg, model) -> Method:
+    """LoRA on the kernels that ``peft.targets`` select; the base is frozen."""
+    p = cfg.peft
+    scale = lora_scale(p)
+    paths = target_paths(abstract_base(cfg, model), p.targets)
+    dtype = adapter_dtype(p, "float32")
+
+    def prepare_params(base, rng):
+        return {"base": base, "lora": init_adapters(base, paths, p.rank, rng, dtype)}
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        drop = 0.0 if deterministic else p.dropout
+        with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1)):
+            value, _ = lm_forward_loss(model, params["base"], batch, rng, deterministic)
+        return value, {}
+
+    def apply(model_, params, tokens, **kwargs):
+        return apply_lora(model_, params["base"], params["lora"], scale, tokens, **kwargs)
+
+    return Method(
+        "lora", loss,
+        trainable=lambda params: {"base": _mask(params["base"], False), "lora": _mask(params["lora"], True)},
+        prepare_params=prepare_params,
+        logical_axes=lambda axes: {"base": axes, "lora": adapter_axes(axes, _placeholder(paths))},
+        model_params=lambda params: merge(params["base"], params["lora"], scale),
+        apply=apply,
+    )
+
+
+def _placeholder(paths: Iterable[Path]):
+    """An adapter-shaped tree (values unused) for :func:`adapter_axes`."""
+    return traverse_util.unflatten_dict({p + (n,): None for p in paths for n in ("a", "b")})

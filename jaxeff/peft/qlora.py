@@ -1,0 +1,168 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on a frozen base whose adapted kernels are stored as NF4.
+
+The kernels that ``peft.targets`` select are quantized once, when the method is built, with
+``pallas_kernels.quantize(w, "nf4", double_quant=True)`` (blocks of 64, absmax constants
+double-quantized to int8 in blocks of 256) and kept in the method's ``frozen`` inputs: read-only,
+sharded like the kernels, never differentiated (their integer leaves stay out of ``jax.grad``) and
+never checkpointed (a resumed run re-quantizes the same base, bit for bit). The trained tree is
+``{"base": the rest of the model (embeddings, norms, biases; frozen, float), "lora": adapters}``.
+Adapters are bf16 and the adapted layers compute in ``peft.compute_dtype`` (bf16); the base
+matmul is ``pallas_kernels.quantized_matmul`` (``peft.kernel_backend``; ``auto`` is the Pallas
+kernel on GPU/TPU and the jnp dequantize-then-matmul reference on CPU, where Pallas runs in slow
+interpret mode). Gradients reach only the adapters.
+
+The base the kernels come from is ``train.init_from`` (or, without it, the seeded random
+initialisation the trainer would use).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.models import init_params
+from jaxeff.peft.lora import (_DTYPES, _flatten_until, _get, _mask, _placeholder, abstract_base, adapter_axes,
+                              adapter_dtype, init_adapters, lora_interceptor, lora_scale, merge, target_paths)
+from jaxeff.train.methods import Method, lm_forward_loss, register_method
+
+
+def quantize_base(params, paths, double_quant: bool = True):
+    """``{path: QuantizedWeight}`` (nested by module path) of the NF4 kernels at ``paths``."""
+    from pallas_kernels.quant import quantize
+
+    flat = {p: quantize(_get(params, p)["kernel"].astype(jnp.float32), "nf4", double_quant=double_quant)
+            for p in paths}
+    return _nest(flat)
+
+
+def _nest(flat: dict):
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def strip_kernels(params, paths):
+    """``params`` without the ``kernel`` of the modules at ``paths`` (empty modules dropped)."""
+    drop = {p + ("kernel",) for p in paths}
+    flat = {k: v for k, v in traverse_util.flatten_dict(params).items() if k not in drop}
+    return traverse_util.unflatten_dict(flat)
+
+
+def dequantize_base(params, qbase, dtype=jnp.float32):
+    """Full model parameters: ``params`` (kernels stripped) plus the dequantized kernels."""
+    from pallas_kernels.quant import dequantize
+
+    flat = traverse_util.flatten_dict(params)
+    for path, qw in _flatten_until(qbase, _qw_type()).items():
+        flat[path + ("kernel",)] = dequantize(qw, dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def qbase_axes(model_axes, qbase):
+    """Logical axes of the quantized kernels: packed data and block constants follow the kernel's
+    [in, out] axes (a dimension the mesh does not divide is replicated)."""
+    QW = _qw_type()
+    flat = {}
+    for path, qw in _flatten_until(qbase, QW).items():
+        a_in, a_out = tuple(_get(model_axes, path)["kernel"])
+        flat[path] = QW(data=P(a_in, a_out), scales=P(a_in, a_out),
+                        zeros=None if qw.zeros is None else P(a_in, a_out),
+                        dq_scales=None if qw.dq_scales is None else P(a_in, None),
+                        dq_mean=None if qw.dq_mean is None else P(),
+                        fmt=qw.fmt, shape=qw.shape, group_size=qw.group_size, symmetric=qw.symmetric,
+                        double_quant=qw.double_quant)
+    return _nest(flat)
+
+
+def qbase_stats(qbase) -> dict[str, float]:
+    """Bytes and parameter count of the quantized kernels, and bytes per parameter."""
+    qws = list(_flatten_until(qbase, _qw_type()).values())
+    nbytes = sum(q.nbytes for q in qws)
+    n = sum(q.num_params for q in qws)
+    return {"bytes": nbytes, "params": n, "bytes_per_param": nbytes / max(n, 1)}
+
+
+def _qw_type():
+    from pallas_kernels.quant import QuantizedWeight
+
+    return QuantizedWeight
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "auto" if jax.default_backend() in ("gpu", "tpu") else "reference"
+    return name
+
+
+_jit_init = jax.jit(init_params, static_argnums=(0, 2))
+
+
+def load_base(cfg, model):
+    """The float base this run fine-tunes: ``train.init_from``'s parameters, or the seeded init."""
+    if not cfg.train.init_from:
+        return _jit_init(model, jax.random.PRNGKey(cfg.seed), (1, cfg.data.seq_len))
+    from jaxeff.train.checkpoint import Checkpointer, check_same_model, find_checkpoint_dir
+
+    ckpt = Checkpointer(find_checkpoint_dir(cfg.train.init_from), create=False)
+    try:
+        check_same_model(ckpt.read_config(), cfg.to_dict()["model"], ckpt.directory)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                abstract_base(cfg, model))
+        return ckpt.restore_params(abstract)
+    finally:
+        ckpt.close()
+
+
+@register_method("qlora")
+def qlora_method(cfg, model) -> Method:
+    """LoRA adapters (bf16) on an NF4 base; only the adapters train."""
+    p = cfg.peft
+    scale = lora_scale(p)
+    paths = target_paths(abstract_base(cfg, model), p.targets)
+    dtype = adapter_dtype(p, "bfloat16")
+    compute = _DTYPES[p.compute_dtype]
+    backend = resolve_backend(p.kernel_backend)
+    qbase = quantize_base(load_base(cfg, model), paths, p.double_quant)
+    qbase_const = jax.tree.map(np.asarray, qbase)  # for eval / generate, which get no frozen inputs
+
+    def prepare_params(base, rng):
+        return {"base": strip_kernels(base, paths), "lora": init_adapters(base, paths, p.rank, rng, dtype)}
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic):
+        drop = 0.0 if deterministic else p.dropout
+        with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1),
+                              qbase=frozen["qbase"], backend=backend, compute_dtype=compute):
+            value, _ = lm_forward_loss(model, params["base"], batch, rng, deterministic)
+        return value, {}
+
+    def apply(model_, params, tokens, **kwargs):
+        with lora_interceptor(params["lora"], scale, qbase=qbase_const, backend=backend, compute_dtype=compute):
+            return model_.apply({"params": params["base"]}, tokens, **kwargs)
+
+    def model_params(params):
+        return merge(dequantize_base(params["base"], qbase_const), params["lora"], scale)
+
+    def logical_axes(axes):
+        return {"base": strip_kernels(axes, paths), "lora": adapter_axes(axes, _placeholder(paths))}
+
+    base_axes = _model_axes(cfg, model)
+    return Method(
+        "qlora", loss,
+        trainable=lambda params: {"base": _mask(params["base"], False), "lora": _mask(params["lora"], True)},
+        prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params, apply=apply,
+        frozen={"qbase": qbase}, frozen_logical_axes={"qbase": qbase_axes(base_axes, qbase)},
+    )
+
+
+def _model_axes(cfg, model):
+    from jaxeff.models import logical_axes
+
+    return logical_axes(model, (1, cfg.data.seq_len))
