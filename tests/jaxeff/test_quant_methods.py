@@ -291,10 +291,15 @@ def test_convert_a_trained_checkpoint_then_eval_and_generate_from_the_cli(tiny_c
     out = tmp_path / "converted"
     assert convert_main(["--checkpoint", str(cfg.run_path), "--out", str(out), "quant.convert.format=int4",
                          "quant.convert.group_size=32", "quant.convert.backend=reference"]) == 0
-    report = dict(kv.split("=") for kv in capsys.readouterr().out.split())
+    report = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
     assert int(report["converted_total"]) < int(report["source_bytes"])
     assert main(["generate", "--checkpoint", str(out), "--prompt", "1+1=", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("1+1=")
+    config = tmp_path / "quantized.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["eval", str(config), "method=quantized", "quant.convert.format=int4", "quant.convert.group_size=32",
+                 "quant.convert.backend=reference", "mesh.data=-1", "--checkpoint", str(out)]) == 0
+    assert "eval/loss" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
