@@ -129,8 +129,14 @@ class Trainer:
                            out_shardings=self.state_shardings)(base_params)
 
     def load_base_params(self, path) -> Any:
-        """Model parameters of another run's checkpoint (same architecture) for ``train.init_from``."""
+        """Model parameters of another run's checkpoint (same architecture) for ``train.init_from``;
+        ``hf:PATH`` reads a Hugging Face folder whose config.json must match the ``model`` section."""
         from jaxeff.train.checkpoint import find_checkpoint_dir
+
+        if str(path).startswith("hf:"):
+            from jaxeff.interop.hf import load_for_run
+
+            return load_for_run(str(path)[3:], self.cfg.model, self.base_abstract, self.base_shardings)
 
         ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
         try:
@@ -288,7 +294,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))
     stop = _StopRequest()
     try:
-        while step < cfg.train.steps and not stop.requested:
+        while step < cfg.train.steps and not stop.agreed(sync_point=step % cfg.train.log_every == 0):
             batch = loader.next_batch()
             state, metrics = trainer.train_step(state, batch)
             step += 1
@@ -337,7 +343,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
             if save_now:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
                 t_last = time.perf_counter()
-        if stop.requested and "halted" not in last:
+        if stop.stopping and "halted" not in last:
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
             logger.advance(steps_since)
@@ -354,10 +360,11 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
 class _StopRequest:
     """Ctrl-C / SIGTERM during training: finish the current step, checkpoint, and stop. (A step
     interrupted half-way would leave the donated train state deleted.) A second Ctrl-C stops at
-    once."""
+    once. Processes of a multi-process run agree on the step to stop at."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # this process got the signal
+        self.stopping = False  # all processes agreed to stop
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -367,6 +374,19 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+    def agreed(self, sync_point: bool) -> bool:
+        """Whether to stop now. With several processes they must stop at the same step, so the
+        flags are combined across processes, only at ``sync_point`` steps (log steps, which sync
+        with the host anyway); a single process stops at the next step boundary."""
+        if jax.process_count() == 1:
+            self.stopping = self.requested
+        elif sync_point:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
+            self.stopping = bool(np.max(flags))
+        return self.stopping
 
     def restore(self):
         for sig, handler in self._previous.items():

@@ -108,3 +108,27 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from" in again.stdout + again.stderr
     assert _summary(again.stdout)["step"] == steps[0] + 2
+
+
+def test_sigterm_to_both_processes_stops_them_at_the_same_step_with_one_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, steps=100000, eval_every=100000, log_every=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([EXE, "train", str(cfg), f"distributed.coordinator_address=127.0.0.1:{port}",
+                               "distributed.num_processes=2", f"distributed.process_id={i}", "checkpoint.every=4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(4))
+             for i in range(2)]
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        time.sleep(0.5)
+    procs[0].send_signal(signal.SIGTERM)
+    time.sleep(0.7)  # the scheduler's signals do not arrive at the same instant
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [130, 130], [o[1][-1500:] for o in outs]
+    said = outs[0][0] + outs[0][1]
+    assert "interrupted: checkpoint at step" in said
+    stopped = int(said.split("interrupted: checkpoint at step ")[1].split()[0])
+    assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == stopped
