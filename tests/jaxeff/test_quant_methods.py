@@ -180,7 +180,7 @@ def test_qat_step_on_8_devices_equals_the_single_device_step(tiny_config, learn)
 def _tiny_model(tiny_config, overrides=()):
     from jaxeff.models import Transformer, init_params
 
-    cfg = tiny_config(list(overrides))
+    cfg = tiny_config(["model.n_layers=1"] + list(overrides))
     model = Transformer(cfg.model)
     params = init_params(model, jax.random.PRNGKey(0), (1, 8))
     # trained-looking weights: larger than the 0.02 init so quantization error is visible in the logits
@@ -233,8 +233,8 @@ def test_static_calibration_picks_the_documented_ranges(method):
 # conversion to the kernels
 
 
-# ||logits - float logits|| / ||float logits|| of the converted model: observed 0.018 (int8), 0.30
-# (int4, nf4: 4-bit weights, errors compounding over 2 layers), 0.031 (w8a8); bounds ~2x observed
+# ||logits - float logits|| / ||float logits|| of the converted one-layer model: observed 0.015 (int8),
+# 0.26 (int4), 0.24 (nf4), 0.023 (w8a8); bounds ~2.5x observed
 @pytest.mark.parametrize("fmt,extra,rel_tol", [("int8", {}, 0.04), ("int4", {"group_size": 32}, 0.6),
                                                ("nf4", {"group_size": 32}, 0.6), ("w8a8", {}, 0.06),
                                                ("w8a8", {"outlier_threshold": 6.0}, 0.06)])
@@ -256,6 +256,21 @@ def test_converted_model_is_close_to_the_float_model_and_smaller(tiny_config, fm
     assert b_q["quantized"] < kernels * (0.3 if fmt in ("int8", "w8a8") else 0.2)
 
 
+def test_outlier_decomposition_lowers_the_w8a8_error_when_a_feature_exceeds_6(tiny_config):
+    cfg, model, params, tokens = _tiny_model(tiny_config)
+    scale = params["layers_0"]["mlp_norm"]["scale"]
+    params = {**params, "layers_0": {**params["layers_0"], "mlp_norm": {"scale": scale.at[3].set(40.0)}}}
+    ref = np.asarray(model.apply({"params": params}, tokens).logits)
+    errs = []
+    for thr in (None, 6.0):
+        q = QuantConfig(convert={"format": "w8a8", "backend": "reference", "outlier_threshold": thr})
+        out = np.asarray(quantized_apply(model, convert_params(params, q), tokens, q).logits)
+        errs.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    # observed 0.034 -> 0.027: the outlier column's int8 *weight* rows (kept int8 by a prepared
+    # weight) still dominate; the activation side of feature 3 no longer crushes the other features' scale
+    assert errs[1] < 0.9 * errs[0]
+
+
 @pytest.mark.parametrize("fmt", ["int4", pytest.param("w8a8", marks=pytest.mark.slow)])
 def test_converted_model_on_the_interpret_kernels_equals_the_reference_path(tiny_config, fmt):
     cfg, model, params, tokens = _tiny_model(tiny_config)
@@ -269,7 +284,7 @@ def test_converted_model_on_the_interpret_kernels_equals_the_reference_path(tiny
 
 def test_quantized_method_evaluates_on_8_devices_like_on_one(tiny_config):
     ov = ["method=quantized", "quant.convert.format=int4", "quant.convert.group_size=32",
-          "quant.convert.backend=reference"]
+          "quant.convert.backend=reference", "model.n_layers=1", "data.seq_len=16"]
     cfg1 = tiny_config(ov + ["mesh.data=1"])
     cfg8 = tiny_config(ov + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     _, _, eval_sets = build_data(cfg1.data, cfg1.model.vocab_size)
