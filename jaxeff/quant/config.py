@@ -80,7 +80,9 @@ class QuantConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self):
-        a = self.activation
+        w, a = self.weight, self.activation
+        if w is not None and w.learnable_scale and not (w.symmetric or w.ternary):
+            raise ValueError("weight.learnable_scale: learned scales need symmetric weights (no learned zero point)")
         if a is not None and (a.ternary or a.learnable_scale):
             raise ValueError("activation: ternary and learnable_scale apply to weights only")
         c = self.convert

@@ -45,9 +45,8 @@ def fake_quant_activation(x, spec: QuantSpec, act_range=None):
     (lo, hi)`` from calibration, one static per-tensor scale (values outside are clipped)."""
     if act_range is None:
         return fake_quant(x, spec, axis=-1)
-    scale, zero = scale_and_zero_from_range(act_range[0], act_range[1], QuantSpec(
-        bits=spec.bits, symmetric=spec.symmetric, granularity="tensor"))
     tensor_spec = QuantSpec(bits=spec.bits, symmetric=spec.symmetric, granularity="tensor")
+    scale, zero = scale_and_zero_from_range(act_range[0], act_range[1], tensor_spec)
     return fake_quant(x, tensor_spec, axis=-1, scale=scale.reshape((1,) * x.ndim), zero=zero.reshape((1,) * x.ndim))
 
 

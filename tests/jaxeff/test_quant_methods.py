@@ -331,8 +331,10 @@ def test_each_quant_config_loads(path):
                                           ("quant.weight_layers=((", "quant.weight_layers"),
                                           ("quant.weight.granularity=row", "quant.weight.granularity"),
                                           ("quant.convert.double_quant=true", "convert.double_quant"),
-                                          ("quant.activation.ternary=true", "activation")])
+                                          ("quant.activation.ternary=true", "activation"),
+                                          ("quant.weight.symmetric=false quant.weight.learnable_scale=true",
+                                           "weight.learnable_scale")])
 def test_a_bad_quant_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert "\n" not in str(e.value)
