@@ -21,6 +21,7 @@ their small probabilities). Only the forward KL and no hidden-state loss are ava
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import jax
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     try:
         path = precompute_topk(load_config(args.config, args.overrides), args.k, args.out)
     except JaxeffError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
