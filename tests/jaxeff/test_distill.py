@@ -261,9 +261,9 @@ def test_sharded_distill_step_on_8_devices_equals_the_single_device_step(tiny_co
 def test_distill_run_logs_its_loss_terms_and_evaluates_the_student(tiny_config, teacher_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _distill_cfg(tiny_config, teacher_dir, "distill.teacher_dtype=bfloat16", "train.steps=2",
+    cfg = _distill_cfg(tiny_config, teacher_dir, "distill.teacher_dtype=bfloat16", "train.steps=2", "mesh.data=1",
                        "train.eval_every=2", "train.log_every=1")
-    out = run_training(cfg)
+    out = run_training(cfg, devices=jax.devices()[:1])
     acc = EventAccumulator(str(cfg.run_path))
     acc.Reload()
     tags = acc.Tags()["scalars"]
