@@ -12,7 +12,7 @@ TensorBoard runs land in <run-dir>/distill_study/{teacher,student_alone,student_
 The study owns those folders: they are deleted and rewritten on every run.
 
     python experiments/study_distill.py --quick
-    python experiments/study_distill.py                  # the configs' sizes (~10 min on 2 CPU cores)
+    python experiments/study_distill.py --seeds 2        # the configs' sizes (24 min on a shared 2-core CPU)
     tensorboard --logdir runs/distill_study
 """
 
