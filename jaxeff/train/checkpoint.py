@@ -130,8 +130,21 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 RUNTIME_ONLY = ("attention_impl", "remat", "dropout", "dtype")
 
 
+def _with_defaults(model: dict) -> dict:
+    """A saved model section with the defaults of fields added since it was written."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from jaxeff.models.config import TransformerConfig
+
+    try:
+        adapter = TypeAdapter(TransformerConfig)
+        return adapter.dump_python(adapter.validate_python(model), mode="json")
+    except ValidationError:
+        return model
+
+
 def check_same_model(saved_config: dict, model_config: dict, where: Path) -> None:
-    saved = {k: v for k, v in saved_config.get("model", {}).items() if k not in RUNTIME_ONLY}
+    saved = {k: v for k, v in _with_defaults(saved_config.get("model", {})).items() if k not in RUNTIME_ONLY}
     diff = first_difference(saved, {k: v for k, v in model_config.items() if k not in RUNTIME_ONLY})
     if diff:
         def get(tree, dotted):
