@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--base", required=True, help="the base run folder the adapter was trained on")
     m.add_argument("--adapter", required=True, help="adapter folder (from export-adapter)")
     m.add_argument("--out", required=True, help="new run folder, e.g. runs/merged")
+
+    c = sub.add_parser("convert", help="Hugging Face folder <-> run folder (see docs/interop.md)")
+    c.add_argument("--from-hf", dest="from_hf", help="Hugging Face model folder (without --out: print its model section)")
+    c.add_argument("--out", help="new run folder for --from-hf")
+    c.add_argument("--from", dest="from_run", help="run folder (or its checkpoints folder) to export")
+    c.add_argument("--to-hf", dest="to_hf", help="new Hugging Face folder for --from")
+    c.add_argument("--step", type=int, default=None)
+    c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
     return p
 
 
@@ -145,6 +153,12 @@ def cmd_merge_adapter(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from jaxeff.interop.convert import main as convert
+
+    return convert(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = _parser()
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
-               "merge-adapter": cmd_merge_adapter}[args.command]
+               "merge-adapter": cmd_merge_adapter, "convert": cmd_convert}[args.command]
     try:
         return handler(args)
     except JaxeffError as e:

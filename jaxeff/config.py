@@ -85,7 +85,8 @@ class TrainConfig(_Section):
     eval_batches: int = Field(4, gt=0)  # per domain
     log_every: int = Field(10, gt=0)
     peak_flops: float | None = Field(None, gt=0)  # per device, FLOP/s; None = look up device kind
-    init_from: str | None = None  # a run (or checkpoints) folder whose model parameters start this run
+    # a run (or checkpoints) folder whose model parameters start this run; hf:DIR = a Hugging Face folder
+    init_from: str | None = None
     # NaN/Inf loss or gradient norm: skip the update (halt after max_skips in a row), stop at once, or off
     nonfinite: Literal["skip", "stop", "off"] = "skip"
     max_skips: int = Field(10, gt=0)

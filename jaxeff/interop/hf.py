@@ -79,12 +79,10 @@ def _keys(path) -> tuple[str, ...]:
 
 
 class _Files:
-    """The checkpoint's tensors: name -> safetensors file, opened lazily, closed on exit."""
+    """The checkpoint's tensors: name -> safetensors file (from the index, or the single file)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._stack = contextlib.ExitStack()
-        self._open: dict[Path, Any] = {}
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
@@ -95,32 +93,34 @@ class _Files:
                     raise CheckpointError(f"'{folder}': shard {shard} listed in {INDEX} is missing")
             self.where = {name: folder / shard for name, shard in weight_map.items()}
         elif (folder / SINGLE).is_file():
-            self.where = {name: folder / SINGLE for name in self._handle(folder / SINGLE).keys()}
+            with _open(folder / SINGLE) as handle:
+                self.where = {name: folder / SINGLE for name in handle.keys()}
         else:
             bins = sorted(p.name for p in folder.glob("*.bin"))
             hint = f" (found {bins[0]}: PyTorch pickles are not read; convert them to safetensors)" if bins else ""
             raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
 
-    def _handle(self, file: Path):
-        if file not in self._open:
-            from safetensors import safe_open
-
-            try:
-                self._open[file] = self._stack.enter_context(safe_open(str(file), framework="numpy"))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"'{file}' is not a readable safetensors file ({e})") from None
-        return self._open[file]
-
+    @contextlib.contextmanager
     def slice(self, name: str):
+        """The tensor's lazy slice, from a handle opened for it alone: closing it unmaps the file,
+        so pages read through the mapping do not stay resident while the next tensors load."""
         if name not in self.where:
             raise CheckpointError(f"'{self.folder}': tensor {name} is missing")
-        try:
-            return self._handle(self.where[name]).get_slice(name)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"'{self.where[name]}': tensor {name} is listed but cannot be read ({e})") from None
+        with _open(self.where[name]) as handle:
+            try:
+                sl = handle.get_slice(name)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"'{self.where[name]}': tensor {name} is listed but cannot be read ({e})") from None
+            yield sl
 
-    def close(self):
-        self._stack.close()
+
+def _open(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"'{file}' is not a readable safetensors file ({e})") from None
 
 
 def _dtype_name(dtype) -> str | None:
@@ -146,36 +146,32 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
     safetensors files of ``folder``, each placed on its sharding from ``shardings`` (same tree)."""
     folder = Path(folder)
     files = _Files(folder)
-    try:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-        shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-        total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for _, x in flat)
-        show = total >= PROGRESS_MIN_BYTES if progress is None else progress
-        bar = _bar(total, show, f"loading {folder.name}")
-        used, out = set(), []
-        for (path, x), sharding in zip(flat, shard_leaves):
-            name, transpose = hf_name(_keys(path))
-            if name is None:  # lm_head bias of a use_bias model: HF has none
-                out.append(jax.device_put(jnp.zeros(x.shape, x.dtype), sharding))
-                continue
-            sl = files.slice(name)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    names = [hf_name(_keys(path)) for path, _ in flat]
+    wanted = {name for name, _ in names}
+    extra = sorted(n for n in files.where if n not in wanted and not IGNORED.search(n)
+                   and not (tied and n == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"'{folder}': tensor {extra[0]} is not part of the model config.json describes"
+                              f" ({len(extra)} unexpected tensors)")
+    total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for _, x in flat)
+    bar = _bar(total, total >= PROGRESS_MIN_BYTES if progress is None else progress, f"loading {folder.name}")
+    out = []
+    for (_, x), sharding, (name, transpose) in zip(flat, shard_leaves, names):
+        if name is None:  # lm_head bias of a use_bias model: HF has none
+            out.append(jax.device_put(jnp.zeros(x.shape, x.dtype), sharding))
+            continue
+        with files.slice(name) as sl:
             got = tuple(sl.get_shape())
             want = tuple(reversed(x.shape)) if transpose else tuple(x.shape)
             if got != want:
                 raise CheckpointError(f"'{folder}': tensor {name} has shape {list(got)}, expected {list(want)} "
                                       "from config.json")
             out.append(_place(sl, tuple(x.shape), transpose, x.dtype, sharding))
-            used.add(name)
-            bar.update(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize)
-        bar.close()
-        extra = sorted(n for n in files.where if n not in used and not IGNORED.search(n)
-                       and not (tied and n == "lm_head.weight"))
-        if extra:
-            raise CheckpointError(f"'{folder}': tensor {extra[0]} is not part of the model config.json describes"
-                                  f" ({len(extra)} unexpected tensors)")
-        return jax.tree_util.tree_unflatten(treedef, out)
-    finally:
-        files.close()
+        bar.update(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize)
+    bar.close()
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _bar(total: int, show: bool, desc: str):
@@ -186,11 +182,8 @@ def _bar(total: int, show: bool, desc: str):
 
 def _checkpoint_dtype(folder: Path, raw: dict) -> str:
     """float32 or bfloat16: the embedding tensor's dtype (float16 widens to float32)."""
-    files = _Files(folder)
-    try:
-        stored = ST_DTYPES.get(files.slice("model.embed_tokens.weight").get_dtype())
-    finally:
-        files.close()
+    with _Files(folder).slice("model.embed_tokens.weight") as sl:
+        stored = ST_DTYPES.get(sl.get_dtype())
     stored = stored or checkpoint_dtype_name(raw) or "float32"
     return "bfloat16" if stored == "bfloat16" else "float32"
 

@@ -395,3 +395,74 @@ def test_load_weights_casts_to_the_requested_abstract_dtype(tmp_path):
     low = load_weights(folder, abstract, shardings, tied=False)
     np.testing.assert_array_equal(np.asarray(low["lm_head"]["kernel"]),
                                   spec["t"]["lm_head.weight"].T.astype(np.float32).astype(BF16))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: jaxeff convert, train.init_from: hf:PATH
+
+
+def _yaml(path, raw):
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_convert_prints_the_model_section_that_matches_config_json(tmp_path, capsys):
+    import yaml
+
+    from jaxeff.cli import main
+    from jaxeff.interop import model_config
+
+    folder, _ = make_hf(tmp_path / "hf", arch="Qwen2ForCausalLM", tie=True, rope=LLAMA3, dtype=BF16)
+    assert main(["convert", "--from-hf", str(folder)]) == 0
+    section = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert section["qkv_bias"] is True and section["rope_scaling"]["factor"] == 4.0
+    assert section["param_dtype"] == "bfloat16" and section["vocab_size"] == 61
+    from jaxeff.models.config import TransformerConfig
+
+    assert TransformerConfig(**section) == model_config(folder)
+    assert main(["convert", "--from-hf", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_convert_run_folder_round_trip_eval_and_generate(tmp_path, capsys):
+    from jaxeff.cli import main
+
+    folder, spec = make_hf(tmp_path / "hf", vocab=264, kv=1, rope=LLAMA3)
+    run = tmp_path / "runs" / "conv"
+    assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 0
+    assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 2  # never overwritten
+    assert main(["eval", str(run / "config.yaml"), "--checkpoint", str(run), "train.eval_batches=1",
+                 "data.docs_per_domain=20", "data.eval_docs_per_domain=2", "data.batch_size=8", "data.seq_len=32"]) == 0
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--from", str(run), "--to-hf", str(tmp_path / "back")]) == 0
+    back = _tensors(tmp_path / "back")
+    assert sorted(back) == sorted(spec["t"])
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, spec["t"][k].astype(np.float32), err_msg=k)
+
+
+def test_train_init_from_hf_starts_from_the_checkpoint_and_exports(tmp_path, capsys):
+    from conftest import TINY
+    from jaxeff.cli import main
+    from jaxeff.interop.convert import model_section
+
+    folder, spec = make_hf(tmp_path / "hf", vocab=264, d=32, heads=4, kv=2, ff=64)
+    raw = {**TINY, "model": {**model_section(folder), "max_seq_len": 32}, "logging": {"run_dir": str(tmp_path / "runs"),
+                                                                                      "progress": False},
+           "train": {**TINY["train"], "steps": 2, "eval_every": 2, "init_from": f"hf:{folder}"},
+           "optim": {"lr": 0.0, "grad_clip": None}}
+    cfg = _yaml(tmp_path / "ft.yaml", raw)
+    assert main(["train", str(cfg)]) == 0
+    assert main(["convert", "--from", str(tmp_path / "runs" / "tiny"), "--to-hf", str(tmp_path / "out")]) == 0
+    out = _tensors(tmp_path / "out")  # lr 0: the exported weights are the HF ones, bit for bit
+    for k in spec["t"]:
+        np.testing.assert_array_equal(out[k], spec["t"][k].astype(np.float32), err_msg=k)
+    # a model section that is not the checkpoint's architecture: one line, exit 2
+    capsys.readouterr()
+    bad = _yaml(tmp_path / "bad.yaml", {**raw, "name": "bad", "model": {**raw["model"], "n_kv_heads": 4}})
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_kv_heads is 4 but config.json" in err and len(err.strip().splitlines()) == 1
