@@ -21,17 +21,20 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import jax
 from jaxeff.interop import load_pretrained
 def hwm():  # peak resident memory of this process image (VmHWM; ru_maxrss would include the parent's before exec)
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-base = hwm()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+base, c0 = hwm(), cpu()
 t0 = time.perf_counter()
 model, params = load_pretrained(sys.argv[1], progress=False)
 jax.block_until_ready(params)
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "peak_rss": hwm(), "base_rss": base}))
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu() - c0, "peak_rss": hwm(), "base_rss": base}))
 """
 
 
@@ -78,7 +81,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env,
                                  check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"load {i + 1}: {r['seconds']:.2f} s = {size / r['seconds'] / 1e9:.2f} GB/s; peak RSS "
+            print(f"load {i + 1}: {r['seconds']:.2f} s = {size / r['seconds'] / 1e9:.2f} GB/s ({r['cpu_seconds']:.2f} "
+                  f"CPU-s = {size / r['cpu_seconds'] / 1e9:.2f} GB per CPU-s); peak RSS "
                   f"{r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.2f}x size (process before loading "
                   f"{r['base_rss'] / 1e9:.2f} GB; increase {(r['peak_rss'] - r['base_rss']) / size:.2f}x size)")
 
