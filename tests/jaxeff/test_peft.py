@@ -85,6 +85,24 @@ def test_merged_outputs_equal_unmerged_and_unmerge_restores_the_kernels(base):
         np.testing.assert_allclose(back[k], v, atol=1e-6)
 
 
+def test_lora_dropout_acts_on_the_adapter_path_only_when_given_a_key(base):
+    from jaxeff.peft import lora_interceptor
+
+    model, params, paths = base
+    x, ad = _tokens(), _random_adapters(params, paths)
+
+    def run(adapters, **kw):
+        with lora_interceptor(adapters, 2.0, **kw):
+            return model.apply({"params": params}, x).logits
+
+    plain = run(ad)
+    dropped = run(ad, dropout=0.5, rng=jax.random.key(0))
+    assert float(jnp.max(jnp.abs(dropped - plain))) > 1e-3
+    np.testing.assert_array_equal(run(ad, dropout=0.5, rng=jax.random.key(0)), dropped)  # same key, same mask
+    fresh = init_adapters(params, paths, 4, jax.random.key(3))  # B = 0: dropout cannot change the base
+    np.testing.assert_array_equal(run(fresh, dropout=0.5, rng=jax.random.key(0)), run(fresh))
+
+
 def test_switching_adapters_on_one_base(base):
     model, params, paths = base
     a1, a2 = _random_adapters(params, paths, seed=1), _random_adapters(params, paths, seed=2)
@@ -155,6 +173,19 @@ def test_qlora_base_is_nf4_at_about_half_a_byte_per_parameter(base):
     with lora_interceptor(fresh, 2.0, qbase=q, backend="reference", compute_dtype=jnp.float32):
         out = model.apply({"params": strip_kernels(params, paths)}, x).logits
     np.testing.assert_allclose(out, model.apply({"params": deq}, x).logits, rtol=1e-5, atol=1e-5)
+    # with biases (which QLoRA reads from the float part of the tree)
+    import dataclasses
+
+    bmodel = Transformer(dataclasses.replace(CFG, use_bias=True, n_layers=1))
+    bparams = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.1 if p[-1].key == "bias" else v, init_params(bmodel, jax.random.key(0)))
+    bpaths = target_paths(bparams, [r"layers_0/(attn|mlp)/.*"])
+    bq = quantize_base(bparams, bpaths)
+    with lora_interceptor(init_adapters(bparams, bpaths, 4, jax.random.key(3)), 2.0, qbase=bq, backend="reference",
+                          compute_dtype=jnp.float32):
+        out = bmodel.apply({"params": strip_kernels(bparams, bpaths)}, x).logits
+    bdeq = dequantize_base(strip_kernels(bparams, bpaths), bq)
+    np.testing.assert_allclose(out, bmodel.apply({"params": bdeq}, x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_qlora_gradient_wrt_adapters_matches_a_dequantized_float_reference(base):
