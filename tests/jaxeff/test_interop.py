@@ -466,3 +466,27 @@ def test_train_init_from_hf_starts_from_the_checkpoint_and_exports(tmp_path, cap
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "model.n_kv_heads is 4 but config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_fine_tune_from_hf_exports_merged_weights(tmp_path):
+    from conftest import TINY
+    from jaxeff.cli import main
+    from jaxeff.interop.convert import model_section
+
+    folder, spec = make_hf(tmp_path / "hf", vocab=264, d=32, heads=4, kv=2, ff=64)
+    raw = {**TINY, "method": "lora", "peft": {"rank": 4, "targets": [r"layers_\d+/attn/(q|v)"]},
+           "model": {**model_section(folder), "max_seq_len": 32},
+           "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+           "train": {**TINY["train"], "steps": 3, "eval_every": 3, "init_from": f"hf:{folder}"},
+           "optim": {"lr": 1e-2}}
+    assert main(["train", str(_yaml(tmp_path / "lora.yaml", raw))]) == 0
+    assert main(["convert", "--from", str(tmp_path / "runs" / "tiny"), "--to-hf", str(tmp_path / "out")]) == 0
+    out = _tensors(tmp_path / "out")
+    assert sorted(out) == sorted(spec["t"])
+    for k, v in out.items():
+        original = spec["t"][k].astype(np.float32)
+        if k.endswith(("q_proj.weight", "v_proj.weight")):  # adapters merged in
+            assert not np.array_equal(v, original) and np.abs(v - original).max() < 0.2, k
+        else:  # frozen by LoRA: unchanged, bit for bit
+            np.testing.assert_array_equal(v, original, err_msg=k)
+    load_pretrained(tmp_path / "out")
