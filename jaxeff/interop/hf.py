@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.interop.hf_config import (checkpoint_dtype_name, config_from_hf, config_to_hf, read_config_json)
+from jaxeff.interop.hf_config import checkpoint_dtype_name, config_from_hf, config_to_hf, read_config_json
 from jaxeff.models import Transformer, init_params, logical_axes
 from jaxeff.models.config import TransformerConfig
 
@@ -42,8 +42,8 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 NP_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 PROGRESS_MIN_BYTES = 256 * 2**20  # a progress bar for checkpoints at least this large
-DEFAULT_SHARD_BYTES = 5 * 2**30
-DEVICE_TRANSPOSE_MIN = 2**20  # elements: larger kernels are transposed (and cast) by XLA, not numpy  # like transformers' max_shard_size="5GB"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # like transformers' max_shard_size="5GB"
+DEVICE_TRANSPOSE_MIN = 2**20  # elements: larger kernels are transposed (and cast) by XLA, not numpy
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints carry
 
 _LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
@@ -112,7 +112,8 @@ class _Files:
             try:
                 sl = handle.get_slice(name)
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"'{self.where[name]}': tensor {name} is listed but cannot be read ({e})") from None
+                raise CheckpointError(f"'{self.where[name]}': tensor {name} is listed but cannot be read ({e})") \
+                    from None
             yield sl
 
 
@@ -369,7 +370,8 @@ def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = D
     write = jax.process_index() == 0
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-    bar = _bar(total, (total >= PROGRESS_MIN_BYTES if progress is None else progress) and write, f"saving {folder.name}")
+    show = (total >= PROGRESS_MIN_BYTES if progress is None else progress) and write
+    bar = _bar(total, show, f"saving {folder.name}")
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                  for i in range(len(shards))]
     weight_map = {}

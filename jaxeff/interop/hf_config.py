@@ -174,7 +174,8 @@ def architecture_for(cfg: TransformerConfig) -> str:
         raise ConfigError("model.sliding_window: per-layer windows export only as Qwen2 (a model with qkv_bias)")
     if windows[0] is not None:
         if cfg.use_bias:
-            raise ConfigError("model: sliding_window with use_bias has no Hugging Face equivalent (Mistral has no biases)")
+            raise ConfigError("model: sliding_window with use_bias has no Hugging Face equivalent "
+                              "(Mistral has no biases)")
         return "MistralForCausalLM"
     return "LlamaForCausalLM"
 
@@ -196,7 +197,8 @@ def config_to_hf(cfg: TransformerConfig, dtype: str) -> dict[str, Any]:
     if s is not None:
         out["rope_scaling"] = ({"rope_type": "linear", "factor": s.factor} if s.type == "linear" else {
             "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings})
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings})
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias, pretraining_tp=1)
     elif arch == "MistralForCausalLM":

@@ -490,3 +490,23 @@ def test_lora_fine_tune_from_hf_exports_merged_weights(tmp_path):
         else:  # frozen by LoRA: unchanged, bit for bit
             np.testing.assert_array_equal(v, original, err_msg=k)
     load_pretrained(tmp_path / "out")
+
+
+def test_save_refuses_what_hugging_face_cannot_hold(tmp_path):
+    from jaxeff.models import Transformer, TransformerConfig, init_params
+
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    cfg = TransformerConfig(**base, sliding_window=(None, 8))  # per-layer windows without Qwen2's biases
+    with pytest.raises(ConfigError, match="per-layer windows export only as Qwen2"):
+        save_pretrained(cfg, {}, tmp_path / "a")
+    model = Transformer(TransformerConfig(**base, use_bias=True, tie_embeddings=False))
+    params = init_params(model, jax.random.key(0))
+    params["lm_head"]["bias"] = params["lm_head"]["bias"] + 1.0
+    with pytest.raises(CheckpointError, match="lm_head/bias is non-zero"):
+        save_pretrained(model, params, tmp_path / "b")
+    plain = Transformer(TransformerConfig(**base))
+    params = init_params(plain, jax.random.key(0))
+    params["layers_0"]["attn"]["q"]["lora_a"] = jnp.zeros((32, 4))
+    with pytest.raises(CheckpointError, match="layers_0/attn/q/lora_a has no Hugging Face counterpart"):
+        save_pretrained(plain, params, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # nothing written before the check
