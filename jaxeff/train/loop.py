@@ -246,6 +246,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
 
     # Everything that can reject the user's input happens before anything is written.
     trainer = Trainer(cfg, devices=devices)
+    if trainer.n_trainable == 0:
+        raise ConfigError(f"method: '{cfg.method}' trains no parameters (use it with jaxeff eval / generate)")
     tokenizer, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     ckpt_dir = cfg.checkpoint_path
     _check_writable(cfg.run_path, "logging.run_dir")
