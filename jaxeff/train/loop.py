@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -179,17 +180,40 @@ class Trainer:
 
 
 def setup_distributed(cfg: ExperimentConfig) -> None:
-    """``jax.distributed.initialize`` from config or JAX's own auto-detection (SLURM, Open MPI,
-    Cloud TPU). Must run before any other JAX call."""
-    import os
-
+    """``jax.distributed.initialize`` from the config (``distributed.*``), else from the environment
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), else JAX's own
+    auto-detection (SLURM, Open MPI, Cloud TPU) when ``distributed.enabled=true``. Must run
+    before any other JAX call."""
     d = cfg.distributed
-    enabled = d.enabled
-    if enabled == "auto":
-        enabled = bool(d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    env = os.environ
+    address = d.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    num = d.num_processes if d.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = d.process_id if d.process_id is not None else _env_int("JAX_PROCESS_ID")
+    enabled = bool(address) if d.enabled == "auto" else d.enabled
     if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                                   process_id=d.process_id)
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: expected an integer (got {raw!r})") from None
+
+
+def _check_disk_space(path: Path, needed: int) -> None:
+    """A checkpoint needs about the train state's bytes; refuse to start when the disk holding
+    ``path`` has less than two of them free (one being written while the last one is kept)."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < 2 * needed:
+        raise ConfigError(f"checkpoint.dir: '{path}' has {free / 2**20:.1f} MiB free, a checkpoint needs about "
+                          f"{needed / 2**20:.1f} MiB (two must fit)")
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -252,6 +276,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     ckpt_dir = cfg.checkpoint_path
     _check_writable(cfg.run_path, "logging.run_dir")
     _check_writable(ckpt_dir, "checkpoint.dir")
+    _check_disk_space(ckpt_dir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state)))
     # One manager, created by every process alike (orbax synchronises its set-up across processes).
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
     existing = ckpt.latest_step()

@@ -227,3 +227,31 @@ def test_a_checkpoint_written_by_another_method_is_refused_naming_both(tiny_conf
                          f"distill.teacher_checkpoint={lm.run_path}"])
     with pytest.raises(CheckpointError, match="written by method 'lm', not 'distill'"):
         run_training(other)
+
+
+def test_too_little_disk_space_for_checkpoints_is_refused_before_training(tiny_config, monkeypatch):
+    import shutil as _shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    cfg = tiny_config([])
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: .* MiB free, a checkpoint needs about"):
+        run_training(cfg)
+    assert not cfg.run_path.exists()
+
+
+def test_distributed_settings_come_from_the_environment(tiny_config, monkeypatch):
+    from jaxeff.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(loop.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    loop.setup_distributed(tiny_config([]))
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}]
+    monkeypatch.setenv("JAX_PROCESS_ID", "three")
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID: expected an integer"):
+        loop.setup_distributed(tiny_config([]))
