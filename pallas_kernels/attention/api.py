@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._backend import resolve_backend as _resolve_backend
 from pallas_kernels.attention import common
 from pallas_kernels.attention.common import BlockSizes
 from pallas_kernels.attention.decode import combine_splits, flash_decode_partials
@@ -22,16 +23,7 @@ TPU_DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block
 
 
 def resolve_backend(backend: str) -> str:
-  if backend not in BACKENDS:
-    raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
-  if backend == "auto":
-    platform = jax.default_backend()
-    if platform == "gpu":
-      return "gpu"
-    if platform == "tpu":
-      return "tpu"
-    return "interpret"
-  return backend
+  return _resolve_backend(backend, BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------

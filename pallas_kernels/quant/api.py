@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._backend import resolve_backend
+
 from . import reference
 from .formats import QuantizedWeight
 
@@ -28,16 +30,7 @@ DEFAULT_OUTLIER_THRESHOLD = 6.0
 
 
 def _resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
-    if backend == "auto":
-        platform = jax.default_backend()
-        if platform == "gpu":
-            return "gpu"
-        if platform == "tpu":
-            return "tpu"
-        return "interpret"
-    return backend
+    return resolve_backend(backend, BACKENDS)
 
 
 def _next_pow2(v: int) -> int:
