@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 from jaxeff.errors import JaxeffError
@@ -72,9 +71,6 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
     setup_distributed(cfg)
     result = run_training(cfg)
-    if result.get("stopped_early"):
-        # a scheduler may signal each process again while they shut down together
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()
                if k.startswith("eval/loss") or k in ("train/loss", "step")}
     print(json.dumps(summary))

@@ -413,11 +413,17 @@ class _StopRequest:
 
             flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
             self.stopping = bool(np.max(flags))
+        if self.stopping and signal.SIGTERM in self._previous:
+            # already stopping: a scheduler's further SIGTERMs (to this or every process) change nothing
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return self.stopping
 
     def restore(self):
+        """Put back the previous handlers; after a stop SIGTERM stays ignored while the process
+        shuts down (the run is already checkpointed)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if not (self.stopping and sig == signal.SIGTERM):
+                signal.signal(sig, handler)
 
 
 def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, devices=None):
