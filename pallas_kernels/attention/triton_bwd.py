@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import LOG2E
-from pallas_kernels.attention.triton_fwd import (AttnStatic, block_range, dot_nn, dot_nt,
+from pallas_kernels.attention.triton_fwd import (AttnStatic, block_range, dot_nn, dot_nt, q_block_plan,
                                                  run_split_loop, visibility_mask)
 
 NEG_INF = float("-inf")
@@ -95,6 +95,7 @@ def _dq_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: i
      dq_ref) = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    qseg_ref = kseg_ref = slo_ref = shi_ref = None
   qi = pl.program_id(1)
   head_dim = q_ref.shape[-1]
   qk_scale = st.scale * LOG2E
@@ -103,17 +104,8 @@ def _dq_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: i
   do = do_ref[...]
   lse = lse_ref[...][:, None]
   delta = delta_ref[...][:, None]
-  q_first = qi * block_q + st.offset
-  q_pos = q_first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  q_seg = qseg_ref[...][:, None] if st.has_segments else None
-
-  lo, full_lo, full_hi, hi = block_range(
-      q_first, q_first + block_q - 1, reach_lo=st.left, reach_hi=st.right, block=block_k,
-      n_blocks=n_kv_blocks, n_full=st.kv_len // block_k)
-  if st.has_segments:
-    lo = jnp.maximum(lo, slo_ref[qi])
-    hi = jnp.maximum(jnp.minimum(hi, shi_ref[qi]), lo)
-  needs_mask = (st.left is not None or st.right is not None or st.kv_len % block_k != 0)
+  q_pos, q_seg, (lo, full_lo, full_hi, hi), needs_mask = q_block_plan(
+      qi, qseg_ref, slo_ref, shi_ref, st=st, block_q=block_q, block_k=block_k, n_kv_blocks=n_kv_blocks)
 
   def body(j, dq, masked):
     start = pl.multiple_of(j * block_k, block_k)

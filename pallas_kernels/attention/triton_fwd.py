@@ -127,20 +127,14 @@ def run_split_loop(body, lo, full_lo, full_hi, hi, carry, *, needs_mask: bool, s
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
-def _fwd_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: int):
-  if st.has_segments:
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, slo_ref, shi_ref, o_ref, lse_ref = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  qi = pl.program_id(1)
-  head_dim = q_ref.shape[-1]
-  qk_scale = st.scale * LOG2E
-
-  q = q_ref[...]                                     # [block_q, D]
+def q_block_plan(qi, qseg_ref, slo_ref, shi_ref, *, st: AttnStatic, block_q: int, block_k: int,
+                 n_kv_blocks: int):
+  """For query block ``qi``: absolute query positions ``[block_q, 1]``, query segment ids (or
+  None), the KV-block loop bounds ``(lo, full_lo, full_hi, hi)`` narrowed by the per-block
+  segment ranges, and whether edge blocks need a mask. Shared by the forward and dQ kernels."""
   q_first = qi * block_q + st.offset                 # absolute position of the first query row
   q_pos = q_first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   q_seg = qseg_ref[...][:, None] if st.has_segments else None
-
   lo, full_lo, full_hi, hi = block_range(
       q_first, q_first + block_q - 1, reach_lo=st.left, reach_hi=st.right, block=block_k,
       n_blocks=n_kv_blocks, n_full=st.kv_len // block_k)
@@ -148,6 +142,22 @@ def _fwd_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: 
     lo = jnp.maximum(lo, slo_ref[qi])
     hi = jnp.maximum(jnp.minimum(hi, shi_ref[qi]), lo)
   needs_mask = (st.left is not None or st.right is not None or st.kv_len % block_k != 0)
+  return q_pos, q_seg, (lo, full_lo, full_hi, hi), needs_mask
+
+
+def _fwd_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: int):
+  if st.has_segments:
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, slo_ref, shi_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    qseg_ref = kseg_ref = slo_ref = shi_ref = None
+  qi = pl.program_id(1)
+  head_dim = q_ref.shape[-1]
+  qk_scale = st.scale * LOG2E
+
+  q = q_ref[...]                                     # [block_q, D]
+  q_pos, q_seg, (lo, full_lo, full_hi, hi), needs_mask = q_block_plan(
+      qi, qseg_ref, slo_ref, shi_ref, st=st, block_q=block_q, block_k=block_k, n_kv_blocks=n_kv_blocks)
 
   def body(j, carry, masked):
     acc, m_prev, l_prev = carry
