@@ -70,7 +70,8 @@ class Trainer:
         self.base_abstract = jax.eval_shape(lambda: init_params(self.model, key, (1, seq)))
         abstract_params = jax.eval_shape(lambda: self.method.prepare_params(init_params(self.model, key, (1, seq)), key))
         trainable = self.method.trainable(abstract_params)
-        self.tx = make_optimizer(cfg.optim, cfg.train.steps, trainable)
+        make_tx = self.method.optimizer or make_optimizer
+        self.tx = make_tx(cfg.optim, cfg.train.steps, trainable)
         self.schedule = make_schedule(cfg.optim, cfg.train.steps)
         model_axes = logical_axes(self.model, (1, seq))
         self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)

@@ -19,6 +19,11 @@ A method is a few pure functions and data, not a subclass of the trainer:
   method that changes the computation (fake quantization, unmerged adapters via
   ``flax.linen.intercept_methods``) overrides it and uses it in its loss too.
 - ``frozen`` / ``frozen_logical_axes``: the read-only arrays and their logical axis names.
+- ``with_step``: when true, ``loss`` also receives ``step=`` (int32 scalar: updates done so far), for
+  schedules inside the loss (e.g. a warm-up of an inner learning rate or of a pruning target).
+- ``optimizer(optim_cfg, total_steps, trainable) -> optax.GradientTransformation``: replaces the
+  trainer's optimizer (default: :func:`jaxeff.train.optim.make_optimizer`), for methods whose
+  parameter groups need their own rules (e.g. Lagrange multipliers trained by gradient ascent).
 
 Methods register a factory ``factory(cfg, model) -> Method`` under their config name, in the
 module that ``jaxeff.config.METHOD_MODULES`` names for it.
@@ -53,6 +58,8 @@ class Method:
     frozen: Any = None
     frozen_logical_axes: Any = None
     apply: Callable[..., Any] | None = None
+    with_step: bool = False
+    optimizer: Callable[..., Any] | None = None
 
     def run(self, model, params, tokens, **kwargs):
         """The model's output for the prepared parameter tree (see ``apply``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -44,10 +45,11 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
     ``"off"`` applies every update. ``inject_nan_at`` (tests only) makes that 1-based step's loss NaN.
     """
     limit = 1 if nonfinite == "stop" else max_skips
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
+        loss_fn = functools.partial(method.loss, step=state.step) if method.with_step else method.loss
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if grad_accum == 1:
             (loss, metrics), grads = grad_fn(state.params, batch, rng, extra=state.extra, frozen=frozen,
                                                     deterministic=False)

@@ -84,6 +84,35 @@ def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_config):
     assert not np.array_equal(after["layers_0"]["attn"]["q"]["kernel"], before["layers_0"]["attn"]["q"]["kernel"])
 
 
+@register_method("_test_hooks")
+def _hooks_method(cfg, model):
+    import optax
+
+    base = lm_method(cfg, model)
+
+    def loss(params, batch, rng, *, extra, frozen, deterministic, step):
+        value, metrics = base.loss(params, batch, rng, extra=extra, frozen=frozen, deterministic=deterministic)
+        return value, {**metrics, "seen_step": step.astype(jnp.float32)}
+
+    def optimizer(optim_cfg, total_steps, trainable):  # gradient ascent on every parameter
+        return optax.sgd(-0.1)
+
+    return dataclasses.replace(base, name="_test_hooks", loss=loss, with_step=True, optimizer=optimizer)
+
+
+def test_method_hooks_pass_the_step_to_the_loss_and_replace_the_optimizer(tiny_config):
+    cfg = tiny_config(["mesh.data=1"])
+    object.__setattr__(cfg, "method", "_test_hooks")
+    t = Trainer(cfg, devices=jax.devices()[:1])
+    state = t.init_state()
+    batch = _batch(cfg)
+    state, m0 = t.train_step(state, batch)
+    state, m1 = t.train_step(state, batch)
+    state, m2 = t.train_step(state, batch)
+    assert [float(m["seen_step"]) for m in (m0, m1, m2)] == [0.0, 1.0, 2.0]
+    assert float(m2["loss"]) > float(m1["loss"]) > float(m0["loss"])  # ascent: the loss rises
+
+
 def _scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
