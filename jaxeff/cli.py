@@ -60,7 +60,33 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to-hf", dest="to_hf", help="new Hugging Face folder for --from")
     c.add_argument("--step", type=int, default=None)
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
+    for module in FAMILY_CLIS:
+        _family_cli(module).register(sub)
     return p
+
+
+# Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers
+# and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
+# light to import (no jax at module level): they load for every command.
+FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
+               "jaxeff.decode.cli", "jaxeff.ttt.cli")
+
+
+class _NoVerbs:
+    @staticmethod
+    def register(sub):
+        pass
+
+
+def _family_cli(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:  # that family has no verbs (yet)
+            return _NoVerbs
+        raise
 
 
 def cmd_train(args) -> int:
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
-    handler = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
+    handler = getattr(args, "handler", None) or {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
                "merge-adapter": cmd_merge_adapter, "convert": cmd_convert}[args.command]
     try:
         return handler(args)

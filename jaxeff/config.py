@@ -20,12 +20,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from jaxeff.data.dynamic import DynamicBatchConfig
 from jaxeff.distill.config import DistillConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models.config import TransformerConfig
 from jaxeff.peft.config import PeftConfig
+from jaxeff.prune.config import PruneConfig
 from jaxeff.quant.config import QuantConfig
 from jaxeff.schema import Section as _Section
+from jaxeff.ttt.config import TTTConfig
 
 
 # method name -> module that registers it with jaxeff.train.methods.register_method
@@ -37,6 +40,8 @@ METHOD_MODULES = {
     "bitfit": "jaxeff.peft",
     "qat": "jaxeff.quant",
     "quantized": "jaxeff.quant",
+    "shear": "jaxeff.prune.shear",
+    "ttt_e2e": "jaxeff.ttt",
 }
 
 
@@ -60,6 +65,7 @@ class DataConfig(_Section):
     seq_len: int = Field(128, gt=1)  # tokens per packed row
     batch_size: int = Field(16, gt=0)  # global batch (rows) per optimizer step
     seed: int = 0
+    dynamic: DynamicBatchConfig = Field(default_factory=DynamicBatchConfig)  # dynamic batch loading
 
 
 class OptimConfig(_Section):
@@ -149,6 +155,8 @@ class ExperimentConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    ttt: TTTConfig = Field(default_factory=TTTConfig)
 
     @field_validator("method")
     @classmethod
