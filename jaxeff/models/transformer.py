@@ -74,12 +74,21 @@ class RMSNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """``mask [features]`` (optional, pruning): the mean square is taken over the features whose
+        mask is non-zero only (``sum(x² · [mask≠0]) / count(mask≠0)``, whatever the non-zero
+        values are), and the output is multiplied by ``mask``; see :mod:`jaxeff.prune.shear`."""
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        if mask is None:
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        m = mask.astype(jnp.float32)
+        kept = (m != 0).astype(jnp.float32)
+        ms = jnp.sum(xf * xf * kept, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(kept), 1.0)
+        y = xf * jax.lax.rsqrt(ms + self.eps)
+        return (y * scale.astype(jnp.float32) * m).astype(self.dtype)
 
 
 def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None,
@@ -101,7 +110,8 @@ class Attention(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, deterministic):
+    def __call__(self, x, positions, segment_ids, cache, deterministic, head_mask=None):
+        """``head_mask [heads]`` (optional, pruning) multiplies each head's context before ``o``."""
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
@@ -123,6 +133,8 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
             y = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
                           window=self.window, q_offset=index, kv_valid=index + t)
+        if head_mask is not None:
+            y = y * head_mask.astype(y.dtype)[None, None, :, None]
         y = y.reshape(b, t, h * hd)
         y = _dense(cfg, cfg.d_model, ("heads", "embed"), "o", std=out_std)(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -133,12 +145,16 @@ class MLP(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, deterministic):
+    def __call__(self, x, deterministic, int_mask=None):
+        """``int_mask [d_ff]`` (optional, pruning) multiplies the SwiGLU product before ``down``."""
         cfg = self.config
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         gate = _dense(cfg, cfg.ff, ("embed", "mlp"), "gate")(x)
         up = _dense(cfg, cfg.ff, ("embed", "mlp"), "up")(x)
-        y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=out_std)(nn.silu(gate) * up)
+        h = nn.silu(gate) * up
+        if int_mask is not None:
+            h = h * int_mask.astype(h.dtype)
+        y = _dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=out_std)(h)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
@@ -147,15 +163,38 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, deterministic):
+    def __call__(self, x, positions, segment_ids, cache, deterministic, masks=None):
+        """``masks`` (optional, pruning): this layer's entries of :class:`Transformer`'s masks,
+        ``head [heads]``, ``attn`` and ``mlp`` (scalars), ``intermediate [d_ff]``, ``hidden [d_model]``
+        (any subset; absent = 1)."""
         cfg = self.config
         norm = dict(eps=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
-        y, new_cache = Attention(cfg, self.window, name="attn")(
-            RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic)
-        x = x + y
-        x = x + MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x), deterministic)
+        if masks is None:
+            y, new_cache = Attention(cfg, self.window, name="attn")(
+                RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic)
+            x = x + y
+            x = x + MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x), deterministic)
+        else:
+            hidden = masks.get("hidden")
+            y, new_cache = Attention(cfg, self.window, name="attn")(
+                RMSNorm(**norm, name="attn_norm")(x, hidden), positions, segment_ids, cache, deterministic,
+                masks.get("head"))
+            x = x + _scale_output(y, masks.get("attn"), hidden)
+            y = MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x, hidden), deterministic,
+                                     masks.get("intermediate"))
+            x = x + _scale_output(y, masks.get("mlp"), hidden)
         x = nn.with_logical_constraint(x, ("batch", None, None))
         return x, new_cache
+
+
+def _scale_output(y, layer_mask, hidden_mask):
+    """A sublayer output ``y [batch, seq, d_model]`` times its layer mask (scalar) and the hidden
+    mask ``[d_model]`` (either may be None)."""
+    if layer_mask is not None:
+        y = y * layer_mask.astype(y.dtype)
+    if hidden_mask is not None:
+        y = y * hidden_mask.astype(y.dtype)
+    return y
 
 
 class Transformer(nn.Module):
@@ -165,13 +204,20 @@ class Transformer(nn.Module):
     packed positions with ``segment_ids`` so documents in one row do not see each other.
     With ``cache`` (from :func:`init_cache`) the new tokens are appended and attend to the
     cached ones; the updated cache is returned in the output.
+
+    ``masks`` (optional; structured pruning, :mod:`jaxeff.prune.shear`) is a dict with any of
+    ``head [n_layers, n_heads]`` (each head's context before ``o``), ``attn [n_layers]`` and
+    ``mlp [n_layers]`` (the sublayer outputs), ``intermediate [n_layers, d_ff]`` (the SwiGLU
+    product) and ``hidden [d_model]`` (the embeddings, every sublayer output and every RMSNorm
+    output, final norm included; those norms average over the kept features only). Without
+    ``masks`` the computation is exactly the unmasked one.
     """
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True,
-                 return_hidden=False):
+                 return_hidden=False, masks=None):
         cfg = self.config
         b, t = tokens.shape
         if positions is None:
@@ -182,6 +228,9 @@ class Transformer(nn.Module):
                                                                      ("vocab", "embed")),
                          name="embed")
         x = embed(tokens)
+        hidden_mask = None if masks is None else masks.get("hidden")
+        if hidden_mask is not None:
+            x = x * hidden_mask.astype(x.dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", None, None))
         hidden = [x]
@@ -191,10 +240,17 @@ class Transformer(nn.Module):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "index": cache["index"]}
-            x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache, deterministic)
+            if masks is None:
+                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
+                                                                   deterministic)
+            else:
+                layer_masks = {k: (v if k == "hidden" else v[i]) for k, v in masks.items() if v is not None}
+                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
+                                                                   deterministic, layer_masks)
             new_layers.append(lc)
             hidden.append(x)
-        x = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
+        final_norm = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")
+        x = final_norm(x) if hidden_mask is None else final_norm(x, hidden_mask)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

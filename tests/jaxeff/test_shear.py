@@ -1,0 +1,325 @@
+"""Sheared-LLaMA pruning: hard-concrete masks, the masked model, the Lagrangian step, extraction."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.cli import main
+from jaxeff.errors import ConfigError
+from jaxeff.models import Transformer, TransformerConfig, init_params
+from jaxeff.models.transformer import RMSNorm
+from jaxeff.prune import hard_concrete as hc
+from jaxeff.prune.config import PruneConfig, pruned_sizes
+from jaxeff.prune.extract import extract, extract_run, fold
+from jaxeff.prune.shear import apply_masked, final_masks, init_shear, shear_optimizer, target_sparsity
+from jaxeff.train.checkpoint import Checkpointer
+from jaxeff.train.methods import make_method
+
+TARGET = {"d_model": 24, "n_heads": 2, "n_layers": 2, "d_ff": 20}
+# GQA (2 kv groups of 2 heads), tied embeddings, a per-layer window; and MHA, untied, with biases
+GQA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32,
+                        sliding_window=(None, 8, None))
+MHA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=32,
+                        tie_embeddings=False, use_bias=True)
+
+
+def _tokens(seed=9, shape=(2, 16), vocab=64):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def _noisy_params(cfg, seed=0):
+    """Random parameters with non-trivial norm scales and biases (fresh ones are 1 and 0)."""
+    params = init_params(Transformer(cfg), jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _shear_tree(cfg, target=TARGET, seed=2):
+    """A ``shear`` parameter tree with spread-out log α (so the soft mask values differ from 1)."""
+    pc = PruneConfig(target=target)
+    sizes = pruned_sizes(pc, cfg)
+    shear = init_shear(hc.mask_shapes(cfg, sizes), jax.random.key(1), pc)
+    shear["log_alpha"] = {t: 2.0 * jax.random.normal(jax.random.key(seed + i), v.shape)
+                          for i, (t, v) in enumerate(sorted(shear["log_alpha"].items()))}
+    return {"model": _noisy_params(cfg), "shear": shear}, pc, sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# hard-concrete formulas
+
+
+def test_hard_concrete_samples_lie_in_0_1_with_exact_zeros_and_ones_at_the_keep_probability():
+    log_alpha = jnp.repeat(jnp.array([-2.0, 0.0, 1.0, 3.0]), 20000).reshape(4, 20000)
+    z = np.asarray(hc.sample(log_alpha, jax.random.key(0)))
+    assert z.min() == 0.0 and z.max() == 1.0
+    assert np.all((z >= 0) & (z <= 1))
+    assert 0 < np.mean((z > 0) & (z < 1)) < 1  # soft values in between too
+    np.testing.assert_allclose((z > 0).mean(axis=1), np.asarray(hc.keep_prob(log_alpha[:, 0])), atol=0.015)
+
+
+def test_keep_probability_is_one_minus_sigmoid_of_beta_ln_l_over_r_minus_log_alpha():
+    la = np.array([-4.0, -1.0, 0.0, 0.5, 2.0, 4.6])
+    expected = 1.0 - 1.0 / (1.0 + np.exp(-((2 / 3) * np.log(0.1 / 1.1) - la)))
+    np.testing.assert_allclose(np.asarray(hc.keep_prob(jnp.asarray(la))), expected, rtol=1e-5)
+    assert float(hc.keep_prob(jnp.float32((2 / 3) * math.log(0.1 / 1.1)))) == pytest.approx(0.5)
+    assert float(hc.keep_prob(jnp.float32(100.0))) == pytest.approx(1 - 1e-6)  # clamped at 1 - ε
+
+
+def test_deterministic_masks_keep_the_top_log_alpha_per_row_at_the_soft_value():
+    la = jnp.array([[0.3, -1.0, 2.0, 0.1], [5.0, 4.0, -3.0, 4.5]])
+    m = np.asarray(hc.deterministic(la, 2))
+    np.testing.assert_array_equal(m != 0, [[True, False, True, False], [True, False, False, True]])
+    np.testing.assert_allclose(m[m != 0], 1 / (1 + np.exp(-np.asarray(la)[m != 0] / (2 / 3) * 0.8)), rtol=1e-6)
+
+
+def test_pruning_eval_is_deterministic_and_uses_exactly_the_target_counts(tiny_config):
+    cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.d_model=24"])
+    model = Transformer(cfg.model)
+    method = make_method(cfg, model)
+    params = method.prepare_params(init_params(model, jax.random.key(0)), jax.random.key(1))
+    sizes = pruned_sizes(cfg.prune, cfg.model)
+    masks = final_masks(params["shear"], sizes)
+    assert {t: int(np.count_nonzero(np.asarray(v), axis=-1).max()) for t, v in masks.items()} == {
+        "head": 1, "intermediate": 40, "hidden": 24}
+    x = _tokens(vocab=264)
+    a, b = method.run(model, params, x).logits, method.run(model, params, x).logits
+    np.testing.assert_array_equal(a, b)
+    batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "positions": None, "segment_ids": None}
+    l1, _ = method.loss(params, batch, jax.random.key(1), extra={}, frozen=None, deterministic=True, step=0)
+    l2, _ = method.loss(params, batch, jax.random.key(2), extra={}, frozen=None, deterministic=True, step=0)
+    assert float(l1) == float(l2)
+    l3, _ = method.loss(params, batch, jax.random.key(1), extra={}, frozen=None, deterministic=False, step=0)
+    l4, _ = method.loss(params, batch, jax.random.key(2), extra={}, frozen=None, deterministic=False, step=0)
+    assert float(l3) != float(l4)  # training samples masks
+
+
+# ------------------------------------------------------------------------------------------------
+# the masked model
+
+
+def test_masked_rmsnorm_averages_over_the_kept_features_only():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    mask = jnp.array([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 2.0, 1.0])
+    kept = np.flatnonzero(np.asarray(mask))
+    norm = RMSNorm()
+    params = {"params": {"scale": jnp.linspace(0.5, 1.5, 8)}}
+    y = np.asarray(norm.apply(params, x, mask))
+    sub = np.asarray(norm.apply({"params": {"scale": params["params"]["scale"][kept]}}, x[..., kept]))
+    np.testing.assert_allclose(y[..., kept], sub * np.asarray(mask)[kept], rtol=1e-6)
+    assert np.all(y[..., np.asarray(mask) == 0] == 0)
+
+
+def test_all_ones_masks_give_the_unmasked_logits():
+    model = Transformer(GQA)
+    params = _noisy_params(GQA)
+    ones = {"head": jnp.ones((3, 4)), "attn": jnp.ones(3), "mlp": jnp.ones(3), "intermediate": jnp.ones((3, 48)),
+            "hidden": jnp.ones(32)}
+    x = _tokens()
+    np.testing.assert_allclose(model.apply({"params": params}, x, masks=ones).logits,
+                               model.apply({"params": params}, x).logits, rtol=1e-5, atol=1e-5)
+
+
+def _count_kept(model_cfg, params, masks):
+    """Parameters whose every masked dimension is kept, counted leaf by leaf (0/1 masks)."""
+    m = model_cfg
+    g, hd = m.n_heads // m.kv_heads, m.hd
+    ones = lambda *s: np.ones(s)
+    zh = np.asarray(masks.get("hidden", ones(m.d_model)))
+    zl = np.asarray(masks.get("layer", ones(m.n_layers)))
+    zg = np.asarray(masks.get("head", ones(m.n_layers, m.kv_heads)))
+    zi = np.asarray(masks.get("intermediate", ones(m.n_layers, m.ff)))
+    total = 0
+    for name, sub in params.items():
+        if not name.startswith("layers_"):
+            if name == "embed":
+                total += int(np.outer(np.ones(m.vocab_size), zh).sum())
+            elif name == "final_norm":
+                total += int(zh.sum())
+            else:
+                total += int(np.outer(zh, np.ones(m.vocab_size)).sum()) + sub.get("bias", np.zeros(0)).size
+            continue
+        l = int(name.split("_")[1])
+        q_heads = np.repeat(zg[l], g * hd)
+        kv = np.repeat(zg[l], hd)
+        cols = {"q": q_heads, "k": kv, "v": kv, "gate": zi[l], "up": zi[l]}
+        for block, mods in sub.items():
+            if block.endswith("_norm"):
+                total += int(zl[l] * zh.sum())
+                continue
+            for mod, leaves in mods.items():
+                for leaf, x in leaves.items():
+                    if mod in cols:
+                        kept = np.outer(zh, cols[mod]) if leaf == "kernel" else cols[mod]
+                    else:  # o, down: [in, d_model]
+                        rows = q_heads if mod == "o" else zi[l]
+                        kept = np.outer(rows, zh) if leaf == "kernel" else zh
+                    assert kept.shape == x.shape, (name, block, mod, leaf)
+                    total += int(zl[l] * kept.sum())
+    return total
+
+
+@pytest.mark.parametrize("cfg", [GQA, MHA], ids=["gqa_tied", "mha_untied_bias"])
+def test_expected_params_equals_the_count_of_kept_parameters_for_hard_masks(cfg):
+    params = _noisy_params(cfg)
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        masks = {"head": rng.random((3, cfg.kv_heads)) < 0.6, "intermediate": rng.random((3, 48)) < 0.5,
+                 "layer": rng.random(3) < 0.7, "hidden": rng.random(32) < 0.8}
+        masks = {t: v.astype(np.float32) for t, v in masks.items()}
+        drop = list(masks)[trial]  # a missing mask type keeps everything
+        masks.pop(drop)
+        expected = float(hc.expected_params({t: jnp.asarray(v) for t, v in masks.items()}, cfg))
+        assert expected == _count_kept(cfg, jax.device_get(params), masks)
+    assert float(hc.expected_params({}, cfg)) == cfg.param_count()
+
+
+# ------------------------------------------------------------------------------------------------
+# extraction
+
+
+@pytest.mark.parametrize("cfg", [GQA, MHA], ids=["gqa_tied_window", "mha_untied_bias"])
+def test_extracted_model_gives_the_masked_models_logits_and_has_the_target_shapes(cfg):
+    full, pc, sizes = _shear_tree(cfg)
+    masks = final_masks(full["shear"], sizes)
+    assert any(0.05 < float(v) < 0.95 for m in masks.values() for v in np.asarray(m).ravel())  # soft values fold
+    small, small_cfg = extract(full, cfg, pc)
+    assert (small_cfg.d_model, small_cfg.n_heads, small_cfg.n_layers, small_cfg.d_ff) == (24, 2, 2, 20)
+    assert small_cfg.head_dim == cfg.hd and small_cfg.kv_heads == (1 if cfg.n_kv_heads else 2)
+    fresh = init_params(Transformer(small_cfg), jax.random.key(0))
+    assert jax.tree.structure(small) == jax.tree.structure(fresh)
+    assert jax.tree.map(lambda a: a.shape, small) == jax.tree.map(lambda a: a.shape, fresh)
+    assert sum(x.size for x in jax.tree.leaves(small)) == small_cfg.param_count()
+    hard = {t: (np.asarray(v) != 0).astype(np.float32) for t, v in masks.items()}
+    assert float(hc.expected_params({t: jnp.asarray(v) for t, v in hard.items()}, cfg)) == small_cfg.param_count()
+    x = _tokens()
+    masked = apply_masked(Transformer(cfg), full, x, masks).logits
+    np.testing.assert_allclose(Transformer(small_cfg).apply({"params": small}, x).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_extraction_keeps_sliding_windows_of_the_kept_layers_and_refuses_ragged_masks():
+    params = _noisy_params(GQA)
+    masks = {"layer": np.array([1.0, 0.0, 1.0])}
+    _, small_cfg = fold(params, GQA, masks)
+    assert small_cfg.sliding_window == (None, None)
+    _, small_cfg = fold(params, GQA, {"layer": np.array([0.0, 1.0, 1.0])})
+    assert small_cfg.sliding_window == (8, None)
+    from jaxeff.errors import JaxeffError
+
+    with pytest.raises(JaxeffError, match="kept layers keep"):
+        fold(params, GQA, {"head": np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])})
+    with pytest.raises(JaxeffError, match=r"masks.hidden: shape \(31,\)"):
+        fold(params, GQA, {"hidden": np.ones(31)})
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize("override, match", [
+    ("prune.target.d_model=64", r"prune.target.d_model: 64 is larger than the source model's 32"),
+    ("prune.target.n_heads=3", r"prune.target.n_heads: 3 is not a multiple of the 2 query heads per kv head"),
+    ("prune.target.n_layers=2", r"prune.target: equals the source model"),
+])
+def test_bad_prune_targets_are_one_line_config_errors(tiny_config, override, match):
+    cfg = tiny_config(["method=shear", override])
+    with pytest.raises(ConfigError, match=match) as e:
+        make_method(cfg, Transformer(cfg.model))
+    assert "\n" not in str(e.value)
+
+
+def test_target_sparsity_warms_up_linearly_then_stays():
+    sizes = {"head": (4, 1), "layer": (4, 3)}
+    at = lambda step: {t: float(v) for t, v in target_sparsity(sizes, step, 10).items()}
+    assert at(0) == {"head": 0.0, "layer": 0.0}
+    assert at(5) == pytest.approx({"head": 0.375, "layer": 0.125})
+    assert at(10) == at(50) == pytest.approx({"head": 0.75, "layer": 0.25})
+    assert target_sparsity(sizes, 0, 0)["head"] == pytest.approx(0.75)
+
+
+def test_optimizer_descends_on_weights_and_log_alpha_ascends_on_lambdas_and_clamps_log_alpha(tiny_config):
+    cfg = tiny_config(["method=shear", "prune.target.d_ff=32", "prune.mask_lr=0.5", "prune.lambda_lr=0.25"])
+    params = {"model": {"w": jnp.ones(3)}, "shear": {"log_alpha": {"intermediate": jnp.array([0.0, 4.5])},
+                                                   "lambdas": {"intermediate": jnp.zeros(2)}}}
+    trainable = jax.tree.map(lambda _: True, params)
+    tx = shear_optimizer(cfg.prune, cfg.optim, 10, trainable)
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads["shear"]["log_alpha"]["intermediate"] = jnp.array([1.0, -1.0])
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert np.all(np.asarray(updates["model"]["w"]) < 0)
+    np.testing.assert_allclose(updates["shear"]["lambdas"]["intermediate"], [0.25, 0.25], rtol=1e-4)  # ascent
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_allclose(new["shear"]["log_alpha"]["intermediate"], [-0.5, math.log(100)], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def test_sharded_pruning_step_on_8_devices_trains_masks_and_multipliers(tiny_config):
+    from jaxeff.train.inputs import build_data
+    from jaxeff.train.loop import Trainer
+
+    cfg = tiny_config(["method=shear", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "prune.target.n_heads=2",
+                       "prune.target.d_ff=32", "prune.target.n_layers=1", "prune.target.d_model=16",
+                       "prune.warmup_fraction=0"])
+    trainer = Trainer(cfg)
+    assert len(trainer.mesh.devices.ravel()) == 8
+    state = trainer.init_state()
+    before = jax.device_get(state.params)
+    assert trainer.param_shardings["model"]["layers_0"]["mlp"]["up"]["kernel"].spec != ()  # model sharded
+    _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, loader.next_batch())
+    after = jax.device_get(state.params)
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["shear/target_sparsity/intermediate"]) == pytest.approx(0.5)  # no warm-up
+    for t in ("head", "intermediate", "layer", "hidden"):
+        lam = after["shear"]["lambdas"][t]
+        assert lam[0] < 0 < lam[1]  # sparsity below target: λ1 falls; λ2 (gap² > 0) rises
+        assert np.all(after["shear"]["log_alpha"][t] <= math.log(100) + 1e-6)  # 5 clamped
+        assert not np.allclose(after["shear"]["log_alpha"][t], before["shear"]["log_alpha"][t])
+    assert not np.allclose(after["model"]["layers_0"]["mlp"]["up"]["kernel"],
+                           before["model"]["layers_0"]["mlp"]["up"]["kernel"])
+    for k in ("shear/lm_loss", "shear/expected_params", "shear/sparsity/head", "shear/lambda1/layer"):
+        assert k in metrics
+
+
+def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_config, tmp_path, capsys):
+    from jaxeff.config import from_dict
+    from jaxeff.train.loop import Trainer
+
+    cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.n_layers=1",
+                       "mesh.data=1", "data.batch_size=2"])
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    state = trainer.init_state()
+    noisy = jax.tree.map(lambda x: x - 0.5 * jax.random.normal(jax.random.key(3), x.shape), state.params["shear"])
+    state = state.replace(params={**state.params, "shear": noisy})
+    ckpt = Checkpointer(cfg.checkpoint_path)
+    ckpt.save(0, state, data_state={}, config=cfg.to_dict())
+    ckpt.close()
+    assert main(["extract", "--checkpoint", str(cfg.run_path), "--out", str(tmp_path / "small")]) == 0
+    printed = capsys.readouterr().out
+    assert '"n_layers": 1' in printed and '"head_dim": 8' in printed
+    assert main(["extract", "--checkpoint", str(cfg.run_path), "--out", str(tmp_path / "small")]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["extract", "--checkpoint", str(tmp_path / "small"), "--out", str(tmp_path / "x")]) == 2
+    assert "expected a shear run" in capsys.readouterr().err
+
+    saved = Checkpointer(tmp_path / "small" / "checkpoints", create=False)
+    small_dict = saved.read_config()
+    saved.close()
+    assert small_dict["method"] == "lm" and small_dict["model"]["d_ff"] == 40
+    # another run starts from it (train.init_from) and computes what the masked model computed
+    raw = {**cfg.to_dict(), "method": "lm", "name": "next", "model": small_dict["model"],
+           "train": {**cfg.to_dict()["train"], "init_from": str(tmp_path / "small")}}
+    raw.pop("prune")
+    nxt = Trainer(from_dict(raw), devices=jax.devices()[:1])
+    base = nxt.load_base_params(str(tmp_path / "small"))
+    x = _tokens(vocab=264)
+    np.testing.assert_allclose(nxt.method.run(nxt.model, base, x).logits,
+                               trainer.method.run(trainer.model, state.params, x).logits, rtol=1e-5, atol=1e-5)
+    assert main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "1+1=", "--max-new-tokens", "3"]) == 0
