@@ -169,3 +169,52 @@ def test_vocabulary_mismatch_batch_and_gamma_are_config_errors(target):
                              max_new_tokens=4)
     with pytest.raises(ConfigError, match="gamma"):
         speculative_generate(model, params, model, params, PROMPT, jax.random.key(0), max_new_tokens=4, gamma=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _saved_run(tiny_config, name, overrides=()):
+    from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.loop import Trainer
+
+    cfg = tiny_config([f"name={name}", *overrides])
+    ckpt = Checkpointer(cfg.checkpoint_path)  # a run at its random initialisation
+    ckpt.save(0, Trainer(cfg, devices=jax.devices()[:1]).init_state(), data_state={}, config=cfg.to_dict())
+    ckpt.close()
+    return cfg.run_path
+
+
+@pytest.mark.slow
+def test_speculate_cli_prints_text_and_statistics(tiny_config, capsys):
+    import json
+
+    from jaxeff.cli import main
+
+    target = _saved_run(tiny_config, "t")
+    draft = _saved_run(tiny_config, "d", ["model.n_layers=1"])
+    rc = main(["speculate", "--target", str(target), "--draft", str(draft), "--prompt", "ab", "--gamma", "3",
+               "--max-new-tokens", "8", "--compare"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rep = json.loads(lines[-1])
+    assert rc == 0 and lines[0].startswith("ab")
+    assert rep["drafted"] == 3 * rep["target_calls"] and rep["speedup"] > 0 and 0 <= rep["acceptance_rate"] <= 1
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--gamma", "0"], "--gamma: expected a positive number"),
+    (["--temperature", "-1"], "--temperature: expected >= 0"),
+    pytest.param([], "draft: vocab_size 300 differs from the target's 264", marks=pytest.mark.slow),
+])
+def test_speculate_cli_bad_input_exits_2_with_one_line(tiny_config, capsys, argv, msg):
+    from jaxeff.cli import main
+
+    if argv:  # checked before any run is read
+        target = draft = "runs/does-not-matter"
+    else:
+        target = _saved_run(tiny_config, "t")
+        draft = _saved_run(tiny_config, "d", ["model.vocab_size=300"])
+    rc = main(["speculate", "--target", str(target), "--draft", str(draft), "--prompt", "ab", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
