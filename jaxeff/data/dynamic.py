@@ -1,7 +1,116 @@
-"""Dynamic batch loading (Sheared-LLaMA): domain weights follow where the model lags its reference losses."""
+"""Dynamic batch loading (Sheared-LLaMA): domain weights follow where the model lags its reference losses.
 
+Every ``every`` steps the trainer measures the per-domain eval losses ``l`` and moves the mixture
+weights ``w`` of the :class:`~jaxeff.data.loader.MixtureLoader` towards the domains whose loss is
+furthest above its reference ``l_ref``:
+
+    delta   = l - l_ref                  (clamped at 0 when ``clamp``: the paper's max(l - l_ref, 0))
+    alpha_i = w_i * exp(delta_i) / sum_j w_j * exp(delta_j)     (= softmax(log w + delta))
+    w'      = (1 - c) * alpha + c / k    (c = ``smoothing``, k = number of domains)
+
+The paper (Xia et al., 2023) writes the clamp; the released code (LLM-Shearing) does not clamp and
+smooths with c = 1e-4, so both are switches here. The reference losses are given per domain
+(``reference_losses``) or measured once at the start of training by evaluating the model of another
+run (``reference_run``, e.g. the source model before pruning) on this run's eval sets.
+
+The weights live in the loader's state, which every checkpoint carries; a resumed run continues with
+the weights it had. The loader draws each row's domain from the weights and serves each domain's rows
+in a fresh permutation per epoch, so changing the weights never makes a row repeat within its epoch.
+
+Pure numpy; imported by ``jaxeff.config`` (so it imports neither jax nor ``jaxeff.config``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
+
+__all__ = ["DynamicBatchConfig", "update_weights", "deltas", "check_reference_domains"]
 
 
 class DynamicBatchConfig(Section):
-    pass
+    """``data.dynamic``: re-weight the training mixture from per-domain eval losses."""
+
+    enabled: bool = False
+    # steps between weight updates; None = every train.eval_every steps (the update reuses that evaluation)
+    every: int | None = Field(None, gt=0)
+    # per-domain reference losses (nats/token), one for every domain of the run ...
+    reference_losses: dict[str, float] | None = None
+    # ... or a run / checkpoint folder whose model (trained with plain parameters) is evaluated on this
+    # run's eval sets at the start of training to give them
+    reference_run: str | None = None
+    clamp: bool = True  # delta = max(l - l_ref, 0) (paper); false = l - l_ref (released code)
+    smoothing: float = Field(1e-4, ge=0.0, le=1.0)  # c: w <- (1 - c) w + c / k
+
+    @field_validator("reference_losses")
+    @classmethod
+    def _finite(cls, v):
+        if v is not None:
+            for k, x in v.items():
+                if not math.isfinite(x):
+                    raise ValueError(f"reference loss of '{k}' must be a finite number (got {x})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_reference(self):
+        if self.enabled and (self.reference_losses is None) == (self.reference_run is None):
+            raise ValueError("enabled: needs exactly one of reference_losses (per domain) or reference_run "
+                             "(a run folder to measure them from), got " +
+                             ("both" if self.reference_losses is not None else "neither"))
+        return self
+
+
+def check_reference_domains(reference: Mapping[str, float], domains: Sequence[str], field: str) -> None:
+    """One ConfigError naming ``field`` unless ``reference`` has exactly the run's ``domains``."""
+    unknown = [k for k in reference if k not in domains]
+    if unknown:
+        raise ConfigError(f"{field}: unknown domain(s) {', '.join(map(repr, unknown))} "
+                          f"(this run's domains: {', '.join(domains)})")
+    missing = [d for d in domains if d not in reference]
+    if missing:
+        raise ConfigError(f"{field}: no reference loss for domain(s) {', '.join(map(repr, missing))} "
+                          f"(every domain of the run needs one)")
+
+
+def _deltas(losses: np.ndarray, reference: np.ndarray, clamp: bool) -> np.ndarray:
+    d = losses - reference
+    return np.maximum(d, 0.0) if clamp else d
+
+
+def update_weights(weights, losses, reference, *, clamp: bool = True, smoothing: float = 1e-4):
+    """One dynamic-batch-loading update (see the module docstring).
+
+    ``weights``, ``losses``, ``reference``: either three sequences in the same domain order (returns a
+    float64 array) or three mappings by domain name (returns a dict in ``weights``' order; ``losses`` and
+    ``reference`` must have every key of ``weights``). Weights need not be normalised; a zero weight
+    stays zero unless ``smoothing`` > 0."""
+    if isinstance(weights, Mapping):
+        names = list(weights)
+        new = update_weights([weights[n] for n in names], [losses[n] for n in names],
+                             [reference[n] for n in names], clamp=clamp, smoothing=smoothing)
+        return {n: float(x) for n, x in zip(names, new)}
+    w = np.asarray(weights, np.float64)
+    d = _deltas(np.asarray(losses, np.float64), np.asarray(reference, np.float64), clamp)
+    if w.ndim != 1 or w.shape != d.shape:
+        raise ValueError(f"weights {w.shape}, losses and reference must be 1-D of one length")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+        raise ValueError(f"weights must be finite, >= 0 and not all 0 (got {w.tolist()})")
+    if not np.all(np.isfinite(d)):
+        raise ValueError(f"losses and reference losses must be finite (got deltas {d.tolist()})")
+    # softmax(log w + d) computed as w * exp(d - max d): no log(0) for zero weights, no overflow
+    a = w * np.exp(d - d.max())
+    a = a / a.sum()
+    return (1.0 - smoothing) * a + smoothing / len(a)
+
+
+def deltas(losses: Mapping[str, float], reference: Mapping[str, float], *, clamp: bool = True) -> dict[str, float]:
+    """The per-domain excess losses the update uses (clamped at 0 when ``clamp``), by domain of ``losses``."""
+    names = list(losses)
+    d = _deltas(np.array([losses[n] for n in names], np.float64), np.array([reference[n] for n in names]), clamp)
+    return {n: float(x) for n, x in zip(names, d)}

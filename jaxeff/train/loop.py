@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxeff.config import ExperimentConfig
+from jaxeff.data import dynamic as dyn
 from jaxeff.data.loader import eval_batches, process_slice
 from jaxeff.data.packing import PACKED_KEYS
 from jaxeff.errors import CheckpointError, ConfigError
@@ -258,6 +259,62 @@ def _resume(trainer: Trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
     raise CheckpointError(f"checkpoint '{ckpt.directory}': no readable checkpoint among steps {steps}")
 
 
+def reference_losses(cfg: ExperimentConfig, domains: list[str], eval_sets: dict, *, devices=None
+                     ) -> dict[str, float] | None:
+    """The per-domain reference losses of dynamic batch loading (``data.dynamic``), or None when it is
+    off: the configured ones (exactly the run's domains), or those of the model of
+    ``data.dynamic.reference_run`` evaluated on this run's eval sets (``train.eval_batches`` batches per
+    domain). Every domain needs eval data."""
+    d = cfg.data.dynamic
+    if not d.enabled:
+        return None
+    no_eval = [n for n in domains if n not in eval_sets]
+    if no_eval:
+        raise ConfigError(f"data.dynamic.enabled: domain(s) {', '.join(map(repr, no_eval))} have no eval data "
+                          "(the weight update needs a per-domain eval loss)")
+    if d.reference_losses is not None:
+        dyn.check_reference_domains(d.reference_losses, domains, "data.dynamic.reference_losses")
+        return {n: float(d.reference_losses[n]) for n in domains}
+    from jaxeff.train.checkpoint import find_checkpoint_dir
+
+    field = "data.dynamic.reference_run"
+    try:
+        ckpt = Checkpointer(find_checkpoint_dir(d.reference_run), create=False)
+    except CheckpointError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    try:
+        if ckpt.latest_step() is None:
+            raise ConfigError(f"{field}: '{d.reference_run}' holds no checkpoint")
+        saved = ckpt.read_config()
+    finally:
+        ckpt.close()
+    if saved.get("method", "lm") not in ("lm", "distill"):
+        raise ConfigError(f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "
+                          "the reference must be a run with plain model parameters (lm, distill)")
+    raw = cfg.to_dict()
+    raw.update(model=saved["model"], method="lm")
+    raw["train"]["init_from"] = None
+    ref_cfg = type(cfg).model_validate(raw)
+    if ref_cfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"{field}: the reference model has model.vocab_size={ref_cfg.model.vocab_size}, "
+                          f"this run {cfg.model.vocab_size} (it must read the same tokens)")
+    ref = Trainer(ref_cfg, devices=devices)
+    ev = ref.evaluate(ref.load_base_params(d.reference_run), {n: eval_sets[n] for n in domains},
+                      cfg.train.eval_batches)
+    return {n: ev[f"eval/loss/{n}"] for n in domains}
+
+
+def _update_mixture(loader, ev: dict[str, float], reference: dict[str, float], d) -> dict[str, float]:
+    """Dynamic batch loading step: new loader weights from the eval losses ``ev`` (``eval/loss/<domain>``);
+    returns the scalars to log (``data/weight/<domain>``, ``data/delta/<domain>``)."""
+    losses = {n: ev[f"eval/loss/{n}"] for n in loader.domain_names}
+    new = dyn.update_weights(loader.weights, losses, reference, clamp=d.clamp, smoothing=d.smoothing)
+    loader.set_weights(new)
+    delta = dyn.deltas(losses, reference, clamp=d.clamp)
+    return {**{f"data/weight/{n}": w for n, w in loader.weights.items()},
+            **{f"data/delta/{n}": v for n, v in delta.items()}}
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
@@ -274,6 +331,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     if trainer.n_trainable == 0:
         raise ConfigError(f"method: '{cfg.method}' trains no parameters (use it with jaxeff eval / generate)")
     tokenizer, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
+    reference = reference_losses(cfg, loader.domain_names, eval_sets, devices=devices)
+    update_every = cfg.data.dynamic.every or cfg.train.eval_every
     ckpt_dir = cfg.checkpoint_path
     _check_writable(cfg.run_path, "logging.run_dir")
     _check_writable(ckpt_dir, "checkpoint.dir")
@@ -310,6 +369,12 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     param_stats = {"params/total": trainer.n_params, "params/trainable": trainer.n_trainable,
                    "params/trainable_pct": trainer.trainable_pct, "params/opt_state_bytes": trainer.opt_state_bytes}
     logger.scalars(start, param_stats)
+    if reference is not None:
+        logger.scalars(start, {**{f"data/reference_loss/{n}": v for n, v in reference.items()},
+                               **{f"data/weight/{n}": w for n, w in loader.weights.items()}})
+        logger.message("dynamic batch loading: reference losses " +
+                       ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
+                       f"{update_every} steps")
 
     peak = peak_flops_per_device(cfg)
     flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
@@ -332,7 +397,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
             log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
             eval_now = step % cfg.train.eval_every == 0 or step == cfg.train.steps
             save_now = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
-            if not (log_now or eval_now or save_now):
+            update_now = reference is not None and step % update_every == 0
+            if not (log_now or eval_now or save_now or update_now):
                 continue
             halted_at = int(state.halted_at)  # host check only on steps that sync anyway
             if halted_at >= 0:
@@ -363,10 +429,15 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
                 logger.advance(steps_since, {"loss": logs["train/loss"]})
                 last.update(logs)
                 tokens_since, steps_since, t_last = 0.0, 0, time.perf_counter()
-            if eval_now:
+            if eval_now or update_now:  # an update between evaluations evaluates (and logs it) too
                 ev = trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches)
                 logger.scalars(step, ev)
                 last.update(ev)
+                if update_now:
+                    mix = _update_mixture(loader, ev, reference, cfg.data.dynamic)
+                    logger.scalars(step, mix)
+                    last.update(mix)
+                    data_states[step] = loader.state_dict()  # a halt saves step's state with its weights
                 t_last = time.perf_counter()
             if save_now:
                 ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
