@@ -1,0 +1,197 @@
+"""Merging runs: read the checkpoints a recipe names, combine their parameters, write a new run.
+
+The new run is a plain ``method: lm`` run folder (``<out>/checkpoints/0`` + ``config.yaml`` +
+``merge.json``) with the recipe base's config, so ``jaxeff eval``, ``jaxeff generate`` and
+``train.init_from`` read it like any other. Runs trained with any method contribute their model
+parameters (``Method.model_params``: LoRA adapters merged, etc.).
+
+Everything that can reject the input is checked before any weights are read and before anything is
+written: the recipe, the checkpoint folders, the output folder, and the architectures (a different
+parameter tree names the first differing parameter path; a different model setting with the same
+parameters names the ``model.*`` key).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxeff.edit.recipe import Recipe
+from jaxeff.errors import CheckpointError, ConfigError
+
+
+def _changed(saved: dict, **changes) -> dict:
+    saved = json.loads(json.dumps(saved))
+    for dotted, value in changes.items():
+        node = saved
+        *head, last = dotted.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return saved
+
+
+def _one_device_config(saved: dict, **changes):
+    """The config of a saved run, on one device (mesh 1x1x1, batch 1), with dotted ``changes``."""
+    from jaxeff.config import from_dict
+
+    return from_dict(_changed(saved, **{"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "data.batch_size": 1,
+                                        "optim.grad_accum": 1, **changes}))
+
+
+def read_run_config(run, step: int | None = None) -> dict:
+    """The saved config of a run folder (or its checkpoints folder)."""
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+
+    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
+    try:
+        return ckpt.read_config(step)
+    finally:
+        ckpt.close()
+
+
+def abstract_model_params(saved_config: dict):
+    """Shapes and dtypes of a run's model parameters (no weights read, nothing allocated)."""
+    return _abstract(json.dumps(saved_config["model"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(model_json: str):
+    import jax
+
+    from pydantic import TypeAdapter
+
+    from jaxeff.models import Transformer, TransformerConfig, init_params
+
+    model = Transformer(TypeAdapter(TransformerConfig).validate_python(json.loads(model_json)))
+    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), (1, 8)))
+
+
+def load_model_params(run, step: int | None = None):
+    """``(config, model params)`` of a run, on one device; any method (its ``model_params``)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.loop import Trainer
+
+    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
+    try:
+        cfg = _one_device_config(ckpt.read_config(step))
+        if cfg.method == "lm":  # the saved params are the model's: no trainer needed
+            abstract = abstract_model_params(cfg.to_dict())
+            one = SingleDeviceSharding(jax.devices()[0])
+            return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)),
+                                            step)
+        trainer = Trainer(cfg, devices=jax.devices()[:1])
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
+                                     step)
+    finally:
+        ckpt.close()
+    return cfg, trainer.method.model_params(params)
+
+
+def check_same_architecture(base_cfg: dict, other_cfg: dict, base_name: str, other_name: str) -> None:
+    """Parameter trees first (naming the first differing parameter path), then the model settings."""
+    from jaxeff.edit.arithmetic import first_difference
+    from jaxeff.train.checkpoint import check_same_model
+
+    diff = first_difference(abstract_model_params(base_cfg), abstract_model_params(other_cfg))
+    if diff is not None:
+        raise CheckpointError(f"'{other_name}' has a different architecture from '{base_name}': parameter "
+                              f"'{diff[0]}' differs ({diff[1].replace('the first', base_name).replace('the second', other_name)})")
+    check_same_model(other_cfg, base_cfg["model"], Path(other_name))
+
+
+def merge_runs(recipe: Recipe) -> dict[str, Any]:
+    """Carry out a recipe; returns a summary (out folder, per-vector norms, ...), also saved as
+    ``<out>/merge.json``."""
+    import jax
+    import numpy as np
+    from jaxeff.edit import arithmetic as ta
+    from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.loop import Trainer
+    from jaxeff.train.step import init_state
+
+    out = Path(recipe.out)
+    # -- checks, before any weights are read
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise CheckpointError(f"out: '{out}' already holds a checkpoint; choose another folder")
+    runs = {("base", recipe.base): (recipe.base, recipe.base_step)}
+    for name, e in recipe.models.items():
+        runs[(f"models.{name}.path", e.path)] = (e.path, e.step)
+        if e.base is not None:
+            runs[(f"models.{name}.base", e.base)] = (e.base, e.base_step)
+    configs = {}
+    for (key, _), (path, step) in runs.items():
+        try:
+            configs[path, step] = read_run_config(path, step)
+        except CheckpointError as err:
+            raise CheckpointError(f"{key}: {err}") from None
+        if Path(path).absolute() == out.absolute():
+            raise ConfigError(f"out: '{out}' is also an input of the recipe ({key})")
+    base_cfg = configs[recipe.base, recipe.base_step]
+    for (key, _), (path, step) in runs.items():
+        if key != "base":
+            check_same_architecture(base_cfg, configs[path, step], recipe.base, path)
+
+    # -- load and combine
+    loaded: dict[tuple[str, int | None], Any] = {}
+
+    def params_of(path, step):
+        if (path, step) not in loaded:
+            loaded[path, step] = load_model_params(path, step)[1]
+        return loaded[path, step]
+
+    base = params_of(recipe.base, recipe.base_step)
+    names, vectors, scales = [], [], []
+    for name, e in recipe.models.items():
+        own_base = base if e.base is None else params_of(e.base, e.base_step)
+        vectors.append(ta.task_vector(params_of(e.path, e.step), own_base))
+        names.append(name)
+        scales.append(e.scale)
+    summary: dict[str, Any] = {"method": recipe.method, "base": str(recipe.base), "out": str(out),
+                               "recipe": recipe.model_dump(mode="json"),
+                               "vector_norms": {n: _norm(v) for n, v in zip(names, vectors)}}
+    if recipe.method == "task_arithmetic":
+        merged = ta.apply_vectors(base, vectors, scales)
+    else:
+        scaled = [ta.scale(v, s) for v, s in zip(vectors, scales)]
+        trimmed = [ta.trim(v, recipe.ties.k, recipe.ties.trim) for v in scaled]
+        summary["ties_sign_conflicts"] = ta.sign_conflicts(trimmed)
+        merged_vector = ta.disjoint_mean(trimmed, ta.elect_sign(trimmed))
+        summary["merged_vector_norm"] = _norm(merged_vector)
+        merged = ta.apply_vectors(base, [merged_vector], [recipe.ties.lam])
+    del loaded
+    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(merged)):
+        raise ConfigError("models: the merged parameters are not finite (check the scales)")
+
+    # -- write the new run
+    from jaxeff.config import from_dict
+
+    changes = {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
+               "train.init_from": None, "resume": False}
+    cfg = from_dict(_changed(base_cfg, **changes))  # saved: the base's config (mesh, batch) as a plain lm run
+    trainer = Trainer(_one_device_config(base_cfg, **changes), devices=jax.devices()[:1])
+    # one device: the fresh train state is built eagerly (no compile)
+    state = init_state(jax.device_put(merged, jax.devices()[0]), trainer.tx, trainer.method, cfg.seed)
+    ckpt = Checkpointer(cfg.checkpoint_path)
+    try:
+        ckpt.save(0, state, data_state={}, config=cfg.to_dict())
+    finally:
+        ckpt.close()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    (out / "merge.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _norm(tree) -> float:
+    import jax
+    import numpy as np
+
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+__all__ = ["merge_runs", "load_model_params", "read_run_config", "check_same_architecture", "abstract_model_params"]
