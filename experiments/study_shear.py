@@ -1,0 +1,237 @@
+"""Study: Sheared-LLaMA on CPU -- prune a small pretrained model to a target shape, continue pre-training
+with dynamic batch loading vs a fixed mix, against the same shape trained from scratch.
+
+1. ``source``: pretrain the source model (configs/quickstart.yaml's shape) on the five synthetic domains,
+   uniform mix, ``--source-steps`` steps;
+2. ``prune``: Sheared-LLaMA structured pruning (method ``shear``, configs/prune/shear.yaml) of the source
+   to the target shape for ``--prune-steps`` steps (uniform mix);
+3. ``extract``: the pruned model as a smaller dense run (``jaxeff.prune.extract.extract_run``);
+4. continued pre-training from it for ``--continue-steps`` steps, either
+   ``continue_fixed`` (fixed uniform mix, configs/prune/continue_fixed.yaml) or
+   ``continue_dynamic`` (dynamic batch loading, configs/prune/continue_dynamic.yaml: weights updated at
+   every evaluation, reference losses = the SOURCE model's per-domain eval losses measured through
+   ``data.dynamic.reference_run``; the paper used scaling-law predictions of the target size);
+5. ``scratch``: the extracted model's exact architecture from random initialisation for prune + continue
+   steps at the same batch and sequence length (same tokens; configs/prune/scratch.yaml), with the
+   source's pre-training settings.
+
+The source model's own pre-training is not counted in the token budget: reusing it is the point of
+pruning. The table reports per-domain loss (nats/token) on TEST documents drawn with a seed no run saw
+(the runs' eval sets also drive the dynamic weights, so they are not used for the comparison), all
+rows of 32 documents per domain, plus the mean over domains.
+
+Each run is its own Python process. TensorBoard: <run-dir>/{source,prune,pruned,continue_fixed,
+continue_dynamic,scratch}; continue_dynamic has data/weight/<domain>, data/delta/<domain> and
+data/reference_loss/<domain>; every run has eval/loss/<domain>.
+
+    python experiments/study_shear.py --quick    # small model, ~5 min on 2 shared CPU cores
+    python experiments/study_shear.py            # configs' sizes (quickstart shape -> sheared)
+    tensorboard --logdir runs/shear_study_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
+TEST_DOCS = 32
+TEST_SEED_OFFSET = 2_000_003  # eval docs use data.seed + 1_000_003 (jaxeff.train.inputs); tests another seed
+# --quick: a 4-layer d=64 source pruned to 3 layers, d=48, 1 of 2 kv groups, 128 of 192 units
+QUICK_SOURCE = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+                "model.d_ff=192", "model.max_seq_len=128"]
+QUICK_TARGET = ["prune.target.d_model=48", "prune.target.n_heads=2", "prune.target.n_layers=3",
+                "prune.target.d_ff=128"]
+QUICK_DATA = ["data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+ROLES = ("source", "prune", "extract", "continue_fixed", "continue_dynamic", "scratch")
+
+
+def common(args, name: str) -> list[str]:
+    return (QUICK_DATA if args.quick else []) + [
+        f"name={name}", f"logging.run_dir={args.run_dir}", "logging.progress=false",
+        f"data.domains=[{','.join(DOMAINS)}]", "data.weights=null"]
+
+
+def model_of(run: Path) -> dict:
+    """The model section a run's newest checkpoint was written with."""
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+
+    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
+    try:
+        return ckpt.read_config()["model"]
+    finally:
+        ckpt.close()
+
+
+def config(args, role: str):
+    from jaxeff.config import from_dict, load_config
+
+    run = Path(args.run_dir)
+    every = max(args.continue_steps // 4, 1)
+    if role == "source":
+        overrides = (QUICK_SOURCE if args.quick else []) + [
+            f"train.steps={args.source_steps}", f"train.eval_every={args.source_steps}",
+            f"checkpoint.every={args.source_steps}"]
+        return load_config(REPO / "configs" / "quickstart.yaml", common(args, role) + overrides)
+    if role == "prune":
+        overrides = (QUICK_SOURCE + QUICK_TARGET if args.quick else []) + [
+            f"train.init_from={run / 'source'}", f"train.steps={args.prune_steps}",
+            f"train.eval_every={args.prune_steps}", f"checkpoint.every={args.prune_steps}"]
+        return load_config(REPO / "configs" / "prune" / "shear.yaml", common(args, role) + overrides)
+    steps = args.prune_steps + args.continue_steps if role == "scratch" else args.continue_steps
+    overrides = [f"train.steps={steps}", f"train.eval_every={every}", f"checkpoint.every={steps}",
+                 "train.eval_batches=4"]
+    if role == "scratch":
+        overrides.append(f"optim.warmup_steps={max(steps // 15, 1)}")  # quickstart: 20 of 300
+    else:
+        overrides.append(f"train.init_from={run / 'pruned'}")
+    if role == "continue_dynamic":
+        overrides.append(f"data.dynamic.reference_run={run / 'source'}")
+    cfg = load_config(REPO / "configs" / "prune" / f"{role}.yaml", common(args, role) + overrides)
+    raw = cfg.to_dict()
+    raw["model"] = model_of(run / "pruned")  # exactly the extracted architecture (both sizes of the study)
+    return from_dict(raw)
+
+
+def test_losses(cfg) -> dict[str, float]:
+    """Per-domain mean loss on TEST_DOCS documents per domain that no run trained or evaluated on."""
+    from jaxeff.data.packing import pack_texts
+    from jaxeff.data.synthetic import generate_documents
+    from jaxeff.data.tokenizer import load_tokenizer
+    from jaxeff.train.loop import load_params
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    sets = {d: pack_texts(generate_documents(d, TEST_DOCS, cfg.data.seed + TEST_SEED_OFFSET, doc_len=cfg.data.doc_len),
+                          tok, cfg.data.seq_len) for d in DOMAINS}
+    trainer, params = load_params(cfg, cfg.checkpoint_path)
+    ev = trainer.evaluate(params, sets, max_batches=10**6)
+    return {d: ev[f"eval/loss/{d}"] for d in DOMAINS}
+
+
+def worker(args) -> None:
+    """One step of the study in this process; prints one JSON line of results."""
+    role = args.worker
+    run = Path(args.run_dir)
+    t0 = time.perf_counter()
+    if role == "extract":
+        from jaxeff.prune.extract import extract_run
+
+        shutil.rmtree(run / "pruned", ignore_errors=True)
+        extract_run(run / "prune", run / "pruned")
+        cfg = config(args, "continue_fixed")  # the extracted model with the study's data settings
+        cfg = type(cfg).model_validate({**cfg.to_dict(), "name": "pruned", "train": {**cfg.to_dict()["train"],
+                                                                                      "init_from": None}})
+        row = {"name": "pruned", "tokens": 0, "model": model_of(run / "pruned")}
+    else:
+        from jaxeff.train.loop import run_training
+
+        cfg = config(args, role)
+        shutil.rmtree(cfg.run_path, ignore_errors=True)
+        out = run_training(cfg)
+        row = {"name": role, "steps": cfg.train.steps,
+               "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
+               "params": cfg.model.param_count(),
+               "weights": {d: out.get(f"data/weight/{d}") for d in DOMAINS} if role == "continue_dynamic" else None}
+    row["test"] = test_losses(cfg)
+    row["mean"] = sum(row["test"].values()) / len(DOMAINS)
+    row["wall_s"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def run_child(args, role: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", role, "--run-dir", str(args.run_dir),
+           "--source-steps", str(args.source_steps), "--prune-steps", str(args.prune_steps),
+           "--continue-steps", str(args.continue_steps)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{role}: run failed (exit {proc.returncode})")
+    row = json.loads(lines[-1][len("RESULT "):])
+    print(f"  {role:17s} {row['wall_s']:5.0f}s  mean test loss {row['mean']:.4f}", flush=True)
+    return row
+
+
+def table(rows: dict[str, dict], args) -> str:
+    label = {"source": f"source ({args.source_steps} steps, not counted)",
+             "prune": f"shear-pruned, masks applied ({args.prune_steps} steps)",
+             "pruned": "extracted (= prune row, dense)",
+             "continue_fixed": f"pruned + {args.continue_steps} steps, fixed uniform mix",
+             "continue_dynamic": f"pruned + {args.continue_steps} steps, dynamic batch loading",
+             "scratch": f"from scratch, {args.prune_steps + args.continue_steps} steps"}
+    tokens = {"source": args.source_steps, "prune": args.prune_steps, "pruned": args.prune_steps,
+              "continue_fixed": args.prune_steps + args.continue_steps,
+              "continue_dynamic": args.prune_steps + args.continue_steps,
+              "scratch": args.prune_steps + args.continue_steps}
+    tok_per_step = rows["scratch"]["tokens"] // (args.prune_steps + args.continue_steps)
+    lines = ["| run | target-shape tokens | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 3) + "|"]
+    for name in ("source", "prune", "pruned", "continue_fixed", "continue_dynamic", "scratch"):
+        r = rows[name]
+        n_tok = "-" if name == "source" else f"{tokens[name] * tok_per_step / 1e3:.0f}k"
+        lines.append(f"| {label[name]} | {n_tok} | " + " | ".join(f"{r['test'][d]:.4f}" for d in DOMAINS)
+                     + f" | {r['mean']:.4f} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: dict[str, dict]) -> str:
+    s, f, d = rows["scratch"]["mean"], rows["continue_fixed"]["mean"], rows["continue_dynamic"]["mean"]
+    best = min(f, d)
+    out = [f"pruned-and-continued beats from-scratch: {'YES' if best < s else 'NO'} "
+           f"(best continued {best:.4f} vs scratch {s:.4f}, {s - best:+.4f} nats)",
+           f"dynamic beats fixed mix: {'YES' if d < f else 'NO'} (dynamic {d:.4f} vs fixed {f:.4f}, {f - d:+.4f} nats)"]
+    worst_fixed = max(DOMAINS, key=lambda x: rows["continue_fixed"]["test"][x] - rows["source"]["test"][x])
+    out.append(f"largest gap to the source under the fixed mix: {worst_fixed} "
+               f"(fixed {rows['continue_fixed']['test'][worst_fixed] - rows['source']['test'][worst_fixed]:+.4f}, "
+               f"dynamic {rows['continue_dynamic']['test'][worst_fixed] - rows['source']['test'][worst_fixed]:+.4f})")
+    w = rows["continue_dynamic"].get("weights") or {}
+    if all(v is not None for v in w.values()):
+        out.append("final dynamic weights: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items()))
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model, few steps (~5 min on 2 shared CPU cores)")
+    p.add_argument("--run-dir", default=None, help="default: runs/shear_study[_quick]")
+    p.add_argument("--source-steps", type=int, default=None)
+    p.add_argument("--prune-steps", type=int, default=None)
+    p.add_argument("--continue-steps", type=int, default=None)
+    p.add_argument("--worker", default=None, choices=ROLES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.run_dir = str(Path(args.run_dir or REPO / "runs" / ("shear_study_quick" if args.quick else "shear_study"))
+                       .absolute())
+    args.source_steps = args.source_steps or (200 if args.quick else 400)
+    args.prune_steps = args.prune_steps or (40 if args.quick else 100)
+    args.continue_steps = args.continue_steps or (80 if args.quick else 200)
+    if args.worker:
+        worker(args)
+        return
+    t0 = time.perf_counter()
+    print(f"Sheared-LLaMA study ({'quick' if args.quick else 'full'}): source {args.source_steps} steps, prune "
+          f"{args.prune_steps}, continue {args.continue_steps}, scratch {args.prune_steps + args.continue_steps}; "
+          f"runs in {args.run_dir}", flush=True)
+    rows = {}
+    for role in ROLES:
+        row = run_child(args, role)
+        rows[row["name"]] = row
+    cmd = "python experiments/study_shear.py" + (" --quick" if args.quick else "")
+    text = (f"{cmd}  ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU, 2 shared cores, "
+            f"{time.perf_counter() - t0:.0f} s)\n\ntest loss (nats/token) on {TEST_DOCS} unseen documents per domain\n\n"
+            f"{table(rows, args)}\n\n{verdict(rows)}\n")
+    print("\n" + text)
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / "results.md").write_text(text)
+    (Path(args.run_dir) / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
