@@ -1,5 +1,6 @@
 """Sheared-LLaMA pruning: hard-concrete masks, the masked model, the Lagrangian step, extraction."""
 
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ from jaxeff.models.transformer import RMSNorm
 from jaxeff.prune import hard_concrete as hc
 from jaxeff.prune.config import PruneConfig, pruned_sizes
 from jaxeff.prune.extract import extract, extract_run, fold
-from jaxeff.prune.shear import apply_masked, final_masks, init_shear, shear_optimizer, target_sparsity
+from jaxeff.prune.shear import final_masks, init_shear, shear_optimizer, target_sparsity
 from jaxeff.train.checkpoint import Checkpointer
 from jaxeff.train.methods import make_method
 
@@ -30,12 +31,22 @@ def _tokens(seed=9, shape=(2, 16), vocab=64):
     return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
 
 
+@functools.cache
 def _noisy_params(cfg, seed=0):
     """Random parameters with non-trivial norm scales and biases (fresh ones are 1 and 0)."""
-    params = init_params(Transformer(cfg), jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    def make(key):
+        params = init_params(Transformer(cfg), key)
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return jax.jit(make)(jax.random.key(seed))
+
+
+@functools.cache
+def _logits_fn(cfg):
+    """Jitted ``(params, tokens, masks) -> logits`` (eager Flax is slow op by op)."""
+    model = Transformer(cfg)
+    return jax.jit(lambda params, tokens, masks=None: model.apply({"params": params}, tokens, masks=masks).logits)
 
 
 def _shear_tree(cfg, target=TARGET, seed=2):
@@ -80,21 +91,19 @@ def test_pruning_eval_is_deterministic_and_uses_exactly_the_target_counts(tiny_c
     cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.d_model=24"])
     model = Transformer(cfg.model)
     method = make_method(cfg, model)
-    params = method.prepare_params(init_params(model, jax.random.key(0)), jax.random.key(1))
+    params = jax.jit(lambda k: method.prepare_params(init_params(model, k), jax.random.fold_in(k, 1)))(
+        jax.random.key(0))
     sizes = pruned_sizes(cfg.prune, cfg.model)
     masks = final_masks(params["shear"], sizes)
     assert {t: int(np.count_nonzero(np.asarray(v), axis=-1).max()) for t, v in masks.items()} == {
         "head": 1, "intermediate": 40, "hidden": 24}
     x = _tokens(vocab=264)
-    a, b = method.run(model, params, x).logits, method.run(model, params, x).logits
-    np.testing.assert_array_equal(a, b)
     batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "positions": None, "segment_ids": None}
-    l1, _ = method.loss(params, batch, jax.random.key(1), extra={}, frozen=None, deterministic=True, step=0)
-    l2, _ = method.loss(params, batch, jax.random.key(2), extra={}, frozen=None, deterministic=True, step=0)
-    assert float(l1) == float(l2)
-    l3, _ = method.loss(params, batch, jax.random.key(1), extra={}, frozen=None, deterministic=False, step=0)
-    l4, _ = method.loss(params, batch, jax.random.key(2), extra={}, frozen=None, deterministic=False, step=0)
-    assert float(l3) != float(l4)  # training samples masks
+    loss = jax.jit(lambda rng, det: method.loss(params, batch, rng, extra={}, frozen=None, deterministic=det,
+                                                 step=0)[0], static_argnums=1)
+    assert float(loss(jax.random.key(1), True)) == float(loss(jax.random.key(2), True))
+    assert float(loss(jax.random.key(1), False)) != float(loss(jax.random.key(2), False))  # training samples masks
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,18 +122,18 @@ def test_masked_rmsnorm_averages_over_the_kept_features_only():
     assert np.all(y[..., np.asarray(mask) == 0] == 0)
 
 
+@pytest.mark.slow
 def test_all_ones_masks_give_the_unmasked_logits():
-    model = Transformer(GQA)
     params = _noisy_params(GQA)
     ones = {"head": jnp.ones((3, 4)), "attn": jnp.ones(3), "mlp": jnp.ones(3), "intermediate": jnp.ones((3, 48)),
             "hidden": jnp.ones(32)}
     x = _tokens()
-    np.testing.assert_allclose(model.apply({"params": params}, x, masks=ones).logits,
-                               model.apply({"params": params}, x).logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_logits_fn(GQA)(params, x, ones), _logits_fn(GQA)(params, x), rtol=1e-5, atol=1e-5)
 
 
 def _count_kept(model_cfg, params, masks):
-    """Parameters whose every masked dimension is kept, counted leaf by leaf (0/1 masks)."""
+    """Parameters whose every masked dimension is kept, counted leaf by leaf (0/1 masks); ``params``
+    may be shapes only."""
     m = model_cfg
     g, hd = m.n_heads // m.kv_heads, m.hd
     ones = lambda *s: np.ones(s)
@@ -140,7 +149,7 @@ def _count_kept(model_cfg, params, masks):
             elif name == "final_norm":
                 total += int(zh.sum())
             else:
-                total += int(np.outer(zh, np.ones(m.vocab_size)).sum()) + sub.get("bias", np.zeros(0)).size
+                total += int(np.outer(zh, np.ones(m.vocab_size)).sum()) + (math.prod(sub["bias"].shape) if "bias" in sub else 0)
             continue
         l = int(name.split("_")[1])
         q_heads = np.repeat(zg[l], g * hd)
@@ -164,7 +173,7 @@ def _count_kept(model_cfg, params, masks):
 
 @pytest.mark.parametrize("cfg", [GQA, MHA], ids=["gqa_tied", "mha_untied_bias"])
 def test_expected_params_equals_the_count_of_kept_parameters_for_hard_masks(cfg):
-    params = _noisy_params(cfg)
+    shapes = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.key(0)))
     rng = np.random.default_rng(0)
     for trial in range(4):
         masks = {"head": rng.random((3, cfg.kv_heads)) < 0.6, "intermediate": rng.random((3, 48)) < 0.5,
@@ -173,7 +182,7 @@ def test_expected_params_equals_the_count_of_kept_parameters_for_hard_masks(cfg)
         drop = list(masks)[trial]  # a missing mask type keeps everything
         masks.pop(drop)
         expected = float(hc.expected_params({t: jnp.asarray(v) for t, v in masks.items()}, cfg))
-        assert expected == _count_kept(cfg, jax.device_get(params), masks)
+        assert expected == _count_kept(cfg, shapes, masks)
     assert float(hc.expected_params({}, cfg)) == cfg.param_count()
 
 
@@ -189,15 +198,15 @@ def test_extracted_model_gives_the_masked_models_logits_and_has_the_target_shape
     small, small_cfg = extract(full, cfg, pc)
     assert (small_cfg.d_model, small_cfg.n_heads, small_cfg.n_layers, small_cfg.d_ff) == (24, 2, 2, 20)
     assert small_cfg.head_dim == cfg.hd and small_cfg.kv_heads == (1 if cfg.n_kv_heads else 2)
-    fresh = init_params(Transformer(small_cfg), jax.random.key(0))
+    fresh = jax.eval_shape(lambda: init_params(Transformer(small_cfg), jax.random.key(0)))
     assert jax.tree.structure(small) == jax.tree.structure(fresh)
     assert jax.tree.map(lambda a: a.shape, small) == jax.tree.map(lambda a: a.shape, fresh)
     assert sum(x.size for x in jax.tree.leaves(small)) == small_cfg.param_count()
     hard = {t: (np.asarray(v) != 0).astype(np.float32) for t, v in masks.items()}
     assert float(hc.expected_params({t: jnp.asarray(v) for t, v in hard.items()}, cfg)) == small_cfg.param_count()
     x = _tokens()
-    masked = apply_masked(Transformer(cfg), full, x, masks).logits
-    np.testing.assert_allclose(Transformer(small_cfg).apply({"params": small}, x).logits, masked, rtol=1e-5, atol=1e-5)
+    masked = _logits_fn(cfg)(full["model"], x, hc.model_masks(masks, cfg))
+    np.testing.assert_allclose(_logits_fn(small_cfg)(small, x), masked, rtol=1e-5, atol=1e-5)
 
 
 def test_extraction_keeps_sliding_windows_of_the_kept_layers_and_refuses_ragged_masks():
@@ -320,6 +329,6 @@ def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_conf
     nxt = Trainer(from_dict(raw), devices=jax.devices()[:1])
     base = nxt.load_base_params(str(tmp_path / "small"))
     x = _tokens(vocab=264)
-    np.testing.assert_allclose(nxt.method.run(nxt.model, base, x).logits,
-                               trainer.method.run(trainer.model, state.params, x).logits, rtol=1e-5, atol=1e-5)
+    run = lambda tr: jax.jit(lambda p: tr.method.run(tr.model, p, x).logits)
+    np.testing.assert_allclose(run(nxt)(base), run(trainer)(state.params), rtol=1e-5, atol=1e-5)
     assert main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "1+1=", "--max-new-tokens", "3"]) == 0
