@@ -67,4 +67,13 @@ def prefill(cfg, params, tokens, max_len: int | None = None):
     return _prefill(spec_of(cfg), params, tokens, max_len or tokens.shape[1])
 
 
-__all__ = ["TTTConfig", "TTTSpec", "FAST_KERNELS", "inner_lr_at", "prefill", "spec_of", "token_losses", "ttt_method"]
+def adapted_params(params, state, row: int = 0):
+    """The prepared parameter tree as adapted at test time for one sequence (``row`` of a
+    :func:`prefill` state): the fast MLPs' kernels replaced by that row's fast weights; every other
+    leaf (fast norms included) is the trained one."""
+    fast = {layer: {k: ({"kernel": state["fast"][layer][k][row].astype(v["kernel"].dtype)} if k in FAST_KERNELS else v)
+                    for k, v in p.items()} for layer, p in params["fast"].items()}
+    return {**params, "fast": fast}
+
+
+__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "inner_lr_at", "prefill", "spec_of", "token_losses", "ttt_method"]

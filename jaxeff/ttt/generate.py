@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxeff.models.attention import attention
 from jaxeff.ttt.inner import inner_step, scan_chunks, trim
-from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, dense, embed, empty_buffers, head, initial_fast_weights,
+from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, buffer_attention, dense, embed, empty_buffers, head, initial_fast_weights,
                               prefix_forward, qkv, rms_norm, suffix_forward)
 
 
@@ -119,8 +119,7 @@ def decode_step(spec: TTTSpec, params, state, tok, lr=None):
                   "v": jax.lax.dynamic_update_slice_in_dim(buf["v"], v.astype(buf["v"].dtype), slot, axis=1),
                   "seg": jax.lax.dynamic_update_slice_in_dim(buf["seg"], jnp.ones((batch, 1), jnp.int32), slot, axis=1)}
             suffix.append(nb)
-            y = attention(q, nb["k"].astype(idt), nb["v"].astype(idt), impl="xla", causal=True, window=big,
-                          q_offset=slot, q_segment_ids=jnp.ones((batch, 1), jnp.int32), kv_segment_ids=nb["seg"])
+            y = buffer_attention(q, nb["k"], nb["v"], slot, big, jnp.ones((batch, 1), jnp.int32), nb["seg"])
             x = x + dense(p["attn"]["o"], y.reshape(batch, 1, -1), idt)
         key = f"layers_{i}"
         x = block_rest(spec, p, params["fast"].get(key), state["fast"].get(key), x, idt)

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.errors import ConfigError
-from jaxeff.models.attention import attention, resolve_impl
+from jaxeff.models.attention import attention
 from jaxeff.models.config import TransformerConfig
-from jaxeff.models.transformer import rope
+from jaxeff.models.transformer import rope_frequencies
 
 FAST_KERNELS = ("gate", "up", "down")  # the inner ("fast") weights of a fast block
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -180,6 +180,36 @@ def fast_mlp(w, x, dtype):
     return jnp.einsum("btf,bfd->btd", jax.nn.silu(g) * u, w["down"].astype(dtype))
 
 
+def rope(x, positions, theta, scaling=None):
+    """Rotary embedding as :func:`jaxeff.models.transformer.rope`, computed in float32 or in the
+    input's dtype when wider (float64 gradient checks)."""
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    freq = rope_frequencies(x.shape[-1], theta, scaling).astype(dt)
+    angles = positions.astype(dt)[..., None] * freq
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(dt), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def buffer_attention(q, keys, vals, q_start, window, q_seg, kv_seg):
+    """Causal sliding-window attention of ``q [batch, c, heads, hd]`` (query i at key index
+    ``q_start + i``) on ``keys, vals [batch, s, kv_heads, hd]``; a key is visible when it is not
+    after the query, less than ``window`` indices before it, and in the same segment. Softmax in
+    float32 (or the inputs' dtype when wider). Small by design: c <= b queries, s <= window + b keys."""
+    b, c, h, d = q.shape
+    s, kvh = keys.shape[1], keys.shape[2]
+    dt = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.reshape(b, c, kvh, h // kvh, d).astype(dt)
+    logits = jnp.einsum("bckgd,bskd->bkgcs", qg, keys.astype(dt)) * d ** -0.5
+    qi = q_start + jnp.arange(c)[:, None]
+    ki = jnp.arange(s)[None, :]
+    mask = ((ki <= qi) & (ki > qi - window))[None] & (q_seg[:, :, None] == kv_seg[:, None, :])  # [batch, c, s]
+    mask = mask[:, None, None]
+    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), 0.0)
+    out = jnp.einsum("bkgcs,bskd->bckgd", probs, vals.astype(dt))
+    return out.reshape(b, c, h, d).astype(q.dtype)
+
+
 def qkv(cfg: TransformerConfig, p, x, positions, dtype):
     """Roped ``q [batch, seq, heads, hd]`` and ``k, v [batch, seq, kv_heads, hd]``."""
     b, t, _ = x.shape
@@ -187,13 +217,6 @@ def qkv(cfg: TransformerConfig, p, x, positions, dtype):
     k = dense(p["k"], x, dtype).reshape(b, t, cfg.kv_heads, cfg.hd)
     v = dense(p["v"], x, dtype).reshape(b, t, cfg.kv_heads, cfg.hd)
     return rope(q, positions, cfg.rope_theta, cfg.rope_scaling), rope(k, positions, cfg.rope_theta, cfg.rope_scaling), v
-
-
-def _impl(cfg: TransformerConfig, chunked: bool) -> str:
-    impl = resolve_impl(cfg.attention_impl)
-    if chunked and impl == "cudnn":
-        return "xla"  # queries against a KV buffer; cuDNN's fused kernel wants full sequences
-    return impl
 
 
 def block_rest(spec: TTTSpec, p, fast_p, w, x, dtype):
@@ -212,7 +235,7 @@ def prefix_block(spec: TTTSpec, i: int, p, x, positions, segment_ids):
     k = v = None
     if spec.use_attention:
         q, k, v = qkv(cfg, p["attn"], rms_norm(p["attn_norm"], x, cfg.norm_eps, dtype), positions, dtype)
-        y = attention(q, k, v, impl=_impl(cfg, False), causal=True, window=spec.window(i),
+        y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=spec.window(i),
                       q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         x = x + dense(p["attn"]["o"], y.reshape(*x.shape[:2], -1), dtype)
     return block_rest(spec, p, None, None, x, dtype), k, v
@@ -228,9 +251,7 @@ def chunk_attention(spec: TTTSpec, i: int, p, x, positions, segment_ids, buf):
     keys = jnp.concatenate([buf["k"].astype(dtype), k], axis=1)
     vals = jnp.concatenate([buf["v"].astype(dtype), v], axis=1)
     segs = jnp.concatenate([buf["seg"], segment_ids.astype(buf["seg"].dtype)], axis=1)
-    big = buf["k"].shape[1]
-    y = attention(q, keys, vals, impl=_impl(cfg, True), causal=True, window=spec.window(i), q_offset=big,
-                  q_segment_ids=segment_ids, kv_segment_ids=segs)
+    y = buffer_attention(q, keys, vals, buf["k"].shape[1], spec.window(i), segment_ids, segs)
     return dense(p["attn"]["o"], y.reshape(*x.shape[:2], -1), dtype), {"k": keys, "v": vals, "seg": segs}
 
 
