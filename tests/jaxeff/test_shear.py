@@ -332,3 +332,27 @@ def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_conf
     run = lambda tr: jax.jit(lambda p: tr.method.run(tr.model, p, x).logits)
     np.testing.assert_allclose(run(nxt)(base), run(trainer)(state.params), rtol=1e-5, atol=1e-5)
     assert main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "1+1=", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.slow
+def test_pruning_run_reaches_the_target_sparsities_and_its_extraction_trains_further(tiny_config, tmp_path):
+    from jaxeff.train.loop import run_training
+
+    target = ["prune.target.d_model=24", "prune.target.n_heads=2", "prune.target.n_layers=1", "prune.target.d_ff=32"]
+    cfg = tiny_config(["method=shear", *target, "train.steps=100", "train.log_every=100", "train.eval_every=100",
+                       "checkpoint.every=100"])
+    last = run_training(cfg)
+    for t, goal in {"head": 0.5, "intermediate": 0.5, "layer": 0.5, "hidden": 0.25}.items():
+        assert last[f"train/shear/target_sparsity/{t}"] == pytest.approx(goal)
+        assert abs(last[f"train/shear/sparsity/{t}"] - goal) < 0.1, t
+    assert last["train/shear/expected_params"] == pytest.approx(last["train/shear/target_params"], rel=0.25)
+    out = extract_run(cfg.run_path, tmp_path / "runs" / "sheared")
+    saved = Checkpointer(out / "checkpoints", create=False)
+    small_model = saved.read_config()["model"]
+    saved.close()
+    overrides = [f"model.{k}={v}" for k, v in small_model.items() if v is not None and k != "rope_scaling"]
+    nxt = tiny_config(["name=continued", f"train.init_from={out}", "train.steps=2", *overrides])
+    result = run_training(nxt)
+    # the extracted model starts where the pruned run's eval (deterministic masks) ended
+    assert result["step"] == 2 and np.isfinite(result["train/loss"])
+    assert abs(result["train/loss"] - last["eval/loss"]) < 1.0
