@@ -28,4 +28,8 @@ def cmd_extract(args) -> int:
         ckpt.close()
     print(f"extracted model saved as run {out}; its model section (for train.init_from={out}):")
     print(json.dumps({"model": model}))
+    changed = {k: v for k, v in model.items() if k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                                         "d_ff", "sliding_window") and v is not None}
+    print("as overrides of the source config: " + " ".join(
+        f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in changed.items()))
     return 0

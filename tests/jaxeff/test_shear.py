@@ -240,6 +240,15 @@ def test_bad_prune_targets_are_one_line_config_errors(tiny_config, override, mat
     assert "\n" not in str(e.value)
 
 
+def test_shipped_config_prunes_the_quickstart_model_to_its_target():
+    from jaxeff.config import load_config
+
+    cfg = load_config("configs/prune/shear.yaml")
+    sizes = pruned_sizes(cfg.prune, cfg.model)
+    assert sizes == {"head": (2, 1), "intermediate": (384, 256), "layer": (4, 3), "hidden": (128, 96)}
+    assert cfg.model == load_config("configs/quickstart.yaml").model  # the source it says it prunes
+
+
 def test_target_sparsity_warms_up_linearly_then_stays():
     sizes = {"head": (4, 1), "layer": (4, 3)}
     at = lambda step: {t: float(v) for t, v in target_sparsity(sizes, step, 10).items()}
@@ -313,6 +322,7 @@ def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_conf
     assert main(["extract", "--checkpoint", str(cfg.run_path), "--out", str(tmp_path / "small")]) == 0
     printed = capsys.readouterr().out
     assert '"n_layers": 1' in printed and '"head_dim": 8' in printed
+    assert "model.d_model=32 model.n_layers=1 model.n_heads=2 model.n_kv_heads=1 model.head_dim=8 model.d_ff=40" in printed
     assert main(["extract", "--checkpoint", str(cfg.run_path), "--out", str(tmp_path / "small")]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert main(["extract", "--checkpoint", str(tmp_path / "small"), "--out", str(tmp_path / "x")]) == 2
