@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--step", type=int, default=None)
     g.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn", "pallas"])
+    g.add_argument("--steer-pos", action="append", default=[], metavar="TEXT",
+                   help="activation addition: prompt to steer toward (repeatable; with --steer-neg, --steer-layer)")
+    g.add_argument("--steer-neg", action="append", default=[], metavar="TEXT", help="prompt to steer away from")
+    g.add_argument("--steer-layer", type=int, default=None, metavar="L",
+                   help="add the vector to the residual stream after block L (0-based)")
+    g.add_argument("--steer-scale", type=float, default=1.0, metavar="S", help="multiplier of the vector (default 1)")
+    g.add_argument("--steer-vector", default=None, metavar="FILE", help="a vector saved by 'jaxeff steer-vector'")
 
     x = sub.add_parser("export-adapter", help="save the LoRA/QLoRA adapter of a run on its own")
     x.add_argument("--checkpoint", required=True, help="a lora or qlora run folder (or its checkpoints folder)")
@@ -144,6 +151,11 @@ def cmd_generate(args) -> int:
     saved["data"]["batch_size"] = 1
     saved["optim"]["grad_accum"] = 1
     cfg = from_dict(saved)
+    from jaxeff.steer import cli as steer_cli
+
+    steering = steer_cli.wanted(args)
+    if steering:
+        steer_cli.check_args(args, cfg.model.n_layers)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     total = len(ids) + args.max_new_tokens
@@ -151,9 +163,17 @@ def cmd_generate(args) -> int:
         raise JaxeffError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed "
                           f"the model's max_seq_len={cfg.model.max_seq_len}")
     trainer, params = load_params(cfg, ckpt_dir, args.step, devices=jax.devices()[:1])
-    new = generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   apply_fn=trainer.method.run)
+    if steering:
+        from jaxeff.steer import steer_generate
+
+        vector, layer = steer_cli.from_args(args, trainer.model, params, tokenizer, trainer.method.run)
+        new = steer_generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
+                             vector=vector, layer=layer, scale=args.steer_scale, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, apply_fn=trainer.method.run)
+    else:
+        new = generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       apply_fn=trainer.method.run)
     new = [int(t) for t in np.asarray(new)[0]]
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
