@@ -29,12 +29,13 @@ def register(sub) -> None:
 
 
 def load_run(path, step=None):
-    """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1)."""
+    """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1). A distilled
+    student (method ``distill``, parameters saved under ``student``) is read as a plain model."""
     import jax
 
     from jaxeff.config import from_dict
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
-    from jaxeff.train.loop import load_params
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.loop import Trainer, load_params
 
     ckpt_dir = find_checkpoint_dir(path)
     probe = Checkpointer(ckpt_dir, create=False)
@@ -45,10 +46,19 @@ def load_run(path, step=None):
     saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
     saved["data"]["batch_size"] = 1
     saved["optim"]["grad_accum"] = 1
-    if saved.get("method") == "distill":  # a distilled student: its params are plain model params
-        saved["method"] = "lm"
+    if saved.get("method") != "distill":
+        cfg = from_dict(saved)
+        trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
+        return cfg, trainer, params
+    saved["method"] = "lm"
     cfg = from_dict(saved)
-    trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    ckpt = Checkpointer(ckpt_dir, create=False)
+    try:
+        abstract = abstract_with_shardings(trainer.base_abstract, trainer.base_shardings)
+        params = ckpt.restore_params({"student": abstract}, step)["student"]
+    finally:
+        ckpt.close()
     return cfg, trainer, params
 
 

@@ -235,6 +235,22 @@ def wanda(model, params, batches, *, sparsity: float | None = None, nm=None, seq
     return pruned, sparsity_report(pruned, paths)
 
 
+def output_error(model, dense, pruned, tokens, paths: Iterable[str] | None = None) -> dict[str, float]:
+    """``{path: ||X (W - W_pruned)||_F / ||X W||_F}``: each pruned layer's relative output error on
+    the inputs ``X`` it receives in the dense model for ``tokens [batch, seq]`` (what Wanda's score
+    approximates per weight)."""
+    from jaxeff.quant.ptq import collect_dense_inputs
+
+    paths = list(paths if paths is not None else target_paths(dense))
+    xs = collect_dense_inputs(model, dense, tokens, "^(" + "|".join(re.escape(p) for p in paths) + ")$")
+    out = {}
+    for p in paths:
+        x = xs[p].astype(jnp.float32).reshape(-1, xs[p].shape[-1])
+        w, w_p = get_path(dense, p)["kernel"].astype(jnp.float32), get_path(pruned, p)["kernel"].astype(jnp.float32)
+        out[p] = float(jnp.linalg.norm(x @ (w - w_p)) / jnp.linalg.norm(x @ w))
+    return out
+
+
 def sparsity_report(params, paths: Iterable[str]) -> dict[str, Any]:
     """Share of exact zeros in each pruned kernel, over all of them, and over the whole model."""
     per_layer, zeros, size = {}, 0, 0
@@ -253,11 +269,12 @@ def sparsity_report(params, paths: Iterable[str]) -> dict[str, Any]:
 
 
 def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=None, calib_batches: int = 8,
-                 step: int | None = None, evaluate: bool = True) -> dict[str, Any]:
+                 step: int | None = None, evaluate: bool = True, return_params: bool = False):
     """Prune a run's model parameters and save them as a new run folder ``out`` (method ``lm``,
     step 0) that ``jaxeff eval`` / ``generate`` / ``train.init_from`` read like any other run.
     Calibration batches are the first ``calib_batches`` training batches of the run's data section.
-    Writes ``out/sparsify.json`` (settings, per-layer sparsity, eval losses) and returns that record."""
+    Writes ``out/sparsify.json`` (settings, per-layer sparsity, eval losses) and returns that record
+    (with ``return_params``: ``(record, dense params, pruned params)``)."""
     import json
     from pathlib import Path
 
@@ -303,8 +320,8 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     finally:
         out_ckpt.close()
     (cfg.run_path / "sparsify.json").write_text(json.dumps(record, indent=1))
-    return record
+    return (record, params, pruned) if return_params else record
 
 
 __all__ = ["TARGETS", "METHODS", "check_sparsity", "parse_nm", "magnitude_scores", "wanda_scores", "keep_mask",
-           "target_paths", "input_sq_sums", "input_norms", "prune", "wanda", "sparsity_report", "sparsify_run"]
+           "target_paths", "input_sq_sums", "input_norms", "prune", "wanda", "sparsity_report", "output_error", "sparsify_run"]

@@ -217,3 +217,14 @@ def test_sparsify_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, ms
     rc = main(["sparsify", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
+
+
+def test_output_error_is_zero_unpruned_and_one_for_an_all_zero_kernel(model_and_params):
+    from jaxeff.prune.wanda import output_error
+
+    model, params = model_and_params
+    tokens = _batches(1)[0]
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if "layers_0/attn/q" in "/".join(k.key for k in p) else x, params)
+    err = output_error(model, params, zeroed, tokens, ["layers_0/attn/q", "layers_1/mlp/up"])
+    assert err["layers_1/mlp/up"] == 0.0 and abs(err["layers_0/attn/q"] - 1.0) < 1e-6
