@@ -8,9 +8,11 @@ with dynamic batch loading vs a fixed mix, against the same shape trained from s
 3. ``extract``: the pruned model as a smaller dense run (``jaxeff.prune.extract.extract_run``);
 4. continued pre-training from it for ``--continue-steps`` steps, either
    ``continue_fixed`` (fixed uniform mix, configs/prune/continue_fixed.yaml) or
-   ``continue_dynamic`` (dynamic batch loading, configs/prune/continue_dynamic.yaml: weights updated at
-   every evaluation, reference losses = the SOURCE model's per-domain eval losses measured through
-   ``data.dynamic.reference_run``; the paper used scaling-law predictions of the target size);
+   ``continue_dynamic_u<N>`` (dynamic batch loading, configs/prune/continue_dynamic.yaml, with N weight
+   updates, one per evaluation, for each N of ``--updates``: 4 (the study's first setting) and 25 (about
+   the paper's cadence: every 400 of its ~12k continued-pre-training steps, ~30 updates); reference
+   losses = the SOURCE model's per-domain eval losses measured through ``data.dynamic.reference_run``;
+   the paper used scaling-law predictions of the target size);
 5. ``scratch``: the extracted model's exact architecture from random initialisation for prune + continue
    steps at the same batch and sequence length (same tokens; configs/prune/scratch.yaml), with the
    source's pre-training settings.
@@ -21,11 +23,12 @@ pruning. The table reports per-domain loss (nats/token) on TEST documents drawn 
 rows of 32 documents per domain, plus the mean over domains.
 
 Each run is its own Python process. TensorBoard: <run-dir>/{source,prune,pruned,continue_fixed,
-continue_dynamic,scratch}; continue_dynamic has data/weight/<domain>, data/delta/<domain> and
+continue_dynamic_u<N>,scratch}; continue_dynamic_u<N> have data/weight/<domain>, data/delta/<domain> and
 data/reference_loss/<domain>; every run has eval/loss/<domain>.
 
     python experiments/study_shear.py --quick    # small model, ~5 min on 2 shared CPU cores
     python experiments/study_shear.py            # configs' sizes (quickstart shape -> sheared)
+    python experiments/study_shear.py --roles continue_dynamic_u25   # one more run, merged into results.json
     tensorboard --logdir runs/shear_study_quick
 """
 
@@ -52,7 +55,11 @@ QUICK_SOURCE = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "mode
 QUICK_TARGET = ["prune.target.d_model=48", "prune.target.n_heads=2", "prune.target.n_layers=3",
                 "prune.target.d_ff=128"]
 QUICK_DATA = ["data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
-ROLES = ("source", "prune", "extract", "continue_fixed", "continue_dynamic", "scratch")
+
+
+def roles(args) -> list[str]:
+    return (["source", "prune", "extract", "continue_fixed"] + [f"continue_dynamic_u{n}" for n in args.updates]
+            + ["scratch"])
 
 
 def common(args, name: str) -> list[str]:
@@ -76,7 +83,10 @@ def config(args, role: str):
     from jaxeff.config import from_dict, load_config
 
     run = Path(args.run_dir)
-    every = max(args.continue_steps // 4, 1)
+    every = max(args.continue_steps // 4, 1)  # evaluations of the fixed run and of scratch: 4
+    dynamic = role.startswith("continue_dynamic_u")
+    if dynamic:
+        every = max(args.continue_steps // int(role.removeprefix("continue_dynamic_u")), 1)
     if role == "source":
         overrides = (QUICK_SOURCE if args.quick else []) + [
             f"train.steps={args.source_steps}", f"train.eval_every={args.source_steps}",
@@ -94,9 +104,10 @@ def config(args, role: str):
         overrides.append(f"optim.warmup_steps={max(steps // 15, 1)}")  # quickstart: 20 of 300
     else:
         overrides.append(f"train.init_from={run / 'pruned'}")
-    if role == "continue_dynamic":
+    if dynamic:
         overrides.append(f"data.dynamic.reference_run={run / 'source'}")
-    cfg = load_config(REPO / "configs" / "prune" / f"{role}.yaml", common(args, role) + overrides)
+    yaml_name = "continue_dynamic" if dynamic else role
+    cfg = load_config(REPO / "configs" / "prune" / f"{yaml_name}.yaml", common(args, role) + overrides)
     raw = cfg.to_dict()
     raw["model"] = model_of(run / "pruned")  # exactly the extracted architecture (both sizes of the study)
     return from_dict(raw)
@@ -135,12 +146,14 @@ def worker(args) -> None:
         from jaxeff.train.loop import run_training
 
         cfg = config(args, role)
+        dynamic = cfg.data.dynamic.enabled
         shutil.rmtree(cfg.run_path, ignore_errors=True)
         out = run_training(cfg)
         row = {"name": role, "steps": cfg.train.steps,
                "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
                "params": cfg.model.param_count(),
-               "weights": {d: out.get(f"data/weight/{d}") for d in DOMAINS} if role == "continue_dynamic" else None}
+               "weights": {d: out.get(f"data/weight/{d}") for d in DOMAINS} if dynamic else None,
+               "updates": cfg.train.steps // cfg.train.eval_every if dynamic else 0}
     row["test"] = test_losses(cfg)
     row["mean"] = sum(row["test"].values()) / len(DOMAINS)
     row["wall_s"] = time.perf_counter() - t0
@@ -150,7 +163,7 @@ def worker(args) -> None:
 def run_child(args, role: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", role, "--run-dir", str(args.run_dir),
            "--source-steps", str(args.source_steps), "--prune-steps", str(args.prune_steps),
-           "--continue-steps", str(args.continue_steps)] + (["--quick"] if args.quick else [])
+           "--continue-steps", str(args.continue_steps), "--updates", ",".join(map(str, args.updates))] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -166,15 +179,18 @@ def table(rows: dict[str, dict], args) -> str:
              "prune": f"shear-pruned, masks applied ({args.prune_steps} steps)",
              "pruned": "extracted (= prune row, dense)",
              "continue_fixed": f"pruned + {args.continue_steps} steps, fixed uniform mix",
-             "continue_dynamic": f"pruned + {args.continue_steps} steps, dynamic batch loading",
+             **{f"continue_dynamic_u{n}": f"pruned + {args.continue_steps} steps, dynamic batch loading, "
+                f"{rows.get(f'continue_dynamic_u{n}', {}).get('updates', n)} updates" for n in args.updates},
              "scratch": f"from scratch, {args.prune_steps + args.continue_steps} steps"}
     tokens = {"source": args.source_steps, "prune": args.prune_steps, "pruned": args.prune_steps,
               "continue_fixed": args.prune_steps + args.continue_steps,
-              "continue_dynamic": args.prune_steps + args.continue_steps,
+              **{f"continue_dynamic_u{n}": args.prune_steps + args.continue_steps for n in args.updates},
               "scratch": args.prune_steps + args.continue_steps}
     tok_per_step = rows["scratch"]["tokens"] // (args.prune_steps + args.continue_steps)
     lines = ["| run | target-shape tokens | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 3) + "|"]
-    for name in ("source", "prune", "pruned", "continue_fixed", "continue_dynamic", "scratch"):
+    for name in label:
+        if name not in rows:
+            continue
         r = rows[name]
         n_tok = "-" if name == "source" else f"{tokens[name] * tok_per_step / 1e3:.0f}k"
         lines.append(f"| {label[name]} | {n_tok} | " + " | ".join(f"{r['test'][d]:.4f}" for d in DOMAINS)
@@ -183,18 +199,21 @@ def table(rows: dict[str, dict], args) -> str:
 
 
 def verdict(rows: dict[str, dict]) -> str:
-    s, f, d = rows["scratch"]["mean"], rows["continue_fixed"]["mean"], rows["continue_dynamic"]["mean"]
-    best = min(f, d)
+    dyn = [k for k in rows if k.startswith("continue_dynamic_u")]
+    s, f = rows["scratch"]["mean"], rows["continue_fixed"]["mean"]
+    best = min([f] + [rows[k]["mean"] for k in dyn])
     out = [f"pruned-and-continued beats from-scratch: {'YES' if best < s else 'NO'} "
-           f"(best continued {best:.4f} vs scratch {s:.4f}, {s - best:+.4f} nats)",
-           f"dynamic beats fixed mix: {'YES' if d < f else 'NO'} (dynamic {d:.4f} vs fixed {f:.4f}, {f - d:+.4f} nats)"]
-    worst_fixed = max(DOMAINS, key=lambda x: rows["continue_fixed"]["test"][x] - rows["source"]["test"][x])
-    out.append(f"largest gap to the source under the fixed mix: {worst_fixed} "
-               f"(fixed {rows['continue_fixed']['test'][worst_fixed] - rows['source']['test'][worst_fixed]:+.4f}, "
-               f"dynamic {rows['continue_dynamic']['test'][worst_fixed] - rows['source']['test'][worst_fixed]:+.4f})")
-    w = rows["continue_dynamic"].get("weights") or {}
-    if all(v is not None for v in w.values()):
-        out.append("final dynamic weights: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items()))
+           f"(best continued {best:.4f} vs scratch {s:.4f}, {s - best:+.4f} nats)"]
+    src, fix = rows["source"]["test"], rows["continue_fixed"]["test"]
+    worst = max(DOMAINS, key=lambda x: fix[x] - src[x])
+    for k in dyn:
+        d = rows[k]["mean"]
+        gap = max(rows[k]["test"][x] - src[x] for x in DOMAINS)
+        out.append(f"{k} beats the fixed mix: {'YES' if d < f else 'NO'} (mean {d:.4f} vs {f:.4f}, {f - d:+.4f} nats; "
+                   f"largest gap to the source {gap:+.4f} vs the fixed mix's {fix[worst] - src[worst]:+.4f} on {worst})")
+        w = rows[k].get("weights") or {}
+        if w and all(v is not None for v in w.values()):
+            out.append(f"  final weights of {k}: " + ", ".join(f"{n} {v:.3f}" for n, v in w.items()))
     return "\n".join(out)
 
 
@@ -205,13 +224,16 @@ def main() -> None:
     p.add_argument("--source-steps", type=int, default=None)
     p.add_argument("--prune-steps", type=int, default=None)
     p.add_argument("--continue-steps", type=int, default=None)
-    p.add_argument("--worker", default=None, choices=ROLES, help=argparse.SUPPRESS)
+    p.add_argument("--updates", default="4,25", help="weight updates of each dynamic run (comma-separated)")
+    p.add_argument("--roles", default=None, help="run only these (comma-separated), merging into results.json")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.run_dir = str(Path(args.run_dir or REPO / "runs" / ("shear_study_quick" if args.quick else "shear_study"))
                        .absolute())
     args.source_steps = args.source_steps or (200 if args.quick else 400)
     args.prune_steps = args.prune_steps or (40 if args.quick else 100)
     args.continue_steps = args.continue_steps or (80 if args.quick else 200)
+    args.updates = [int(n) for n in str(args.updates).split(",") if n]
     if args.worker:
         worker(args)
         return
@@ -219,8 +241,10 @@ def main() -> None:
     print(f"Sheared-LLaMA study ({'quick' if args.quick else 'full'}): source {args.source_steps} steps, prune "
           f"{args.prune_steps}, continue {args.continue_steps}, scratch {args.prune_steps + args.continue_steps}; "
           f"runs in {args.run_dir}", flush=True)
-    rows = {}
-    for role in ROLES:
+    results = Path(args.run_dir) / "results.json"
+    todo = roles(args) if args.roles is None else args.roles.split(",")
+    rows = json.loads(results.read_text()) if args.roles is not None and results.exists() else {}
+    for role in todo:
         row = run_child(args, role)
         rows[row["name"]] = row
     cmd = "python experiments/study_shear.py" + (" --quick" if args.quick else "")
@@ -230,7 +254,7 @@ def main() -> None:
     print("\n" + text)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "results.md").write_text(text)
-    (Path(args.run_dir) / "results.json").write_text(json.dumps(rows, indent=1))
+    results.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
