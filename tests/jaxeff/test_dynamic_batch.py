@@ -209,3 +209,13 @@ def test_reference_losses_measured_from_a_reference_run_equal_its_eval_losses(ti
     tags = _scalars(cfg.run_path)
     for d in ("arithmetic", "prose"):
         assert tags[f"data/reference_loss/{d}"][0][1] == pytest.approx(ref_out[f"eval/loss/{d}"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dynamic_batch_loading_reweights_a_pruning_run_too(tiny_config):
+    cfg = tiny_config(DYN + ["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "train.steps=4"])
+    out = run_training(cfg)
+    tags = _scalars(cfg.run_path)
+    assert [s for s, _ in tags["data/weight/arithmetic"]] == [0, 2, 4]
+    assert out["data/weight/arithmetic"] > 0.9  # prose (delta 0) lost weight, as in the lm run
+    assert "train/shear/lagrangian" in tags
