@@ -155,7 +155,8 @@ def main(argv=None):
         w, m = by[name], by["magnitude_" + name[len("wanda_"):]]
         lw, lm = w["eval_after"]["eval/loss"], m["eval_after"]["eval/loss"]
         wins = sum(w["eval_after"][f"eval/loss/{d}"] < m["eval_after"][f"eval/loss/{d}"] for d in domains)
-        print(f"  {name[len('wanda_'):]:6s}: {'HELD' if lw < lm else 'DID NOT HOLD'} -- wanda {lw:.3f} vs magnitude "
+        verdict = "NO DIFFERENCE (|diff| < 0.005)" if abs(lw - lm) < 0.005 else "HELD" if lw < lm else "DID NOT HOLD"
+        print(f"  {name[len('wanda_'):]:6s}: {verdict} -- wanda {lw:.3f} vs magnitude "
               f"{lm:.3f} ({lw - lm:+.3f}; dense {dense['eval/loss']:.3f}); lower on {wins} of {len(domains)} domains")
     return rows
 
