@@ -100,8 +100,8 @@ def _interceptor(layer: int, delta):
         out = next_fun(*args, **kwargs)
         mod = context.module
         if context.method_name == "__call__" and tuple(mod.path) == (name,):
-            x, cache = out
-            return x + delta.astype(x.dtype), cache
+            x, *rest = out  # a block returns (x [batch, seq, d_model], cache, ...)
+            return (x + delta.astype(x.dtype), *rest)
         return out
 
     return intercept

@@ -179,3 +179,13 @@ def test_cli_steered_generation_with_scale_zero_prints_the_plain_text_and_a_save
     assert "saved to" in capsys.readouterr().out
     assert main(base + ["--steer-vector", str(tmp_path / "v.npz"), "--steer-scale", "40"]) == 0
     assert capsys.readouterr().out.startswith("x=a")  # a large push toward 'a' (the constructed example above)
+
+
+def test_a_rematerialized_block_is_steered_too():
+    cfg = TransformerConfig(vocab_size=264, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16,
+                            remat=True)
+    m = Transformer(cfg)
+    params = jax.jit(lambda: init_params(m, jax.random.key(0), (1, 8)))()
+    ids, v = jnp.ones((1, 4), jnp.int32), jnp.arange(16, dtype=jnp.float32)
+    h = lambda s: steered_forward(m, params, ids, vector=v, layer=1, scale=s, return_hidden=True).hidden_states[2]
+    np.testing.assert_allclose(h(0.5) - h(0.0), jnp.broadcast_to(0.5 * v, (1, 4, 16)), atol=1e-5)
