@@ -240,6 +240,14 @@ def test_bad_prune_targets_are_one_line_config_errors(tiny_config, override, mat
     assert "\n" not in str(e.value)
 
 
+def test_jaxeff_train_refuses_a_bad_target_before_writing_anything(tmp_path, capsys):
+    code = main(["train", "configs/prune/shear.yaml", "prune.target.d_ff=999", f"logging.run_dir={tmp_path / 'runs'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: prune.target.d_ff: 999 is larger than the source model's 384 (model.d_ff)"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_shipped_config_prunes_the_quickstart_model_to_its_target():
     from jaxeff.config import load_config
 
