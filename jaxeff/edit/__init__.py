@@ -7,24 +7,34 @@ carries out a YAML recipe (:mod:`jaxeff.edit.recipe`) and writes a new run folde
 line ``jaxeff merge RECIPE.yaml [--out DIR]``. See docs/edit.md.
 """
 
-from jaxeff.edit.arithmetic import (
-    add,
-    analogy,
-    apply_vectors,
-    check_compatible,
-    disjoint_mean,
-    elect_sign,
-    first_difference,
-    negate,
-    scale,
-    sign_conflicts,
-    task_vector,
-    ties_merge,
-    transfer,
-    trim,
-)
-from jaxeff.edit.recipe import Recipe, load_recipe, recipe_from_dict
+# Lazy: `jaxeff.cli` imports this package's cli module for every command, so importing the
+# package must not import JAX.
+_EXPORTS = {
+    "add": "jaxeff.edit.arithmetic",
+    "analogy": "jaxeff.edit.arithmetic",
+    "apply_vectors": "jaxeff.edit.arithmetic",
+    "check_compatible": "jaxeff.edit.arithmetic",
+    "disjoint_mean": "jaxeff.edit.arithmetic",
+    "elect_sign": "jaxeff.edit.arithmetic",
+    "first_difference": "jaxeff.edit.arithmetic",
+    "negate": "jaxeff.edit.arithmetic",
+    "scale": "jaxeff.edit.arithmetic",
+    "sign_conflicts": "jaxeff.edit.arithmetic",
+    "task_vector": "jaxeff.edit.arithmetic",
+    "ties_merge": "jaxeff.edit.arithmetic",
+    "transfer": "jaxeff.edit.arithmetic",
+    "trim": "jaxeff.edit.arithmetic",
+    "Recipe": "jaxeff.edit.recipe",
+    "load_recipe": "jaxeff.edit.recipe",
+    "recipe_from_dict": "jaxeff.edit.recipe",
+}
 
-__all__ = ["add", "analogy", "apply_vectors", "check_compatible", "disjoint_mean", "elect_sign", "first_difference",
-           "negate", "scale", "sign_conflicts", "task_vector", "ties_merge", "transfer", "trim", "Recipe",
-           "load_recipe", "recipe_from_dict"]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,17 +5,26 @@ See :mod:`jaxeff.steer.vectors` and docs/edit.md. From the command line: ``jaxef
 and ``jaxeff steer-vector`` to save a vector file.
 """
 
-from jaxeff.steer.vectors import (
-    check_layer,
-    load_vector,
-    record,
-    record_text,
-    residual_stream,
-    save_vector,
-    steer_generate,
-    steered_apply,
-    steered_forward,
-)
+# Lazy: `jaxeff.cli` imports this package's cli module for every command, so importing the
+# package must not import JAX.
+_EXPORTS = {
+    "check_layer": "jaxeff.steer.vectors",
+    "load_vector": "jaxeff.steer.vectors",
+    "record": "jaxeff.steer.vectors",
+    "record_text": "jaxeff.steer.vectors",
+    "residual_stream": "jaxeff.steer.vectors",
+    "save_vector": "jaxeff.steer.vectors",
+    "steer_generate": "jaxeff.steer.vectors",
+    "steered_apply": "jaxeff.steer.vectors",
+    "steered_forward": "jaxeff.steer.vectors",
+}
 
-__all__ = ["check_layer", "load_vector", "record", "record_text", "residual_stream", "save_vector", "steer_generate",
-           "steered_apply", "steered_forward"]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -300,3 +300,11 @@ def test_generate_and_eval_read_a_merged_run(runs, capsys):
     assert capsys.readouterr().out.startswith("1+1=")
     assert main(["eval", str(r / "merged_gen" / "config.yaml"), "--checkpoint", str(r / "merged_gen")]) == 0
     assert "eval/loss" in capsys.readouterr().out
+
+
+def test_the_edit_and_steer_cli_modules_import_without_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxeff.edit.cli, jaxeff.steer.cli; sys.exit(int('jax' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
