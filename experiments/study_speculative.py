@@ -10,7 +10,8 @@
    target call, wall-clock per generated token (median of ``--repeats`` timed runs per prompt, after
    a compile run; plain and speculative runs alternate so that load from other processes hits both)
    and the speed-up over plain decoding with the target (wall-clock, and process CPU time, which a
-   shared machine disturbs less); one table.
+   shared machine disturbs less); one table. The cost ratio ``c`` of a draft step to a target step
+   (plain decoding with each) gives the speed-up to expect, ``tokens per target call / (gamma c + 1)``.
 
 Everything runs on ``jax.devices()[0]`` (CPU here; the same script runs on a GPU unchanged).
 Batch 1 (one sequence), as the speculative decoder supports.
@@ -155,6 +156,14 @@ def main(argv=None):
                                  f"greedy output on a {dom} prompt at new token {first}")
     print(f"correctness: greedy speculative == target greedy on all {len(cases)} prompts, gammas {gammas}", flush=True)
 
+    # cost of one draft step relative to one target step, from plain decoding with each model
+    def plain_draft(prompt):
+        return generate(draft, d_params, prompt, jax.random.PRNGKey(0), max_new_tokens=new_tokens)
+
+    pairs = [timed_pair(lambda p=p: plain(p, 0.0), lambda p=p: plain_draft(p), args.repeats) for _, p in cases]
+    cost_ratio = sum(b[0] for _, b in pairs) / sum(a[0] for a, _ in pairs)
+    print(f"draft step / target step (plain greedy decoding, wall-clock): {cost_ratio:.2f}", flush=True)
+
     # 5. acceptance and speed
     rows = []
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
@@ -173,10 +182,12 @@ def main(argv=None):
             n_tok = len(cases) * new_tokens
             row = {"mode": mode, "gamma": g, "acceptance_rate": acc / drafted, "tokens_per_call": generated / calls,
                    "target_calls": calls, "plain_ms_tok": 1e3 * pw / n_tok, "spec_ms_tok": 1e3 * sw / n_tok,
-                   "speedup": pw / sw, "speedup_cpu": pc / sc}
+                   "speedup": pw / sw, "speedup_cpu": pc / sc,
+                   "predicted": (generated / calls) / (g * cost_ratio + 1)}
             rows.append(row)
             with SummaryWriter(str(study / "decode" / f"{mode}_gamma{g}")) as w:
-                for k in ("acceptance_rate", "tokens_per_call", "plain_ms_tok", "spec_ms_tok", "speedup", "speedup_cpu"):
+                for k in ("acceptance_rate", "tokens_per_call", "plain_ms_tok", "spec_ms_tok", "speedup", "speedup_cpu",
+                          "predicted"):
                     w.add_scalar(f"decode/{k}", row[k], g)
             print(f"  {mode:7s} gamma {g}: acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_call']:.2f} "
                   f"tokens/target call, speed-up {row['speedup']:.2f}x wall, {row['speedup_cpu']:.2f}x CPU time",
@@ -189,11 +200,14 @@ def main(argv=None):
           f"{d_cfg.model.param_count():,} params; {len(cases)} prompts x {new_tokens} new tokens; "
           f"median of {args.repeats} runs; total {time.perf_counter() - t_wall:.0f} s")
     print("| decoding | gamma | acceptance rate | new tokens / target call | plain ms/token | speculative ms/token "
-          "| speed-up (wall) | speed-up (CPU time) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| speed-up (wall) | speed-up (CPU time) | expected from cost ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tokens_per_call']:.2f} | "
-              f"{r['plain_ms_tok']:.2f} | {r['spec_ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['speedup_cpu']:.2f}x |")
+              f"{r['plain_ms_tok']:.2f} | {r['spec_ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['speedup_cpu']:.2f}x | "
+              f"{r['predicted']:.2f}x |")
+    print(f"cost ratio c = draft step / target step = {cost_ratio:.2f} (plain greedy decoding, wall-clock); "
+          "expected speed-up = (new tokens per target call) / (gamma * c + 1), verification counted as one target step")
     best = max(rows, key=lambda r: r["speedup"])
     print()
     print(f"claim: speculative decoding with the distilled draft is faster than plain decoding -- "

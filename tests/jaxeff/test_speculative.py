@@ -71,6 +71,11 @@ def test_a_draft_equal_to_the_target_is_always_accepted(target, greedy_reference
                                    gamma=4)
     np.testing.assert_array_equal(np.asarray(out), greedy_reference)
     assert float(st["acceptance_rate"]) == 1.0 and int(st["target_calls"]) == 8  # 5 tokens per call
+
+
+@pytest.mark.slow
+def test_a_draft_equal_to_the_target_is_always_accepted_when_sampling(target):
+    model, params = target
     _, st = speculative_generate(model, params, model, params, PROMPT, jax.random.key(1), max_new_tokens=40, gamma=4,
                                  temperature=1.0)
     assert float(st["acceptance_rate"]) == 1.0
