@@ -374,3 +374,21 @@ def test_pruning_run_reaches_the_target_sparsities_and_its_extraction_trains_fur
     # the extracted model starts where the pruned run's eval (deterministic masks) ended
     assert result["step"] == 2 and np.isfinite(result["train/loss"])
     assert abs(result["train/loss"] - last["eval/loss"]) < 1.0
+
+
+@pytest.mark.slow
+def test_resumed_pruning_run_continues_bit_for_bit_with_grad_accum_bf16_on_8_devices(tiny_config):
+    import shutil
+
+    from jaxeff.train.loop import run_training
+
+    common = ["method=shear", "prune.target.d_model=24", "prune.target.n_heads=2", "prune.target.d_ff=32",
+              "optim.grad_accum=2", "model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    straight = tiny_config(common)
+    a = run_training(straight)
+    split = tiny_config([*common, "name=split", "resume=true"])
+    shutil.copytree(straight.run_path / "checkpoints", split.run_path / "checkpoints")
+    shutil.rmtree(split.run_path / "checkpoints" / "6")
+    b = run_training(split)
+    keys = [k for k in a if k.startswith(("train/shear/", "eval/loss"))] + ["train/loss"]
+    assert len(keys) > 10 and {k: a[k] for k in keys} == {k: b[k] for k in keys}
