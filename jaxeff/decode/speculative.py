@@ -6,7 +6,7 @@ One iteration, with ``x`` the tokens so far and the last of them not yet in eith
    one single-token forward pass each;
 2. the target scores ``[x_last, d_1, .., d_gamma]`` in ONE forward pass against its KV cache:
    ``p_1..p_{gamma+1}``;
-3. ``d_i`` is accepted while ``r_i <= p_i(d_i) / q_i(d_i)`` (``r_i ~ U[0, 1)``); at the first
+3. ``d_i`` is accepted while ``r_i < p_i(d_i) / q_i(d_i)`` (``r_i ~ U[0, 1)``); at the first
    rejection one token is sampled from ``norm(max(0, p_i - q_i))``; if all ``gamma`` are accepted
    a bonus token is sampled from ``p_{gamma+1}``. Each iteration adds ``accepted + 1`` tokens, and
    every token is distributed exactly as when sampling from the target alone;
@@ -77,7 +77,7 @@ def accept_or_resample(p: jax.Array, q: jax.Array, drafts: jax.Array, rng) -> tu
     r = jax.random.uniform(k_r, (gamma,))
     idx = jnp.arange(gamma)
     p_d, q_d = p[idx, drafts], q[idx, drafts]
-    ok = r * q_d <= p_d  # r <= p/q without dividing (q_d > 0: d was drawn from q)
+    ok = r * q_d < p_d  # r < p/q without dividing (q_d > 0: d was drawn from q); p = 0 is never accepted
     n_acc = jnp.argmin(jnp.concatenate([ok, jnp.zeros((1,), bool)]))  # first rejection (gamma if none)
     p_n = p[n_acc]
     q_n = jnp.concatenate([q, jnp.zeros_like(q[:1])])[n_acc]  # q = 0 at the bonus position: sample p
