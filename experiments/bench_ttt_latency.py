@@ -6,6 +6,10 @@ that fills the KV cache (as ``jaxeff.models.generate`` does it); for TTT-E2E,
 the fast weights per b tokens, suffix blocks chunk by chunk with a KV buffer of the last k tokens).
 Parameters are random (latency does not depend on training).
 
+TTT-E2E is timed as configured (fast MLPs in the last quarter of the blocks; the blocks before them
+run over the whole prompt with the model's attention) and with every block chunked
+(``ttt.fast_fraction=1``), which isolates the cost of the chunked inner loop.
+
 Checks correctness first, at the shortest length: every output finite; the Transformer's cached
 prefill gives the logits of the plain forward pass; TTT-E2E's prefill logits give the per-token
 losses of ``jaxeff.ttt.token_losses``. Then times each (model, L): jit, one warm-up call,
@@ -42,12 +46,12 @@ MODELS = {
 }
 
 
-def experiment(args, window, method="lm"):
+def experiment(args, window, method="lm", ttt=None):
     model = {**MODELS[args.model], "max_seq_len": max(args.lengths), "sliding_window": window,
              "attention_impl": args.attention, "dtype": args.dtype}
     raw = {"name": "bench", "method": method, "model": model,
            "data": {"seq_len": args.mini_batch * max(1, max(args.lengths) // args.mini_batch), "batch_size": 1},
-           "ttt": {"mini_batch": args.mini_batch}}
+           "ttt": {"mini_batch": args.mini_batch, **(ttt or {})}}
     return from_dict(raw)
 
 
@@ -87,17 +91,21 @@ def build(args):
 
         runs[name] = (functools.partial(transformer_prefill, model, params), check)
 
-    cfg = experiment(args, args.window, "ttt_e2e")
-    spec = ttt.spec_of(cfg)
-    base = jax.jit(init_params, static_argnums=(0, 2))(Transformer(cfg.model), key, (1, 8))
-    params = jax.jit(add_fast_params, static_argnums=0)(spec, base, jax.random.key(1))
+    # as configured (fast MLPs in the last quarter: the blocks before run over the whole prompt),
+    # and with every block chunked (ttt.fast_fraction=1: no prefix), which isolates the inner loop
+    for label, extra in (("", None), (", every block chunked", {"fast_fraction": 1.0})):
+        cfg = experiment(args, args.window, "ttt_e2e", extra)
+        spec = ttt.spec_of(cfg)
+        base = jax.jit(init_params, static_argnums=(0, 2))(Transformer(cfg.model), key, (1, 8))
+        params = jax.jit(add_fast_params, static_argnums=0)(spec, base, jax.random.key(1))
 
-    def check_ttt(tokens):
-        logits, state = ttt.prefill(cfg, params, tokens)
-        assert bool(jnp.isfinite(logits).all()), "non-finite TTT-E2E prefill logits"
-        return float(jnp.abs(nll(logits, tokens) - ttt.token_losses(cfg, params, tokens)).max())
+        def check_ttt(tokens, cfg=cfg, params=params):
+            logits, state = ttt.prefill(cfg, params, tokens)
+            assert bool(jnp.isfinite(logits).all()), "non-finite TTT-E2E prefill logits"
+            return float(jnp.abs(nll(logits, tokens) - ttt.token_losses(cfg, params, tokens)).max())
 
-    runs[f"TTT-E2E k={args.window}, b={args.mini_batch}"] = (lambda t: ttt.prefill(cfg, params, t), check_ttt)
+        runs[f"TTT-E2E k={args.window}, b={args.mini_batch}{label}"] = (
+            lambda t, cfg=cfg, params=params: ttt.prefill(cfg, params, t), check_ttt)
     return runs
 
 
