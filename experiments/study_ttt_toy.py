@@ -82,7 +82,8 @@ def position_losses(name, trainer, params, batch):
     """Per-token test loss ``[rows, seq]`` (0 where masked)."""
     if name == "full_attention":
         out = trainer.method.run(trainer.model, params, jnp.asarray(batch["inputs"]),
-                                 positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(batch["segment_ids"]))
+                                 positions=jnp.asarray(batch["positions"]),
+                                 segment_ids=jnp.asarray(batch["segment_ids"]))
         logp = jax.nn.log_softmax(out.logits, -1)
         nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], -1)[..., 0]
     else:
@@ -185,7 +186,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the configs' / quick)")
     p.add_argument("--test-docs", type=int, default=None)
     p.add_argument("--run-dir", default="runs")
-    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate of ttt_b1 (default: toy_ttt.yaml's)")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="inner learning rate of ttt_b1 (default: toy_ttt.yaml's)")
     p.add_argument("--models", default=",".join(m for m, _ in MODELS), help="subset to train (comma-separated)")
     args = p.parse_args(argv)
     seq = 128 if args.quick else 256

@@ -76,4 +76,5 @@ def adapted_params(params, state, row: int = 0):
     return {**params, "fast": fast}
 
 
-__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "inner_lr_at", "prefill", "spec_of", "token_losses", "ttt_method"]
+__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "inner_lr_at", "prefill", "spec_of",
+           "token_losses", "ttt_method"]

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from jaxeff.models.attention import attention
 from jaxeff.ttt.inner import inner_step, scan_chunks, trim
-from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, buffer_attention, dense, embed, empty_buffers, head, initial_fast_weights,
-                              prefix_forward, qkv, rms_norm, suffix_forward)
+from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, buffer_attention, dense, embed, empty_buffers, head,
+                              initial_fast_weights, prefix_forward, qkv, rms_norm, suffix_forward)
 
 
 def _pad_to(a, n, value=0):
@@ -56,12 +56,15 @@ def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
     s = n_up * b
     lg, grown = suffix_forward(spec, params, w, bufs, x[:, s:], positions[:, s:], seg[:, s:])
     logits.append(lg)
+    free = s + b - t  # empty slots of the pending mini-batch
     state = {
         "index": jnp.asarray(t, jnp.int32), "count": jnp.asarray(t - s, jnp.int32), "fast": w,
-        "prefix": tuple({"k": _pad_to(k, max_len), "v": _pad_to(v, max_len)} for k, v in kvs) if spec.use_attention else (),
-        "suffix": tuple({"k": _pad_to(g["k"], g["k"].shape[1] + s + b - t), "v": _pad_to(g["v"], g["v"].shape[1] + s + b - t),
-                         "seg": _pad_to(g["seg"], g["seg"].shape[1] + s + b - t, -1)} for g in grown),
-        "chunk_x": _pad_to(x[:, s:], b), "chunk_tok": _pad_to(tokens[:, s:], b), "chunk_pos": _pad_to(positions[:, s:], b),
+        "prefix": (tuple({"k": _pad_to(k, max_len), "v": _pad_to(v, max_len)} for k, v in kvs)
+                   if spec.use_attention else ()),
+        "suffix": tuple({"k": _pad_to(g["k"], g["k"].shape[1] + free), "v": _pad_to(g["v"], g["v"].shape[1] + free),
+                         "seg": _pad_to(g["seg"], g["seg"].shape[1] + free, -1)} for g in grown),
+        "chunk_x": _pad_to(x[:, s:], b), "chunk_tok": _pad_to(tokens[:, s:], b),
+        "chunk_pos": _pad_to(positions[:, s:], b),
     }
     return jnp.concatenate(logits, axis=1), state
 

@@ -79,7 +79,8 @@ class TTTSpec:
                 raise ConfigError("ttt.fast_layers: expected at least one block index (or null for the last quarter)")
             for i in t.fast_layers:
                 if not 0 <= i < n:
-                    raise ConfigError(f"ttt.fast_layers: block index {i} is out of range (model.n_layers={n}: 0..{n - 1})")
+                    raise ConfigError(f"ttt.fast_layers: block index {i} is out of range "
+                                      f"(model.n_layers={n}: 0..{n - 1})")
             if len(set(t.fast_layers)) != len(t.fast_layers):
                 raise ConfigError(f"ttt.fast_layers: repeated block index in {list(t.fast_layers)}")
             fast = tuple(sorted(t.fast_layers))
@@ -263,8 +264,8 @@ def empty_buffers(spec: TTTSpec, batch: int):
     out = []
     for i in spec.suffix_layers:
         w = spec.window(i)
-        out.append({"k": jnp.zeros((batch, w, cfg.kv_heads, cfg.hd), dt), "v": jnp.zeros((batch, w, cfg.kv_heads, cfg.hd), dt),
-                    "seg": jnp.full((batch, w), -1, jnp.int32)})
+        shape = (batch, w, cfg.kv_heads, cfg.hd)
+        out.append({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "seg": jnp.full((batch, w), -1, jnp.int32)})
     return tuple(out)
 
 
