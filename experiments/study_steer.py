@@ -9,7 +9,9 @@
    temperature 1, same random keys for every scale) with the vector added after block L at every
    position, and classify each continuation into a domain with a character-trigram naive Bayes
    classifier trained on other documents of the corpus (its accuracy on 48-character chunks of
-   held-out documents is printed, so the measurement itself is checked);
+   held-out documents is printed, so the measurement itself is checked), or as ``invalid`` when it
+   holds a non-ASCII byte or a run of 17+ equal characters (degenerate text: the longest run in any
+   48-character chunk of the corpus is 12 spaces of code indentation);
 4. also measure, teacher-forced, the per-token loss of held-out ``code`` and ``prose`` documents
    under the same steering.
 
@@ -31,6 +33,7 @@ import collections
 import datetime
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -60,8 +63,8 @@ class TrigramNB:
         self.v = len(vocab) + 1
 
     def classify(self, text: str) -> str:
-        if any(not (32 <= ord(ch) < 127 or ch == "\n") for ch in text):
-            return "invalid"  # every domain of the corpus is printable ASCII
+        if any(not (32 <= ord(ch) < 127 or ch == "\n") for ch in text) or re.search(r"(.)\1{16,}", text):
+            return "invalid"  # the corpus is printable ASCII, and no 48-char chunk of it repeats a character 17 times
         grams = [text[i:i + 3] for i in range(len(text) - 2)]
         if not grams:
             return "empty"
