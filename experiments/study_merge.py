@@ -183,7 +183,8 @@ def main() -> None:
         claims.append(f"negation {label}: {target} {rise:+.4f} nats, others "
                       + ", ".join(f"{d} {v:+.4f}" for d, v in others.items())
                       + f": {'held' if held else 'did NOT hold'} (target rises >= 0.05, others move < 1/4 of it)")
-    cmd = "python experiments/study_merge.py" + (" --quick" if args.quick else "")
+    cmd = "python experiments/study_merge.py" + (" --quick" if args.quick else "") + \
+        f" --base-steps {args.base_steps} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr:g}"
     text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
             f"eval loss per domain (nats/token), {cfg.train.eval_batches} eval batches per domain\n\n{table}\n\n"
             + "\n".join(f"- {c}" for c in claims) + "\n")
