@@ -217,6 +217,16 @@ def runs(tmp_path_factory):
     save("ft_a", 0.02, 1)
     save("ft_p", 0.03, 2)
     save("wide", 0.0, 0, d_ff=96)
+    # a LoRA run on the base, with non-zero B (a fresh adapter would equal the base)
+    lora_cfg = from_dict({**raw, "name": "lora", "method": "lora"})
+    lora_trainer = Trainer(lora_cfg, devices=jax.devices()[:1])
+    prepared = lora_trainer.method.prepare_params(make(0.0, jax.random.key(0)), jax.random.key(5))
+    prepared["lora"] = jax.tree_util.tree_map_with_path(
+        lambda p, x: x if p[-1].key == "a" else 0.05 * jnp.ones_like(x), prepared["lora"])
+    ckpt = Checkpointer(lora_cfg.checkpoint_path)
+    ckpt.save(0, init_state(prepared, lora_trainer.tx, lora_trainer.method, 0), data_state={},
+              config=lora_cfg.to_dict())
+    ckpt.close()
     return root
 
 
@@ -267,6 +277,29 @@ def test_ties_and_transfer_recipes_on_runs(runs):
     merge_runs(recipe_from_dict({"base": str(r / "ft_p"), "out": str(r / "moved"),
                                  "models": {"a": {"path": str(r / "ft_a"), "base": str(r / "base")}}}))
     _close(_params(r / "moved"), jax.tree.map(lambda p, a, b: p + (a - b), fp, fa, base), rtol=1e-6, atol=1e-6)
+
+
+def test_a_lora_run_contributes_its_merged_model_parameters(runs):
+    from jaxeff.edit import recipe_from_dict
+    from jaxeff.edit.runs import load_model_params, merge_runs
+    from jaxeff.peft import merge
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings
+    from jaxeff.train.loop import Trainer
+
+    r = runs / "runs"
+    cfg, model_params = load_model_params(r / "lora")
+    base = _params(r / "base")
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    ckpt = Checkpointer(r / "lora" / "checkpoints", create=False)  # the raw {base, lora} tree, merged by hand
+    raw = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings))
+    ckpt.close()
+    expected = merge(base, raw["lora"], cfg.peft.alpha / cfg.peft.rank)
+    assert any(float(np.max(np.abs(np.asarray(x) - y))) > 1e-3 for x, y in
+               zip(jax.tree.leaves(expected), jax.tree.leaves(base)))
+    _close(jax.tree.map(np.asarray, model_params), expected, rtol=1e-6, atol=1e-6)
+    merge_runs(recipe_from_dict({"base": str(r / "base"), "out": str(r / "from_lora"),
+                                 "models": {"l": {"path": str(r / "lora"), "scale": 2.0}}}))
+    _close(_params(r / "from_lora"), jax.tree.map(lambda b, e: b + 2.0 * (e - b), base, expected), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_merge_errors_are_one_line_and_write_nothing(runs, capsys):
