@@ -49,7 +49,7 @@ VAL_SEED, TEST_SEED = 77_001, 99_001  # documents the models never trained on (t
 SIZES = {
     # T = training context (tokens), k = sliding window, b = TTT mini-batch, lengths = eval contexts
     "quick": dict(d_model=64, n_layers=4, n_heads=4, d_ff=192, T=128, k=32, b=16, batch=8, steps=100,
-                  lengths=(128, 256, 512), n_eval=8, naive_lrs=(0.03, 0.3)),
+                  lengths=(128, 512), n_eval=8, naive_lrs=(0.3,)),
     "full": dict(d_model=64, n_layers=4, n_heads=4, d_ff=192, T=128, k=32, b=16, batch=16, steps=600,
                  lengths=(128, 256, 512, 1024), n_eval=16, naive_lrs=(0.01, 0.03, 0.1, 0.3)),
 }
