@@ -9,8 +9,8 @@ with dynamic batch loading vs a fixed mix, against the same shape trained from s
 4. continued pre-training from it for ``--continue-steps`` steps, either
    ``continue_fixed`` (fixed uniform mix, configs/prune/continue_fixed.yaml) or
    ``continue_dynamic_u<N>`` (dynamic batch loading, configs/prune/continue_dynamic.yaml, with N weight
-   updates, one per evaluation, for each N of ``--updates``: 4 (the study's first setting) and 25 (about
-   the paper's cadence: every 400 of its ~12k continued-pre-training steps, ~30 updates); reference
+   updates, one per evaluation, for each N of ``--updates``: 4 (the study's first setting) and 25 (the
+   paper updates every 400 steps of a 50B-token continuation: dozens of updates); reference
    losses = the SOURCE model's per-domain eval losses measured through ``data.dynamic.reference_run``;
    the paper used scaling-law predictions of the target size);
 5. ``scratch``: the extracted model's exact architecture from random initialisation for prune + continue
@@ -175,16 +175,17 @@ def run_child(args, role: str) -> dict:
 
 
 def table(rows: dict[str, dict], args) -> str:
+    updates = sorted({int(k.removeprefix("continue_dynamic_u")) for k in rows if k.startswith("continue_dynamic_u")})
     label = {"source": f"source ({args.source_steps} steps, not counted)",
              "prune": f"shear-pruned, masks applied ({args.prune_steps} steps)",
              "pruned": "extracted (= prune row, dense)",
              "continue_fixed": f"pruned + {args.continue_steps} steps, fixed uniform mix",
              **{f"continue_dynamic_u{n}": f"pruned + {args.continue_steps} steps, dynamic batch loading, "
-                f"{rows.get(f'continue_dynamic_u{n}', {}).get('updates', n)} updates" for n in args.updates},
+                f"{rows[f'continue_dynamic_u{n}']['updates']} updates" for n in updates},
              "scratch": f"from scratch, {args.prune_steps + args.continue_steps} steps"}
     tokens = {"source": args.source_steps, "prune": args.prune_steps, "pruned": args.prune_steps,
               "continue_fixed": args.prune_steps + args.continue_steps,
-              **{f"continue_dynamic_u{n}": args.prune_steps + args.continue_steps for n in args.updates},
+              **{f"continue_dynamic_u{n}": args.prune_steps + args.continue_steps for n in updates},
               "scratch": args.prune_steps + args.continue_steps}
     tok_per_step = rows["scratch"]["tokens"] // (args.prune_steps + args.continue_steps)
     lines = ["| run | target-shape tokens | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 3) + "|"]

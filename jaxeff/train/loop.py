@@ -288,9 +288,9 @@ def reference_losses(cfg: ExperimentConfig, domains: list[str], eval_sets: dict,
         saved = ckpt.read_config()
     finally:
         ckpt.close()
-    if saved.get("method", "lm") not in ("lm", "distill"):
+    if saved.get("method", "lm") != "lm":
         raise ConfigError(f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "
-                          "the reference must be a run with plain model parameters (lm, distill)")
+                          "the reference must be an 'lm' run (plain model parameters, e.g. jaxeff extract's)")
     raw = cfg.to_dict()
     raw.update(model=saved["model"], method="lm")
     raw["train"]["init_from"] = None

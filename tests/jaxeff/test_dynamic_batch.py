@@ -4,6 +4,7 @@ sampler under changing weights, the trainer's updates, their logs and their chec
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -139,6 +140,7 @@ def _saved_weights(cfg, step):
     return json.loads(path.read_text())["weights"]
 
 
+ONE = jax.devices()[:1]  # the tiny runs compile and run faster on one device than on eight fake ones
 DYN = ["data.dynamic.enabled=true", "data.dynamic.every=2", "data.dynamic.smoothing=0.0",
        "data.dynamic.reference_losses={arithmetic: 0.0, prose: 100.0}", "optim.schedule=constant",
        "train.log_every=1"]
@@ -146,7 +148,7 @@ DYN = ["data.dynamic.enabled=true", "data.dynamic.every=2", "data.dynamic.smooth
 
 def test_training_updates_logs_and_checkpoints_the_domain_weights(tiny_config):
     cfg = tiny_config(DYN)  # 6 steps, eval every 3, checkpoints at 3 and 6
-    out = run_training(cfg)
+    out = run_training(cfg, devices=ONE)
     tags = _scalars(cfg.run_path)
     wa, wp = tags["data/weight/arithmetic"], tags["data/weight/prose"]
     assert [s for s, _ in wa] == [0, 2, 4, 6]
@@ -170,13 +172,13 @@ def test_training_updates_logs_and_checkpoints_the_domain_weights(tiny_config):
 def test_a_resumed_run_continues_with_the_weights_it_had(tiny_config):
     straight = tiny_config(DYN + ["name=straight", "data.dynamic.clamp=false",
                                   "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
-    run_training(straight)
+    run_training(straight, devices=ONE)
     cut = tiny_config(DYN + ["name=resumed", "train.steps=3", "data.dynamic.clamp=false",
                              "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
-    run_training(cut)  # update at step 2, checkpoint at 3 with those weights
+    run_training(cut, devices=ONE)  # update at step 2, checkpoint at 3 with those weights
     resumed = tiny_config(DYN + ["name=resumed", "resume=true", "data.dynamic.clamp=false",
                                  "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
-    run_training(resumed)
+    run_training(resumed, devices=ONE)
     a, b = _scalars(straight.run_path), _scalars(resumed.run_path)
     w_straight = a["data/weight/prose"]
     assert abs(w_straight[1][1] - 0.5) > 0.05  # the step-2 update moved the weights
@@ -219,3 +221,6 @@ def test_dynamic_batch_loading_reweights_a_pruning_run_too(tiny_config):
     assert [s for s, _ in tags["data/weight/arithmetic"]] == [0, 2, 4]
     assert out["data/weight/arithmetic"] > 0.9  # prose (delta 0) lost weight, as in the lm run
     assert "train/shear/lagrangian" in tags
+    # a pruning run's parameters are not a plain model: it cannot be the reference
+    with pytest.raises(ConfigError, match=r"^data\.dynamic\.reference_run: .* method 'shear'"):
+        run_training(tiny_config(DYN[:2] + ["name=other", f"data.dynamic.reference_run={cfg.run_path}"]))
