@@ -5,6 +5,7 @@
 2. fine-tune it, from the base through ``train.init_from``, on ``arithmetic`` only (expert A), on
    ``code`` only (expert C), and on both (multi-task, weights 1:1) -- same steps, batch, lr for all
    three (so the multi-task run sees as many tokens as one expert, half as many as both together);
+   ``--replay R`` gives every other domain weight R in these mixtures (target domains weigh 1);
 3. merge the experts with ``jaxeff.edit`` recipes (``merge_runs``, the code behind ``jaxeff
    merge``): task arithmetic ``base + lam (tau_A + tau_C)`` for a few ``lam``, and TIES (top 20%,
    elected sign, disjoint mean) for a few ``lam``;
@@ -73,8 +74,11 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=None)
     p.add_argument("--ft-steps", type=int, default=None)
     p.add_argument("--ft-lr", type=float, default=3e-4, help="learning rate of the experts and the multi-task run")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="mixture weight of each other domain while fine-tuning (target domains weigh 1): replay")
     args = p.parse_args()
-    args.run_dir = args.run_dir or str(REPO / "runs" / ("merge_study_quick" if args.quick else "merge_study"))
+    args.run_dir = args.run_dir or str(REPO / "runs" / (("merge_study_quick" if args.quick else "merge_study")
+                                                        + (f"_replay{args.replay:g}" if args.replay else "")))
     args.base_steps = args.base_steps or (300 if args.quick else 800)
     args.ft_steps = args.ft_steps or (80 if args.quick else 300)
     lams_ta = (0.3, 0.5, 0.8, 1.0)
@@ -95,9 +99,10 @@ def main() -> None:
           f"experts / multi-task {args.ft_steps} steps; runs in {rd}", flush=True)
     ft = [f"optim.lr={args.ft_lr}", f"train.init_from={rd / 'base'}"]
     train(args, "base", args.base_steps, {d: 1.0 for d in DOMAINS}, ["optim.lr=3e-3"])
-    train(args, "ft_arith", args.ft_steps, {A: 1.0}, ft)
-    train(args, "ft_code", args.ft_steps, {C: 1.0}, ft)
-    train(args, "multi", args.ft_steps, {A: 1.0, C: 1.0}, ft)
+    rest = {d: args.replay for d in DOMAINS}
+    train(args, "ft_arith", args.ft_steps, {**rest, A: 1.0}, ft)
+    train(args, "ft_code", args.ft_steps, {**rest, C: 1.0}, ft)
+    train(args, "multi", args.ft_steps, {**rest, A: 1.0, C: 1.0}, ft)
 
     def merge(name, raw):
         shutil.rmtree(rd / name, ignore_errors=True)
@@ -184,7 +189,8 @@ def main() -> None:
                       + ", ".join(f"{d} {v:+.4f}" for d, v in others.items())
                       + f": {'held' if held else 'did NOT hold'} (target rises >= 0.05, others move < 1/4 of it)")
     cmd = "python experiments/study_merge.py" + (" --quick" if args.quick else "") + \
-        f" --base-steps {args.base_steps} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr:g}"
+        f" --base-steps {args.base_steps} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr:g}" + \
+        (f" --replay {args.replay:g}" if args.replay else "")
     text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
             f"eval loss per domain (nats/token), {cfg.train.eval_batches} eval batches per domain\n\n{table}\n\n"
             + "\n".join(f"- {c}" for c in claims) + "\n")
