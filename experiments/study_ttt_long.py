@@ -10,7 +10,8 @@
 2. evaluate every model on fresh recall documents of several lengths L (shorter and longer than T):
    per-token loss over the whole document, on the recalled values only (the 6 characters after
    each '?'), and by position quarter; plus TTT-naive (dynamic evaluation, jaxeff/ttt/naive.py) of
-   the sliding-window model, its learning rate picked on separate validation documents at length T;
+   the sliding-window model, its learning rate picked on separate validation documents at length T,
+   and the TTT-E2E model evaluated without test-time updates (inner lr 0) as an ablation;
 3. print the tables and whether TTT-E2E tracked full attention as the context grew.
 
 TensorBoard runs land in <run-dir>/ttt_long[_quick]/{full,window,ttt_e2e} (training) and
@@ -230,14 +231,21 @@ def main(argv=None):
     print("TTT-naive lr sweep (validation loss at T): " + ", ".join(f"{k:g}: {v:.4f}" for k, v in sweep.items()),
           flush=True)
 
-    results: dict[str, dict[int, dict]] = {m: {} for m in ("full", "window", "ttt_e2e", "ttt_naive")}
+    # ablation: the trained TTT-E2E model evaluated without test-time updates (inner lr 0): what its
+    # recall owes to the fast weights rather than to attention relayed through the stacked windows
+    no_update = cfgs["ttt_e2e"].to_dict()
+    no_update["ttt"]["inner_lr"] = 0.0
+    cfgs["ttt_e2e_no_update"] = from_dict(no_update)
+    trained["ttt_e2e_no_update"] = trained["ttt_e2e"]
+    results: dict[str, dict[int, dict]] = {m: {} for m in ("full", "window", "ttt_e2e", "ttt_e2e_no_update",
+                                                            "ttt_naive")}
     for L in size["lengths"]:
         data = recall_eval_set(L, size["n_eval"], TEST_SEED)
         for m in results:
             if m == "ttt_naive":
                 ls = losses_of("ttt_naive", cfgs["ttt_e2e"], trained["window"], data["tokens"], naive_lr)
             else:
-                ls = losses_of(m, cfgs[m], trained[m], data["tokens"])
+                ls = losses_of("ttt_e2e" if m.startswith("ttt_e2e") else m, cfgs[m], trained[m], data["tokens"])
             results[m][L] = summarize(ls, data)
 
     from tensorboardX import SummaryWriter
@@ -260,6 +268,7 @@ def report(size, info, results, sweep, naive_lr, study, wall):
     T, k, b = size["T"], size["k"], size["b"]
     lengths = list(next(iter(results.values())))
     names = {"full": "full attention", "window": f"sliding window k={k}", "ttt_e2e": f"TTT-E2E (k={k}, b={b})",
+             "ttt_e2e_no_update": "TTT-E2E evaluated without updates (inner lr 0)",
              "ttt_naive": f"TTT-naive on the window model (b={b}, lr={naive_lr:g}, last-quarter MLPs)"}
     print()
     print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); runs in {study}; "
