@@ -114,14 +114,15 @@ def main() -> None:
         merged.append((f"task arithmetic lam={lam:g}", merge(f"ta_{lam:g}", {"models": {
             A: {"path": str(rd / "ft_arith"), "scale": lam}, C: {"path": str(rd / "ft_code"), "scale": lam}}})))
     for lam in lams_ties:
-        merged.append((f"TIES k=0.2 lam={lam:g}", merge(f"ties_{lam:g}", {"method": "ties", "ties": {"k": 0.2, "lam": lam},
-                                                                          "models": {A: {"path": str(rd / "ft_arith")},
-                                                                                     C: {"path": str(rd / "ft_code")}}})))
+        experts = {A: {"path": str(rd / "ft_arith")}, C: {"path": str(rd / "ft_code")}}
+        merged.append((f"TIES k=0.2 lam={lam:g}", merge(f"ties_{lam:g}", {
+            "method": "ties", "ties": {"k": 0.2, "lam": lam}, "models": experts})))
     negs = []
     for lam in lams_neg:
         negs.append((f"base - {lam:g} tau_arith", merge(f"neg_arith_{lam:g}", {"models": {
             A: {"path": str(rd / "ft_arith"), "scale": -lam}}})))
-    negs.append(("base - 1 tau_code", merge("neg_code_1", {"models": {C: {"path": str(rd / "ft_code"), "scale": -1.0}}})))
+    negs.append(("base - 1 tau_code", merge("neg_code_1", {"models": {
+        C: {"path": str(rd / "ft_code"), "scale": -1.0}}})))
     print(f"  merged {len(merged) + len(negs)} models", flush=True)
 
     # evaluate everything with one trainer (same architecture, same eval documents)

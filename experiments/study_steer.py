@@ -165,7 +165,8 @@ def main() -> None:
         s, lo = r["share"], r["loss"]
         sample = r["example"][:40].replace("\n", "\\n").replace("|", "/")
         lines.append(f"| {r['source']} (norm {r['norm']:.2f}) | {r['layer']} | {r['scale']} | {s['code']:.2f} | "
-                     f"{s['prose']:.2f} | {s['arithmetic']:.2f} | {s['records']:.2f} | {s['invalid']:.2f} | {lo[POS]:.4f} | {lo[NEG]:.4f} | "
+                     f"{s['prose']:.2f} | {s['arithmetic']:.2f} | {s['records']:.2f} | {s['invalid']:.2f} | "
+                     f"{lo[POS]:.4f} | {lo[NEG]:.4f} | "
                      f"`{sample}` |")
     table = "\n".join(lines)
 
@@ -185,12 +186,14 @@ def main() -> None:
         claims.append(
             f"shift along the contrast (share code - share prose, valid text >= 90%): best {best['source']} layer "
             f"{best['layer']} scale {best['scale']:g}: {contrast(b0):+.2f} -> {contrast(best):+.2f} ({gain:+.2f}; code "
-            f"{b0['share'][POS]:.2f} -> {best['share'][POS]:.2f}, prose {b0['share'][NEG]:.2f} -> {best['share'][NEG]:.2f}): "
+            f"{b0['share'][POS]:.2f} -> {best['share'][POS]:.2f}, "
+            f"prose {b0['share'][NEG]:.2f} -> {best['share'][NEG]:.2f}): "
             f"{'held' if gain >= 0.25 else 'did NOT hold'} (rise >= 0.25)")
         best_pos = max(valid, key=lambda r: r["share"][POS] - base[r["source"], r["layer"]]["share"][POS])
         g = best_pos["share"][POS] - base[best_pos["source"], best_pos["layer"]]["share"][POS]
         claims.append(f"toward code alone (share code, valid text >= 90%): best {best_pos['source']} layer "
-                      f"{best_pos['layer']} scale {best_pos['scale']:g}: {g:+.2f}: {'held' if g >= 0.25 else 'did NOT hold'} "
+                      f"{best_pos['layer']} scale {best_pos['scale']:g}: {g:+.2f}: "
+                      f"{'held' if g >= 0.25 else 'did NOT hold'} "
                       "(rise >= 0.25)")
     rel = {id(r): (r["loss"][POS] - base[r["source"], r["layer"]]["loss"][POS])
            - (r["loss"][NEG] - base[r["source"], r["layer"]]["loss"][NEG]) for r in rows if r["scale"] > 0}
@@ -201,11 +204,13 @@ def main() -> None:
                   + f"; code-minus-prose change " + ", ".join(f"{rel[id(r)]:+.4f}" for r in small)
                   + f": code loss falls in absolute terms: {'held' if any(d < 0 for d in drops) else 'did NOT hold'}")
     claim = "\n- ".join(claims)
-    cmd = "python experiments/study_steer.py" + (" --quick" if args.quick else "") + (f" --base {args.base}" if args.base else "")
+    cmd = ("python experiments/study_steer.py" + (" --quick" if args.quick else "")
+           + (f" --base {args.base}" if args.base else ""))
     text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
             f"classifier accuracy on held-out 48-char chunks: " + ", ".join(f"{d} {a:.2f}" for d, a in acc.items())
-            + f"\n\nshare of {N_SAMPLES} continuations of BOS ({NEW_TOKENS} tokens, temperature 1) classified per domain; "
-            f"teacher-forced loss (nats/token) of held-out code / prose text under the same steering\n\n{table}\n\n- {claim}\n")
+            + f"\n\nshare of {N_SAMPLES} continuations of BOS ({NEW_TOKENS} tokens, temperature 1) classified per "
+            "domain; teacher-forced loss (nats/token) of held-out code / prose text under the same steering"
+            f"\n\n{table}\n\n- {claim}\n")
     print("\n" + text)
     (rd / "results.md").write_text(text)
     (rd / "results.json").write_text(json.dumps({"classifier_accuracy": acc, "rows": rows, "claim": claim}, indent=1))

@@ -1,6 +1,7 @@
 """Task vectors over parameter trees: tau = theta_ft - theta_pre, and what can be done with them.
 
-Every function here is pure (the heavier ones jitted) and works on any pytree of float arrays (a model's ``params``); trees
+Every function here is pure (the heavier ones jitted) and works on any pytree of float arrays (a
+model's ``params``); trees
 that do not match (a missing or extra parameter, another shape) raise :class:`JaxeffError` naming
 the first differing parameter path. Arithmetic is done in float32 and each result leaf keeps the
 dtype of the first tree's leaf (a bf16 model stays bf16).
@@ -104,9 +105,10 @@ def apply_vectors(base: Tree, vectors: Sequence[Tree], scales: Sequence[float] |
         check_compatible(base, v, f"base and task vector {i + 1}")
     if not vectors:
         return base
-    return jax.tree.map(
-        lambda b, *vs: (b.astype(jnp.float32) + sum(s * v.astype(jnp.float32) for s, v in zip(scales, vs))).astype(b.dtype),
-        base, *vectors)
+    def combine(b, *vs):
+        return (b.astype(jnp.float32) + sum(s * v.astype(jnp.float32) for s, v in zip(scales, vs))).astype(b.dtype)
+
+    return jax.tree.map(combine, base, *vectors)
 
 
 def analogy(tau_a: Tree, tau_b: Tree, tau_c: Tree) -> Tree:

@@ -100,8 +100,9 @@ def check_same_architecture(base_cfg: dict, other_cfg: dict, base_name: str, oth
 
     diff = first_difference(abstract_model_params(base_cfg), abstract_model_params(other_cfg))
     if diff is not None:
+        what = diff[1].replace("the first", base_name).replace("the second", other_name)
         raise CheckpointError(f"'{other_name}' has a different architecture from '{base_name}': parameter "
-                              f"'{diff[0]}' differs ({diff[1].replace('the first', base_name).replace('the second', other_name)})")
+                              f"'{diff[0]}' differs ({what})")
     check_same_model(other_cfg, base_cfg["model"], Path(other_name))
 
 

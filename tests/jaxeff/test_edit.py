@@ -315,10 +315,13 @@ def test_cli_merge_errors_are_one_line_and_write_nothing(runs, capsys):
         assert out == "merged" or not (r / out).exists()
 
     fails({"base": str(r / "base"), "models": {"w": {"path": str(r / "wide")}}},
-          f"'{r / 'wide'}' has a different architecture from '{r / 'base'}': parameter 'layers_0/mlp/down/kernel' differs")
+          f"'{r / 'wide'}' has a different architecture from '{r / 'base'}': "
+          "parameter 'layers_0/mlp/down/kernel' differs")
     fails({"base": str(r / "base"), "models": {"x": {"path": str(r / "nope")}}}, "models.x.path: checkpoint directory")
-    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a"), "scael": 2}}}, "models.a.scael: unknown key")
-    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a")}}}, "already holds a checkpoint", out="merged")
+    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a"), "scael": 2}}},
+          "models.a.scael: unknown key")
+    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a")}}}, "already holds a checkpoint",
+          out="merged")
 
 
 @pytest.mark.slow

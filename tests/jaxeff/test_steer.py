@@ -150,7 +150,8 @@ def run_dir(tmp_path_factory, model):
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--steer-pos", "aaa", "--steer-neg", "bbb", "--steer-layer", "3"], "--steer-layer: expected a block index in 0..2 (got 3)"),
+    (["--steer-pos", "aaa", "--steer-neg", "bbb", "--steer-layer", "3"],
+     "--steer-layer: expected a block index in 0..2 (got 3)"),
     (["--steer-pos", "aaa", "--steer-layer", "1"], "--steer-pos/--steer-neg: steering needs both"),
     (["--steer-pos", "aaa", "--steer-neg", "bbb"], "--steer-layer: required"),
     (["--steer-vector", "nope.npz"], "--steer-vector: 'nope.npz' does not exist"),
