@@ -16,8 +16,9 @@ test loss of each model; the claim checked is that TTT closes most of the gap be
 model and full attention, reported as the fraction ``(bigram - ttt) / (bigram - full)`` overall
 and on the query section.
 
-    python experiments/study_ttt_toy.py --quick     # 128-token documents, fewer steps (< 3 min on 2 CPU cores)
-    python experiments/study_ttt_toy.py             # the configs' sizes
+    python experiments/study_ttt_toy.py --quick     # 128-token documents, 150 steps: 2.3 min of CPU time
+                                                    # (7.4 min wall on the shared 2-core machine under load)
+    python experiments/study_ttt_toy.py             # the configs' sizes: 15.5 min CPU time (37 min wall there)
     tensorboard --logdir runs/ttt_toy
 
 The study owns <run-dir>/ttt_toy[_quick]/: it is deleted and rewritten on every run.
@@ -182,7 +183,7 @@ def plot_png(path: Path, results, n_min):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="128-token documents and fewer steps (< 3 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="128-token documents and 150 steps (~2.3 min of CPU time)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the configs' / quick)")
     p.add_argument("--test-docs", type=int, default=None)
     p.add_argument("--run-dir", default="runs")
