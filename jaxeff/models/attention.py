@@ -37,10 +37,65 @@ def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_
     return mask
 
 
+BANDED_MIN_RATIO = 4  # banded sliding-window attention once the sequence is this many windows long
+
+
 def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
                   q_offset=0, kv_valid=None, scale=None):
     """Reference-quality attention in plain jnp (softmax in float32). Rows with no visible key
-    return zeros. K/V heads are shared across query groups by reshaping, not by repeating."""
+    return zeros. K/V heads are shared across query groups by reshaping, not by repeating.
+
+    Causal sliding-window self-attention over a sequence at least ``BANDED_MIN_RATIO`` windows
+    long runs banded (:func:`banded_window_attention`): O(seq · window) work and memory instead of
+    O(seq²), so its cost per token stays flat as the context grows."""
+    if (causal and window is not None and kv_valid is None and q_offset == 0 and q.shape[1] == k.shape[1]
+            and q.shape[1] >= BANDED_MIN_RATIO * window):
+        return banded_window_attention(q, k, v, window=window, q_segment_ids=q_segment_ids,
+                                       kv_segment_ids=kv_segment_ids, scale=scale)
+    return _dense_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale)
+
+
+def banded_window_attention(q, k, v, *, window, q_segment_ids=None, kv_segment_ids=None, scale=None):
+    """Causal sliding-window self-attention in blocks of ``window`` queries: block i attends to key
+    blocks i-1 and i only (every key a query may see, since it sees at most ``window`` tokens), so
+    the scores are ``[.., seq/window, window, 2·window]`` instead of ``[.., seq, seq]``. Same
+    arguments and results as the dense path (q and k/v of one sequence, no cache)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    c = window
+    n = -(-t // c)
+    pad = n * c - t
+    scale = d ** -0.5 if scale is None else scale
+
+    def blocks(x, fill=0):  # [b, t, ...] -> [b, n, c, ...], padded at the end
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(b, n, c, *x.shape[2:])
+
+    def with_previous(x):  # [b, n, c, ...] -> [b, n, 2c, ...]: block i-1 (zeros before block 0), block i
+        prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+        return jnp.concatenate([prev, x], axis=2)
+
+    qb = blocks(q).reshape(b, n, c, kvh, g, d)
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))  # [b, n, 2c, kvh, d]
+    logits = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    q_idx = jnp.arange(n)[:, None, None] * c + jnp.arange(c)[None, :, None]  # [n, c, 1]
+    k_idx = (jnp.arange(n)[:, None, None] - 1) * c + jnp.arange(2 * c)[None, None, :]  # [n, 1, 2c]
+    mask = (k_idx <= q_idx) & (k_idx > q_idx - window) & (k_idx >= 0)  # [n, c, 2c]
+    mask = mask[None, :, None, None]  # [1, n, 1, 1, c, 2c]
+    if q_segment_ids is not None:
+        qs = blocks(q_segment_ids, -1)  # [b, n, c]
+        ks = with_previous(blocks(kv_segment_ids, -2))  # [b, n, 2c]
+        mask = mask & (qs[:, :, :, None] == ks[:, :, None, :])[:, :, None, None]
+    logits = jnp.where(mask, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+    return out.reshape(b, n * c, h, d)[:, :t].astype(q.dtype)
+
+
+def _dense_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_valid, scale):
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
