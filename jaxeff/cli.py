@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
 FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
-               "jaxeff.decode.cli", "jaxeff.ttt.cli")
+               "jaxeff.decode.cli")
 
 
 class _NoVerbs:

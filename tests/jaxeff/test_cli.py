@@ -121,3 +121,11 @@ def test_console_script_trains_evaluates_and_generates(tmp_path):
             "--temperature", "0.8", "--top-k", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("1+1=")
+
+
+def test_the_parser_with_every_family_verb_loads_without_importing_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxeff.cli as c; c._parser(); sys.exit(int('jax' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
