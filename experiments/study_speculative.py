@@ -11,7 +11,13 @@
    a compile run; plain and speculative runs alternate so that load from other processes hits both)
    and the speed-up over plain decoding with the target (wall-clock, and process CPU time, which a
    shared machine disturbs less); one table. The cost ratio ``c`` of a draft step to a target step
-   (plain decoding with each) gives the speed-up to expect, ``tokens per target call / (gamma c + 1)``.
+   (plain decoding with each) gives the speed-up to expect, ``tokens per target call / (gamma c + 1)``,
+   and Leviathan et al.'s ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))`` with ``a`` the per-position
+   acceptance; the measured cost ``v`` of a verification pass (gamma + 1 tokens) relative to a one-token
+   step gives ``tokens per target call / (gamma c + v)``.
+
+``--size large``: a target of d_model 512, 8 layers (~25M parameters) and a d_model-128 1-layer draft,
+on the arithmetic / records / code domains, short training (see LARGE_* below; runs/speculative_study_large).
 
 Everything runs on ``jax.devices()[0]`` (CPU here; the same script runs on a GPU unchanged).
 Batch 1 (one sequence), as the speculative decoder supports.
@@ -21,6 +27,7 @@ rewritten on every run): the two training runs, and per decoding setting ``decod
 
     python experiments/study_speculative.py --quick     # <= 5 min on a 2-core CPU
     python experiments/study_speculative.py             # the configs' sizes, more gammas
+    python experiments/study_speculative.py --size large    # 25M-parameter target, 0.2M draft (~13 min CPU)
     tensorboard --logdir runs/speculative_study_quick
 """
 
@@ -37,6 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs" / "distill"
 QUICK = ["data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_domain=16", "train.eval_batches=2"]
+# --size large: a target whose decoding step is dominated by reading its weights (d_model 512, 8 layers, ~25M
+# parameters, ~100 MB float32) and a 1-layer d_model-128 draft (~0.2M parameters) distilled from it, on the
+# predictable domains; short training at small batch / sequence (the target need not be good, the draft must
+# predict it).
+LARGE_DATA = ["data.domains=[arithmetic,records,code]", "data.seq_len=64", "data.batch_size=4",
+              "data.docs_per_domain=200", "data.eval_docs_per_domain=16", "train.eval_batches=1", "optim.lr=1e-3",
+              "optim.warmup_steps=10"]
+LARGE_TARGET = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1536"]
+LARGE_DRAFT = ["data.batch_size=8", "optim.lr=3e-3"]
 
 
 def train(yaml_name: str, overrides: list[str]):
@@ -52,10 +68,10 @@ def train(yaml_name: str, overrides: list[str]):
     return cfg, out
 
 
-def _train_both(common, study, t_steps, d_steps, draft_layers):
-    train("teacher.yaml", [*common, "name=target", f"train.steps={t_steps}", f"train.eval_every={t_steps}",
+def _train_both(common, study, t_steps, d_steps, draft_layers, t_extra=(), d_extra=()):
+    train("teacher.yaml", [*common, *t_extra, "name=target", f"train.steps={t_steps}", f"train.eval_every={t_steps}",
                            f"checkpoint.every={t_steps}"])
-    train("student_kd.yaml", [*common, "name=draft_kd", f"model.n_layers={draft_layers}",
+    train("student_kd.yaml", [*common, *d_extra, "name=draft_kd", f"model.n_layers={draft_layers}",
                               f"distill.teacher_checkpoint={study / 'target'}", f"train.steps={d_steps}",
                               f"train.eval_every={d_steps}", f"checkpoint.every={d_steps}"])
 
@@ -74,6 +90,38 @@ def prompts(cfg, per_domain: int, length: int):
         for r in rows[:per_domain]:
             out.append((dom, np.asarray(arrays["inputs"][r:r + 1, :length], np.int32)))
     return out
+
+
+def leviathan(alpha: float, gamma: int, c: float) -> float:
+    """Expected speed-up of Leviathan et al. (2023), eq. 1 with i.i.d. acceptance ``alpha``:
+    ``(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))``."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
+
+
+def verify_cost(model, params, model_cfg, prompt_len: int, new_tokens: int, gammas, repeats: int) -> dict:
+    """``{gamma: v}``: median wall-clock of one jitted target pass over ``gamma + 1`` new tokens against a KV cache
+    holding ``prompt_len`` tokens, over that of a pass over 1 token (a decoding step); passes interleaved."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxeff.models.transformer import init_cache
+
+    cache = init_cache(model_cfg, 1, prompt_len + new_tokens + max(gammas) + 1)
+    cache = model.apply({"params": params}, jnp.ones((1, prompt_len), jnp.int32), cache=cache).cache
+    fwd = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c).logits)
+    sizes = sorted({1, *(g + 1 for g in gammas)})
+    toks = {t: jnp.ones((1, t), jnp.int32) for t in sizes}
+    ts = {t: [] for t in sizes}
+    for t in sizes:
+        jax.block_until_ready(fwd(params, toks[t], cache))
+    for _ in range(3 * repeats):
+        for t in sizes:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fwd(params, toks[t], cache))
+            ts[t].append(time.perf_counter() - t0)
+    return {g: float(np.median(ts[g + 1]) / np.median(ts[1])) for g in gammas}
 
 
 def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -97,6 +145,9 @@ def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[flo
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short training, fewer prompts and gammas (<= 5 min CPU)")
+    ap.add_argument("--size", choices=("small", "large"), default="small",
+                    help="small: the configs' 4-layer d_model-128 target; large: d_model 512, 8 layers (~25M "
+                         "parameters), a 1-layer d_model-128 draft, domains arithmetic/records/code (~15 min CPU)")
     ap.add_argument("--run-dir", default=str(REPO / "runs"))
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
@@ -105,7 +156,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=None, help="prompts per domain (default 1; full: 2)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 48; full 96)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per prompt and setting (default 5; large 3)")
     ap.add_argument("--reuse", action="store_true", help="keep the trained target/draft runs of an earlier run")
     args = ap.parse_args(argv)
 
@@ -117,19 +168,29 @@ def main(argv=None):
     from jaxeff.decode.speculative import speculative_generate
     from jaxeff.models.generate import generate
 
-    study = Path(args.run_dir) / ("speculative_study_quick" if args.quick else "speculative_study")
-    t_steps = args.target_steps or (200 if args.quick else 600)
-    d_steps = args.draft_steps or (150 if args.quick else 300)
-    gammas = [int(g) for g in (args.gammas or ("2,4" if args.quick else "1,2,4,6")).split(",")]
-    per_domain = args.prompts or (1 if args.quick else 2)
-    new_tokens = args.new_tokens or (48 if args.quick else 96)
-    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(QUICK if args.quick else [])]
+    large = args.size == "large"
+    study = Path(args.run_dir) / ("speculative_study" + ("_large" if large else "") + ("_quick" if args.quick else ""))
+    if large:
+        t_steps = args.target_steps or (60 if args.quick else 150)
+        d_steps = args.draft_steps or (100 if args.quick else 250)
+        gammas = [int(g) for g in (args.gammas or ("2,4" if args.quick else "1,2,4,8")).split(",")]
+        per_domain = args.prompts or 1
+        new_tokens = args.new_tokens or (48 if args.quick else 64)
+    else:
+        t_steps = args.target_steps or (200 if args.quick else 600)
+        d_steps = args.draft_steps or (150 if args.quick else 300)
+        gammas = [int(g) for g in (args.gammas or ("2,4" if args.quick else "1,2,4,6")).split(",")]
+        per_domain = args.prompts or (1 if args.quick else 2)
+        new_tokens = args.new_tokens or (48 if args.quick else 96)
+    repeats = args.repeats or (3 if large else 5)
+    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1",
+              *(LARGE_DATA if large else QUICK if args.quick else [])]
     t_wall = time.perf_counter()
     shutil.rmtree(study / "decode", ignore_errors=True)
     if not (args.reuse and (study / "draft_kd" / "checkpoints").is_dir()):
         shutil.rmtree(study, ignore_errors=True)
         print("training", flush=True)
-        _train_both(common, study, t_steps, d_steps, args.draft_layers)
+        _train_both(common, study, t_steps, d_steps, args.draft_layers, *((LARGE_TARGET, LARGE_DRAFT) if large else ((), ())))
 
     t_cfg, t_tr, t_params = load_run(study / "target")
     d_cfg, d_tr, d_params = load_run(study / "draft_kd")
@@ -160,37 +221,50 @@ def main(argv=None):
     def plain_draft(prompt):
         return generate(draft, d_params, prompt, jax.random.PRNGKey(0), max_new_tokens=new_tokens)
 
-    pairs = [timed_pair(lambda p=p: plain(p, 0.0), lambda p=p: plain_draft(p), args.repeats) for _, p in cases]
+    pairs = [timed_pair(lambda p=p: plain(p, 0.0), lambda p=p: plain_draft(p), repeats) for _, p in cases]
     cost_ratio = sum(b[0] for _, b in pairs) / sum(a[0] for a, _ in pairs)
-    print(f"draft step / target step (plain greedy decoding, wall-clock): {cost_ratio:.2f}", flush=True)
+    t_ms = 1e3 * sum(a[0] for a, _ in pairs) / (len(cases) * new_tokens)
+    d_ms = 1e3 * sum(b[0] for _, b in pairs) / (len(cases) * new_tokens)
+    print(f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; "
+          f"draft step / target step (wall-clock): c = {cost_ratio:.3f}", flush=True)
+
+    # cost v of a verification pass (gamma + 1 new tokens) relative to a decoding step (1 token), target alone
+    verify = verify_cost(target, t_params, t_cfg.model, args.prompt_len, new_tokens, gammas, repeats)
+    print("verification pass / decoding step (target, wall-clock): "
+          + ", ".join(f"gamma {g}: {verify[g]:.2f}" for g in gammas), flush=True)
 
     # 5. acceptance and speed
     rows = []
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         for g in gammas:
-            plain_t, spec_t, acc, drafted, calls, generated = [], [], 0, 0, 0, 0
+            plain_t, spec_t, acc, drafted, calls, generated, rejected = [], [], 0, 0, 0, 0, 0
             for i, (_, p) in enumerate(cases):
                 a, b = timed_pair(lambda p=p, i=i: plain(p, temperature, i),
-                                  lambda p=p, i=i: spec(p, g, temperature, i), args.repeats)
+                                  lambda p=p, i=i: spec(p, g, temperature, i), repeats)
                 plain_t.append(a)
                 spec_t.append(b)
                 st = jax.device_get(spec(p, g, temperature, i)[1])
                 acc, drafted = acc + int(st["accepted"]), drafted + int(st["drafted"])
                 calls, generated = calls + int(st["target_calls"]), generated + int(st["generated"])
+                rejected += int(st["rejected"])
             pw, pc = (sum(x[k] for x in plain_t) for k in (0, 1))
             sw, sc = (sum(x[k] for x in spec_t) for k in (0, 1))
             n_tok = len(cases) * new_tokens
             row = {"mode": mode, "gamma": g, "acceptance_rate": acc / drafted, "tokens_per_call": generated / calls,
                    "target_calls": calls, "plain_ms_tok": 1e3 * pw / n_tok, "spec_ms_tok": 1e3 * sw / n_tok,
                    "speedup": pw / sw, "speedup_cpu": pc / sc,
-                   "predicted": (generated / calls) / (g * cost_ratio + 1)}
+                   "predicted": (generated / calls) / (g * cost_ratio + 1),
+                   "alpha": acc / max(acc + rejected, 1),
+                   "leviathan": leviathan(acc / max(acc + rejected, 1), g, cost_ratio),
+                   "with_verify": (generated / calls) / (g * cost_ratio + verify[g])}
             rows.append(row)
             with SummaryWriter(str(study / "decode" / f"{mode}_gamma{g}")) as w:
                 for k in ("acceptance_rate", "tokens_per_call", "plain_ms_tok", "spec_ms_tok", "speedup", "speedup_cpu",
-                          "predicted"):
+                          "predicted", "leviathan", "alpha", "with_verify"):
                     w.add_scalar(f"decode/{k}", row[k], g)
             print(f"  {mode:7s} gamma {g}: acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_call']:.2f} "
-                  f"tokens/target call, speed-up {row['speedup']:.2f}x wall, {row['speedup_cpu']:.2f}x CPU time",
+                  f"tokens/target call, speed-up {row['speedup']:.2f}x wall, {row['speedup_cpu']:.2f}x CPU time, "
+                  f"expected {row['leviathan']:.2f}x (Leviathan)",
                   flush=True)
 
     dev = jax.devices()[0]
@@ -198,16 +272,21 @@ def main(argv=None):
     print(f"{datetime.date.today()}, {dev.device_kind} ({dev.platform}); target {t_cfg.model.n_layers} layers "
           f"{t_cfg.model.param_count():,} params, draft (distilled) {d_cfg.model.n_layers} layer(s) "
           f"{d_cfg.model.param_count():,} params; {len(cases)} prompts x {new_tokens} new tokens; "
-          f"median of {args.repeats} runs; total {time.perf_counter() - t_wall:.0f} s")
+          f"median of {repeats} runs; total {time.perf_counter() - t_wall:.0f} s")
     print("| decoding | gamma | acceptance rate | new tokens / target call | plain ms/token | speculative ms/token "
-          "| speed-up (wall) | speed-up (CPU time) | expected from cost ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| speed-up (wall) | speed-up (CPU time) | alpha | expected (Leviathan) | expected from cost ratio "
+          "| expected with verify cost |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tokens_per_call']:.2f} | "
               f"{r['plain_ms_tok']:.2f} | {r['spec_ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['speedup_cpu']:.2f}x | "
-              f"{r['predicted']:.2f}x |")
-    print(f"cost ratio c = draft step / target step = {cost_ratio:.2f} (plain greedy decoding, wall-clock); "
-          "expected speed-up = (new tokens per target call) / (gamma * c + 1), verification counted as one target step")
+              f"{r['alpha']:.3f} | {r['leviathan']:.2f}x | {r['predicted']:.2f}x | {r['with_verify']:.2f}x |")
+    print(f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; cost ratio c = draft step / "
+          f"target step = {cost_ratio:.3f} (wall-clock); expected from cost ratio = (new tokens per target call) / "
+          "(gamma c + 1); Leviathan = (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) with a = alpha, the per-position "
+          "acceptance (accepted / (accepted + rejections)); both count a verification pass as one target step; "
+          "expected with verify cost = (new tokens per target call) / (gamma c + v), v = one target pass over "
+          f"gamma + 1 tokens / one over 1 token: {', '.join(f'{g}: {verify[g]:.2f}' for g in gammas)}")
     best = max(rows, key=lambda r: r["speedup"])
     print()
     print(f"claim: speculative decoding with the distilled draft is faster than plain decoding -- "

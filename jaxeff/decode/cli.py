@@ -102,7 +102,7 @@ def cmd_speculate(args) -> int:
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     print(args.prompt + tokenizer.decode(new))
-    report = {k: (round(float(v), 4) if k in ("acceptance_rate", "tokens_per_target_call") else int(v))
+    report = {k: (round(float(v), 4) if k in ("acceptance_rate", "alpha", "tokens_per_target_call") else int(v))
               for k, v in stats.items()}
     report["gamma"] = args.gamma
     report["wall_s"] = round(spec_s, 4)

@@ -108,7 +108,10 @@ def speculative_generate(target, target_params, draft, draft_params, prompt: jax
     ``stats``: ``target_calls`` (verification passes, the prefill not counted), ``draft_calls``
     (single-token draft passes, the prefill not counted), ``drafted`` (= gamma x target_calls),
     ``accepted`` (drafted tokens kept), ``acceptance_rate`` (accepted / drafted) and ``generated``
-    (tokens produced, >= max_new_tokens: the last iteration may overshoot; the extra ones are cut).
+    (tokens produced, >= max_new_tokens: the last iteration may overshoot; the extra ones are cut),
+    ``rejected`` (iterations that ended at a rejected draft) and ``alpha`` (per-position acceptance,
+    accepted / (accepted + rejected): drafts after a rejection are never judged, so ``acceptance_rate``
+    is lower than ``alpha`` for gamma > 1; ``alpha`` is Leviathan et al.'s acceptance rate).
     ``target_apply`` / ``draft_apply`` replace ``model.apply`` as in :func:`jaxeff.models.generate.generate`.
     """
     if prompt.shape[0] != 1:
@@ -142,7 +145,7 @@ def speculative_generate(target, target_params, draft, draft_params, prompt: jax
         return (nxt, out.cache), (nxt, q)
 
     def iteration(state):
-        out_buf, n, last, t_cache, d_cache, rng, calls, accepted, d_calls = state
+        out_buf, n, last, t_cache, d_cache, rng, calls, accepted, d_calls, rejected = state
         rng, k_draft, k_acc = jax.random.split(rng, 3)
         start = t_cache["index"]  # == d_cache["index"]: position of `last`
         (_, d_cache), (drafts, q) = jax.lax.scan(draft_step, (last, d_cache), jax.random.split(k_draft, gamma))
@@ -162,17 +165,19 @@ def speculative_generate(target, target_params, draft, draft_params, prompt: jax
             lambda c: d_apply(draft, draft_params, drafts[-1:][None], cache=_rewind(c, start + gamma)).cache,
             lambda c: _rewind(c, start + 1 + n_acc), d_cache)
         d_calls = d_calls + gamma + (n_acc == gamma).astype(jnp.int32)
-        return out_buf, n + n_acc + 1, nxt, t_cache, d_cache, rng, calls + 1, accepted + n_acc, d_calls
+        rejected = rejected + (n_acc < gamma).astype(jnp.int32)
+        return out_buf, n + n_acc + 1, nxt, t_cache, d_cache, rng, calls + 1, accepted + n_acc, d_calls, rejected
 
     zero = jnp.zeros((), jnp.int32)
     state = (jnp.zeros((buf_len,), jnp.int32), zero, prompt[0, -1].astype(jnp.int32), t_cache, d_cache, rng,
-             zero, zero, zero)
-    out_buf, n, _, _, _, _, calls, accepted, d_calls = jax.lax.while_loop(lambda s: s[1] < max_new_tokens, iteration,
-                                                                          state)
+             zero, zero, zero, zero)
+    out_buf, n, _, _, _, _, calls, accepted, d_calls, rejected = jax.lax.while_loop(
+        lambda s: s[1] < max_new_tokens, iteration, state)
     drafted = calls * gamma
     stats = {"target_calls": calls, "draft_calls": d_calls, "drafted": drafted, "accepted": accepted,
              "acceptance_rate": accepted.astype(jnp.float32) / jnp.maximum(drafted, 1).astype(jnp.float32),
-             "generated": n,
+             "generated": n, "rejected": rejected,
+             "alpha": accepted.astype(jnp.float32) / jnp.maximum(accepted + rejected, 1).astype(jnp.float32),
              "tokens_per_target_call": n.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32)}
     return out_buf[None, :max_new_tokens], stats
 

@@ -59,6 +59,11 @@ def test_greedy_output_equals_the_targets_greedy_output_token_for_token(target, 
     st = {k: float(v) for k, v in st.items()}
     assert st["drafted"] == gamma * st["target_calls"] and st["generated"] >= 40
     assert st["generated"] == st["accepted"] + st["target_calls"]  # each call adds accepted + 1 tokens
+    # a call ends at a rejection unless all gamma drafts were kept; alpha = accepted / (accepted + rejections)
+    full = st["target_calls"] - st["rejected"]  # calls that kept all gamma drafts
+    assert 0 <= full <= st["target_calls"] and full * gamma <= st["accepted"]
+    assert st["alpha"] == pytest.approx(st["accepted"] / max(st["accepted"] + st["rejected"], 1))
+    assert st["alpha"] >= st["acceptance_rate"] - 1e-6
     if draft_kind == "close":
         assert 0.0 < st["acceptance_rate"] < 1.0, st  # both paths (accept and reject + rewind) were taken
     else:
@@ -71,6 +76,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(target, greedy_reference
                                    gamma=4)
     np.testing.assert_array_equal(np.asarray(out), greedy_reference)
     assert float(st["acceptance_rate"]) == 1.0 and int(st["target_calls"]) == 8  # 5 tokens per call
+    assert int(st["rejected"]) == 0 and float(st["alpha"]) == 1.0
 
 
 @pytest.mark.slow
@@ -205,6 +211,7 @@ def test_speculate_cli_prints_text_and_statistics(tiny_config, capsys):
     rep = json.loads(lines[-1])
     assert rc == 0 and lines[0].startswith("ab")
     assert rep["drafted"] == 3 * rep["target_calls"] and rep["speedup"] > 0 and 0 <= rep["acceptance_rate"] <= 1
+    assert rep["acceptance_rate"] <= rep["alpha"] <= 1 and 0 <= rep["rejected"] <= rep["target_calls"]
 
 
 @pytest.mark.parametrize("argv,msg", [
