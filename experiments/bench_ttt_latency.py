@@ -16,9 +16,12 @@ losses of ``jaxeff.ttt.token_losses``. Then times each (model, L): jit, one warm
 ``block_until_ready``, median of ``--repeats`` calls; prints ms per token and the ratio to the
 shortest length (1.00 everywhere = constant time per token).
 
-Note: the ``xla`` attention computes the full L x L score matrix and masks it, also for a sliding
-window; only a kernel that skips masked blocks (cuDNN's ``local_window_size`` on GPU, Pallas) makes
-the window's cost per token constant. ``--attention auto`` picks cuDNN on GPU, XLA on CPU.
+Note: the ``xla`` attention runs causal sliding-window self-attention banded (O(L * k)) once the
+sequence is at least 4 windows long (``jaxeff.models.attention.BANDED_MIN_RATIO``, commit 0810a75),
+but only without a KV cache: the Transformer's cached prefill attends against the cache (traced fill
+index) and still computes the full L x L masked scores. Hence the extra row "sliding window, plain
+forward (no cache)". TTT-E2E's prefix blocks run without a cache and get the banded path. On GPU
+``--attention auto`` picks cuDNN (``local_window_size``) for full sequences.
 
     python experiments/bench_ttt_latency.py                       # CPU: 256 .. 4096 tokens
     python experiments/bench_ttt_latency.py --lengths 256 512 1024 2048 4096 8192 --model 125m   # GPU
@@ -90,6 +93,18 @@ def build(args):
             return float(jnp.abs(logits - ref).max())
 
         runs[name] = (functools.partial(transformer_prefill, model, params), check)
+        if window is not None:
+            # the same model's plain forward pass (no KV cache): the attention sees one whole sequence,
+            # so the XLA sliding-window path can run banded; the cached prefill above attends against
+            # a cache with a traced fill index and takes the dense masked path
+            def check_fwd(tokens, model=model, params=params):
+                logits = transformer_forward(model, params, tokens)
+                ref, _ = transformer_prefill(model, params, tokens)
+                assert bool(jnp.isfinite(logits).all()), "non-finite forward logits"
+                return float(jnp.abs(logits - ref).max())
+
+            runs[f"{name}, plain forward (no cache)"] = (functools.partial(transformer_forward, model, params),
+                                                        check_fwd)
 
     # as configured (fast MLPs in the last quarter: the blocks before run over the whole prompt),
     # and with every block chunked (ttt.fast_fraction=1: no prefix), which isolates the inner loop
@@ -128,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="prompts per call")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="time only the rows whose name contains one of these strings (default: all rows)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     ap.add_argument("--check-tol", type=float, default=None,
                     help="max abs error allowed in the correctness checks (default 2e-3 for float32 on CPU; 0.1 on "
@@ -142,6 +159,10 @@ def main(argv=None):
         ap.error("--lengths: every prompt needs at least 2 tokens")
 
     runs = build(args)
+    if args.only:
+        runs = {n: r for n, r in runs.items() if any(s in n for s in args.only)}
+        if not runs:
+            ap.error("--only: no row name contains " + ", ".join(map(repr, args.only)))
     rng = np.random.default_rng(0)
     vocab = MODELS[args.model]["vocab_size"]
     prompts = {L: jnp.asarray(rng.integers(0, vocab, (args.batch, L)), jnp.int32) for L in args.lengths}
