@@ -91,7 +91,7 @@ def main() -> None:
     from jaxeff.config import load_config
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.data.tokenizer import load_tokenizer
-    from jaxeff.edit.runs import _one_device_config, read_run_config
+    from jaxeff.train.checkpoint import one_device_config, read_run_config
     from jaxeff.steer import record_text, steer_generate, steered_forward
     from jaxeff.train.checkpoint import find_checkpoint_dir
     from jaxeff.train.loop import load_params, run_training
@@ -109,7 +109,7 @@ def main() -> None:
         run_training(cfg)
         run = cfg.run_path
         print(f"  trained {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    cfg = _one_device_config(read_run_config(run))
+    cfg = one_device_config(read_run_config(run), **{"data.batch_size": 1})
     trainer, params = load_params(cfg, find_checkpoint_dir(run), devices=jax.devices()[:1])
     model, tok = trainer.model, load_tokenizer(cfg.data.tokenizer)
 

@@ -133,24 +133,18 @@ def cmd_generate(args) -> int:
     import jax
     import numpy as np
 
-    from jaxeff.config import from_dict
     from jaxeff.data.tokenizer import load_tokenizer
     from jaxeff.models.generate import generate
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
     if args.max_new_tokens < 1:
         raise JaxeffError(f"--max-new-tokens: expected a positive number (got {args.max_new_tokens})")
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
-    probe = Checkpointer(ckpt_dir, create=False)
-    saved = probe.read_config(args.step)
-    probe.close()
+    changes = {"data.batch_size": 1}
     if args.attention_impl:
-        saved["model"]["attention_impl"] = args.attention_impl
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved["data"]["batch_size"] = 1
-    saved["optim"]["grad_accum"] = 1
-    cfg = from_dict(saved)
+        changes["model.attention_impl"] = args.attention_impl
+    cfg = one_device_config(read_run_config(ckpt_dir, args.step), **changes)
     from jaxeff.steer import cli as steer_cli
 
     steering = steer_cli.wanted(args)

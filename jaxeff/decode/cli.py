@@ -33,25 +33,17 @@ def load_run(path, step=None):
     student (method ``distill``, parameters saved under ``student``) is read as a plain model."""
     import jax
 
-    from jaxeff.config import from_dict
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir,
+                                         one_device_config, read_run_config, with_changes)
     from jaxeff.train.loop import Trainer, load_params
 
     ckpt_dir = find_checkpoint_dir(path)
-    probe = Checkpointer(ckpt_dir, create=False)
-    try:
-        saved = probe.read_config(step)
-    finally:
-        probe.close()
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved["data"]["batch_size"] = 1
-    saved["optim"]["grad_accum"] = 1
+    saved = with_changes(read_run_config(ckpt_dir, step), **{"data.batch_size": 1})
     if saved.get("method") != "distill":
-        cfg = from_dict(saved)
+        cfg = one_device_config(saved)
         trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
         return cfg, trainer, params
-    saved["method"] = "lm"
-    cfg = from_dict(saved)
+    cfg = one_device_config(saved, method="lm")
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     ckpt = Checkpointer(ckpt_dir, create=False)
     try:

@@ -20,36 +20,12 @@ from typing import Any
 
 from jaxeff.edit.recipe import Recipe
 from jaxeff.errors import CheckpointError, ConfigError
-
-
-def _changed(saved: dict, **changes) -> dict:
-    saved = json.loads(json.dumps(saved))
-    for dotted, value in changes.items():
-        node = saved
-        *head, last = dotted.split(".")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return saved
+from jaxeff.train.checkpoint import one_device_config, read_run_config, with_changes
 
 
 def _one_device_config(saved: dict, **changes):
     """The config of a saved run, on one device (mesh 1x1x1, batch 1), with dotted ``changes``."""
-    from jaxeff.config import from_dict
-
-    return from_dict(_changed(saved, **{"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "data.batch_size": 1,
-                                        "optim.grad_accum": 1, **changes}))
-
-
-def read_run_config(run, step: int | None = None) -> dict:
-    """The saved config of a run folder (or its checkpoints folder)."""
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
-
-    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
-    try:
-        return ckpt.read_config(step)
-    finally:
-        ckpt.close()
+    return one_device_config(saved, **{"data.batch_size": 1, **changes})
 
 
 def abstract_model_params(saved_config: dict):
@@ -174,7 +150,7 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
 
     changes = {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
                "train.init_from": None, "resume": False}
-    cfg = from_dict(_changed(base_cfg, **changes))  # saved: the base's config (mesh, batch) as a plain lm run
+    cfg = from_dict(with_changes(base_cfg, **changes))  # saved: the base's config (mesh, batch) as a plain lm run
     trainer = Trainer(_one_device_config(base_cfg, **changes), devices=jax.devices()[:1])
     # one device: the fresh train state is built eagerly (no compile)
     state = init_state(jax.device_put(merged, jax.devices()[0]), trainer.tx, trainer.method, cfg.seed)

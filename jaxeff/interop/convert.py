@@ -64,21 +64,12 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
 
 def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
     """Write a run's model parameters (``Method.model_params``: adapters merged) as an HF folder."""
-    from jaxeff.config import from_dict
     from jaxeff.interop.hf import save_pretrained
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
     ckpt_dir = find_checkpoint_dir(run)
-    probe = Checkpointer(ckpt_dir, create=False)
-    try:
-        saved = probe.read_config(step)
-    finally:
-        probe.close()
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved["data"]["batch_size"] = 1
-    saved["optim"]["grad_accum"] = 1
-    cfg = from_dict(saved)
+    cfg = one_device_config(read_run_config(ckpt_dir, step), **{"data.batch_size": 1})
     trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
     out = save_pretrained(cfg.model, trainer.method.model_params(params), hf_dir, dtype=dtype)
     tok = cfg.data.tokenizer

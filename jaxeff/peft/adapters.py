@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from jaxeff.errors import CheckpointError
 from jaxeff.peft.lora import apply_lora, merge
-from jaxeff.train.checkpoint import RUNTIME_ONLY, check_same_model
+from jaxeff.train.checkpoint import RUNTIME_ONLY, check_same_model, one_device_config
 
 META_FILE = "adapter.json"
 FORMAT = "jaxeff-lora-adapter/1"
@@ -138,21 +138,6 @@ class AdapterSet:
 # from runs (the CLI)
 
 
-def _one_device_config(saved: dict, **changes):
-    from jaxeff.config import from_dict
-
-    saved = json.loads(json.dumps(saved))
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved.setdefault("optim", {})["grad_accum"] = 1
-    for dotted, value in changes.items():
-        node = saved
-        *head, last = dotted.split(".")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return from_dict(saved)
-
-
 def export_adapter(run, out, step: int | None = None) -> Path:
     """Take the adapters out of a ``lora`` / ``qlora`` run's checkpoint into an adapter folder."""
     from jaxeff.peft.qlora import load_base
@@ -161,7 +146,7 @@ def export_adapter(run, out, step: int | None = None) -> Path:
 
     ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
     try:
-        cfg = _one_device_config(ckpt.read_config(step))
+        cfg = one_device_config(ckpt.read_config(step))
         if cfg.method not in ("lora", "qlora"):
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{cfg.method}' run; expected a lora or qlora run")
         trainer = Trainer(cfg, devices=jax.devices()[:1])
@@ -182,7 +167,7 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     read_meta(adapter_dir)  # a bad folder fails before anything is loaded
     ckpt = Checkpointer(find_checkpoint_dir(base_run), create=False)
     try:
-        cfg = _one_device_config(ckpt.read_config(), **{
+        cfg = one_device_config(ckpt.read_config(), **{
             "name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
             "train.init_from": None, "resume": False})
         trainer = Trainer(cfg, devices=jax.devices()[:1])

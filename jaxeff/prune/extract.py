@@ -22,7 +22,6 @@ folder and writes a new run (method ``lm``) that every other method can start fr
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -141,23 +140,10 @@ def extract(params, model_cfg, prune_cfg):
 # runs
 
 
-def _config_with(saved: dict, **changes):
-    """A saved run config on one device, with top-level ``changes`` (a dict value is merged into
-    that section, anything else replaces it)."""
-    from jaxeff.config import from_dict
-
-    saved = json.loads(json.dumps(saved))
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved.setdefault("optim", {})["grad_accum"] = 1
-    for key, value in changes.items():
-        saved[key] = {**saved.get(key, {}), **value} if isinstance(value, dict) else value
-    return from_dict(saved)
-
-
 def extract_run(src, out, step: int | None = None) -> Path:
     """Extract the pruned model of a ``shear`` run (its newest checkpoint, or ``step``) and save it
     as a new run folder ``out`` (method ``lm``, step 0, its own smaller ``model`` section)."""
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
     from jaxeff.train.loop import Trainer
 
     out = Path(out)
@@ -167,7 +153,7 @@ def extract_run(src, out, step: int | None = None) -> Path:
         if saved.get("method") != "shear":
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; "
                                   "expected a shear run")
-        cfg = _config_with(saved)
+        cfg = one_device_config(saved)
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
                                      step)
@@ -180,9 +166,9 @@ def extract_run(src, out, step: int | None = None) -> Path:
 
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     saved.pop("prune", None)  # the new run is a plain model: default prune section
-    out_cfg = _config_with(saved, name=out.name, method="lm", resume=False, model=model_dict,
-                           logging={"run_dir": str(out.parent)}, checkpoint={"dir": None},
-                           train={"init_from": None})
+    out_cfg = one_device_config(saved, name=out.name, method="lm", resume=False, model=model_dict,
+                                **{"logging.run_dir": str(out.parent), "checkpoint.dir": None,
+                                   "train.init_from": None})
     out_trainer = Trainer(out_cfg, devices=jax.devices()[:1])
     out_ckpt = Checkpointer(out_cfg.checkpoint_path)
     try:

@@ -279,8 +279,7 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     from pathlib import Path
 
     from jaxeff.errors import CheckpointError
-    from jaxeff.peft.adapters import _one_device_config
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import Trainer
 
@@ -292,7 +291,7 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     ckpt = Checkpointer(src_dir, create=False)
     try:
         saved = ckpt.read_config(step)
-        cfg = _one_device_config(saved, **{
+        cfg = one_device_config(saved, **{
             "name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
             "train.init_from": None, "resume": False})
         trainer = Trainer(cfg, devices=jax.devices()[:1])

@@ -116,7 +116,7 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     ``method=quantized``. Returns the byte counts of the source and converted parameters."""
     from jaxeff.config import _set_dotted, from_dict, parse_overrides
     from jaxeff.errors import ConfigError
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir, with_changes
     from jaxeff.train.loop import Trainer, load_params
 
     ckpt_dir = find_checkpoint_dir(checkpoint)
@@ -126,8 +126,7 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     probe.close()
     if saved.get("method") not in ("lm", "qat"):
         raise ConfigError(f"--checkpoint: run '{checkpoint}' has method '{saved.get('method')}', expected lm or qat")
-    saved["mesh"] = {**saved.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    saved["optim"]["grad_accum"] = 1
+    saved = with_changes(saved, **ONE_DEVICE)
     devices = jax.devices()[:1]
     src_trainer, params = load_params(from_dict(saved), ckpt_dir, step, devices=devices)
     base = src_trainer.method.model_params(params)

@@ -62,7 +62,7 @@ def cmd_steer_vector(args) -> int:
 
     from jaxeff.data.tokenizer import load_tokenizer
     from jaxeff.steer.vectors import check_layer, record_text, save_vector
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir, one_device_config
     from jaxeff.train.loop import load_params
 
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
@@ -71,9 +71,7 @@ def cmd_steer_vector(args) -> int:
         saved = probe.read_config(args.step)
     finally:
         probe.close()
-    from jaxeff.edit.runs import _one_device_config
-
-    cfg = _one_device_config(saved)
+    cfg = one_device_config(saved, **{"data.batch_size": 1})
     check_layer(args.layer, cfg.model.n_layers, "--layer")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     trainer, params = load_params(cfg, ckpt_dir, args.step, devices=jax.devices()[:1])

@@ -101,6 +101,39 @@ class Checkpointer:
         self._mngr.close()
 
 
+def with_changes(saved: dict, **changes) -> dict:
+    """A deep copy of a saved config dict with dotted ``changes`` (``{"data.batch_size": 1}``) set."""
+    saved = json.loads(json.dumps(saved))
+    for dotted, value in changes.items():
+        node = saved
+        *head, last = dotted.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return saved
+
+
+ONE_DEVICE = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "optim.grad_accum": 1}
+
+
+def one_device_config(saved: dict, **changes):
+    """The :class:`~jaxeff.config.ExperimentConfig` of a saved run set up for one device (mesh
+    1x1x1, no gradient accumulation), with dotted ``changes``: how tools that read a run (eval,
+    generate, extract, merge, convert, ...) rebuild it."""
+    from jaxeff.config import from_dict
+
+    return from_dict(with_changes(saved, **{**ONE_DEVICE, **changes}))
+
+
+def read_run_config(run, step: int | None = None) -> dict:
+    """The saved config of a run folder (or its checkpoints folder), newest step or ``step``."""
+    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
+    try:
+        return ckpt.read_config(step)
+    finally:
+        ckpt.close()
+
+
 def find_checkpoint_dir(path: str | Path) -> Path:
     """Accept a run folder (``runs/<name>``) or its ``checkpoints`` folder."""
     p = Path(path)
