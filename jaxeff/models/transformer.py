@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.models.attention import attention
+from jaxeff.models.attention import BANDED_MIN_RATIO, attention, resolve_impl
 from jaxeff.models.config import TransformerConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -131,8 +131,19 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
             new_cache = {"k": ck, "v": cv}
-            y = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
-                          window=self.window, q_offset=index, kv_valid=index + t)
+
+            def against_cache():
+                return attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
+                                 window=self.window, q_offset=index, kv_valid=index + t)
+
+            if (self.window is not None and t >= BANDED_MIN_RATIO * self.window
+                    and resolve_impl(cfg.attention_impl) == "xla"):
+                # a long prompt into an empty cache sees only itself: banded window attention,
+                # O(t * window) instead of scores against the whole cache
+                y = jax.lax.cond(index == 0, lambda: attention(q, k, v, impl="xla", causal=True, window=self.window),
+                                 against_cache)
+            else:
+                y = against_cache()
         if head_mask is not None:
             y = y * head_mask.astype(y.dtype)[None, None, :, None]
         y = y.reshape(b, t, h * hd)

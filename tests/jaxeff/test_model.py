@@ -199,3 +199,17 @@ def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
     mid = ~hi & ~lo
     smooth = (64 / wavelen[mid] - 1.0) / 3.0
     np.testing.assert_allclose(scaled[mid], (1 - smooth) * base[mid] / 8 + smooth * base[mid], rtol=1e-5)
+
+
+def test_a_long_prompt_prefilled_into_a_sliding_window_cache_gives_the_full_forward_logits():
+    """Prefill from an empty cache takes the banded path (prompt >= 4 windows); a second chunk
+    at index > 0 attends to the cache; both equal the uncached forward pass."""
+    cfg = small(sliding_window=3)
+    m = Transformer(cfg)
+    p = init_params(m, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 30), 0, 64)
+    full = m.apply({"params": p}, toks).logits
+    apply = jax.jit(lambda t, c: m.apply({"params": p}, t, cache=c))
+    first = apply(toks[:, :14], init_cache(cfg, 2, 32))
+    second = apply(toks[:, 14:], first.cache)
+    np.testing.assert_allclose(jnp.concatenate([first.logits, second.logits], 1), full, atol=1e-4, rtol=1e-4)
