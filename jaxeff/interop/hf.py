@@ -7,7 +7,7 @@
     out = model.apply({"params": params}, tokens)                        # out.logits [batch, seq, vocab]
     save_pretrained(model, params, "path/to/export")                     # transformers can load it
 
-Weights are read tensor by tensor with ``safetensors.safe_open`` (memory-mapped), each device
+Weights are read tensor by tensor from the memory-mapped safetensors files (no copy), each device
 reading only its own shard of each tensor (``jax.make_array_from_callback``), so the host never
 holds more than one tensor beyond the placed parameters. HF ``Linear`` weights are ``[out, in]``;
 jaxeff kernels are ``[in, out]`` (transposed here). RoPE needs no permutation: both rotate the two
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors' numpy reader needs
+import ml_dtypes  # bfloat16 as a numpy dtype
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -95,35 +95,84 @@ class _Files:
                     raise CheckpointError(f"'{folder}': shard {shard} listed in {INDEX} is missing")
             self.where = {name: folder / shard for name, shard in weight_map.items()}
         elif (folder / SINGLE).is_file():
-            with _open(folder / SINGLE) as handle:
-                self.where = {name: folder / SINGLE for name in handle.keys()}
+            self.where = {name: folder / SINGLE for name in _header(folder / SINGLE)[0]}
         else:
             bins = sorted(p.name for p in folder.glob("*.bin"))
             hint = f" (found {bins[0]}: PyTorch pickles are not read; convert them to safetensors)" if bins else ""
             raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
 
+        self._headers: dict[Path, tuple[dict, int]] = {}
+
     @contextlib.contextmanager
     def slice(self, name: str):
-        """The tensor's lazy slice, from a handle opened for it alone: closing it unmaps the file,
-        so pages read through the mapping do not stay resident while the next tensors load."""
+        """The tensor as a read-only numpy view of its bytes in the memory-mapped file (no copy:
+        devices copy their slices straight from the page cache). The mapping covers this tensor
+        alone and is dropped afterwards, so its pages do not stay resident while the next load."""
         if name not in self.where:
             raise CheckpointError(f"'{self.folder}': tensor {name} is missing")
-        with _open(self.where[name]) as handle:
-            try:
-                sl = handle.get_slice(name)
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"'{self.where[name]}': tensor {name} is listed but cannot be read ({e})") \
-                    from None
-            yield sl
+        file = self.where[name]
+        if file not in self._headers:
+            self._headers[file] = _header(file)
+        header, start = self._headers[file]
+        if name not in header:
+            raise CheckpointError(f"'{file}': tensor {name} is listed but cannot be read (not in the file)")
+        tensor = _MappedTensor(file, name, header[name], start)
+        try:
+            yield tensor
+        finally:
+            tensor.array = None
 
 
-def _open(file: Path):
-    from safetensors import safe_open
-
+def _header(file: Path) -> tuple[dict, int]:
+    """The safetensors header of ``file`` (tensor name -> dtype, shape, data_offsets) and the
+    offset of the data section: an 8-byte little-endian length, then that many bytes of JSON."""
     try:
-        return safe_open(str(file), framework="numpy")
-    except Exception as e:  # noqa: BLE001
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"'{file}' is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class _MappedTensor:
+    """One tensor of a safetensors file: ``get_shape()``, ``get_dtype()`` (safetensors' code,
+    e.g. ``BF16``) and numpy indexing into the mapped bytes."""
+
+    def __init__(self, file: Path, name: str, meta: dict, data_start: int):
+        try:
+            code, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"'{file}': tensor {name} has a malformed header entry ({e})") from None
+        self.code, self.shape = code, shape
+        if code not in ST_DTYPES:
+            raise CheckpointError(f"'{file}': tensor {name} has dtype {code}; expected one of {', '.join(ST_DTYPES)}")
+        dtype = np.dtype(getattr(ml_dtypes, ST_DTYPES[code], None) or ST_DTYPES[code])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"'{file}': tensor {name} has {end - begin} bytes, expected "
+                                  f"{math.prod(shape) * dtype.itemsize} for {code} {list(shape)}")
+        if math.prod(shape) == 0:
+            self.array = np.zeros(shape, dtype)
+            return
+        try:
+            self.array = np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+        except (OSError, ValueError) as e:  # e.g. a truncated file: the mapping would pass its end
+            raise CheckpointError(f"'{file}': tensor {name} is listed but cannot be read ({e})") from None
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def get_dtype(self) -> str:
+        return self.code
+
+    def __getitem__(self, index):
+        return self.array[index]
 
 
 def _dtype_name(dtype) -> str | None:
