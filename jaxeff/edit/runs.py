@@ -20,7 +20,7 @@ from typing import Any
 
 from jaxeff.edit.recipe import Recipe
 from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.train.checkpoint import one_device_config, read_run_config, with_changes
+from jaxeff.train.checkpoint import new_lm_run, one_device_config, read_run_config, with_changes
 
 
 def _one_device_config(saved: dict, **changes):
@@ -148,8 +148,7 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     # -- write the new run
     from jaxeff.config import from_dict
 
-    changes = {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
-               "train.init_from": None, "resume": False}
+    changes = new_lm_run(out)
     cfg = from_dict(with_changes(base_cfg, **changes))  # saved: the base's config (mesh, batch) as a plain lm run
     trainer = Trainer(_one_device_config(base_cfg, **changes), devices=jax.devices()[:1])
     # one device: the fresh train state is built eagerly (no compile)

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import yaml
 
-from jaxeff.errors import CheckpointError, ConfigError
+from jaxeff.errors import ConfigError
 
 
 def model_section(hf_dir, dtype=None) -> dict:
@@ -35,7 +35,7 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     """Write a jaxeff run folder (checkpoint step 0 + config.yaml) holding an HF model's weights."""
     from jaxeff.config import from_dict
     from jaxeff.interop.hf import load_weights
-    from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.checkpoint import open_new_run
     from jaxeff.train.loop import Trainer
 
     hf_dir, out = Path(hf_dir), Path(out_run)
@@ -48,10 +48,8 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
            "logging": {"run_dir": str(out.parent.absolute())}}
     cfg = from_dict(raw)
     trainer = Trainer(cfg, devices=jax.devices()[:1])
-    ckpt = Checkpointer(cfg.checkpoint_path)
+    ckpt = open_new_run(cfg, out)
     try:
-        if ckpt.latest_step() is not None:
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         params = load_weights(hf_dir, trainer.base_abstract, trainer.base_shardings, tied=cfg.model.tie_embeddings)
         state = trainer.init_state(params)
         del params

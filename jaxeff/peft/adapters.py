@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from jaxeff.errors import CheckpointError
 from jaxeff.peft.lora import apply_lora, merge
-from jaxeff.train.checkpoint import RUNTIME_ONLY, check_same_model, one_device_config
+from jaxeff.train.checkpoint import RUNTIME_ONLY, check_same_model, new_lm_run, one_device_config, open_new_run
 
 META_FILE = "adapter.json"
 FORMAT = "jaxeff-lora-adapter/1"
@@ -167,19 +167,15 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     read_meta(adapter_dir)  # a bad folder fails before anything is loaded
     ckpt = Checkpointer(find_checkpoint_dir(base_run), create=False)
     try:
-        cfg = one_device_config(ckpt.read_config(), **{
-            "name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
-            "train.init_from": None, "resume": False})
+        cfg = one_device_config(ckpt.read_config(), **new_lm_run(out))
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         base = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings))
     finally:
         ckpt.close()
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=cfg.to_dict()["model"])
     merged = merge(base, adapters, meta["scale"])
-    out_ckpt = Checkpointer(cfg.checkpoint_path)
+    out_ckpt = open_new_run(cfg, out)
     try:
-        if out_ckpt.latest_step() is not None:
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         state = trainer.init_state(merged)
         out_ckpt.save(0, state, data_state={}, config=cfg.to_dict())
     finally:

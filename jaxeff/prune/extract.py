@@ -143,7 +143,8 @@ def extract(params, model_cfg, prune_cfg):
 def extract_run(src, out, step: int | None = None) -> Path:
     """Extract the pruned model of a ``shear`` run (its newest checkpoint, or ``step``) and save it
     as a new run folder ``out`` (method ``lm``, step 0, its own smaller ``model`` section)."""
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
+    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
+                                         one_device_config, open_new_run)
     from jaxeff.train.loop import Trainer
 
     out = Path(out)
@@ -166,14 +167,10 @@ def extract_run(src, out, step: int | None = None) -> Path:
 
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     saved.pop("prune", None)  # the new run is a plain model: default prune section
-    out_cfg = one_device_config(saved, name=out.name, method="lm", resume=False, model=model_dict,
-                                **{"logging.run_dir": str(out.parent), "checkpoint.dir": None,
-                                   "train.init_from": None})
+    out_cfg = one_device_config(saved, model=model_dict, **new_lm_run(out))
     out_trainer = Trainer(out_cfg, devices=jax.devices()[:1])
-    out_ckpt = Checkpointer(out_cfg.checkpoint_path)
+    out_ckpt = open_new_run(out_cfg, out)
     try:
-        if out_ckpt.latest_step() is not None:
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         state = out_trainer.init_state(small_params)
         out_ckpt.save(0, state, data_state={}, config=out_cfg.to_dict())
     finally:

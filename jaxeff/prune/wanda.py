@@ -278,8 +278,8 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     import json
     from pathlib import Path
 
-    from jaxeff.errors import CheckpointError
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
+    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
+                                         one_device_config, open_new_run)
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import Trainer
 
@@ -291,18 +291,14 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     ckpt = Checkpointer(src_dir, create=False)
     try:
         saved = ckpt.read_config(step)
-        cfg = one_device_config(saved, **{
-            "name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
-            "train.init_from": None, "resume": False})
+        cfg = one_device_config(saved, **new_lm_run(out))
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings), step)
         src_step = step if step is not None else ckpt.latest_step()
     finally:
         ckpt.close()
-    out_ckpt = Checkpointer(cfg.checkpoint_path)
+    out_ckpt = open_new_run(cfg, out)
     try:
-        if out_ckpt.latest_step() is not None:
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         _, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
         if method == "wanda":
             batches = [loader.next_batch() for _ in range(calib_batches)]

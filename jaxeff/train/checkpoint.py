@@ -125,6 +125,23 @@ def one_device_config(saved: dict, **changes):
     return from_dict(with_changes(saved, **{**ONE_DEVICE, **changes}))
 
 
+def new_lm_run(out: Path) -> dict:
+    """Dotted changes that make a saved run's config that of a fresh plain ``lm`` run in folder
+    ``out`` (for tools that write a new run: merge, extract, sparsify, ...)."""
+    return {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
+            "train.init_from": None, "resume": False}
+
+
+def open_new_run(cfg, out: Path, key: str = "--out") -> "Checkpointer":
+    """The checkpointer of the new run ``cfg`` (in folder ``out``), refused with one line naming
+    ``key`` when that folder already holds a checkpoint. The caller closes it."""
+    ckpt = Checkpointer(cfg.checkpoint_path)
+    if ckpt.latest_step() is not None:
+        ckpt.close()
+        raise CheckpointError(f"{key}: '{out}' already holds a checkpoint; choose another folder")
+    return ckpt
+
+
 def read_run_config(run, step: int | None = None) -> dict:
     """The saved config of a run folder (or its checkpoints folder), newest step or ``step``."""
     ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
