@@ -28,6 +28,7 @@ from jaxeff.peft.config import PeftConfig
 from jaxeff.prune.config import PruneConfig
 from jaxeff.quant.config import QuantConfig
 from jaxeff.schema import Section as _Section
+from jaxeff.schema import read_yaml, validation_message
 from jaxeff.ttt.config import TTTConfig
 
 
@@ -191,18 +192,6 @@ class ExperimentConfig(_Section):
 # loading
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<config>"
-    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        return f"{loc}: unknown key"
-    msg = first["msg"].removeprefix("Value error, ")
-    given = first.get("input")
-    if isinstance(given, (dict, list)) or given is None:
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {given!r})"
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -240,7 +229,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+        raise ConfigError(validation_message(e, "<config>")) from None
     check_consistency(cfg)
     return cfg
 
@@ -250,15 +239,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ex
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"config file '{p}': invalid YAML{where}: {problem}") from None
+        loaded = read_yaml(p, "config file")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

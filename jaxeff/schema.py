@@ -1,7 +1,46 @@
-"""Base class of every config section: unknown keys are errors, values are immutable."""
+"""Base class of every config section (unknown keys are errors, values are immutable) and the
+one-line error messages shared by every YAML file we read (experiment configs, merge recipes).
+Light to import: pydantic and PyYAML only."""
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from jaxeff.errors import ConfigError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validation_message(err: ValidationError, root: str) -> str:
+    """The first validation error as one line naming its dotted location (``root`` when the
+    error is about the whole document)."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or root
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"{loc}: unknown key"
+    if first["type"] == "missing":
+        return f"{loc}: missing (required)"
+    msg = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    if isinstance(given, (dict, list)) or given is None:
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {given!r})"
+
+
+def read_yaml(path, what: str) -> Any:
+    """The parsed YAML file ``path``; a missing file or invalid YAML is a one-line
+    :class:`ConfigError` that starts with ``what`` (e.g. "config file") and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{p}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} '{p}': invalid YAML{where}: {problem}") from None

@@ -22,11 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from jaxeff.errors import ConfigError
-from jaxeff.schema import Section
+from jaxeff.schema import Section, read_yaml, validation_message
 
 
 class ModelEntry(Section):
@@ -59,38 +58,17 @@ class Recipe(Section):
         return v
 
 
-def _format(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<recipe>"
-    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        return f"{loc}: unknown key"
-    if first["type"] == "missing":
-        return f"{loc}: missing (required)"
-    msg = first["msg"].removeprefix("Value error, ")
-    given = first.get("input")
-    if isinstance(given, (dict, list)) or given is None:
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {given!r})"
-
-
 def recipe_from_dict(raw: dict) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+        raise ConfigError(validation_message(e, "<recipe>")) from None
 
 
 def load_recipe(path, out: str | None = None) -> Recipe:
     """Read and validate a recipe file; ``out`` (from ``--out``) replaces the recipe's ``out``."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file '{p}' does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"recipe file '{p}': invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    raw = read_yaml(p, "recipe file")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe file '{p}': expected a mapping (base, out, method, models)")
     if out is not None:
