@@ -9,6 +9,8 @@ line ``jaxeff merge RECIPE.yaml [--out DIR]``. See docs/edit.md.
 
 # Lazy: `jaxeff.cli` imports this package's cli module for every command, so importing the
 # package must not import JAX.
+from jaxeff._lazy import lazy_getattr
+
 _EXPORTS = {
     "add": "jaxeff.edit.arithmetic",
     "analogy": "jaxeff.edit.arithmetic",
@@ -31,10 +33,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

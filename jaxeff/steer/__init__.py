@@ -7,6 +7,8 @@ and ``jaxeff steer-vector`` to save a vector file.
 
 # Lazy: `jaxeff.cli` imports this package's cli module for every command, so importing the
 # package must not import JAX.
+from jaxeff._lazy import lazy_getattr
+
 _EXPORTS = {
     "check_layer": "jaxeff.steer.vectors",
     "load_vector": "jaxeff.steer.vectors",
@@ -21,10 +23,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
