@@ -7,6 +7,7 @@ A mistake in the user's input (config, files, shapes, checkpoints) prints one li
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--step", type=int, default=None)
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
     for module in FAMILY_CLIS:
-        _family_cli(module).register(sub)
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -77,23 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 # light to import (no jax at module level): they load for every command.
 FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
                "jaxeff.decode.cli")
-
-
-class _NoVerbs:
-    @staticmethod
-    def register(sub):
-        pass
-
-
-def _family_cli(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:  # that family has no verbs (yet)
-            return _NoVerbs
-        raise
 
 
 def cmd_train(args) -> int:
