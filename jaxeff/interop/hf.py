@@ -85,6 +85,7 @@ class _Files:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._headers: dict[Path, tuple[dict, int]] = {}  # file -> (header, data offset), read once
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
@@ -95,13 +96,12 @@ class _Files:
                     raise CheckpointError(f"'{folder}': shard {shard} listed in {INDEX} is missing")
             self.where = {name: folder / shard for name, shard in weight_map.items()}
         elif (folder / SINGLE).is_file():
-            self.where = {name: folder / SINGLE for name in _header(folder / SINGLE)[0]}
+            self._headers[folder / SINGLE] = _header(folder / SINGLE)
+            self.where = {name: folder / SINGLE for name in self._headers[folder / SINGLE][0]}
         else:
             bins = sorted(p.name for p in folder.glob("*.bin"))
             hint = f" (found {bins[0]}: PyTorch pickles are not read; convert them to safetensors)" if bins else ""
             raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
-
-        self._headers: dict[Path, tuple[dict, int]] = {}
 
     @contextlib.contextmanager
     def slice(self, name: str):
