@@ -35,7 +35,8 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.interop.hf_config import checkpoint_dtype_name, config_from_hf, config_to_hf, read_config_json
-from jaxeff.models import Transformer, init_params, logical_axes
+from jaxeff.interop.shapes import abstract_params, param_axes
+from jaxeff.models import Transformer
 from jaxeff.models.config import TransformerConfig
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -281,7 +282,7 @@ def load_pretrained(path, *, dtype=None, mesh: Mesh | None = None, rules=None, p
     ``MeshConfig().rules``); without, on the first device."""
     cfg = model_config(path, dtype)
     model = Transformer(cfg)
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    abstract = abstract_params(cfg)  # equals jax.eval_shape of init, without tracing the model
     if mesh is None:
         one = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
@@ -289,7 +290,7 @@ def load_pretrained(path, *, dtype=None, mesh: Mesh | None = None, rules=None, p
         from jaxeff.config import MeshConfig
         from jaxeff.train.sharding import param_shardings
 
-        shardings = param_shardings(logical_axes(model), abstract, mesh, rules or MeshConfig().rules)
+        shardings = param_shardings(param_axes(cfg), abstract, mesh, rules or MeshConfig().rules)
     return model, load_weights(path, abstract, shardings, tied=cfg.tie_embeddings, progress=progress)
 
 
@@ -363,8 +364,7 @@ def _tensors(model_cfg: TransformerConfig, params, dequantize: bool) -> Iterator
     """(HF name, jaxeff leaf, transposed) for every parameter, checked against the model's shapes."""
     from pallas_kernels.quant import QuantizedWeight
 
-    expected = {_keys(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(
-        jax.eval_shape(lambda: init_params(Transformer(model_cfg), jax.random.key(0))))[0]}
+    expected = {_keys(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(model_cfg))[0]}
     seen = set()
     for path, leaf in jax.tree_util.tree_flatten_with_path(
             params, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]:

@@ -510,3 +510,25 @@ def test_save_refuses_what_hugging_face_cannot_hold(tmp_path):
     with pytest.raises(CheckpointError, match="layers_0/attn/q/lora_a has no Hugging Face counterpart"):
         save_pretrained(plain, params, tmp_path / "c")
     assert not (tmp_path / "c").exists()  # nothing written before the check
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_heads=4, n_kv_heads=2, tie_embeddings=True),  # GQA, tied
+    dict(n_heads=4, n_kv_heads=1, tie_embeddings=False),  # MQA, untied
+    dict(n_heads=4, qkv_bias=True, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),  # Qwen2 biases
+    dict(n_heads=4, use_bias=True, tie_embeddings=False),  # biases everywhere, lm_head bias
+    dict(n_heads=3, n_kv_heads=1, head_dim=16, d_ff=40, n_layers=3, sliding_window=(4, None, 4)),  # head_dim
+])
+def test_parameter_tree_from_the_config_equals_tracing_init(kw):
+    from jaxeff.interop.shapes import abstract_params, param_axes
+    from jaxeff.models import Transformer, TransformerConfig, init_params, logical_axes
+
+    cfg = TransformerConfig(**{"vocab_size": 37, "d_model": 24, "n_layers": 2, **kw})
+    model = Transformer(cfg)
+    traced = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    computed = abstract_params(cfg)
+    assert jax.tree.structure(computed) == jax.tree.structure(traced)
+    assert jax.tree.leaves(computed) == jax.tree.leaves(traced)  # ShapeDtypeStruct: shape and dtype
+    axes = logical_axes(model)
+    assert jax.tree.structure(param_axes(cfg)) == jax.tree.structure(axes)
+    assert jax.tree.leaves(param_axes(cfg)) == jax.tree.leaves(axes)
