@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxeff.ttt.config import TTTConfig
 from jaxeff.ttt.method import inner_lr_at, ttt_method
-from jaxeff.ttt.model import FAST_KERNELS, TTTSpec
+from jaxeff.ttt.model import FAST_KERNELS, TTTSpec, has_fast_weights, refuse_fast_weights
 
 
 def spec_of(cfg) -> TTTSpec:
@@ -76,5 +76,5 @@ def adapted_params(params, state, row: int = 0):
     return {**params, "fast": fast}
 
 
-__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "inner_lr_at", "prefill", "spec_of",
-           "token_losses", "ttt_method"]
+__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "has_fast_weights", "inner_lr_at", "prefill",
+           "refuse_fast_weights", "spec_of", "token_losses", "ttt_method"]

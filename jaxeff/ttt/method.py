@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxeff.models.transformer import TransformerOutput
 from jaxeff.train.methods import Method, register_method
 from jaxeff.ttt.inner import forward
-from jaxeff.ttt.model import TTTSpec, add_fast_params, fast_logical_axes
+from jaxeff.ttt.model import TTTSpec, add_fast_params, fast_logical_axes, refuse_fast_weights
 
 
 def inner_lr_at(cfg, step):
@@ -93,6 +92,13 @@ def ttt_method(cfg, model) -> Method:
         logits, state = extend(spec, params, tokens, cache)
         return TransformerOutput(logits, None, state)
 
+    def model_params(params):
+        # no plain Transformer stands for a TTT model: the consumers of model_params (jaxeff convert
+        # --to-hf, task-vector merges) get a one-line refusal instead of params["model"] without the
+        # fast MLPs
+        refuse_fast_weights(params, "method")
+        return params["model"]
+
     return Method("ttt_e2e", loss, prepare_params=lambda p, rng: add_fast_params(spec, p, rng),
-                  logical_axes=lambda axes: fast_logical_axes(spec, axes), model_params=lambda p: p["model"],
+                  logical_axes=lambda axes: fast_logical_axes(spec, axes), model_params=model_params,
                   apply=apply, with_step=True)

@@ -18,6 +18,7 @@ an extra sublayer); ``tests/jaxeff/test_ttt.py`` pins them to ``Transformer.appl
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,21 @@ def fast_logical_axes(spec: TTTSpec, model_axes):
                             "gate": {"kernel": P("embed", "mlp")}, "up": {"kernel": P("embed", "mlp")},
                             "down": {"kernel": P("mlp", "embed")}} for i in spec.fast_layers}
     return {"model": base, "fast": fast}
+
+
+def has_fast_weights(params) -> bool:
+    """True when ``params`` is a TTT-E2E tree carrying fast MLPs (``{"model": ..., "fast": {non-empty}}``):
+    a tree that no plain Transformer consumer (Hugging Face export, task-vector merges) can hold whole."""
+    return isinstance(params, Mapping) and "model" in params and bool(params.get("fast"))
+
+
+def refuse_fast_weights(params, where: str = "method") -> None:
+    """Raise a one-line :class:`ConfigError` naming ``where`` if ``params`` has fast MLPs (see
+    :func:`has_fast_weights`): taking ``params["model"]`` alone would silently drop them."""
+    if has_fast_weights(params):
+        layers = ", ".join(k.removeprefix("layers_") for k in params["fast"])
+        raise ConfigError(f"{where}: a ttt_e2e run has fast MLPs (blocks {layers}) that a plain Transformer has no "
+                          f"place for; refusing to drop them (evaluate or generate with the run itself)")
 
 
 def initial_fast_weights(spec: TTTSpec, params, batch: int):
