@@ -58,27 +58,40 @@ SIZES = {
 }
 
 
-def configs(size: dict, study: Path, seed: int) -> dict:
-    """The three training configs: same data, optimizer, steps and seed; only the attention and the
-    method differ."""
+def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = None) -> dict:
+    """The three training configs: same data, optimizer and seed; only the attention and the method
+    differ. ``steps`` gives a model its own number of training steps (equal compute); by default
+    every model trains ``size["steps"]`` (equal tokens). The training set, warm-up and eval/log
+    intervals follow each model's steps."""
     T, k = size["T"], size["k"]
     model = dict(vocab_size=264, d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
                  d_ff=size["d_ff"], max_seq_len=max(size["lengths"] + (T,)), attention_impl="xla")
-    base = dict(seed=seed, model=model,
-                data=dict(domains=["recall"], doc_len=T - 2, seq_len=T, batch_size=size["batch"],
-                          docs_per_domain=size["batch"] * size["steps"] // 2, eval_docs_per_domain=16),
-                optim=dict(lr=3e-3, warmup_steps=size["steps"] // 10, schedule="cosine"),
-                train=dict(steps=size["steps"], eval_every=max(size["steps"] // 4, 1), eval_batches=2,
-                           log_every=max(size["steps"] // 15, 1)),
-                checkpoint=dict(every=size["steps"], keep=1),
-                logging=dict(run_dir=str(study), progress=False))
+
+    def base(name: str) -> dict:
+        n = (steps or {}).get(name, size["steps"])
+        return dict(seed=seed, model=model,
+                    data=dict(domains=["recall"], doc_len=T - 2, seq_len=T, batch_size=size["batch"],
+                              docs_per_domain=size["batch"] * n // 2, eval_docs_per_domain=16),
+                    optim=dict(lr=3e-3, warmup_steps=n // 10, schedule="cosine"),
+                    train=dict(steps=n, eval_every=max(n // 4, 1), eval_batches=2, log_every=max(n // 15, 1)),
+                    checkpoint=dict(every=n, keep=1),
+                    logging=dict(run_dir=str(study), progress=False))
+
     window = {**model, "sliding_window": k}
     return {
-        "full": from_dict({**base, "name": "full", "method": "lm"}),
-        "window": from_dict({**base, "name": "window", "method": "lm", "model": window}),
-        "ttt_e2e": from_dict({**base, "name": "ttt_e2e", "method": "ttt_e2e", "model": window,
+        "full": from_dict({**base("full"), "name": "full", "method": "lm"}),
+        "window": from_dict({**base("window"), "name": "window", "method": "lm", "model": window}),
+        "ttt_e2e": from_dict({**base("ttt_e2e"), "name": "ttt_e2e", "method": "ttt_e2e", "model": window,
                               "ttt": dict(mini_batch=size["b"])}),
     }
+
+
+def equal_compute_steps(size: dict, study: Path, seed: int) -> dict[str, int]:
+    """Training steps per model for equal training compute: TTT-E2E (the costliest per token) trains
+    ``size["steps"]``; every other model the steps that spend the same training FLOPs
+    (``train_flops_per_token`` x tokens), rounded to the nearest step."""
+    flops = {m: train_flops_per_token(c) for m, c in configs(size, study, seed).items()}
+    return {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f)) for m, f in flops.items()}
 
 
 def train_flops_per_token(cfg) -> float:
@@ -192,7 +205,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps (< 5 min on 2 CPU cores)")
     ap.add_argument("--run-dir", default="runs", help="runs go to <run-dir>/ttt_long[_quick]/")
-    ap.add_argument("--steps", type=int, default=None, help="training steps of every model")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of every model (with --equal-compute: of "
+                    "TTT-E2E)")
+    ap.add_argument("--equal-compute", action="store_true",
+                    help="train every model for the same training FLOPs as TTT-E2E's --steps (more steps, and so more "
+                         "tokens, for the cheaper models) instead of the same tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
                     help="train and evaluate only these models (default: all three; TTT-naive needs 'window', the "
@@ -212,7 +229,10 @@ def main(argv=None):
     study = Path(args.run_dir) / ("ttt_long_quick" if args.quick else "ttt_long")
     shutil.rmtree(study, ignore_errors=True)
     t_start = time.perf_counter()
-    cfgs = configs(size, study, args.seed)
+    steps = equal_compute_steps(size, study, args.seed) if args.equal_compute else None
+    cfgs = configs(size, study, args.seed, steps)
+    size["steps_by_model"] = {m: c.train.steps for m, c in cfgs.items()}
+    size["budget"] = "equal compute" if args.equal_compute else "equal tokens"
 
     trained, info = {}, {}
     cfgs = {m: c for m, c in cfgs.items() if m in args.models}
@@ -222,7 +242,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         trainer, params = load_params(cfg, cfg.checkpoint_path)
         trained[name] = params
-        info[name] = {"params": trainer.n_params, "wall_s": wall, "train_loss": out["train/loss"],
+        info[name] = {"params": trainer.n_params, "wall_s": wall, "train_loss": out["train/loss"], "steps": cfg.train.steps,
                       "eval_loss": out["eval/loss"],
                       "flops_tok": train_flops_per_token(cfg), "step_s": median_step_time(cfg.run_path)}
         print(f"trained {name}: {trainer.n_params:,} params, {wall:.0f} s, eval loss {out['eval/loss']:.3f}", flush=True)
@@ -287,18 +307,20 @@ def report(size, info, results, sweep, naive_lr, study, wall):
     print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); runs in {study}; "
           f"study wall {wall / 60:.1f} min")
     print(f"model d={size['d_model']}, {size['n_layers']} layers; recall domain; trained at T={T} tokens, "
-          f"{size['steps']} steps x {size['batch']} rows (equal tokens for the three)")
+          f"{size['batch']} rows per step, {size.get('budget', 'equal tokens')}")
     print()
-    print("| training run | params | train FLOPs/token | vs full | step (s, median) | vs full | wall (s) | "
-          "final eval loss (T) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| training run | params | steps | train FLOPs/token | vs full | train FLOPs (total) | step (s, median) | "
+          "vs full | wall (s) | final eval loss (T) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ref = info.get("full")
     for m in info:
         r = info[m]
         est = " (est.)" if m == "ttt_e2e" else ""
         vs_f = f"{r['flops_tok'] / ref['flops_tok']:.2f}x" if ref else "-"
         vs_s = f"{r['step_s'] / ref['step_s']:.2f}x" if ref else "-"
-        print(f"| {names[m]} | {r['params']:,} | {r['flops_tok'] / 1e6:.2f}M{est} | {vs_f} | "
+        n = r.get("steps", size["steps"])
+        total = r["flops_tok"] * n * size["batch"] * T
+        print(f"| {names[m]} | {r['params']:,} | {n} | {r['flops_tok'] / 1e6:.2f}M{est} | {vs_f} | {total:.3g} | "
               f"{r['step_s']:.3f} | {vs_s} | {r['wall_s']:.0f} | {r['eval_loss']:.3f} |")
     for title, key in (("mean loss over the document (nats/token)", "all"),
                        ("loss on the recalled values only (nats/token)", "values")):
