@@ -7,9 +7,11 @@
     out = model.apply({"params": params}, tokens)                        # out.logits [batch, seq, vocab]
     save_pretrained(model, params, "path/to/export")                     # transformers can load it
 
-Weights are read tensor by tensor from the memory-mapped safetensors files (no copy), each device
-reading only its own shard of each tensor (``jax.make_array_from_callback``), so the host never
-holds more than one tensor beyond the placed parameters. HF ``Linear`` weights are ``[out, in]``;
+Weights are read tensor by tensor from the memory-mapped safetensors files: a parameter on one
+device is read whole by a worker thread into an aligned host array (transposed there; JAX's CPU
+client adopts it without a copy); a sharded one is placed with each device reading only its own
+slice (``jax.make_array_from_callback``). The host holds at most a few tensors beyond the placed
+parameters. HF ``Linear`` weights are ``[out, in]``;
 jaxeff kernels are ``[in, out]`` (transposed here). RoPE needs no permutation: both rotate the two
 halves of head_dim. float16 checkpoints load as float32 (jaxeff has no float16 mode; widening is
 exact). Nothing here touches the network.
@@ -17,34 +19,33 @@ exact). Nothing here touches the network.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import functools
 import json
 import math
+import os
 import re
-import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # bfloat16 as a numpy dtype
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.interop.hf_config import checkpoint_dtype_name, config_from_hf, config_to_hf, read_config_json
+from jaxeff.interop.safetensors_io import INDEX, NP_TO_ST, SINGLE, ST_DTYPES, Files, write_safetensors
 from jaxeff.interop.shapes import abstract_params, param_axes
 from jaxeff.models import Transformer
 from jaxeff.models.config import TransformerConfig
 
-SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
-ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-NP_TO_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 PROGRESS_MIN_BYTES = 256 * 2**20  # a progress bar for checkpoints at least this large
 DEFAULT_SHARD_BYTES = 5 * 2**30  # like transformers' max_shard_size="5GB"
-DEVICE_TRANSPOSE_MIN = 2**20  # elements: larger kernels are transposed (and cast) by XLA, not numpy
+DEVICE_TRANSPOSE_MIN = 2**20  # elements: larger sharded kernels are transposed (and cast) by XLA, not numpy
+READ_THREADS = 4  # at most: whole tensors read and transposed on the host in parallel
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints carry
 
 _LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
@@ -81,101 +82,6 @@ def _keys(path) -> tuple[str, ...]:
 # reading
 
 
-class _Files:
-    """The checkpoint's tensors: name -> safetensors file (from the index, or the single file)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._headers: dict[Path, tuple[dict, int]] = {}  # file -> (header, data offset), read once
-        if (folder / INDEX).is_file():
-            try:
-                weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"'{folder / INDEX}' is not a safetensors index ({e})") from None
-            for shard in sorted(set(weight_map.values())):
-                if not (folder / shard).is_file():
-                    raise CheckpointError(f"'{folder}': shard {shard} listed in {INDEX} is missing")
-            self.where = {name: folder / shard for name, shard in weight_map.items()}
-        elif (folder / SINGLE).is_file():
-            self._headers[folder / SINGLE] = _header(folder / SINGLE)
-            self.where = {name: folder / SINGLE for name in self._headers[folder / SINGLE][0]}
-        else:
-            bins = sorted(p.name for p in folder.glob("*.bin"))
-            hint = f" (found {bins[0]}: PyTorch pickles are not read; convert them to safetensors)" if bins else ""
-            raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
-
-    @contextlib.contextmanager
-    def slice(self, name: str):
-        """The tensor as a read-only numpy view of its bytes in the memory-mapped file (no copy:
-        devices copy their slices straight from the page cache). The mapping covers this tensor
-        alone and is dropped afterwards, so its pages do not stay resident while the next load."""
-        if name not in self.where:
-            raise CheckpointError(f"'{self.folder}': tensor {name} is missing")
-        file = self.where[name]
-        if file not in self._headers:
-            self._headers[file] = _header(file)
-        header, start = self._headers[file]
-        if name not in header:
-            raise CheckpointError(f"'{file}': tensor {name} is listed but cannot be read (not in the file)")
-        tensor = _MappedTensor(file, name, header[name], start)
-        try:
-            yield tensor
-        finally:
-            tensor.array = None
-
-
-def _header(file: Path) -> tuple[dict, int]:
-    """The safetensors header of ``file`` (tensor name -> dtype, shape, data_offsets) and the
-    offset of the data section: an 8-byte little-endian length, then that many bytes of JSON."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (OSError, struct.error, ValueError) as e:
-        raise CheckpointError(f"'{file}' is not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-class _MappedTensor:
-    """One tensor of a safetensors file: ``get_shape()``, ``get_dtype()`` (safetensors' code,
-    e.g. ``BF16``) and numpy indexing into the mapped bytes."""
-
-    def __init__(self, file: Path, name: str, meta: dict, data_start: int):
-        try:
-            code, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"'{file}': tensor {name} has a malformed header entry ({e})") from None
-        self.code, self.shape = code, shape
-        if code not in ST_DTYPES:
-            raise CheckpointError(f"'{file}': tensor {name} has dtype {code}; expected one of {', '.join(ST_DTYPES)}")
-        dtype = np.dtype(getattr(ml_dtypes, ST_DTYPES[code], None) or ST_DTYPES[code])
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"'{file}': tensor {name} has {end - begin} bytes, expected "
-                                  f"{math.prod(shape) * dtype.itemsize} for {code} {list(shape)}")
-        if math.prod(shape) == 0:
-            self.array = np.zeros(shape, dtype)
-            return
-        try:
-            self.array = np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
-        except (OSError, ValueError) as e:  # e.g. a truncated file: the mapping would pass its end
-            raise CheckpointError(f"'{file}': tensor {name} is listed but cannot be read ({e})") from None
-
-    def get_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    def get_dtype(self) -> str:
-        return self.code
-
-    def __getitem__(self, index):
-        return self.array[index]
-
-
 def _dtype_name(dtype) -> str | None:
     if dtype is None:
         return None
@@ -186,7 +92,7 @@ def _dtype_name(dtype) -> str | None:
 
 
 def _place(sl, shape: tuple[int, ...], transpose: bool, dtype, sharding) -> jax.Array:
-    """One parameter on its sharding; every device reads only its own slice of the mapped file.
+    """One parameter sharded over several devices; each reads only its own slice of the mapped file.
 
     Large transposed tensors are placed in HF layout (the transposed sharding) and transposed by
     XLA on the devices, which is several times faster than numpy's strided copy."""
@@ -223,7 +129,7 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
     """Parameters shaped like ``abstract`` (a tree of ShapeDtypeStruct, jaxeff layout) from the HF
     safetensors files of ``folder``, each placed on its sharding from ``shardings`` (same tree)."""
     folder = Path(folder)
-    files = _Files(folder)
+    files = Files(folder)
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     names = [hf_name(_keys(path)) for path, _ in flat]
@@ -235,19 +141,37 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
                               f" ({len(extra)} unexpected tensors)")
     total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for _, x in flat)
     bar = _bar(total, total >= PROGRESS_MIN_BYTES if progress is None else progress, f"loading {folder.name}")
-    out = []
-    for (_, x), sharding, (name, transpose) in zip(flat, shard_leaves, names):
-        if name is None:  # lm_head bias of a use_bias model: HF has none
-            out.append(jax.device_put(jnp.zeros(x.shape, x.dtype), sharding))
-            continue
-        with files.slice(name) as sl:
-            got = tuple(sl.get_shape())
+    out: list[Any] = [None] * len(flat)
+    pending: collections.deque = collections.deque()  # (leaf index, future of the host array)
+    workers = min(READ_THREADS, os.cpu_count() or 1)
+
+    def finish(i, host):
+        out[i] = jax.device_put(host, shard_leaves[i])  # CPU: adopts the aligned array, no copy
+        bar.update(host.nbytes)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for i, ((_, x), sharding, (name, transpose)) in enumerate(zip(flat, shard_leaves, names)):
+            if name is None:  # lm_head bias of a use_bias model: HF has none
+                out[i] = jax.device_put(jnp.zeros(x.shape, x.dtype), sharding)
+                continue
+            tensor = files.tensor(name)
+            got = tuple(tensor.get_shape())
             want = tuple(reversed(x.shape)) if transpose else tuple(x.shape)
             if got != want:
                 raise CheckpointError(f"'{folder}': tensor {name} has shape {list(got)}, expected {list(want)} "
                                       "from config.json")
-            out.append(_place(sl, tuple(x.shape), transpose, x.dtype, sharding))
-        bar.update(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize)
+            if len(sharding.device_set) == 1:  # the whole tensor, read (and transposed) by a worker thread
+                pending.append((i, pool.submit(tensor.read, transpose=transpose, dtype=x.dtype)))
+                while len(pending) > workers:  # at most this many tensors wait on the host
+                    j, future = pending.popleft()
+                    finish(j, future.result())
+            else:
+                out[i] = _place(tensor, tuple(x.shape), transpose, x.dtype, sharding)
+                tensor.close()
+                bar.update(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize)
+        while pending:
+            j, future = pending.popleft()
+            finish(j, future.result())
     bar.close()
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -260,7 +184,7 @@ def _bar(total: int, show: bool, desc: str):
 
 def _checkpoint_dtype(folder: Path, raw: dict) -> str:
     """float32 or bfloat16: the embedding tensor's dtype (float16 widens to float32)."""
-    with _Files(folder).slice("model.embed_tokens.weight") as sl:
+    with Files(folder).slice("model.embed_tokens.weight") as sl:
         stored = ST_DTYPES.get(sl.get_dtype())
     stored = stored or checkpoint_dtype_name(raw) or "float32"
     return "bfloat16" if stored == "bfloat16" else "float32"
@@ -327,26 +251,6 @@ def _host(x) -> np.ndarray:
 
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
-
-
-def _write_safetensors(file: Path, entries: list[tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]]):
-    """Stream tensors into one safetensors file (header first, then each tensor as produced), so
-    only one tensor is on the host at a time."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype, _ in entries:
-        n = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": NP_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype, produce in entries:
-            a = np.ascontiguousarray(produce(), dtype=dtype)
-            assert a.shape == tuple(shape), (name, a.shape, shape)
-            f.write(a.reshape(-1).view(np.uint8))
 
 
 def _dequantized(leaf, path: str, dequantize: bool):
@@ -440,7 +344,7 @@ def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = D
         entries = [(name, tuple(reversed(leaf.shape)) if tr else tuple(leaf.shape), out_dtype, producer(leaf, tr))
                    for name, leaf, tr in shard]
         if write:
-            _write_safetensors(folder / file, entries)
+            write_safetensors(folder / file, entries)
         else:  # other processes take part in the gathers
             for *_, produce in entries:
                 produce()

@@ -532,3 +532,22 @@ def test_parameter_tree_from_the_config_equals_tracing_init(kw):
     axes = logical_axes(model)
     assert jax.tree.structure(param_axes(cfg)) == jax.tree.structure(axes)
     assert jax.tree.leaves(param_axes(cfg)) == jax.tree.leaves(axes)
+
+
+@pytest.mark.parametrize("stored, wanted", [(np.float32, np.float32), (BF16, BF16), (BF16, np.float32),
+                                            (np.float32, BF16), (np.float16, np.float32)])
+def test_whole_tensor_reads_transpose_in_blocks_and_cast_exactly(tmp_path, stored, wanted):
+    from jaxeff.interop.safetensors_io import ALIGN, Files, TRANSPOSE_ROWS
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(2 * TRANSPOSE_ROWS + 3, 7)), "b": rng.normal(size=(5, 2 * TRANSPOSE_ROWS + 1)),
+              "c": rng.normal(size=(11,))}
+    arrays = {k: v.astype(stored) for k, v in arrays.items()}
+    save_file(arrays, str(tmp_path / "model.safetensors"))
+    files = Files(tmp_path)
+    for name, a in arrays.items():
+        for transpose in ([False, True] if a.ndim == 2 else [False]):
+            got = files.tensor(name).read(transpose=transpose, dtype=wanted)
+            want = (a.T if transpose else a).astype(wanted)
+            assert got.dtype == want.dtype and got.flags.c_contiguous and got.ctypes.data % ALIGN == 0
+            np.testing.assert_array_equal(got, want)
