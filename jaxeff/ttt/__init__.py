@@ -39,7 +39,7 @@ def _token_losses(spec: TTTSpec, params, tokens):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
     ones = jnp.ones((batch, t), jnp.int32)
     arrays = pad_to_chunks(spec.mini_batch, inputs, positions, ones, targets, ones.astype(jnp.float32))
-    nll, _, _, _ = forward(spec, params, *arrays, spec.inner_lr)
+    nll, _, _, _ = forward(spec, params, *arrays, spec.inner_lr, segments=False)  # one document per row
     return nll[:, :t]
 
 

@@ -51,15 +51,18 @@ def pad_to_chunks(b, *arrays):
 
 
 def evaluate_logits(spec: TTTSpec, params, tokens, positions=None, segment_ids=None):
-    """Logits ``[batch, t, vocab]`` of the TTT model on ``tokens [batch, t]`` (no cache)."""
+    """Logits ``[batch, t, vocab]`` of the TTT model on ``tokens [batch, t]`` (no cache). With
+    ``segment_ids`` the fast weights restart at every segment (no document sees another's updates);
+    without, each row is one document."""
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segments = segment_ids is not None
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     targets, mask = next_token_targets(tokens, segment_ids)
     arrays = pad_to_chunks(spec.mini_batch, tokens, positions, segment_ids, targets, mask)
-    _, logits, _, _ = forward(spec, params, *arrays, spec.inner_lr, return_logits=True)
+    _, logits, _, _ = forward(spec, params, *arrays, spec.inner_lr, return_logits=True, segments=segments)
     return logits[:, :t]
 
 

@@ -236,11 +236,16 @@ def qkv(cfg: TransformerConfig, p, x, positions, dtype):
     return rope(q, positions, cfg.rope_theta, cfg.rope_scaling), rope(k, positions, cfg.rope_theta, cfg.rope_scaling), v
 
 
-def block_rest(spec: TTTSpec, p, fast_p, w, x, dtype):
-    """The sublayers after attention: the fast MLP (if ``fast_p``) and the block's MLP."""
+def block_rest(spec: TTTSpec, p, fast_p, w, x, dtype, w_fresh=None, fresh=None):
+    """The sublayers after attention: the fast MLP (if ``fast_p``) and the block's MLP. With ``fresh
+    [batch, c]`` (bool) the tokens where it is true go through the fast MLP with ``w_fresh`` instead
+    of ``w`` (a document that started in this mini-batch: see :func:`jaxeff.ttt.inner.inner_step`)."""
     eps = spec.model.norm_eps
     if fast_p is not None:
-        y = fast_mlp(w, rms_norm(fast_p["pre_norm"], x, eps, dtype), dtype)
+        h = rms_norm(fast_p["pre_norm"], x, eps, dtype)
+        y = fast_mlp(w, h, dtype)
+        if fresh is not None:
+            y = jnp.where(fresh[..., None], fast_mlp(w_fresh, h, dtype), y)
         x = x + rms_norm(fast_p["post_norm"], y, eps, dtype)
     return x + mlp(p["mlp"], rms_norm(p["mlp_norm"], x, eps, dtype), dtype)
 
@@ -285,9 +290,10 @@ def empty_buffers(spec: TTTSpec, batch: int):
     return tuple(out)
 
 
-def suffix_forward(spec: TTTSpec, params, w, bufs, x, positions, segment_ids):
+def suffix_forward(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, w_fresh=None, fresh=None):
     """The suffix blocks and the output head on one chunk ``x [batch, c, d]`` with fast weights
-    ``w``. Returns float32 ``logits [batch, c, vocab]`` and the grown buffers (buffer + chunk)."""
+    ``w`` (``w_fresh`` where ``fresh [batch, c]`` is true, when given). Returns float32 ``logits
+    [batch, c, vocab]`` and the grown buffers (buffer + chunk)."""
     dtype = _DTYPES[spec.inner_dtype]
     x = x.astype(dtype)
     grown = []
@@ -298,7 +304,8 @@ def suffix_forward(spec: TTTSpec, params, w, bufs, x, positions, segment_ids):
             x = x + y
             grown.append(g)
         key = f"layers_{i}"
-        x = block_rest(spec, p, params["fast"].get(key), w.get(key), x, dtype)
+        x = block_rest(spec, p, params["fast"].get(key), w.get(key), x, dtype,
+                       None if w_fresh is None else w_fresh.get(key), fresh)
     return head(spec, params, x, dtype), tuple(grown)
 
 

@@ -130,9 +130,12 @@ def test_outer_gradient_matches_finite_differences_in_float64(tiny_config, monke
 def test_chunked_scan_equals_an_unrolled_python_loop(tiny_config):
     cfg, spec, params = _setup(tiny_config)
     inputs, pos, seg, tgt, mask = _batch(2, 16, seed=6)
-    seg = seg.at[0, 9:].set(2)  # two packed documents in row 0
+    seg = seg.at[0, 9:].set(2)  # two packed documents in row 0 (boundary inside a mini-batch)
     pos = pos.at[0, 9:].set(jnp.arange(7))
     mask = mask.at[0, 8].set(0.0)
+    seg = seg.at[1, 4:].set(2).at[1, 6:].set(3)  # and in row 1: on a mini-batch edge, then a 2-token document
+    pos = pos.at[1, 4:6].set(jnp.arange(2)).at[1, 6:].set(jnp.arange(10))
+    mask = mask.at[1, 3].set(0.0).at[1, 5].set(0.0)
     run = jax.jit(lambda lr: inner.forward(spec, params, inputs, pos, seg, tgt, mask, lr))
     nll, _, w, _ = run(1.0)
     # the reference loop is unrolled in Python (jit only saves the op-by-op dispatch)
