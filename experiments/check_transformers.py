@@ -10,7 +10,9 @@ through files in a temporary folder:
   ``AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)`` of every jaxeff folder
   (eager attention, float32) and its logits on the same tokens; and random models made by
   transformers itself (``from_config``, weights and biases randomised), saved with
-  ``save_pretrained(safe_serialization=True)``, with their logits.
+  ``save_pretrained(safe_serialization=True)``, with their logits; two of them also saved in
+  bfloat16 (in shards, with an index) and float16, their logits computed in float32 from the
+  rounded weights.
 
 Prints one row per model and direction (max |diff| of the logits, max |logit|) and exits 1 if a
 difference exceeds 1e-4 or is NaN. Not part of CI (it needs the second environment)::
@@ -77,6 +79,11 @@ CASES: dict[str, tuple[dict, str, dict]] = {
 }
 
 
+# transformers -> jaxeff only: name -> (case whose config it uses, dtype transformers saves, max_shard_size)
+SAVED_BY_TRANSFORMERS = {"qwen2_qkv_bias bf16, sharded": ("qwen2_qkv_bias", "bfloat16", "40KB"),
+                         "llama_mqa_untied_head_dim fp16": ("llama_mqa_untied_head_dim", "float16", None)}
+
+
 def tokens_for(vocab: int) -> np.ndarray:
     return np.random.default_rng(vocab).integers(0, vocab, (BATCH, SEQ)).astype(np.int64)
 
@@ -119,8 +126,13 @@ def hf_side(job_file: str) -> None:
                 else:  # [out, in]
                     p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
         model.eval()
-        model.save_pretrained(item["folder"], safe_serialization=True)
+        save_dtype = getattr(torch, item.get("save_dtype") or "float32")
+        with torch.no_grad():  # the parameters as they will be stored (not buffers such as RoPE's inv_freq)
+            for p in model.parameters():
+                p.copy_(p.to(save_dtype).to(torch.float32))
         np.save(item["out"], _hf_logits(model, np.load(item["tokens"])))
+        model.to(save_dtype).save_pretrained(item["folder"], safe_serialization=True,
+                                             max_shard_size=item.get("max_shard_size") or "5GB")
     Path(job["versions"]).write_text(json.dumps(versions))
 
 
@@ -193,6 +205,11 @@ def main() -> int:
                                 "seed": i, "folder": str(root / f"hf_{name}"),
                                 "tokens": str(root / f"{name}.tokens.npy"),
                                 "out": str(root / f"{name}.hf_logits.npy")})
+        for name, (case, save_dtype, max_shard_size) in SAVED_BY_TRANSFORMERS.items():
+            item = next(m for m in job["make"] if m["folder"] == str(root / f"hf_{case}"))
+            job["make"].append({**item, "save_dtype": save_dtype, "max_shard_size": max_shard_size,
+                                "folder": str(root / f"hf_{case}_{save_dtype}"),
+                                "out": str(root / f"{case}_{save_dtype}.hf_logits.npy")})
         (root / "job.json").write_text(json.dumps(job, indent=1))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
         subprocess.run([args.transformers_python, str(Path(__file__).resolve()), "--hf-side", str(root / "job.json")],
@@ -207,6 +224,14 @@ def main() -> int:
             model, params = load_pretrained(root / f"hf_{name}", dtype="float32")
             ours = _jaxeff_logits(model, params, np.load(root / f"{name}.tokens.npy"))
             rows.append((name, "transformers save -> jaxeff load", ours, np.load(root / f"{name}.hf_logits.npy")))
+        for name, (case, save_dtype, _) in SAVED_BY_TRANSFORMERS.items():
+            folder = root / f"hf_{case}_{save_dtype}"
+            model, params = load_pretrained(folder, dtype="float32")  # widening the stored values is exact
+            ours = _jaxeff_logits(model, params, np.load(root / f"{case}.tokens.npy"))
+            rows.append((name, "transformers save -> jaxeff load", ours,
+                         np.load(root / f"{case}_{save_dtype}.hf_logits.npy")))
+            shards = len(list(folder.glob("*.safetensors")))
+            assert shards > 1 or "sharded" not in name, f"{folder}: expected several shards, found {shards}"
         failed = 0
         print(f"| {'model':30} | {'direction':34} | max abs diff | max abs logit |")
         print(f"|{'-' * 32}|{'-' * 36}|-------------:|--------------:|")

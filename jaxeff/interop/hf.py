@@ -160,7 +160,7 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
             if got != want:
                 raise CheckpointError(f"'{folder}': tensor {name} has shape {list(got)}, expected {list(want)} "
                                       "from config.json")
-            if len(sharding.device_set) == 1:  # the whole tensor, read (and transposed) by a worker thread
+            if len(sharding.device_set) == 1 and sharding.is_fully_addressable:  # whole, by a worker thread
                 pending.append((i, pool.submit(tensor.read, transpose=transpose, dtype=x.dtype)))
                 while len(pending) > workers:  # at most this many tensors wait on the host
                     j, future = pending.popleft()
