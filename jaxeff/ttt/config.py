@@ -22,6 +22,10 @@ class TTTConfig(Section):
     fast_layers: tuple[int, ...] | None = None
     fast_fraction: float = Field(0.25, gt=0.0, le=1.0)
     fast_d_ff: int | None = Field(None, gt=0)  # hidden width of the fast SwiGLU MLPs; null = model's d_ff
+    # parameter-matched (as the paper's E2E configs): the fast blocks' regular MLPs shrink so that the
+    # model has as many parameters as the same model without TTT (fast MLPs as wide as the shrunk
+    # ones unless fast_d_ff is set); see docs/ttt.md
+    match_params: bool = False
     inner_lr: float = Field(1.0, ge=0.0)  # SGD learning rate of the inner step
     inner_clip: float | None = Field(1.0, gt=0.0)  # global-norm clip of the inner gradient (per sequence); null = off
     # inner-lr warm-up during training: linear from inner_lr * warmup_from to inner_lr over this

@@ -47,6 +47,7 @@ class TTTSpec:
     remat: bool = True
     compute_dtype: str = "float32"  # prefix blocks (the model's dtype)
     inner_dtype: str = "float32"  # suffix blocks and the inner loop (float32; float64 in gradient checks)
+    block_d_ff: int | None = None  # hidden width of the fast blocks' regular MLPs (None = model's d_ff)
 
     @property
     def first_fast(self) -> int:
@@ -99,9 +100,45 @@ class TTTSpec:
                                       f"(model.sliding_window={w}); need mini_batch <= window")
         if m.dropout:
             raise ConfigError(f"model.dropout: ttt_e2e runs without dropout (got {m.dropout})")
-        return cls(model=m, mini_batch=b, fast_layers=fast, fast_d_ff=t.fast_d_ff or m.ff, inner_lr=t.inner_lr,
+        fast_d_ff, block_d_ff = t.fast_d_ff or m.ff, None
+        if t.match_params:
+            block_d_ff, fast_d_ff = matched_widths(m, t.fast_d_ff)
+        return cls(model=m, mini_batch=b, fast_layers=fast, fast_d_ff=fast_d_ff, inner_lr=t.inner_lr,
                    inner_clip=t.inner_clip, attention=t.attention, remat=t.remat, compute_dtype=m.dtype,
-                   inner_dtype=inner_dtype)
+                   inner_dtype=inner_dtype, block_d_ff=block_d_ff)
+
+    def extra_params(self) -> int:
+        """Parameters of this TTT model minus those of the same model without TTT (same attention
+        setting, no fast MLPs, full-width regular MLPs): the parameter-matching residual."""
+        return len(self.fast_layers) * _fast_block_extra(self.model, self.block_d_ff or self.model.ff, self.fast_d_ff)
+
+
+def _mlp_params(m: TransformerConfig, f: int) -> int:
+    """Parameters of a block's regular SwiGLU MLP of hidden width ``f`` (biases with use_bias)."""
+    return 3 * m.d_model * f + m.use_bias * (2 * f + m.d_model)
+
+
+def _fast_block_extra(m: TransformerConfig, block_f: int, fast_f: int) -> int:
+    """Extra parameters of one fast block: its regular MLP at ``block_f`` plus a fast MLP of width
+    ``fast_f`` (three kernels, two norm scales), against a regular MLP at ``model.d_ff``."""
+    return _mlp_params(m, block_f) + 3 * m.d_model * fast_f + 2 * m.d_model - _mlp_params(m, m.ff)
+
+
+def matched_widths(m: TransformerConfig, fast_d_ff: int | None) -> tuple[int, int]:
+    """``(regular MLP width of the fast blocks, fast MLP width)`` that make the TTT model's parameter
+    count closest to the same model's without TTT: ``fast_d_ff`` fixed when given, else the two widths
+    equal or the fast one a unit narrower. Ties go to the smaller model. One-line ConfigError when no
+    width >= 1 fits."""
+    if fast_d_ff:
+        candidates = [(f, fast_d_ff) for f in range(1, m.ff + 1)]
+    else:
+        candidates = [(f, f - k) for f in range(1, m.ff + 1) for k in (0, 1) if f - k >= 1]
+    extra = {c: _fast_block_extra(m, *c) for c in candidates}
+    if min(extra.values()) > 0:  # even regular MLPs of width 1 leave the model larger
+        raise ConfigError(f"ttt.match_params: cannot match the parameter count: fast MLPs of width "
+                          f"{fast_d_ff or 1} outweigh the regular MLPs of width {m.ff} they would replace "
+                          f"(lower ttt.fast_d_ff or set match_params: false)")
+    return min(candidates, key=lambda c: (abs(extra[c]), extra[c]))
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -116,6 +153,9 @@ def add_fast_params(spec: TTTSpec, model_params, rng):
     if not spec.use_attention:
         base = {k: ({kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_")
                     else v) for k, v in base.items()}
+    if spec.block_d_ff is not None:  # parameter-matched: the fast blocks' regular MLPs keep their first units
+        base = {k: ({**v, "mlp": _narrow_mlp(v["mlp"], spec.block_d_ff)} if k in {f"layers_{i}" for i in spec.fast_layers}
+                    else v) for k, v in base.items()}
     fast = {}
     d, f = m.d_model, spec.fast_d_ff
     for j, i in enumerate(spec.fast_layers):
@@ -127,6 +167,15 @@ def add_fast_params(spec: TTTSpec, model_params, rng):
             "down": {"kernel": normal(kd, (f, d))},
         }
     return {"model": base, "fast": fast}
+
+
+def _narrow_mlp(p, f: int):
+    """A regular MLP's parameters cut to its first ``f`` hidden units (gate/up columns, down rows)."""
+    out = {k: {**p[k], "kernel": p[k]["kernel"][:, :f]} for k in ("gate", "up")}
+    for k in ("gate", "up"):
+        if "bias" in p[k]:
+            out[k]["bias"] = p[k]["bias"][:f]
+    return {**out, "down": {**p["down"], "kernel": p["down"]["kernel"][:f]}}
 
 
 def fast_logical_axes(spec: TTTSpec, model_axes):
