@@ -128,9 +128,9 @@ class Tensor:
         page = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         try:
             with open(self.file, "rb") as f:
-                flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
-                m = mmap.mmap(f.fileno(), self.offset - page + self.nbytes, flags=flags, prot=mmap.PROT_READ,
-                              offset=page)
+                how = (dict(flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) if populate and _POPULATE
+                       else dict(access=mmap.ACCESS_READ))
+                m = mmap.mmap(f.fileno(), self.offset - page + self.nbytes, offset=page, **how)
         except (OSError, ValueError) as e:  # e.g. a truncated file: the mapping would pass its end
             raise CheckpointError(f"'{self.file}': tensor {self.name} is listed but cannot be read ({e})") from None
         return np.frombuffer(m, self.dtype, math.prod(self.shape), self.offset - page).reshape(self.shape)

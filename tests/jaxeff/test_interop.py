@@ -551,3 +551,12 @@ def test_whole_tensor_reads_transpose_in_blocks_and_cast_exactly(tmp_path, store
             want = (a.T if transpose else a).astype(wanted)
             assert got.dtype == want.dtype and got.flags.c_contiguous and got.ctypes.data % ALIGN == 0
             np.testing.assert_array_equal(got, want)
+
+
+def test_truncated_safetensors_file_is_named(tmp_path):
+    folder, _ = make_hf(tmp_path / "hf")
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match="is listed but cannot be read") as e:
+        load_pretrained(folder)
+    _one_line(e)
