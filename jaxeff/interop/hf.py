@@ -11,10 +11,9 @@ Weights are read tensor by tensor from the memory-mapped safetensors files: a pa
 device is read whole by a worker thread into an aligned host array (transposed there; JAX's CPU
 client adopts it without a copy); a sharded one is placed with each device reading only its own
 slice (``jax.make_array_from_callback``). The host holds at most a few tensors beyond the placed
-parameters. HF ``Linear`` weights are ``[out, in]``;
-jaxeff kernels are ``[in, out]`` (transposed here). RoPE needs no permutation: both rotate the two
-halves of head_dim. float16 checkpoints load as float32 (jaxeff has no float16 mode; widening is
-exact). Nothing here touches the network.
+parameters. HF ``Linear`` weights are ``[out, in]``; jaxeff kernels are ``[in, out]`` (transposed
+here). RoPE needs no permutation: both rotate the two halves of head_dim. float16 checkpoints load
+as float32 (jaxeff has no float16 mode; widening is exact). Nothing here touches the network.
 """
 
 from __future__ import annotations

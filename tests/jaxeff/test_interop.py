@@ -560,3 +560,20 @@ def test_truncated_safetensors_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="is listed but cannot be read") as e:
         load_pretrained(folder)
     _one_line(e)
+
+
+def test_loaded_parameters_stay_valid_after_gc_and_overwriting_the_files(tmp_path):
+    import gc
+
+    folder, spec = make_hf(tmp_path / "hf", **CASES["llama_gqa_untied_llama3_rope"])
+    model, params = load_pretrained(folder)
+    gc.collect()  # the loader's mappings and host arrays are gone
+    for f in folder.glob("*.safetensors"):  # zeros over the data in place: nothing may still map it
+        with open(f, "r+b") as fh:
+            n = fh.seek(0, 2)
+            fh.seek(4096)
+            fh.write(bytes(n - 4096))
+    tokens = tokens_for(spec)
+    np.testing.assert_allclose(logits_of(model, params, tokens), ref_logits(spec, tokens), atol=2e-4, rtol=2e-4)
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]),
+                                  spec["t"]["lm_head.weight"].T.astype(np.float32))
