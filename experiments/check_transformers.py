@@ -106,15 +106,17 @@ def hf_side(job_file: str) -> None:
 
     job = json.loads(Path(job_file).read_text())
     versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    as_f32 = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}  # renamed in 4.56
     for item in job["load"]:  # folders jaxeff wrote
-        model = AutoModelForCausalLM.from_pretrained(item["folder"], local_files_only=True, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(item["folder"], local_files_only=True, **as_f32,
                                                      attn_implementation="eager")
         model.eval()
         np.save(item["out"], _hf_logits(model, np.load(item["tokens"])))
     for item in job["make"]:  # models transformers makes, for jaxeff to load
         config = AutoConfig.for_model(item["model_type"], **item["config"])
         torch.manual_seed(item["seed"])
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, **as_f32, attn_implementation="eager")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
