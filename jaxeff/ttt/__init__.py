@@ -61,8 +61,8 @@ def _prefill(spec: TTTSpec, params, tokens, max_len):
 def prefill(cfg, params, tokens, max_len: int | None = None):
     """Run the inner loop over the prompt ``tokens [batch, t]``: ``(logits [batch, t, vocab], state)``.
     ``state["fast"]`` are the fast weights after the last complete mini-batch whose targets are in
-    the prompt (``(t - 1) // b`` inner steps); ``max_len`` sizes the prefix KV caches for decoding
-    afterwards (default ``t``). See :mod:`jaxeff.ttt.generate` for the state's layout."""
+    the prompt (``(t - 1) // b`` inner steps); ``max_len`` sizes the KV caches of full-attention
+    prefix blocks for decoding afterwards (default ``t``; windowed blocks keep ``window`` slots). See :mod:`jaxeff.ttt.generate` for the state's layout."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return _prefill(spec_of(cfg), params, tokens, max_len or tokens.shape[1])
 

@@ -7,7 +7,10 @@ carries through its scan):
   mini-batch (1..b after prefill and after each token);
 * ``fast``: the fast weights ``{"layers_i": {"gate", "up": [batch, d, f], "down": [batch, f, d]}}``,
   updated through the last complete mini-batch;
-* ``prefix``: per prefix block a KV cache ``k, v [batch, max_len, kv_heads, hd]``;
+* ``prefix``: per prefix block a ring buffer of the last ``S`` tokens' keys and values, ``S`` the
+  block's window (``max_len`` for a full-attention block): ``k, v [batch, S,
+  kv_heads, hd]`` and ``pos [S]`` (the position held in each slot, ``-1`` = empty); position ``p``
+  lives in slot ``p % S``, so memory per sequence stays flat however long generation runs;
 * ``suffix``: per suffix block ``k, v [batch, window + b, kv_heads, hd]`` and ``seg [batch, window + b]``:
   the ``window`` tokens before the pending mini-batch, then its ``b`` slots (``seg == -1`` = empty);
 * ``chunk_x``, ``chunk_tok``, ``chunk_pos``: the pending mini-batch's prefix outputs, tokens, positions.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxeff.models.attention import attention
 from jaxeff.ttt.inner import inner_step, scan_chunks, trim
 from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, buffer_attention, dense, embed, empty_buffers, head,
                               initial_fast_weights, prefix_forward, qkv, rms_norm, suffix_forward)
@@ -33,10 +35,29 @@ def _pad_to(a, n, value=0):
     return jnp.pad(a, ((0, 0), (0, n - a.shape[1])) + ((0, 0),) * (a.ndim - 2), constant_values=value)
 
 
+def _ring_slots(spec: TTTSpec, i: int, max_len: int) -> int:
+    """Slots of prefix block ``i``'s KV ring buffer: its window (``max_len`` with full attention)."""
+    w = spec.window(i)
+    return max_len if w is None else w
+
+
+def _ring_from_prompt(k, v, slots):
+    """The ring buffer ``{"k", "v": [batch, slots, ...], "pos": [slots]}`` holding the last ``slots`` of
+    the prompt's keys/values ``k, v [batch, t, ...]`` (position p in slot p % slots)."""
+    t = k.shape[1]
+    if t < slots:
+        pos = jnp.concatenate([jnp.arange(t, dtype=jnp.int32), jnp.full((slots - t,), -1, jnp.int32)])
+        return {"k": _pad_to(k, slots), "v": _pad_to(v, slots), "pos": pos}
+    shift = (t - slots) % slots
+    return {"k": jnp.roll(k[:, t - slots:], shift, axis=1), "v": jnp.roll(v[:, t - slots:], shift, axis=1),
+            "pos": jnp.roll(jnp.arange(t - slots, t, dtype=jnp.int32), shift)}
+
+
 def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
     """Run the prompt ``tokens [batch, t]`` (t >= 1): the inner loop over its complete mini-batches
     whose targets are all known (``(t - 1) // b`` of them), the rest as the pending mini-batch.
-    Returns ``(logits [batch, t, vocab], state)``; ``max_len`` sizes the prefix KV caches (default t)."""
+    Returns ``(logits [batch, t, vocab], state)``; ``max_len`` (default t) sizes the KV caches of
+    full-attention prefix blocks only: a windowed block keeps a ring of ``window`` slots."""
     batch, t = tokens.shape
     b = spec.mini_batch
     max_len = max_len or t
@@ -59,8 +80,8 @@ def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
     free = s + b - t  # empty slots of the pending mini-batch
     state = {
         "index": jnp.asarray(t, jnp.int32), "count": jnp.asarray(t - s, jnp.int32), "fast": w,
-        "prefix": (tuple({"k": _pad_to(k, max_len), "v": _pad_to(v, max_len)} for k, v in kvs)
-                   if spec.use_attention else ()),
+        "prefix": (tuple(_ring_from_prompt(k, v, _ring_slots(spec, i, max_len))
+                         for i, (k, v) in zip(spec.prefix_layers, kvs)) if spec.use_attention else ()),
         "suffix": tuple({"k": _pad_to(g["k"], g["k"].shape[1] + free), "v": _pad_to(g["v"], g["v"].shape[1] + free),
                          "seg": _pad_to(g["seg"], g["seg"].shape[1] + free, -1)} for g in grown),
         "chunk_x": _pad_to(x[:, s:], b), "chunk_tok": _pad_to(tokens[:, s:], b),
@@ -99,11 +120,17 @@ def decode_step(spec: TTTSpec, params, state, tok, lr=None):
         if spec.use_attention:
             q, k, v = qkv(cfg, p["attn"], rms_norm(p["attn_norm"], x, cfg.norm_eps, dtype), pos, dtype)
             c = state["prefix"][j]
-            ck = jax.lax.dynamic_update_slice_in_dim(c["k"], k.astype(c["k"].dtype), index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(c["v"], v.astype(c["v"].dtype), index, axis=1)
-            prefix.append({"k": ck, "v": cv})
-            y = attention(q, ck.astype(dtype), cv.astype(dtype), impl="xla", causal=True, window=spec.window(i),
-                          q_offset=index, kv_valid=index + 1)
+            slots = c["pos"].shape[0]
+            slot = index % slots
+            ck = jax.lax.dynamic_update_slice_in_dim(c["k"], k.astype(c["k"].dtype), slot, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(c["v"], v.astype(c["v"].dtype), slot, axis=1)
+            cpos = jax.lax.dynamic_update_slice_in_dim(c["pos"], index[None].astype(jnp.int32), slot, axis=0)
+            prefix.append({"k": ck, "v": cv, "pos": cpos})
+            # the ring holds only positions index - slots + 1 .. index (those written), all within the
+            # window: every written slot is visible (buffer_attention with the query after the last slot)
+            seen = jnp.broadcast_to(jnp.where(cpos >= 0, 1, -1), (batch, slots))
+            y = buffer_attention(q, ck.astype(dtype), cv.astype(dtype), slots - 1, slots,
+                                 jnp.ones((batch, 1), jnp.int32), seen)
             x = x + dense(p["attn"]["o"], y.reshape(batch, 1, -1), dtype)
         x = block_rest(spec, p, None, None, x, dtype)
     idt = _DTYPES[spec.inner_dtype]

@@ -198,6 +198,22 @@ def test_decoding_takes_one_inner_step_per_mini_batch_and_matches_the_full_seque
     assert [i for i, s in zip(range(6, 19), steps) if s] == [8, 12, 16]
 
 
+def test_prefix_kv_caches_are_window_sized_rings_and_decoding_still_matches(tiny_config):
+    cfg, spec, params = _setup(tiny_config, ["model.n_layers=3", "ttt.fast_layers=[2]"])
+    tokens, *_ = _batch(1, 14, seed=13)
+    logits, state = jax.jit(lambda t: prefill(spec, params, t, max_len=64))(tokens[:, :11])  # ring wrapped
+    for c in state["prefix"]:  # window 8 slots, not max_len = 64
+        assert c["k"].shape[1] == c["v"].shape[1] == 8
+        assert sorted(np.asarray(c["pos"]).tolist()) == list(range(3, 11))
+    step = jax.jit(lambda s, t: decode_step(spec, params, s, t))
+    outs = [logits]
+    for i in range(11, 14):
+        lg, state = step(state, tokens[:, i])
+        outs.append(lg[:, None])
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(evaluate_logits(spec, params, tokens)),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_generate_through_method_run_follows_the_teacher_forced_model(tiny_config):
     from jaxeff.models.generate import generate
