@@ -76,7 +76,7 @@ def test_inner_step_equals_a_hand_written_clipped_sgd_step(tiny_config):
     assert set(w1) == {"layers_1"} and set(w1["layers_1"]) == set(FAST_KERNELS)
 
 
-def _fd_setup(tiny_config):
+def _fd_setup(tiny_config, packed=False):
     cfg = tiny_config(["method=ttt_e2e", "model.vocab_size=24", "model.d_model=8", "model.n_heads=2",
                        "model.n_kv_heads=1", "model.d_ff=16", "model.n_layers=1", "model.sliding_window=4",
                        "model.init_std=0.3", "ttt.mini_batch=2", "data.seq_len=8", "ttt.fast_layers=[0]",
@@ -87,6 +87,10 @@ def _fd_setup(tiny_config):
     rng = np.random.default_rng(4)
     params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64) * rng.uniform(0.5, 1.5, a.shape)), params)
     inputs, pos, seg, tgt, mask = _batch(2, 8, seed=5, vocab=24)
+    if packed:  # fast weights restart at a boundary inside a mini-batch (row 0) and on its edge (row 1)
+        seg = seg.at[0, 3:].set(2).at[1, 4:].set(2)
+        pos = pos.at[0, 3:].set(jnp.arange(5, dtype=jnp.int32)).at[1, 4:].set(jnp.arange(4, dtype=jnp.int32))
+        mask = mask.at[0, 2].set(0.0).at[1, 3].set(0.0)
 
     def outer_loss(p):
         nll, _, _, _ = inner.forward(spec, p, inputs, pos, seg, tgt, mask.astype(jnp.float64), 0.5)
@@ -95,9 +99,10 @@ def _fd_setup(tiny_config):
     return params, outer_loss, rng
 
 
-def test_outer_gradient_matches_finite_differences_in_float64(tiny_config, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed_rows"])
+def test_outer_gradient_matches_finite_differences_in_float64(tiny_config, monkeypatch, packed):
     with jax.enable_x64(True):  # the brief's jax.experimental.enable_x64 is jax.enable_x64 in jax 0.11
-        params, outer_loss, rng = _fd_setup(tiny_config)
+        params, outer_loss, rng = _fd_setup(tiny_config, packed)
         grad = jax.jit(jax.grad(outer_loss))(params)
         loss_fn = jax.jit(outer_loss)
         eps = 1e-7  # central differences: truncation error ~1e-9 relative here (~1e-7 at eps=1e-6), rounding ~1e-9
