@@ -122,7 +122,7 @@ class Tensor:
         return self.code
 
     def _mapped(self, populate: bool) -> np.ndarray:
-        """The tensor's bytes as a read-only array over a private mapping of its byte range."""
+        """The tensor's bytes as a read-only array over a read-only mapping of its byte range."""
         if self.nbytes == 0:
             return np.zeros(self.shape, self.dtype)
         page = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
@@ -131,7 +131,7 @@ class Tensor:
                 how = (dict(flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) if populate and _POPULATE
                        else dict(access=mmap.ACCESS_READ))
                 m = mmap.mmap(f.fileno(), self.offset - page + self.nbytes, offset=page, **how)
-        except (OSError, ValueError) as e:  # e.g. a truncated file: the mapping would pass its end
+        except (OSError, ValueError, OverflowError) as e:  # e.g. a truncated file: the mapping would pass its end
             raise CheckpointError(f"'{self.file}': tensor {self.name} is listed but cannot be read ({e})") from None
         return np.frombuffer(m, self.dtype, math.prod(self.shape), self.offset - page).reshape(self.shape)
 
