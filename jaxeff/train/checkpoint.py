@@ -68,7 +68,15 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: {first}") from None
-        return out["state"]["params"]
+        params = out["state"]["params"]
+        # partial_restore leaves a parameter the checkpoint lacks as its ShapeDtypeStruct: refuse by name
+        # (e.g. a run whose method stores its parameters under another structure, such as ttt_e2e's)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                raise CheckpointError(f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' "
+                                      "(a run of a method that stores its parameters differently?)")
+        return params
 
     def quarantine(self, step: int) -> Path:
         """Move an unreadable step folder aside (``<step>.unreadable``) so a resumed run can write

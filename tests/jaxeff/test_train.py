@@ -180,3 +180,16 @@ def test_trains_on_local_jsonl_files_through_datasets(tiny_config, tmp_path):
     out = run_training(cfg)
     assert out["step"] == 3
     assert np.isfinite(out["eval/loss/files"])
+
+
+def test_restoring_params_missing_from_a_checkpoint_is_refused_by_name(tmp_path):
+    from jaxeff.errors import CheckpointError
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, {"params": {"model": {"w": jnp.ones((2, 3))}}}, data_state={}, config={})
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "ckpt", create=False)  # as train.init_from opens another run's checkpoint
+    abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+    with pytest.raises(CheckpointError, match=r"has no parameter 'w'"):
+        ckpt.restore_params(abstract)
+    ckpt.close()
