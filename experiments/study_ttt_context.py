@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_ttt_long import configs as long_configs  # noqa: E402
 from study_ttt_long import losses_of, median_step_time, train_flops_per_token  # noqa: E402
 
 from jaxeff.config import from_dict  # noqa: E402
@@ -83,27 +84,9 @@ def chunks_of(files: list[Path], n_chars: int) -> list[str]:
 
 
 def configs(size: dict, study: Path, seed: int, steps: dict[str, int], train_file: Path) -> dict:
-    T, k = size["T"], size["k"]
-    model = dict(vocab_size=264, d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
-                 d_ff=size["d_ff"], max_seq_len=2 * T, attention_impl="xla")
-
-    def base(name: str) -> dict:
-        n = steps[name]
-        return dict(seed=seed, model=model,
-                    data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02,
-                              seq_len=T, batch_size=size["batch"]),
-                    optim=dict(lr=3e-3, warmup_steps=n // 10, schedule="cosine"),
-                    train=dict(steps=n, eval_every=max(n // 4, 1), eval_batches=2, log_every=max(n // 15, 1)),
-                    checkpoint=dict(every=n, keep=1),
-                    logging=dict(run_dir=str(study), progress=False))
-
-    window = {**model, "sliding_window": k}
-    return {
-        "full": from_dict({**base("full"), "name": "full", "method": "lm"}),
-        "window": from_dict({**base("window"), "name": "window", "method": "lm", "model": window}),
-        "ttt_e2e": from_dict({**base("ttt_e2e"), "name": "ttt_e2e", "method": "ttt_e2e", "model": window,
-                              "ttt": dict(mini_batch=size["b"])}),
-    }
+    """The recall study's three configs on the stdlib chunks of ``train_file``."""
+    return long_configs(size, study, seed, steps, max_seq_len=2 * size["T"],
+                        data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02))
 
 
 def eval_tokens(chunks: list[str], length: int) -> np.ndarray:

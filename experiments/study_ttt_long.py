@@ -58,20 +58,23 @@ SIZES = {
 }
 
 
-def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = None) -> dict:
+def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = None, *,
+            data: dict | None = None, max_seq_len: int | None = None) -> dict:
     """The three training configs: same data, optimizer and seed; only the attention and the method
     differ. ``steps`` gives a model its own number of training steps (equal compute); by default
-    every model trains ``size["steps"]`` (equal tokens). The training set, warm-up and eval/log
-    intervals follow each model's steps."""
+    every model trains ``size["steps"]`` (equal tokens). The training set (recall documents, or
+    ``data``: a ``data`` section without seq_len/batch_size), warm-up and eval/log intervals follow
+    each model's steps."""
     T, k = size["T"], size["k"]
     model = dict(vocab_size=264, d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
-                 d_ff=size["d_ff"], max_seq_len=max(size["lengths"] + (T,)), attention_impl="xla")
+                 d_ff=size["d_ff"], max_seq_len=max_seq_len or max(size["lengths"] + (T,)), attention_impl="xla")
 
     def base(name: str) -> dict:
         n = (steps or {}).get(name, size["steps"])
+        source = data or dict(domains=["recall"], doc_len=T - 2, docs_per_domain=size["batch"] * n // 2,
+                              eval_docs_per_domain=16)
         return dict(seed=seed, model=model,
-                    data=dict(domains=["recall"], doc_len=T - 2, seq_len=T, batch_size=size["batch"],
-                              docs_per_domain=size["batch"] * n // 2, eval_docs_per_domain=16),
+                    data=dict(source, seq_len=T, batch_size=size["batch"]),
                     optim=dict(lr=3e-3, warmup_steps=n // 10, schedule="cosine"),
                     train=dict(steps=n, eval_every=max(n // 4, 1), eval_batches=2, log_every=max(n // 15, 1)),
                     checkpoint=dict(every=n, keep=1),
