@@ -21,7 +21,11 @@ indentation and style a file uses.
 3. Evaluate per-token test loss by position (= context length) bucket, at L = T and at L = 2T (test
    chunks of 2T - 2 characters: beyond the training context), and the TTT-E2E model without
    test-time updates (inner lr 0) as an ablation.
-4. Claim check, at each position bucket beyond the window where full attention beats the window by
+4. Differences to the sliding window on the same test chunks (mean +- standard error over chunks),
+   and whether a model gains more from context beyond the window than the window model does (its
+   difference to the window falls from the first bucket beyond the window to the last by more than
+   two standard errors).
+5. Claim check, at each position bucket beyond the window where full attention beats the window by
    at least 0.02 nats: TTT-E2E recovers at least half of that gap.
 
 TensorBoard: <run-dir>/ttt_context/{full,window,ttt_e2e} (training) and .../eval (x axis = end of
@@ -29,6 +33,8 @@ the position bucket, in tokens). Results: .../results.json; ``--report results.j
 
     python experiments/study_ttt_context.py --quick   # smoke: tiny budget (~5 min on 2 CPU cores)
     python experiments/study_ttt_context.py           # the documented run (docs/ttt_long.md)
+    python experiments/study_ttt_context.py --eval-only   # evaluate its saved models again
+    python experiments/study_ttt_context.py --equal-tokens --steps 1228 --models full --run-dir runs/ttt_context_full1228
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ def main(argv=None):
                     help="train and evaluate only these (steps still set by the three models' FLOPs; the claim check "
                          "needs all three)")
     ap.add_argument("--report", metavar="RESULTS_JSON")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate the models a finished study in --run-dir trained (its results.json: steps, "
+                         "training info) again, without training")
     args = ap.parse_args(argv)
     if args.report:
         d = json.loads(Path(args.report).read_text())
@@ -125,8 +134,10 @@ def main(argv=None):
         size["steps"] = args.steps
     T, k = size["T"], size["k"]
     study = Path(args.run_dir) / ("ttt_context_quick" if args.quick else "ttt_context")
-    shutil.rmtree(study, ignore_errors=True)
-    study.mkdir(parents=True)
+    previous = json.loads((study / "results.json").read_text()) if args.eval_only else None
+    if previous is None:
+        shutil.rmtree(study, ignore_errors=True)
+        study.mkdir(parents=True)
     t_start = time.perf_counter()
 
     train_files, test_files, root = stdlib_files()
@@ -138,19 +149,26 @@ def main(argv=None):
     flops = {m: train_flops_per_token(c) for m, c in probe.items()}
     steps = same if args.equal_tokens else {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f))
                                             for m, f in flops.items()}
+    if previous is not None:
+        steps, args.models = previous["steps"], list(previous["info"])
     need = int(max(steps.values()) * size["batch"] * 1.03) + 1  # + the 2 % eval split
     if len(train_chunks) < need:
         raise SystemExit(f"only {len(train_chunks)} training chunks of {T - 2} characters; need {need}")
     train_file = study / "train.jsonl"
-    with train_file.open("w") as f:
-        for c in train_chunks[:need]:
-            f.write(json.dumps({"text": c}) + "\n")
+    if previous is None:
+        with train_file.open("w") as f:
+            for c in train_chunks[:need]:
+                f.write(json.dumps({"text": c}) + "\n")
     cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file).items() if m in args.models}
     print(f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
           f"{need} used), {len(test_files)} test files; steps {steps}", flush=True)
 
     trained, info = {}, {}
     for name, cfg in cfgs.items():
+        if previous is not None:
+            trained[name] = load_params(cfg, cfg.checkpoint_path)[1]
+            info[name] = previous["info"][name]
+            continue
         t0 = time.perf_counter()
         out = run_training(cfg)
         wall = time.perf_counter() - t0
@@ -179,7 +197,8 @@ def main(argv=None):
             ls = losses_of(kind, cfgs[m], trained[m], tokens)  # [n, L - 1]; eos target at the end included
             results.setdefault(m, {})[L] = {
                 "all": float(ls.mean()),
-                "buckets": {f"{lo}-{hi}": float(ls[:, lo:hi].mean()) for lo, hi in buckets(L, k)}}
+                "buckets": {f"{lo}-{hi}": float(ls[:, lo:hi].mean()) for lo, hi in buckets(L, k)},
+                "per_chunk": {f"{lo}-{hi}": ls[:, lo:hi].mean(axis=1).tolist() for lo, hi in buckets(L, k)}}
         print(f"evaluated L={L} on {len(pick)} test chunks", flush=True)
 
     from tensorboardX import SummaryWriter
@@ -190,7 +209,8 @@ def main(argv=None):
             for key, v in r["buckets"].items():
                 writer.add_scalar(f"loss_by_position_L{L}/{m}", v, global_step=int(key.split("-")[1]))
     writer.close()
-    d = {"size": size, "steps": steps, "budget": "equal tokens" if args.equal_tokens else "equal compute",
+    budget = previous["budget"] if previous else "equal tokens" if args.equal_tokens else "equal compute"
+    d = {"size": size, "steps": steps, "budget": budget,
          "info": info, "results": results, "wall_s": time.perf_counter() - t_start,
          "date": str(datetime.date.today()), "device": jax.devices()[0].device_kind,
          "stdlib": str(root), "n_train_files": len(train_files), "n_test_files": len(test_files)}
@@ -228,6 +248,37 @@ def report(d: dict, study: Path):
         for m, by_len in results.items():
             r = by_len[L]
             print(f"| {names[m]} | {r['all']:.3f} | " + " | ".join(f"{r['buckets'][q]:.3f}" for q in keys) + " |")
+    if "window" in results and "per_chunk" in first[next(iter(first))]:
+        for L in first:
+            keys = list(first[L]["buckets"])
+            print()
+            print(f"difference to the sliding window on the same test chunks, L={L}: mean +- standard error over "
+                  f"the chunks (negative = lower loss than the window)")
+            print("| model | " + " | ".join(keys) + " |")
+            print("|---" * (len(keys) + 1) + "|")
+            for m, by_len in results.items():
+                if m == "window":
+                    continue
+                cells = []
+                for q in keys:
+                    diff = np.asarray(by_len[L]["per_chunk"][q]) - np.asarray(results["window"][L]["per_chunk"][q])
+                    cells.append(f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
+                print(f"| {names[m]} | " + " | ".join(cells) + " |")
+        print()
+        print("does a model gain more from context beyond the window than the window model does? change of its "
+              "difference to the window from the first bucket beyond the window to the last, per chunk "
+              "(mean +- standard error; YES when below zero by more than two standard errors)")
+        for L in first:
+            keys = [q for q in first[L]["buckets"] if int(q.split("-")[0]) >= k]
+            for m, by_len in results.items():
+                if m == "window" or len(keys) < 2:
+                    continue
+                d = [np.asarray(by_len[L]["per_chunk"][q]) - np.asarray(results["window"][L]["per_chunk"][q])
+                     for q in (keys[0], keys[-1])]
+                change = d[1] - d[0]
+                mean, se = change.mean(), change.std(ddof=1) / np.sqrt(len(change))
+                print(f"  L={L} {names[m]}: positions {keys[0]} -> {keys[-1]}: {mean:+.3f} +- {se:.3f} -> "
+                      f"{'YES' if mean < -2 * se else 'NO'}")
     if not all(m in results for m in MODEL_NAMES):
         print("(the claim check needs all three models: not run)")
         return results
