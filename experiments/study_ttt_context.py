@@ -211,7 +211,8 @@ def main(argv=None):
     writer.close()
     budget = previous["budget"] if previous else "equal tokens" if args.equal_tokens else "equal compute"
     d = {"size": size, "steps": steps, "budget": budget,
-         "info": info, "results": results, "wall_s": time.perf_counter() - t_start,
+         "info": info, "results": results,
+         "wall_s": previous["wall_s"] if previous else time.perf_counter() - t_start,  # of training + eval
          "date": str(datetime.date.today()), "device": jax.devices()[0].device_kind,
          "stdlib": str(root), "n_train_files": len(train_files), "n_test_files": len(test_files)}
     (study / "results.json").write_text(json.dumps(d, indent=1))
