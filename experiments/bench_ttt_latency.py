@@ -17,10 +17,10 @@ losses of ``jaxeff.ttt.token_losses``. Then times each (model, L): jit, one warm
 shortest length (1.00 everywhere = constant time per token).
 
 Note: the ``xla`` attention runs causal sliding-window self-attention banded (O(L * k)) once the
-sequence is at least 4 windows long (``jaxeff.models.attention.BANDED_MIN_RATIO``, commit 0810a75),
-but only without a KV cache: the Transformer's cached prefill attends against the cache (traced fill
-index) and still computes the full L x L masked scores. Hence the extra row "sliding window, plain
-forward (no cache)". TTT-E2E's prefix blocks run without a cache and get the banded path. On GPU
+sequence is at least 4 windows long (``jaxeff.models.attention.BANDED_MIN_RATIO``, commit 0810a75);
+since c182c11 the Transformer's cached prefill into an empty cache takes it too (it had computed the
+full L x L masked scores against the cache). The row "sliding window, plain forward (no cache)"
+stays as the reference for that path. TTT-E2E's prefix blocks run without a cache. On GPU
 ``--attention auto`` picks cuDNN (``local_window_size``) for full sequences.
 
     python experiments/bench_ttt_latency.py                       # CPU: 256 .. 4096 tokens
@@ -94,9 +94,8 @@ def build(args):
 
         runs[name] = (functools.partial(transformer_prefill, model, params), check)
         if window is not None:
-            # the same model's plain forward pass (no KV cache): the attention sees one whole sequence,
-            # so the XLA sliding-window path can run banded; the cached prefill above attends against
-            # a cache with a traced fill index and takes the dense masked path
+            # the same model's plain forward pass (no KV cache): the reference for the banded path,
+            # which the cached prefill above takes too when it starts from an empty cache (c182c11)
             def check_fwd(tokens, model=model, params=params):
                 logits = transformer_forward(model, params, tokens)
                 ref, _ = transformer_prefill(model, params, tokens)
