@@ -21,6 +21,7 @@ TensorBoard: the training runs and one run per table row land in <run-dir>/quant
 
     python experiments/study_quant.py --quick        # < 3 min on a 2-core CPU
     python experiments/study_quant.py                # quickstart size
+    python experiments/study_quant.py --seed 1       # another initialisation (runs/quant_study_seed1)
     tensorboard --logdir runs/quant_study_quick
 """
 
@@ -88,11 +89,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min on 2 CPU cores)")
     p.add_argument("--run-dir", default="runs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model initialisation seed of the whole pipeline (same data and eval set); run folders get "
+                        "a _seedN suffix when not 0")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    run_dir = Path(args.run_dir) / ("quant_study_quick" if args.quick else "quant_study")
+    run_dir = Path(args.run_dir) / (("quant_study_quick" if args.quick else "quant_study")
+                                    + (f"_seed{args.seed}" if args.seed else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
-    base = list(QUICK) if args.quick else []
+    base = (list(QUICK) if args.quick else []) + [f"seed={args.seed}"]
     float_steps, ft_steps = (200, 60) if args.quick else (300, 100)
     ft = ["optim.lr=1e-3", "optim.warmup_steps=5"]
 
