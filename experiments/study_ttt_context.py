@@ -89,10 +89,12 @@ def chunks_of(files: list[Path], n_chars: int) -> list[str]:
     return out
 
 
-def configs(size: dict, study: Path, seed: int, steps: dict[str, int], train_file: Path) -> dict:
+def configs(size: dict, study: Path, seed: int, steps: dict[str, int], train_file: Path,
+            match_params: bool = False) -> dict:
     """The recall study's three configs on the stdlib chunks of ``train_file``."""
     return long_configs(size, study, seed, steps, max_seq_len=2 * size["T"],
-                        data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02))
+                        data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02),
+                        ttt=dict(match_params=True) if match_params else None)
 
 
 def eval_tokens(chunks: list[str], length: int) -> np.ndarray:
@@ -121,6 +123,9 @@ def main(argv=None):
                     help="train and evaluate only these (steps still set by the three models' FLOPs; the claim check "
                          "needs all three)")
     ap.add_argument("--report", metavar="RESULTS_JSON")
+    ap.add_argument("--match-params", action="store_true",
+                    help="TTT-E2E with ttt.match_params (its fast blocks' MLPs narrowed to the baselines' parameter "
+                         "count); the FLOPs estimate (and so the others' equal-compute steps) stays the unmatched one")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the models a finished study in --run-dir trained (its results.json: steps, "
                          "training info) again, without training")
@@ -151,6 +156,7 @@ def main(argv=None):
                                             for m, f in flops.items()}
     if previous is not None:
         steps, args.models = previous["steps"], list(previous["info"])
+        args.match_params = previous.get("match_params", False)
     need = int(max(steps.values()) * size["batch"] * 1.03) + 1  # + the 2 % eval split
     if len(train_chunks) < need:
         raise SystemExit(f"only {len(train_chunks)} training chunks of {T - 2} characters; need {need}")
@@ -159,7 +165,8 @@ def main(argv=None):
         with train_file.open("w") as f:
             for c in train_chunks[:need]:
                 f.write(json.dumps({"text": c}) + "\n")
-    cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file).items() if m in args.models}
+    cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file, args.match_params).items()
+            if m in args.models}
     print(f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
           f"{need} used), {len(test_files)} test files; steps {steps}", flush=True)
 
@@ -210,7 +217,7 @@ def main(argv=None):
                 writer.add_scalar(f"loss_by_position_L{L}/{m}", v, global_step=int(key.split("-")[1]))
     writer.close()
     budget = previous["budget"] if previous else "equal tokens" if args.equal_tokens else "equal compute"
-    d = {"size": size, "steps": steps, "budget": budget,
+    d = {"size": size, "steps": steps, "budget": budget, "match_params": args.match_params,
          "info": info, "results": results,
          "wall_s": previous["wall_s"] if previous else time.perf_counter() - t_start,  # of training + eval
          "date": str(datetime.date.today()), "device": jax.devices()[0].device_kind,
@@ -222,8 +229,10 @@ def main(argv=None):
 def report(d: dict, study: Path):
     size, info, results = d["size"], d["info"], d["results"]
     T, k, b = size["T"], size["k"], size["b"]
-    names = {"full": "full attention", "window": f"sliding window k={k}", "ttt_e2e": f"TTT-E2E (k={k}, b={b})",
-             "ttt_e2e_no_update": "TTT-E2E without updates (inner lr 0)"}
+    matched = ", parameter-matched" if d.get("match_params") else ""
+    names = {"full": "full attention", "window": f"sliding window k={k}",
+             "ttt_e2e": f"TTT-E2E (k={k}, b={b}{matched})",
+             "ttt_e2e_no_update": f"TTT-E2E{matched} without updates (inner lr 0)"}
     print()
     print(f"{d['date']}, {d['device']}; runs in {study}; study wall {d['wall_s'] / 60:.1f} min")
     print(f"model d={size['d_model']}, {size['n_layers']} layers, byte vocabulary; Python stdlib source "

@@ -59,12 +59,12 @@ SIZES = {
 
 
 def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = None, *,
-            data: dict | None = None, max_seq_len: int | None = None) -> dict:
+            data: dict | None = None, max_seq_len: int | None = None, ttt: dict | None = None) -> dict:
     """The three training configs: same data, optimizer and seed; only the attention and the method
     differ. ``steps`` gives a model its own number of training steps (equal compute); by default
     every model trains ``size["steps"]`` (equal tokens). The training set (recall documents, or
     ``data``: a ``data`` section without seq_len/batch_size), warm-up and eval/log intervals follow
-    each model's steps."""
+    each model's steps. ``ttt``: more fields of TTT-E2E's ``ttt`` section."""
     T, k = size["T"], size["k"]
     model = dict(vocab_size=264, d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
                  d_ff=size["d_ff"], max_seq_len=max_seq_len or max(size["lengths"] + (T,)), attention_impl="xla")
@@ -85,7 +85,7 @@ def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = N
         "full": from_dict({**base("full"), "name": "full", "method": "lm"}),
         "window": from_dict({**base("window"), "name": "window", "method": "lm", "model": window}),
         "ttt_e2e": from_dict({**base("ttt_e2e"), "name": "ttt_e2e", "method": "ttt_e2e", "model": window,
-                              "ttt": dict(mini_batch=size["b"])}),
+                              "ttt": dict(mini_batch=size["b"], **(ttt or {}))}),
     }
 
 
