@@ -29,11 +29,7 @@ Tree = Any
 
 
 def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
-    return "/".join(parts) or "<root>"
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
 def _leaves(tree: Tree) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class Checkpointer:
         # (e.g. a run whose method stores its parameters under another structure, such as ttt_e2e's)
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             if isinstance(leaf, jax.ShapeDtypeStruct):
-                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
                 raise CheckpointError(f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' "
                                       "(a run of a method that stores its parameters differently?)")
         return params
