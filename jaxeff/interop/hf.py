@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.interop.hf_config import checkpoint_dtype_name, config_from_hf, config_to_hf, read_config_json
+from jaxeff.interop.hf_config import config_from_hf, config_to_hf, read_config_json
 from jaxeff.interop.safetensors_io import INDEX, NP_TO_ST, SINGLE, ST_DTYPES, Files, write_safetensors
 from jaxeff.interop.shapes import abstract_params, param_axes
 from jaxeff.models import Transformer
@@ -181,11 +181,10 @@ def _bar(total: int, show: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False)
 
 
-def _checkpoint_dtype(folder: Path, raw: dict) -> str:
-    """float32 or bfloat16: the embedding tensor's dtype (float16 widens to float32)."""
-    with Files(folder).slice("model.embed_tokens.weight") as sl:
-        stored = ST_DTYPES.get(sl.get_dtype())
-    stored = stored or checkpoint_dtype_name(raw) or "float32"
+def _checkpoint_dtype(folder: Path) -> str:
+    """float32 or bfloat16: the embedding tensor's dtype (float16 widens to float32). Only the header
+    is read; an unknown dtype code is a one-line CheckpointError there."""
+    stored = ST_DTYPES[Files(folder).tensor("model.embed_tokens.weight").get_dtype()]
     return "bfloat16" if stored == "bfloat16" else "float32"
 
 
@@ -193,7 +192,7 @@ def model_config(path, dtype=None) -> TransformerConfig:
     """The jaxeff model config of a Hugging Face folder (``dtype=None``: the checkpoint's dtype)."""
     folder = Path(path)
     raw = read_config_json(folder)
-    return config_from_hf(raw, _dtype_name(dtype) or _checkpoint_dtype(folder, raw))
+    return config_from_hf(raw, _dtype_name(dtype) or _checkpoint_dtype(folder))
 
 
 def load_pretrained(path, *, dtype=None, mesh: Mesh | None = None, rules=None, progress: bool | None = None):

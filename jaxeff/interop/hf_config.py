@@ -28,7 +28,6 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
                                    "sliding_window": 4096, "max_window_layers": 28}),
 }
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -158,12 +157,6 @@ def config_from_hf(raw: dict[str, Any], param_dtype: str = "float32") -> Transfo
         raise ConfigError(f"config.json: {str(e).splitlines()[-1].strip()}") from None
 
 
-def checkpoint_dtype_name(raw: dict[str, Any]) -> str | None:
-    """The dtype config.json declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
-    name = raw.get("dtype") or raw.get("torch_dtype")
-    return DTYPE_NAMES.get(str(name)) if name else None
-
-
 def architecture_for(cfg: TransformerConfig) -> str:
     """The Hugging Face class that runs ``cfg`` exactly (ConfigError when none does)."""
     windows = cfg.windows
@@ -216,4 +209,4 @@ def config_to_hf(cfg: TransformerConfig, dtype: str) -> dict[str, Any]:
 
 
 __all__ = ["ARCHITECTURES", "read_config_json", "architecture_of", "config_from_hf", "config_to_hf",
-           "architecture_for", "checkpoint_dtype_name"]
+           "architecture_for"]

@@ -9,7 +9,6 @@ array (:meth:`Tensor.read`), which JAX's CPU client adopts without another copy.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
@@ -64,17 +63,6 @@ class Files:
         if name not in header:
             raise CheckpointError(f"'{file}': tensor {name} is listed but cannot be read (not in the file)")
         return Tensor(file, name, header[name], start)
-
-    @contextlib.contextmanager
-    def slice(self, name: str):
-        """The tensor, indexable as a read-only numpy view of its bytes in the memory-mapped file
-        (no copy: devices copy their slices straight from the page cache). The mapping covers this
-        tensor alone and is dropped afterwards, so its pages do not stay resident while the next load."""
-        tensor = self.tensor(name)
-        try:
-            yield tensor
-        finally:
-            tensor.close()
 
 
 def read_header(file: Path) -> tuple[dict, int]:
