@@ -146,29 +146,31 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     train_files, test_files, root = stdlib_files()
-    rng = np.random.default_rng(args.seed)
-    train_chunks = chunks_of(train_files, T - 2)
-    rng.shuffle(train_chunks)
-    same = {m: size["steps"] for m in MODEL_NAMES}
-    probe = configs(size, study, args.seed, same, study / "train.jsonl")
-    flops = {m: train_flops_per_token(c) for m, c in probe.items()}
-    steps = same if args.equal_tokens else {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f))
-                                            for m, f in flops.items()}
-    if previous is not None:
-        steps, args.models = previous["steps"], list(previous["info"])
-        args.match_params = previous.get("match_params", False)
-    need = int(max(steps.values()) * size["batch"] * 1.03) + 1  # + the 2 % eval split
-    if len(train_chunks) < need:
-        raise SystemExit(f"only {len(train_chunks)} training chunks of {T - 2} characters; need {need}")
     train_file = study / "train.jsonl"
     if previous is None:
+        rng = np.random.default_rng(args.seed)
+        train_chunks = chunks_of(train_files, T - 2)
+        rng.shuffle(train_chunks)
+        same = {m: size["steps"] for m in MODEL_NAMES}
+        probe = configs(size, study, args.seed, same, train_file)
+        flops = {m: train_flops_per_token(c) for m, c in probe.items()}
+        steps = same if args.equal_tokens else {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f))
+                                                for m, f in flops.items()}
+        need = int(max(steps.values()) * size["batch"] * 1.03) + 1  # + the 2 % eval split
+        if len(train_chunks) < need:
+            raise SystemExit(f"only {len(train_chunks)} training chunks of {T - 2} characters; need {need}")
         with train_file.open("w") as f:
             for c in train_chunks[:need]:
                 f.write(json.dumps({"text": c}) + "\n")
+        print(f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
+              f"{need} used), {len(test_files)} test files; steps {steps}", flush=True)
+    else:  # the finished study's models, as they were trained
+        steps, args.models = previous["steps"], list(previous["info"])
+        args.match_params = previous.get("match_params", False)
+        print(f"re-evaluating {', '.join(args.models)} in {study} on {len(test_files)} test files of {root}",
+              flush=True)
     cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file, args.match_params).items()
             if m in args.models}
-    print(f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
-          f"{need} used), {len(test_files)} test files; steps {steps}", flush=True)
 
     trained, info = {}, {}
     for name, cfg in cfgs.items():
