@@ -21,6 +21,9 @@ class PeftConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the adapter input (training only)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes over module paths, e.g. layers_\d+/attn/q
     adapter_dtype: Literal["float32", "bfloat16"] | None = None  # None: float32 (lora), bfloat16 (qlora)
+    # start the adapters from a folder (Hugging Face PEFT LoRA, or jaxeff export-adapter) instead of
+    # A random / B zero; its r and scale must equal rank and alpha / rank, its modules be targets
+    init_adapter: str | None = None
     # QLoRA: the frozen base kernels as NF4 (block 64) with double-quantized absmax constants
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # qlora matmuls

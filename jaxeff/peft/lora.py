@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
@@ -225,6 +226,48 @@ def adapter_dtype(peft_cfg, default: str):
     return _DTYPES[peft_cfg.adapter_dtype or default]
 
 
+def initial_adapters(cfg, like, paths: list[Path]):
+    """The adapters of ``peft.init_adapter`` (numpy, nested by module path) for a run whose base
+    has the parameters (or ShapeDtypeStructs) ``like`` and whose targets are ``paths``; None
+    without it. Its rank and scale must be the run's, its modules among the targets (else one
+    ConfigError line naming the key); a jaxeff adapter's base model config must be the run's."""
+    p = cfg.peft
+    if not p.init_adapter:
+        return None
+    from pathlib import Path as FsPath
+
+    from jaxeff.peft.adapters import load_adapter, read_meta
+    from jaxeff.train.checkpoint import check_same_model
+
+    where = p.init_adapter
+    meta = read_meta(where)
+    if int(meta["rank"]) != p.rank:
+        raise ConfigError(f"peft.rank: {p.rank}, but the adapter in peft.init_adapter '{where}' has rank (r) "
+                          f"{meta['rank']}: set peft.rank={meta['rank']}")
+    scale = lora_scale(p)
+    if abs(float(meta["scale"]) - scale) > 1e-6 * scale:
+        raise ConfigError(f"peft.alpha: {p.alpha:g} gives scale {scale:g}, but the adapter in peft.init_adapter "
+                          f"'{where}' has scale {float(meta['scale']):g}: set peft.alpha={float(meta['scale']) * p.rank:g}")
+    if meta.get("base_model"):
+        check_same_model({"model": meta["base_model"]}, cfg.to_dict()["model"], FsPath(where))
+    adapters, _ = load_adapter(where, like=like)
+    extra = sorted(set(adapter_paths(adapters)) - set(paths))
+    if extra:
+        raise ConfigError(f"peft.targets: the adapter in peft.init_adapter '{where}' adapts {'/'.join(extra[0])}, "
+                          f"which no target matches ({len(extra)} such modules)")
+    return jax.tree.map(np.asarray, adapters)
+
+
+def with_initial(adapters, initial, dtype):
+    """``adapters`` with the modules of ``initial`` replaced by its arrays (cast to ``dtype``)."""
+    if initial is None:
+        return adapters
+    flat = traverse_util.flatten_dict(adapters)
+    for key, value in traverse_util.flatten_dict(initial).items():
+        flat[key] = jnp.asarray(value).astype(dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
 def _mask(tree, value: bool):
     return jax.tree.map(lambda _: value, tree)
 
@@ -234,11 +277,13 @@ def lora_method(cfg, model) -> Method:
     """LoRA on the kernels that ``peft.targets`` select; the base is frozen."""
     p = cfg.peft
     scale = lora_scale(p)
-    paths = target_paths(abstract_base(cfg, model), p.targets)
+    like = abstract_base(cfg, model)
+    paths = target_paths(like, p.targets)
     dtype = adapter_dtype(p, "float32")
+    initial = initial_adapters(cfg, like, paths)
 
     def prepare_params(base, rng):
-        return {"base": base, "lora": init_adapters(base, paths, p.rank, rng, dtype)}
+        return {"base": base, "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
     def loss(params, batch, rng, *, extra, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout

@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxeff.models import init_params
 from jaxeff.peft.lora import (_DTYPES, _flatten_until, _get, _mask, _placeholder, abstract_base, adapter_axes,
-                              adapter_dtype, init_adapters, lora_interceptor, lora_scale, merge, target_paths)
+                              adapter_dtype, init_adapters, initial_adapters, lora_interceptor, lora_scale, merge,
+                              target_paths, with_initial)
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
 
 
@@ -126,15 +127,18 @@ def qlora_method(cfg, model) -> Method:
     """LoRA adapters (bf16) on an NF4 base; only the adapters train."""
     p = cfg.peft
     scale = lora_scale(p)
-    paths = target_paths(abstract_base(cfg, model), p.targets)
+    like = abstract_base(cfg, model)
+    paths = target_paths(like, p.targets)
     dtype = adapter_dtype(p, "bfloat16")
+    initial = initial_adapters(cfg, like, paths)
     compute = _DTYPES[p.compute_dtype]
     backend = resolve_backend(p.kernel_backend)
     qbase = quantize_base(load_base(cfg, model), paths, p.double_quant)
     qbase_const = jax.tree.map(np.asarray, qbase)  # for eval / generate, which get no frozen inputs
 
     def prepare_params(base, rng):
-        return {"base": strip_kernels(base, paths), "lora": init_adapters(base, paths, p.rank, rng, dtype)}
+        return {"base": strip_kernels(base, paths),
+                "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
     def loss(params, batch, rng, *, extra, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
