@@ -217,7 +217,8 @@ def export_adapter(run, out, step: int | None = None, base_model_name_or_path: s
             raise CheckpointError(f"adapter folder '{out}' already holds an adapter ({f}); choose another --out")
     ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
     try:
-        cfg = one_device_config(ckpt.read_config(step))
+        # its adapters are in the checkpoint: a peft.init_adapter folder need not exist any more
+        cfg = one_device_config(ckpt.read_config(step), **{"peft.init_adapter": None})
         if cfg.method not in ("lora", "qlora"):
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{cfg.method}' run; expected a lora or qlora run")
         trainer = Trainer(cfg, devices=jax.devices()[:1])
@@ -249,6 +250,51 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     out_ckpt = open_new_run(cfg, out)
     try:
         state = trainer.init_state(merged)
+        out_ckpt.save(0, state, data_state={}, config=cfg.to_dict())
+    finally:
+        out_ckpt.close()
+    return out
+
+
+def import_adapter(base_run, adapter_dir, out_run) -> Path:
+    """A ``lora`` run (step 0, fresh optimizer state) holding a base run's parameters and an
+    adapter folder's adapters (PEFT's format or jaxeff's), unmerged: ``generate`` / ``eval`` run it
+    with the adapter applied at run time, ``export-adapter`` takes it out again, and training it
+    further is ``train.init_from=BASE peft.init_adapter=DIR`` with the same rank, alpha and targets.
+    The run's config is the base's with ``method: lora`` and ``peft`` set from the adapter: rank,
+    ``alpha = scale · rank`` (PEFT's rsLoRA scale included), dropout, and targets that match
+    exactly the adapted modules."""
+    import re
+
+    from jaxeff.peft.lora import adapter_paths
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.train.loop import Trainer
+
+    out = Path(out_run)
+    meta = read_meta(adapter_dir)  # a bad folder fails before anything is loaded
+    ckpt = Checkpointer(find_checkpoint_dir(base_run), create=False)
+    try:
+        saved = ckpt.read_config()
+        base_cfg = one_device_config(saved)
+        if base_cfg.method != "lm":
+            raise CheckpointError(f"--base: '{ckpt.directory}' is a '{base_cfg.method}' run; expected a plain lm run "
+                                  "(e.g. jaxeff convert --from-hf's or merge-adapter's)")
+        trainer = Trainer(base_cfg, devices=jax.devices()[:1])
+        base = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings))
+    finally:
+        ckpt.close()
+    adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=base_cfg.to_dict()["model"])
+    paths = adapter_paths(adapters)
+    lora = {**new_lm_run(out), "method": "lora", "train.init_from": str(base_run),
+            "peft.rank": int(meta["rank"]), "peft.alpha": float(meta["scale"]) * int(meta["rank"]),
+            "peft.dropout": float(meta.get("dropout") or 0.0),
+            "peft.targets": [re.escape("/".join(p)) for p in paths]}
+    built = one_device_config(saved, **lora, **{"peft.init_adapter": str(Path(adapter_dir).absolute())})
+    cfg = one_device_config(saved, **lora, **{"peft.init_adapter": None})  # saved: the adapters are in the checkpoint
+    lora_trainer = Trainer(built, devices=jax.devices()[:1])
+    state = lora_trainer.init_state(base)
+    out_ckpt = open_new_run(cfg, out)
+    try:
         out_ckpt.save(0, state, data_state={}, config=cfg.to_dict())
     finally:
         out_ckpt.close()

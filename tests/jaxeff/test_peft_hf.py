@@ -338,3 +338,37 @@ def test_cli_exports_a_lora_run_as_peft_and_merges_it_back(tiny_config, tmp_path
         np.testing.assert_array_equal(traverse_util.flatten_dict(jax.device_get(m2))[k], v)
     assert main(["export-adapter", "--checkpoint", str(tmp_path / "runs" / "ft"), "--out", str(ad)]) == 2
     assert "already holds an adapter" in capsys.readouterr().err
+
+
+def test_cli_imports_a_peft_folder_as_a_lora_run_and_exports_it_back_identically(tiny_config, tmp_path, capsys):
+    """PEFT folder -> import-adapter (a lora run, unmerged) -> export-adapter: the same tensors, bit for bit;
+    the run's logits are the float64 reference's."""
+    from jaxeff.cli import main
+    from jaxeff.train.checkpoint import one_device_config, read_run_config
+    from jaxeff.train.loop import load_params
+
+    _, params = _save_base_run(tiny_config, tmp_path)
+    tensors = _peft_tensors(_qv_modules(params), rank=4)
+    src = _peft_folder(tmp_path / "peft", tensors, lora_alpha=16, use_rslora=True, lora_dropout=0.1)  # scale 8
+    run = tmp_path / "runs" / "imported"
+    assert main(["import-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(src),
+                 "--out", str(run)]) == 0
+    saved = read_run_config(run)
+    assert saved["method"] == "lora" and saved["peft"]["rank"] == 4 and saved["peft"]["alpha"] == 32.0
+    assert saved["peft"]["init_adapter"] is None and saved["peft"]["dropout"] == 0.1
+    trainer, state_params = load_params(one_device_config(saved), run / "checkpoints", devices=jax.devices()[:1])
+    x = _tokens()
+    ref = np.asarray(Transformer(CFG).apply({"params": _reference_merged(params, tensors, 8.0)}, x).logits)
+    np.testing.assert_allclose(np.asarray(trainer.method.run(trainer.model, state_params, x).logits), ref,
+                               rtol=0, atol=2e-5)
+    out = tmp_path / "back"
+    assert main(["export-adapter", "--checkpoint", str(run), "--out", str(out)]) == 0
+    back = load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (4, 32, 0.1, False)  # same scale
+    capsys.readouterr()
+    assert main(["import-adapter", "--base", str(run), "--adapter", str(src), "--out", str(tmp_path / "r2")]) == 2
+    assert "expected a plain lm run" in capsys.readouterr().err
