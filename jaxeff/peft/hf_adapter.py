@@ -139,6 +139,17 @@ def write_peft_adapter(directory, adapters, *, rank: int, alpha: float, dropout:
     return d
 
 
+# LoraConfig options that change what the adapter computes or which tensors it has; each must be
+# off (false / null / empty) for jaxeff to run the adapter exactly
+REFUSED = {
+    "use_dora": "DoRA", "fan_in_fan_out": "Conv1D-style [in, out] weights", "lora_bias": "a bias on lora_B",
+    "use_qalora": "QALoRA's pooled input", "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA (applied after invocation tokens only)",
+    "layer_replication": "replicated layers", "trainable_token_indices": "trained token embeddings",
+    "target_parameters": "LoRA on parameters, not Linear modules",
+}
+
+
 def is_peft_folder(directory) -> bool:
     return (Path(directory) / CONFIG).is_file()
 
@@ -163,10 +174,9 @@ def read_peft_config(directory) -> dict[str, Any]:
             raise CheckpointError(f"'{f}': {key} must be a positive number (got {v!r})")
     if not float(raw["r"]).is_integer():
         raise CheckpointError(f"'{f}': r must be an integer (got {raw['r']!r})")
-    refused = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D-style [in, out] weights)"}
-    for key, what in refused.items():
+    for key, what in REFUSED.items():
         if raw.get(key):
-            raise CheckpointError(f"'{f}': {key}=true is not supported ({what})")
+            raise CheckpointError(f"'{f}': {key}={json.dumps(raw[key])} is not supported ({what})")
     if raw.get("bias", "none") != "none":
         raise CheckpointError(f"'{f}': bias={raw['bias']!r} is not supported (jaxeff LoRA trains no biases: 'none')")
     for key in ("rank_pattern", "alpha_pattern"):

@@ -208,6 +208,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ("not_lora", r"tensor base_model.model.model.embed_tokens.weight is not a LoRA A/B weight"),
     ("half_pair", rf"tensor {Q0}.lora_B.weight is missing"),
     ("dora", r"use_dora=true is not supported"),
+    ("layer_replication", r"layer_replication=\[\[0, 2\]\] is not supported"),
     ("rank_pattern", r"rank_pattern is not supported"),
     ("prefix", r"peft_type is 'PREFIX_TUNING'"),
 ])
@@ -233,6 +234,8 @@ def test_bad_peft_folders_fail_with_one_line_naming_the_file_and_tensor(base, tm
         d = _bad(tmp_path, params, case, lambda t: {k: v for k, v in t.items() if k != f"{Q0}.lora_B.weight"})
     elif case == "dora":
         d = _bad(tmp_path, params, case, use_dora=True)
+    elif case == "layer_replication":
+        d = _bad(tmp_path, params, case, layer_replication=[[0, 2]])
     elif case == "rank_pattern":
         d = _bad(tmp_path, params, case, rank_pattern={"q_proj": 8})
     else:
