@@ -10,7 +10,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 
 from jaxeff.errors import JaxeffError
 
@@ -19,18 +21,26 @@ EXIT_HALTED = 3  # the non-finite guard stopped training (last good state checkp
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: checkpointed at the current step
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: jaxeff generate: <what> (see jaxeff generate --help)``
+    instead of the usage block; exit code 2 as always. Subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxeff", description="Efficient transformer LM training and inference in JAX.")
+    p = _Parser(prog="jaxeff", description="Efficient transformer LM training and inference in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML experiment config")
     t.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
+    t.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
     t.add_argument("--resume", action="store_true", help="same as resume=true")
 
     e = sub.add_parser("eval", help="per-domain eval loss of a checkpoint")
     e.add_argument("config", help="YAML experiment file (its data section is evaluated)")
-    e.add_argument("overrides", nargs="*")
+    e.add_argument("overrides", nargs="*", default=[])
     e.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
@@ -125,18 +135,24 @@ def cmd_generate(args) -> int:
     import jax
     import numpy as np
 
-    from jaxeff.data.tokenizer import load_tokenizer
-    from jaxeff.models.generate import generate
+    from jaxeff.data.tokenizer import check_text, load_tokenizer
+    from jaxeff.models.generate import check_sampling, generate
     from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
     if args.max_new_tokens < 1:
         raise JaxeffError(f"--max-new-tokens: expected a positive number (got {args.max_new_tokens})")
+    check_text(args.prompt, "--prompt")
+    for name in ("steer_pos", "steer_neg"):
+        for text in getattr(args, name):
+            check_text(text, f"--{name.replace('_', '-')}")
+    check_sampling(args.temperature, args.top_k, None)  # the vocabulary bound once the config is read
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
     changes = {"data.batch_size": 1}
     if args.attention_impl:
         changes["model.attention_impl"] = args.attention_impl
     cfg = one_device_config(read_run_config(ckpt_dir, args.step), **changes)
+    check_sampling(args.temperature, args.top_k, cfg.model.vocab_size)
     from jaxeff.steer import cli as steer_cli
 
     steering = steer_cli.wanted(args)
@@ -194,14 +210,43 @@ def cmd_convert(args) -> int:
     return convert(args)
 
 
+def _sigterm_exits(signum, frame):
+    """SIGTERM outside the training loop (whose own handler checkpoints first): exit at once with
+    code 130, as the default action would but with the interrupted code instead of -15. Not an
+    exception: raised inside an import of a compiled module it can abort the interpreter."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # e.g. the signal came in the middle of a write to stdout
+        pass
+    os.write(2, b"interrupted (SIGTERM)\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # SIGTERM before training's own handler is installed (imports, data, restore, first eval) and
+    # after it is put back exits 130 like Ctrl-C, rather than dying by the signal (-15).
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _sigterm_exits)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is _sigterm_exits:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after --options too
     if extra:
         bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        if bad:  # named by the verb's own parser, whose --help lists its options
+            verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            verbs[args.command].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
     handler = getattr(args, "handler", None) or {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
                "merge-adapter": cmd_merge_adapter, "convert": cmd_convert}[args.command]
@@ -209,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except JaxeffError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(e, "exit_code", EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ class OptimConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step (the batch is split)
 
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits_float32(cls, v: float) -> float:
+        if not v <= 3.0e38:  # the optimizer computes in float32: a larger lr is inf, every update non-finite
+            raise ValueError("expected a learning rate a float32 can hold (at most 3e38)")
+        return v
+
 
 class TrainConfig(_Section):
     steps: int = Field(1000, gt=0)
@@ -98,6 +105,11 @@ class TrainConfig(_Section):
     nonfinite: Literal["skip", "stop", "off"] = "skip"
     max_skips: int = Field(10, gt=0)
     inject_nan_at_step: int | None = Field(None, gt=0)  # tests only: poison this (1-based) step
+
+    @field_validator("nonfinite", mode="before")
+    @classmethod
+    def _off_is_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class MeshConfig(_Section):
@@ -123,6 +135,9 @@ class CheckpointConfig(_Section):
     dir: str | None = None  # default: <logging.run_dir>/<name>/checkpoints
     every: int = Field(100, gt=0)  # steps between checkpoints (the last step is always saved)
     keep: int = Field(3, gt=0)  # newest checkpoints kept on disk
+    # resume=true finding only damaged (quarantined, <step>.unreadable) checkpoints refuses to start;
+    # true starts from step 0 instead (the quarantined folders are kept)
+    restart_if_damaged: bool = False
 
 
 class LoggingConfig(_Section):
@@ -250,8 +265,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ex
     return from_dict(raw)
 
 
+# integers end up in numpy / JAX: every one must fit int64, and sizes that become array dimensions int32
+INT64_MAX = 2**63 - 1
+DIM_MAX = 2**31 - 1
+DIMENSIONS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+              "model.head_dim", "model.d_ff", "model.max_seq_len", "data.seq_len", "data.batch_size")
+
+
+def _check_int_ranges(tree: Any, path: str = "") -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_int_ranges(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_int_ranges(v, f"{path}[{i}]")
+    elif isinstance(tree, int) and not isinstance(tree, bool):
+        limit = DIM_MAX if path in DIMENSIONS else INT64_MAX
+        if not -limit - 1 <= tree <= limit:
+            what = "at most 2**31-1: it is an array dimension" if limit == DIM_MAX else "an integer from -2**63 to 2**63-1"
+            raise ConfigError(f"{path}: {tree} is out of range (expected {what})")
+
+
 def check_consistency(cfg: ExperimentConfig) -> None:
     """Cross-field checks the per-field types cannot express."""
+    _check_int_ranges(cfg.to_dict())
     m, d = cfg.model, cfg.data
     if d.seq_len > m.max_seq_len:
         raise ConfigError(

@@ -12,7 +12,8 @@ from jaxeff.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf / nan are never a meaningful setting (a learning rate of .inf trains to NaN)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def validation_message(err: ValidationError, root: str) -> str:
@@ -35,10 +36,18 @@ def read_yaml(path, what: str) -> Any:
     """The parsed YAML file ``path``; a missing file or invalid YAML is a one-line
     :class:`ConfigError` that starts with ``what`` (e.g. "config file") and the path."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} '{p}' is a folder (expected a YAML file)")
     if not p.is_file():
         raise ConfigError(f"{what} '{p}' does not exist")
     try:
-        return yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+        return yaml.safe_load(data.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{what} '{p}': cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} '{p}': not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

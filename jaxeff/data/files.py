@@ -49,6 +49,30 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+def _check_utf8(path: str, where: str, chunk: int = 1 << 20) -> None:
+    """A :class:`DataError` naming the first byte of ``path`` that is not UTF-8 (pyarrow and the json
+    reader would fail on it with a traceback, or deep inside ``datasets``)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:  # e.object = pending bytes + block
+                    raise DataError(f"{where}: {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                    f"{offset - pending + e.start})") from None
+                if not block:
+                    return
+                offset += len(block)
+    except OSError as e:
+        raise DataError(f"{where}: cannot read {path!r} ({e.strerror})") from None
+
+
 def load_text_documents(
     paths: list[str], *, format: str = "auto", text_field: str = "text", field_name: str = "data.paths"
 ) -> list[str]:
@@ -102,6 +126,8 @@ def _load_into(docs: list[str], paths: list[str], formats: list[str], text_field
     with tempfile.TemporaryDirectory(prefix="jaxeff-datasets-") as cache_dir:
         for i, (p, fmt) in enumerate(zip(paths, formats)):
             where = f"{field_name}[{i}]"
+            if fmt in ("text", "json"):
+                _check_utf8(p, where)
             kwargs = {"sample_by": "document"} if fmt == "text" else {}
             try:
                 ds = datasets.load_dataset(

@@ -17,7 +17,19 @@ from typing import Iterable, Protocol, Sequence
 
 from jaxeff.errors import DataError
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "check_text"]
+
+
+def check_text(text: str, field: str) -> str:
+    """``text`` if it is valid Unicode; else a one-line :class:`DataError` naming ``field`` and the first
+    bad byte. (Command-line arguments that are not valid UTF-8 reach Python as lone surrogates.)"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" else b""
+        what = f"byte 0x{raw[0]:02x}" if raw else f"character U+{ord(text[e.start]):04X}"
+        raise DataError(f"{field}: not valid UTF-8 text ({what} at character {e.start})") from None
+    return text
 
 
 class Tokenizer(Protocol):

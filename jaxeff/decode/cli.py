@@ -58,8 +58,11 @@ def cmd_speculate(args) -> int:
     for name in ("gamma", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive number (got {getattr(args, name)})")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature: expected >= 0 (got {args.temperature})")
+    from jaxeff.data.tokenizer import check_text
+    from jaxeff.models.generate import check_sampling
+
+    check_text(args.prompt, "--prompt")
+    check_sampling(args.temperature, args.top_k, None)  # the vocabulary bound once the runs are read
     import jax
     import numpy as np
 
@@ -70,6 +73,7 @@ def cmd_speculate(args) -> int:
     t_cfg, t_trainer, t_params = load_run(args.target)
     d_cfg, d_trainer, d_params = load_run(args.draft)
     check_pair(t_cfg.model, d_cfg.model)
+    check_sampling(args.temperature, args.top_k, min(t_cfg.model.vocab_size, d_cfg.model.vocab_size))
     if t_cfg.data.tokenizer != d_cfg.data.tokenizer:
         raise ConfigError(f"--draft: tokenizer {d_cfg.data.tokenizer!r} differs from the target's {t_cfg.data.tokenizer!r}")
     tokenizer = load_tokenizer(t_cfg.data.tokenizer)

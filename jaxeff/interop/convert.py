@@ -47,10 +47,15 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
            "optim": {"name": "sgd", "momentum": 0.0, "grad_clip": None},
            "logging": {"run_dir": str(out.parent.absolute())}}
     cfg = from_dict(raw)
+    # Everything is checked before the first folder is made: the destination, then every tensor.
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: '{out}' is a file (expected a new run folder)")
+    if cfg.checkpoint_path.is_dir():
+        open_new_run(cfg, out).close()  # refuses a folder that already holds a checkpoint
     trainer = Trainer(cfg, devices=jax.devices()[:1])
+    params = load_weights(hf_dir, trainer.base_abstract, trainer.base_shardings, tied=cfg.model.tie_embeddings)
     ckpt = open_new_run(cfg, out)
     try:
-        params = load_weights(hf_dir, trainer.base_abstract, trainer.base_shardings, tied=cfg.model.tie_embeddings)
         state = trainer.init_state(params)
         del params
         ckpt.save(0, state, data_state={}, config=cfg.to_dict())
@@ -82,6 +87,14 @@ def main(args) -> int:
     """The ``jaxeff convert`` subcommand (arguments parsed by jaxeff.cli)."""
     if args.from_hf and args.from_run:
         raise ConfigError("convert: give either --from-hf DIR or --from RUN_DIR, not both")
+    dtypes = ("float32", "bfloat16") + (("float16",) if args.from_run else ())
+    if args.dtype is not None:
+        try:
+            name = jax.numpy.dtype(args.dtype).name
+        except TypeError:
+            name = None
+        if name not in dtypes:
+            raise ConfigError(f"--dtype: expected {' or '.join(dtypes)} (got {args.dtype!r})")
     if args.from_hf:
         if args.to_hf:
             raise ConfigError("convert: --to-hf goes with --from RUN_DIR")

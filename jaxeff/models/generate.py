@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
+from jaxeff.errors import ConfigError
 from jaxeff.models.transformer import Transformer, init_cache
+
+
+def check_sampling(temperature, top_k, vocab_size: int | None, names=("--temperature", "--top-k")) -> None:
+    """Refuse sampling settings that would sample nonsense or fail inside JAX: ``temperature`` must
+    be a finite number >= 0 (a negative one inverts the distribution, NaN samples garbage) and
+    ``top_k`` an integer in ``[0, vocab_size]`` (0 = no filter), whether sampling or greedy
+    (``vocab_size=None``: not known yet, only the lower bound). ``names`` are how the message
+    calls the two settings (command-line options by default)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"{names[0]}: expected >= 0 and finite, 0 = greedy (got {temperature!r})")
+    top = vocab_size if vocab_size is not None else math.inf
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= top:
+        size = f" {vocab_size}" if vocab_size is not None else ""
+        raise ConfigError(f"{names[1]}: expected an integer from 0 (no filter) to the vocabulary size{size} "
+                          f"(got {top_k!r})")
 
 
 def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
@@ -34,6 +53,7 @@ def generate(model: Transformer, params, prompt: jax.Array, rng, *, max_new_toke
     costs one single-token forward pass against the cache. ``apply_fn(model, params, tokens,
     **kwargs)`` replaces ``model.apply`` (e.g. ``Method.run`` for adapters or quantized layers).
     """
+    check_sampling(temperature, top_k, model.config.vocab_size, names=("temperature", "top_k"))
     apply_fn = apply_fn or _plain_apply
     b, t = prompt.shape
     cache = init_cache(model.config, b, t + max_new_tokens)

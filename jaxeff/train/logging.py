@@ -25,9 +25,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _hparam_value(v):
-    if isinstance(v, (bool, int, float, str)):
+    """A value TensorBoard's hparams accept: bool, float, str (ints become floats there; one beyond
+    float range, and anything else, is logged as text)."""
+    if isinstance(v, (bool, float, str)):
         return v
-    return json.dumps(v)
+    if isinstance(v, int) and abs(v) < 2**53:  # exact as a float
+        return v
+    return str(v) if isinstance(v, int) else json.dumps(v)
 
 
 class RunLogger:
@@ -68,6 +72,11 @@ class RunLogger:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+    def flush(self) -> None:
+        """Write the pending TensorBoard points to disk (called at each checkpoint)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:
