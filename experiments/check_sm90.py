@@ -252,10 +252,11 @@ def run_ptxas(ptxas: str, ptx_path: str, arch: int) -> dict:
 
 def ptx_features(ptx: str) -> dict:
     wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    tcgen05 = len(re.findall(r"\btcgen05\.mma", ptx))
     mma = len(re.findall(r"\bmma\.sync", ptx))
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
     cp_async = len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", ptx))
-    return dict(mma="wgmma" if wgmma else ("mma.sync" if mma else "-"),
+    return dict(mma="tcgen05" if tcgen05 else "wgmma" if wgmma else "mma.sync" if mma else "-",
                 copies="TMA" if tma else ("cp.async" if cp_async else "sync"))
 
 
@@ -268,6 +269,41 @@ def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
     by_smem = lim["smem_sm"] // (smem + SMEM_RESERVED_PER_CTA) if smem else lim["ctas"]
     by_threads = lim["threads"] // threads
     return max(0, min(by_regs, by_smem, by_threads, lim["ctas"]))
+
+
+def compile_cases(cases, arch: int, env_py: Path, ptxas: str, work: Path):
+    """Lowers each (name, fn, args) case and compiles its Triton kernels; returns one row per kernel
+    (None if the Triton worker itself failed)."""
+    work.mkdir(parents=True, exist_ok=True)
+    jobs, rows = [], []
+    for case, fn, fargs in cases:
+        for call in triton_calls(fn, fargs, arch):
+            kid = len(jobs)
+            ttir_path = work / f"k{kid:02d}_{call['name']}.ttir"
+            ttir_path.write_text(call.pop("ttir"))
+            jobs.append(dict(id=kid, arch=arch, ttir_path=str(ttir_path), num_warps=call["num_warps"],
+                             num_stages=call["num_stages"]))
+            rows.append(dict(case=case, **call))
+    Path(work, "jobs.json").write_text(json.dumps(jobs))
+    wenv = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton_cache"))
+    wenv.pop("PYTHONPATH", None)
+    proc = subprocess.run([str(env_py), str(Path(__file__).resolve()), "--triton-worker", str(work)],
+                          env=wenv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"triton worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    results = {r["id"]: r for r in json.loads(Path(work, "results.json").read_text())}
+    for kid, row in enumerate(rows):
+        res = results[kid]
+        row.update(ok=res["ok"], error=res.get("error"))
+        if res["ok"]:
+            pt = run_ptxas(ptxas, res["ptx_path"], arch)
+            row.update(pt)
+            if pt["ok"]:
+                row["smem"] = res["shared"] + pt["static_smem"]
+                row.update(ptx_features(Path(res["ptx_path"]).read_text()))
+                row["ctas"] = ctas_per_sm(pt["regs"], row["smem"], row["num_warps"], arch)
+    return rows
 
 
 def check(args) -> int:
@@ -291,39 +327,12 @@ def check(args) -> int:
 
     t_start = time.perf_counter()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="check_sm90_"))
-    work.mkdir(parents=True, exist_ok=True)
-    jobs, rows = [], []
-    for case, fn, fargs in kernel_cases(args.only):
-        for call in triton_calls(fn, fargs, args.arch):
-            kid = len(jobs)
-            ttir_path = work / f"k{kid:02d}_{call['name']}.ttir"
-            ttir_path.write_text(call.pop("ttir"))
-            jobs.append(dict(id=kid, arch=args.arch, ttir_path=str(ttir_path), num_warps=call["num_warps"],
-                             num_stages=call["num_stages"]))
-            rows.append(dict(case=case, **call))
-    t_lower = time.perf_counter() - t_start
-    Path(work, "jobs.json").write_text(json.dumps(jobs))
-    wenv = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton_cache"))
-    wenv.pop("PYTHONPATH", None)
-    proc = subprocess.run([str(env_py), str(Path(__file__).resolve()), "--triton-worker", str(work)],
-                          env=wenv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"triton worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    rows = compile_cases(kernel_cases(args.only), args.arch, env_py, ptxas, work)
+    if rows is None:
         return 1
-    results = {r["id"]: r for r in json.loads(Path(work, "results.json").read_text())}
-
     lim = ARCHS[args.arch]
     failures = []
-    for kid, row in enumerate(rows):
-        res = results[kid]
-        row.update(ok=res["ok"], error=res.get("error"))
-        if res["ok"]:
-            pt = run_ptxas(ptxas, res["ptx_path"], args.arch)
-            row.update(pt)
-            if pt["ok"]:
-                row["smem"] = res["shared"] + pt["static_smem"]
-                row.update(ptx_features(Path(res["ptx_path"]).read_text()))
-                row["ctas"] = ctas_per_sm(pt["regs"], row["smem"], row["num_warps"], args.arch)
+    for row in rows:
         label = f"{row['case']} / {row['name']}"
         if not row["ok"]:
             failures.append(f"{label}: does not compile ({row['error']})")
@@ -334,7 +343,7 @@ def check(args) -> int:
                 failures.append(f"{label}: {row['smem']} bytes of shared memory > {lim['smem_cta']}")
 
     print(f"deviceless {lim['ptxas_arch']} ({lim['gpu']}), Triton 3.6 stages + {ptxas} "
-          f"({len(rows)} kernels; lowering {t_lower:.0f} s, total {time.perf_counter() - t_start:.0f} s)\n")
+          f"({len(rows)} kernels, {time.perf_counter() - t_start:.0f} s)\n")
     print("| case | kernel | grid | warps/stages | regs | spill st/ld B | smem KiB | mma | loads | CTAs/SM |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._backend import resolve_backend as _resolve_backend
+from pallas_kernels._util import next_pow2, round_up
 from pallas_kernels.attention import common
 from pallas_kernels.attention.common import BlockSizes
 from pallas_kernels.attention.decode import combine_splits, flash_decode_partials
-from pallas_kernels.attention.mosaic_tpu import (TpuPlan, flash_decode_partials_tpu,
-                                                 flash_tpu_core)
+from pallas_kernels.attention.mosaic_tpu import (TPU_DEFAULT_BLOCKS, TpuPlan,
+                                                 flash_decode_partials_tpu, flash_tpu_core)
 from pallas_kernels.attention.reference import attention_reference, decode_reference
 from pallas_kernels.attention.triton_bwd import flash_bwd
+from pallas_kernels.attention.triton_config import gpu_block_sizes
 from pallas_kernels.attention.triton_fwd import AttnStatic, flash_fwd
 
 BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "reference")
-TPU_DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                                block_q_dq=128, block_k_dq=128)
 
 
 def resolve_backend(backend: str) -> str:
@@ -37,22 +37,21 @@ segment_block_ranges = common.segment_block_ranges
 # flash_attention
 # --------------------------------------------------------------------------------------------
 
-def _plan(st: AttnStatic, bs: BlockSizes, q_len, kv_len, head_dim):
-  """Clipped block sizes and padded lengths (every block size divides its padded length)."""
+def _plan(bs: BlockSizes, q_len, kv_len):
+  """Clipped block sizes and padded lengths (every block size divides its padded length).
+
+  ``bs`` is complete (no None field): the caller filled it from the backend's table."""
   bq = common.clip_block(bs.block_q, q_len)
   bk = common.clip_block(bs.block_k, kv_len)
   bq_dkv = common.clip_block(bs.block_q_dkv, q_len)
   bk_dkv = common.clip_block(bs.block_k_dkv, kv_len)
   bq_dq = common.clip_block(bs.block_q_dq, q_len)
   bk_dq = common.clip_block(bs.block_k_dq, kv_len)
-  tp = common.round_up(q_len, max(bq, bq_dkv, bq_dq))
-  sp = common.round_up(kv_len, max(bk, bk_dkv, bk_dq))
-  nw = bs.num_warps or (4 if head_dim <= 64 else 8)
-  ns = bs.num_stages or (3 if head_dim <= 128 else 2)
-  nw_b = bs.num_warps_bwd or 4
-  ns_b = bs.num_stages_bwd or (3 if head_dim <= 128 else 2)
-  return dict(bq=bq, bk=bk, bq_dkv=bq_dkv, bk_dkv=bk_dkv, bq_dq=bq_dq, bk_dq=bk_dq, tp=tp,
-              sp=sp, nw=nw, ns=ns, nw_b=nw_b, ns_b=ns_b)
+  tp = round_up(q_len, max(bq, bq_dkv, bq_dq))
+  sp = round_up(kv_len, max(bk, bk_dkv, bk_dq))
+  return dict(bq=bq, bk=bk, bq_dkv=bq_dkv, bk_dkv=bk_dkv, bq_dq=bq_dq, bk_dq=bk_dq, tp=tp, sp=sp,
+              nw=bs.num_warps, ns=bs.num_stages, nw_dkv=bs.num_warps_bwd, ns_dkv=bs.num_stages_bwd,
+              nw_dq=bs.num_warps_dq, ns_dq=bs.num_stages_dq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -84,7 +83,8 @@ def _flash_core_bwd(st, plan, res, do):
       q, k, v, out, lse, do, q_seg, kv_seg, _ranges(q_seg, kv_seg, plan, "dq"),
       _ranges(q_seg, kv_seg, plan, "dkv"), st=st, block_q_dkv=plan["bq_dkv"],
       block_k_dkv=plan["bk_dkv"], block_q_dq=plan["bq_dq"], block_k_dq=plan["bk_dq"],
-      num_warps=plan["nw_b"], num_stages=plan["ns_b"])
+      num_warps_dkv=plan["nw_dkv"], num_stages_dkv=plan["ns_dkv"], num_warps_dq=plan["nw_dq"],
+      num_stages_dq=plan["ns_dq"])
   return dq, dk, dv, None, None
 
 
@@ -141,10 +141,7 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
                        "for the Pallas kernels")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"k, v: got dtypes {k.dtype}, {v.dtype}, expected q's dtype {q.dtype}")
-  if backend in ("tpu", "tpu_interpret"):
-    bs = TPU_DEFAULT_BLOCKS if block_sizes is None else common.BlockSizes.from_arg(block_sizes)
-  else:
-    bs = common.BlockSizes.from_arg(block_sizes)
+  bs = common.BlockSizes.from_arg(block_sizes)
 
   b, t, h, d = q.shape
   s, kvh = k.shape[1], k.shape[2]
@@ -158,8 +155,8 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
                   interpret=backend in ("interpret", "tpu_interpret"))
   if backend in ("tpu", "tpu_interpret"):
     return _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs)
-  dp = max(16, common.next_pow2(d))
-  plan = _Plan(_plan(st, bs, t, s, dp))
+  dp = max(16, next_pow2(d))
+  plan = _Plan(_plan(bs.with_defaults(gpu_block_sizes(dp)), t, s))
 
   qp = _pad_axis(_pad_axis(q, 1, plan["tp"]), 3, dp)
   kp = _pad_axis(_pad_axis(k, 1, plan["sp"]), 3, dp)
@@ -174,7 +171,7 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
 
 def _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs):
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
-  p = _plan(st, bs, t, s, d)
+  p = _plan(bs.with_defaults(TPU_DEFAULT_BLOCKS), t, s)
   plan = TpuPlan(bq=p["bq"], bk=p["bk"], bq_dkv=p["bq_dkv"], bk_dkv=p["bk_dkv"], bq_dq=p["bq_dq"],
                  bk_dq=p["bk_dq"], tp=p["tp"], sp=p["sp"])
   qt = _pad_axis(q, 1, plan.tp).transpose(0, 2, 1, 3)     # [B, H, Tp, D]
@@ -241,8 +238,8 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
     kv_len = jnp.full((b,), s, jnp.int32)
   kv_len = jnp.clip(jnp.asarray(kv_len, jnp.int32), 0, s)
 
-  bk = _decode_block_k(s, min(block_k, max(16, common.next_pow2(s))))
-  sp = common.round_up(s, bk)
+  bk = _decode_block_k(s, min(block_k, max(16, next_pow2(s))))
+  sp = round_up(s, bk)
   n_blocks = sp // bk
   if num_splits is None:
     num_splits = max(1, min(n_blocks, -(-264 // (b * kvh))))
@@ -250,8 +247,8 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
     raise ValueError(f"num_splits: got {num_splits!r}, expected a positive int")
   num_splits = min(num_splits, n_blocks)
 
-  dp = max(16, common.next_pow2(d))
-  rows = max(16, common.next_pow2(g * t))
+  dp = max(16, next_pow2(d))
+  rows = max(16, next_pow2(g * t))
   # [B, T, K, G, D] -> [B, K, G*T, D]: row r is (head g = r // T, token t = r % T).
   q_rows = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
   q_rows = _pad_axis(_pad_axis(q_rows.astype(k_cache.dtype), 2, rows), 3, dp)

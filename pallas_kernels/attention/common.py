@@ -8,31 +8,39 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._util import is_pow2, next_pow2
+
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 LOG2E = math.log2(math.e)
 
 
+_BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the attention kernels (all powers of two, >= 16).
+  """Tile sizes and compiler parameters of the attention kernels; None = the backend's default.
 
   ``block_q``/``block_k`` tile the forward pass, ``*_dkv`` the dK/dV backward kernel (one program
   per KV block, looping over query blocks), ``*_dq`` the dQ backward kernel (one program per query
-  block, looping over KV blocks). Blocks are clipped to the (padded) sequence length.
-  ``num_warps``/``num_stages`` are Triton compiler parameters (None: chosen from head_dim).
-  Defaults follow the Triton FlashAttention-2 tutorial's Hopper settings (fwd 128x64, 8 warps for
-  head_dim 128, 3 stages; bwd 32x128 / 128x32 tiles, 4 warps, 3 stages); untuned on this repo.
+  block, looping over KV blocks); all powers of two >= 16, clipped to the (padded) sequence length.
+  ``num_warps``/``num_stages`` are the Triton parameters of the forward kernel, ``*_bwd`` those of
+  both backward kernels and ``*_dq`` of the dQ kernel alone (default: ``*_bwd``). Each backend
+  fills the fields left None from its own table: ``triton_config.gpu_block_sizes`` (per GPU
+  generation and head_dim) and ``mosaic_tpu.TPU_DEFAULT_BLOCKS``.
   """
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dkv: int = 32
-  block_k_dkv: int = 128
-  block_q_dq: int = 128
-  block_k_dq: int = 32
+  block_q: int | None = None
+  block_k: int | None = None
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
+  block_q_dq: int | None = None
+  block_k_dq: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   num_warps_bwd: int | None = None
   num_stages_bwd: int | None = None
+  num_warps_dq: int | None = None
+  num_stages_dq: int | None = None
 
   @classmethod
   def from_arg(cls, block_sizes) -> "BlockSizes":
@@ -53,24 +61,33 @@ class BlockSizes:
     else:
       raise ValueError(f"block_sizes: got {block_sizes!r}, expected None, a BlockSizes, a dict of "
                        "its fields or a (block_q, block_k) pair")
-    for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+    for f in _BLOCK_FIELDS:
       val = getattr(bs, f)
-      if not isinstance(val, (int, np.integer)) or val < 16 or val & (val - 1):
+      if val is not None and (not is_pow2(val) or val < 16):
         raise ValueError(f"block_sizes.{f}: got {val!r}, expected a power of two >= 16")
+    for f in ("num_warps", "num_warps_bwd", "num_warps_dq"):
+      val = getattr(bs, f)
+      if val is not None and not is_pow2(val):
+        raise ValueError(f"block_sizes.{f}: got {val!r}, expected a power of two (warps per program)")
+    for f in ("num_stages", "num_stages_bwd", "num_stages_dq"):
+      val = getattr(bs, f)
+      if val is not None and not (isinstance(val, (int, np.integer)) and val >= 1):
+        raise ValueError(f"block_sizes.{f}: got {val!r}, expected an int >= 1")
     return bs
 
-
-def next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
+  def with_defaults(self, defaults: "BlockSizes") -> "BlockSizes":
+    """The fields left None taken from ``defaults`` (``*_dq`` falls back to a given ``*_bwd``)."""
+    given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if getattr(self, f.name) is not None}
+    for dq, bwd in (("num_warps_dq", "num_warps_bwd"), ("num_stages_dq", "num_stages_bwd")):
+      if dq not in given and bwd in given:
+        given[dq] = given[bwd]
+    return dataclasses.replace(defaults, **given)
 
 
 def clip_block(block: int, length: int) -> int:
   """Largest useful block for ``length``: min(block, next_pow2(length)), at least 16."""
   return max(16, min(block, next_pow2(length)))
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def default_scale(q, scale):

@@ -30,11 +30,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention.common import segment_block_ranges
+from pallas_kernels.attention.common import BlockSizes, segment_block_ranges
 from pallas_kernels.attention.triton_fwd import (AttnStatic, block_range, dot_nn, dot_nt,
                                                  visibility_mask)
 
 NEG_INF = float("-inf")
+# Mosaic TPU tiles: 128 fills the MXU on every TPU generation (the Triton table does not apply).
+TPU_DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                                block_q_dq=128, block_k_dq=128)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,7 +128,7 @@ def _dq_kernel(*refs, st: AttnStatic, block_q: int, block_k: int, n_kv_blocks: i
 
 def flash_bwd(q, k, v, out, lse, do, q_seg, kv_seg, ranges_dq, ranges_dkv, *, st: AttnStatic,
               block_q_dkv: int, block_k_dkv: int, block_q_dq: int, block_k_dq: int,
-              num_warps: int, num_stages: int):
+              num_warps_dkv: int, num_stages_dkv: int, num_warps_dq: int, num_stages_dq: int):
   """Padded inputs (see flash_fwd). ``ranges_*``: (lo, hi) per-block segment ranges or None.
 
   Returns dq, dk, dv (padded, in the input dtypes).
@@ -138,7 +138,6 @@ def flash_bwd(q, k, v, out, lse, do, q_seg, kv_seg, ranges_dq, ranges_dkv, *, st
   g = st.group
   # [B, H, Tp] fp32, like lse.
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
   # ---- dK / dV ----
   nq = tp // block_q_dkv
@@ -168,7 +167,7 @@ def flash_bwd(q, k, v, out, lse, do, q_seg, kv_seg, ranges_dq, ranges_dkv, *, st
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps_dkv, num_stages=num_stages_dkv),
       interpret=st.interpret,
       name="flash_attention_bwd_dkdv",
   )(*args)
@@ -196,7 +195,7 @@ def flash_bwd(q, k, v, out, lse, do, q_seg, kv_seg, ranges_dq, ranges_dkv, *, st
       in_specs=in_specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps_dq, num_stages=num_stages_dq),
       interpret=st.interpret,
       name="flash_attention_bwd_dq",
   )(*args)

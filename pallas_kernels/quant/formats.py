@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._util import is_pow2, round_up
+
 __all__ = ["NF4_CODEBOOK", "QuantizedWeight", "quantize", "dequantize", "FORMATS"]
 
 FORMATS = ("int8", "int4", "nf4")
@@ -115,7 +117,7 @@ class QuantizedWeight:
     def padded_K(self) -> int:
         if self.group_size is None:
             return self.K
-        return _round_up(self.K, self.group_size)
+        return round_up(self.K, self.group_size)
 
 
 jax.tree_util.register_dataclass(
@@ -123,14 +125,6 @@ jax.tree_util.register_dataclass(
     data_fields=["data", "scales", "zeros", "dq_scales", "dq_mean"],
     meta_fields=["fmt", "shape", "group_size", "symmetric", "double_quant"],
 )
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +168,7 @@ def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symm
         raise ValueError(f"double_quant: only supported for fmt='nf4', got fmt={fmt!r}")
     if group_size is not None:
         min_g = 16 if fmt == "int8" else 32
-        if not isinstance(group_size, int) or not _is_pow2(group_size) or group_size < min_g:
+        if not isinstance(group_size, int) or not is_pow2(group_size) or group_size < min_g:
             raise ValueError(f"group_size: got {group_size!r} for fmt={fmt!r}, expected a power of two >= {min_g}")
 
     batch = w.shape[:-2]
@@ -217,7 +211,7 @@ def _quantize_2d(w, fmt, g, symmetric, double_quant):
     if g is None:  # int8 per-channel
         wg = w.reshape(1, K, N)
     else:
-        Kp = _round_up(K, g)
+        Kp = round_up(K, g)
         w = jnp.pad(w, ((0, Kp - K), (0, 0)))
         wg = w.reshape(Kp // g, g, N)
     if fmt in ("int8", "int4"):

@@ -22,6 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._util import pad_to, round_up
+
+from .formats import QuantizedWeight, absmax_of
 from .triton_matmul import _nf4_values
 
 _NT = (((1,), (1,)), ((), ()))
@@ -204,3 +207,77 @@ def w8a8_matmul(xq, sx, wq, sw, *, bm, bn, bk, out_dtype, interpret):
         interpret=_params(interpret),
         name="w8a8_matmul_tpu",
     )(xq, sx, wq, sw)
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU block choice and the padded entry points used by api.py. Mosaic wants blocks whose last two
+# dims are multiples of (8, 128) or the full array dims; a K block holds 8 groups (sublane-aligned scale rows) or all of K.
+
+
+def _tpu_dim(n: int, cap: int) -> tuple[int, int]:
+    """(block, padded size) for a dim of size n: the full dim when n <= cap, else ``cap`` blocks."""
+    if n <= cap:
+        return n, n
+    return cap, round_up(n, cap)
+
+
+def _tpu_n(N: int) -> tuple[int, int]:
+    for b in (256, 128):
+        if N % b == 0:
+            return b, N
+    if N <= 512:
+        return N, N
+    return 128, round_up(N, 128)
+
+
+def _tpu_weight_args(qw: QuantizedWeight, bk_unit: int, bn_np):
+    K0 = qw.padded_K
+    bk, Kp = _tpu_dim(K0, bk_unit)
+    bn, Np = bn_np
+    g = qw.group_size
+    div = 2 if qw.packed else 1
+    s_rows = 1 if g is None else Kp // g
+    data = pad_to(qw.data, (Kp // div, Np))
+    scales = pad_to(absmax_of(qw), (s_rows, Np))
+    zeros = None if qw.zeros is None else pad_to(qw.zeros.astype(jnp.float32), (s_rows, Np))
+    return data, scales, zeros, bk, Kp
+
+
+def quantized_matmul(x2, qw: QuantizedWeight, interpret: bool):
+    """x2 [M, K] @ dequantize(qw) with TPU blocks chosen here (padding and slicing included)."""
+    M = x2.shape[0]
+    K, N = qw.shape
+    unit = 512 if qw.group_size is None else 8 * qw.group_size
+    bn, Np = _tpu_n(N)
+    data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
+    bm, Mp = _tpu_dim(M, 256)
+    out = weight_only_matmul(pad_to(x2, (Mp, Kp)), data, scales, zeros, fmt=qw.fmt, g=qw.group_size,
+                                        bm=bm, bn=bn, bk=bk, interpret=interpret)
+    return out[:M, :N]
+
+
+def quantized_matmul_t(dy2, qw: QuantizedWeight, interpret: bool):
+    """dy2 [M, N] @ dequantize(qw).T (the gradient wrt x), TPU blocks chosen here."""
+    M = dy2.shape[0]
+    K, N = qw.shape
+    unit = 512 if qw.group_size is None else 8 * qw.group_size
+    bn, Np = _tpu_n(N)
+    data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
+    bm, Mp = _tpu_dim(M, 256)
+    dx = weight_only_matmul_t(pad_to(dy2, (Mp, Np)), data, scales, zeros, fmt=qw.fmt,
+                                         g=qw.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret)
+    return dx[:M, :K]
+
+
+
+
+def int8_matmul(xq, sx, wq, sw, out_dtype, interpret: bool):
+    """W8A8 core on TPU: xq int8 [M, K] @ wq int8 [K, N] * sx [M, 1] * sw [1, N], TPU blocks chosen here."""
+    M, K = xq.shape
+    N = wq.shape[1]
+    bm, Mp = _tpu_dim(M, 256)
+    bn, Np = _tpu_n(N)
+    bk, Kp = _tpu_dim(K, 512)
+    out = w8a8_matmul(pad_to(xq, (Mp, Kp)), pad_to(sx, (Mp, 1)), pad_to(wq, (Kp, Np)), pad_to(sw, (1, Np)),
+                      bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+    return out[:M, :N]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from . import llm_int8
 from .formats import QuantizedWeight, dequantize
 
 _HI = lax.Precision.HIGHEST
@@ -31,8 +32,12 @@ def w8a8_core(xq, sx, wq, sw, out_dtype):
 
 
 def int8_matmul(x, w, *, outlier_threshold=None, max_outliers=None, block_sizes=None):
-    """``api.int8_matmul`` with every step (quantization, outlier split, int8 matmul) in pure jnp."""
-    from . import api
-
-    return api.int8_matmul(x, w, outlier_threshold=outlier_threshold, max_outliers=max_outliers,
-                           backend="reference", block_sizes=block_sizes)
+    """``api.int8_matmul`` in pure jnp: the shared LLM.int8() preparation (``llm_int8``: quantization
+    and outlier split) and ``w8a8_core``; never calls ``api``. ``block_sizes`` is ignored."""
+    del block_sizes
+    K, N, outlier_threshold, max_outliers = llm_int8.check_args(x, w, outlier_threshold, max_outliers)
+    xq, sx, wq, sw, out_extra = llm_int8.prepare(x, w, outlier_threshold, max_outliers)
+    out = w8a8_core(xq, sx, wq, sw, jnp.float32)
+    if out_extra is not None:
+        out = out + out_extra
+    return out.astype(x.dtype).reshape(x.shape[:-1] + (N,))

@@ -19,14 +19,165 @@ Nothing here imports jax_triton; ``jax.experimental.pallas.triton`` is jax's own
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._util import gpu_arch, is_pow2, next_pow2, round_up
+
 from .formats import NF4_CODEBOOK_VALUES, QuantizedWeight
+
+
+# ------------------------------------------------------------------------------------------------
+# block sizes: the user's choice (MatmulBlocks) and the per-GPU defaults (TILES)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulBlocks:
+    """Tiles and Triton parameters of one quantized matmul; None = this backend's default."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    split_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    @classmethod
+    def from_arg(cls, block_sizes) -> "MatmulBlocks":
+        """None | MatmulBlocks | ``(block_m, block_n, block_k[, split_k])`` | a dict of the fields
+        (``bm``/``bn``/``bk`` also accepted); checks the values."""
+        keys = [f.name for f in dataclasses.fields(cls)]
+        if block_sizes is None:
+            return cls()
+        if isinstance(block_sizes, cls):
+            bs = block_sizes
+        elif isinstance(block_sizes, Mapping):
+            alias = {"bm": "block_m", "bn": "block_n", "bk": "block_k"}
+            unknown = [k for k in block_sizes if alias.get(k, k) not in keys]
+            if unknown:
+                raise ValueError(f"block_sizes: unknown key {unknown[0]!r}, expected one of {tuple(keys)}")
+            bs = cls(**{alias.get(k, k): v for k, v in block_sizes.items()})
+        else:
+            vals = tuple(block_sizes)
+            if len(vals) not in (3, 4):
+                raise ValueError(f"block_sizes: got {block_sizes!r}, expected (block_m, block_n, block_k[, split_k])")
+            bs = cls(*vals)
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(bs, name)
+            if v is not None and (not is_pow2(v) or v < 16):
+                raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 16")
+        for name in ("split_k", "num_warps"):
+            v = getattr(bs, name)
+            if v is not None and not is_pow2(v):
+                raise ValueError(f"block_sizes: {name}={v!r}, expected a power of two >= 1")
+        if bs.num_stages is not None and not (isinstance(bs.num_stages, (int, np.integer)) and bs.num_stages >= 1):
+            raise ValueError(f"block_sizes: num_stages={bs.num_stages!r}, expected an int >= 1")
+        return dataclasses.replace(bs, **{f: int(getattr(bs, f)) for f in keys if getattr(bs, f) is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    block_n: int
+    num_warps: int
+    num_stages: int = 3
+    k_major: bool = False   # W8A8 only: the weight goes in as W^T [N, K]
+
+
+# Default tiles per GPU generation, kernel and M class ("small": block_m <= 64, decode-like;
+# "large": block_m = 128). Checked for zero register spills at K = N = 4096, M = 16 and 4096, for
+# every format, by experiments/check_sm90.py --arch 80/90/100 (not yet timed on a GPU):
+# * M <= 64: the accumulator is at most [64, bn] fp32; 4 warps stay under ~130 registers (sm_90a).
+# * M = 128 tiles with 4 warps spilled at sm_90a (int8 fwd/dx ~340 B, int4/NF4 fwd 1-2 KB: the
+#   [bk, bn] dequantized tile is a register operand of the dot next to a [128, bn] fp32
+#   accumulator). 8 warps halve both per thread: int8 176-194 registers, no spill; the packed
+#   formats still spilled at bn=128 (NF4's select tree), so they take bn=64 (144-174 registers).
+# * W8A8: int8 x int8 -> int32 at 128x128 with 8 warps (181 registers). At M >= 128 the weight goes
+#   in K-major (W^T, transposed by XLA per call: K*N bytes, small next to the matmul at such M), so
+#   its tiles are copied asynchronously; decode-sized M keeps [K, N] (the transpose would double the
+#   weight traffic that bounds it).
+_SM90 = {
+    ("fwd", "small"): Tile(64, 4), ("fwd", "large"): Tile(128, 8), ("fwd_packed", "large"): Tile(64, 8),
+    ("dx", "small"): Tile(64, 4), ("dx", "large"): Tile(128, 8),
+    ("w8a8", "small"): Tile(128, 4), ("w8a8", "large"): Tile(128, 8, k_major=True),
+}
+# sm_80 (mma.sync fragments cost more registers than wgmma): the packed formats at M=128 spilled
+# at bn=64 (NF4+double quant fwd 16 B, int4 g128 dx 660 B); bn=32 keeps them at 104-246 registers.
+_SM80 = dict(_SM90)
+_SM80[("fwd_packed", "large")] = Tile(32, 8)
+_SM80[("dx_packed", "large")] = Tile(32, 8)
+TILES = {80: _SM80, 90: _SM90, 100: _SM90}
+
+
+def _tile(kernel: str, bm: int, packed: bool = False, arch: int | None = None) -> Tile:
+    table = TILES[gpu_arch() if arch is None else arch]
+    size = "small" if bm <= 64 else "large"
+    key = (kernel + "_packed", size)
+    return table[key] if packed and key in table else table[(kernel, size)]
+
+
+def default_block_m(M: int) -> int:
+    return min(128, max(16, next_pow2(M)))
+
+
+# Aim for at least this many programs (~2 waves on an H100/H200 with 132 SMs) by splitting K
+# when M and N give too few (decode shapes).
+_TARGET_PROGRAMS = 264
+_MAX_SPLIT_K = 16
+
+
+def weight_only_blocks(qw: QuantizedWeight, M: int, bs: MatmulBlocks) -> MatmulBlocks:
+    """Complete blocks for the forward weight-only kernel (user values checked, None filled)."""
+    K, N = qw.shape
+    g = qw.group_size
+    bm = bs.block_m or default_block_m(M)
+    tile = _tile("fwd", bm, qw.packed)
+    bn = bs.block_n or min(tile.block_n, max(16, next_pow2(N)))
+    bk = bs.block_k
+    if g is None:
+        bk = bk or min(128, max(16, next_pow2(K)))
+    else:
+        if bk is None:  # two 64-row groups per K step when that needs no padding
+            bk = 128 if (g < 128 and qw.padded_K % 128 == 0) else g
+        if bk % g:
+            raise ValueError(f"block_sizes: block_k={bk} must be a multiple of the group size {g} of qw")
+    if qw.double_quant and bn > 256:
+        raise ValueError(f"block_sizes: block_n={bn} must be <= 256 for double-quantized nf4")
+    n_steps = round_up(qw.padded_K, bk) // bk
+    sk = bs.split_k
+    if sk is None:
+        programs = (round_up(M, bm) // bm) * (round_up(N, bn) // bn)
+        sk = 1
+        while sk < _MAX_SPLIT_K and programs * sk < _TARGET_PROGRAMS and n_steps % (2 * sk) == 0:
+            sk *= 2
+    elif n_steps % sk:
+        raise ValueError(f"block_sizes: split_k={sk} must divide the number of K blocks {n_steps} (K={K}, block_k={bk})")
+    return MatmulBlocks(bm, bn, bk, sk, bs.num_warps or tile.num_warps, bs.num_stages or tile.num_stages)
+
+
+def weight_only_t_blocks(qw: QuantizedWeight, M: int, bs: MatmulBlocks) -> MatmulBlocks:
+    """Complete blocks for the transposed kernel (dx = dy @ W^T): one group per output K block."""
+    fwd = weight_only_blocks(qw, M, dataclasses.replace(bs, num_warps=None, num_stages=None))
+    tile = _tile("dx", fwd.block_m, qw.packed)
+    bk = fwd.block_k if qw.group_size is None else qw.group_size
+    return MatmulBlocks(fwd.block_m, bs.block_n or min(tile.block_n, max(16, next_pow2(qw.shape[1]))), bk, 1,
+                        bs.num_warps or tile.num_warps, bs.num_stages or tile.num_stages)
+
+
+def w8a8_blocks(M: int, N: int, K: int, bs: MatmulBlocks) -> tuple[MatmulBlocks, bool]:
+    """(complete blocks, whether the weight goes in K-major) for the W8A8 kernel."""
+    bm = bs.block_m or default_block_m(M)
+    tile = _tile("w8a8", bm)
+    bn = bs.block_n or min(tile.block_n, max(16, next_pow2(N)))
+    bk = bs.block_k or min(128, max(32, next_pow2(K)))
+    return MatmulBlocks(bm, bn, bk, 1, bs.num_warps or tile.num_warps, bs.num_stages or tile.num_stages), tile.k_major
 
 _NT = (((1,), (1,)), ((), ()))  # contract last dims: a [m, k] . b [n, k] -> [m, n]
 _NN = (((1,), (0,)), ((), ()))
@@ -288,12 +439,15 @@ def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _w8a8_kernel(xq_ref, sx_ref, wq_ref, sw_ref, o_ref, *, bk, n_steps):
+def _w8a8_kernel(xq_ref, sx_ref, wq_ref, sw_ref, o_ref, *, bk, n_steps, k_major):
     bm, bn = o_ref.shape
 
     def body(k, acc):
         k0 = pl.multiple_of(k * bk, bk)
         a = xq_ref[:, pl.ds(k0, bk)]
+        if k_major:  # W^T tile [bn, bk]: the K-contiguous operand 8-bit wgmma reads from shared memory
+            b = wq_ref[:, pl.ds(k0, bk)]
+            return acc + lax.dot_general(a, b, _NT, preferred_element_type=jnp.int32)
         b = wq_ref[pl.ds(k0, bk), :]
         return acc + lax.dot_general(a, b, _NN, preferred_element_type=jnp.int32)
 
@@ -303,13 +457,20 @@ def _w8a8_kernel(xq_ref, sx_ref, wq_ref, sw_ref, o_ref, *, bk, n_steps):
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "k_major"))
 def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpret: bool,
-                num_warps: int = 8, num_stages: int = 3):
-    """xq int8 [Mp, Kp], sx f32 [Mp, 1], wq int8 [Kp, Np], sw f32 [1, Np] -> (xq @ wq) * sx * sw."""
+                num_warps: int = 8, num_stages: int = 3, k_major: bool = False):
+    """xq int8 [Mp, Kp], sx f32 [Mp, 1], wq int8 [Kp, Np], sw f32 [1, Np] -> (xq @ wq) * sx * sw.
+
+    ``k_major``: wq is given transposed, ``[Np, Kp]`` (K contiguous). Hopper's 8-bit wgmma takes
+    only K-major operands from shared memory, so a [K, N] weight tile is loaded synchronously and
+    transposed through registers; a K-major tile is copied asynchronously (cp.async) instead.
+    """
     Mp, Kp = xq.shape
-    Np = wq.shape[1]
-    kernel = functools.partial(_w8a8_kernel, bk=bk, n_steps=Kp // bk)
+    Np = wq.shape[0] if k_major else wq.shape[1]
+    kernel = functools.partial(_w8a8_kernel, bk=bk, n_steps=Kp // bk, k_major=k_major)
+    w_spec = (pl.BlockSpec((bn, Kp), lambda i, j: (j, 0)) if k_major
+              else pl.BlockSpec((Kp, bn), lambda i, j: (0, j)))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
@@ -317,7 +478,7 @@ def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpr
         in_specs=[
             pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
             pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-            pl.BlockSpec((Kp, bn), lambda i, j: (0, j)),
+            w_spec,
             pl.BlockSpec((1, bn), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),

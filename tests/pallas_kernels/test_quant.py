@@ -556,3 +556,38 @@ def test_tpu_kernels_on_tpu(name):
     ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(_weight(67, k=1000, n=520)), backend="reference"))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
 
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["w_kn", "w_nk_k_major"])
+def test_w8a8_kernel_weight_layouts_match_int32_reference(k_major):
+    """The W8A8 kernel with W as [K, N] or K-major W^T [N, K] (the layout 8-bit wgmma loads
+    asynchronously) gives the exact int32 product times the scales; fresh random int8 inputs."""
+    from pallas_kernels.quant import reference, triton_matmul
+
+    rng = np.random.default_rng(123)
+    xq = jnp.asarray(rng.integers(-127, 128, (64, 96)), jnp.int8)
+    wq = jnp.asarray(rng.integers(-127, 128, (96, 48)), jnp.int8)
+    sx = jnp.asarray(rng.uniform(0.01, 1.0, (64, 1)), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.01, 1.0, (1, 48)), jnp.float32)
+    # float64 check of the int32 path: exact integer products, then the two scales
+    want = (np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)) * np.asarray(sx, np.float64) * np.asarray(sw, np.float64)
+    xp = jnp.pad(xq, ((0, 0), (0, 32)))
+    w_in = jnp.pad(wq.T, ((0, 16), (0, 32))) if k_major else jnp.pad(wq, ((0, 32), (0, 16)))
+    got = triton_matmul.w8a8_matmul(xp, sx, w_in, jnp.pad(sw, ((0, 0), (0, 16))), bm=32, bn=32, bk=32,
+                                    out_dtype=jnp.float32, interpret=True, k_major=k_major)[:, :48]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(reference.w8a8_core(xq, sx, wq, sw, jnp.float32)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_w8a8_prefill_uses_k_major_weight_and_matches_reference():
+    """At M >= 128 int8_matmul passes W^T to the kernel (per-GPU table); result equals the reference."""
+    from pallas_kernels.quant import reference, triton_matmul
+
+    assert triton_matmul.w8a8_blocks(256, 64, 64, triton_matmul.MatmulBlocks())[1] is True
+    assert triton_matmul.w8a8_blocks(16, 64, 64, triton_matmul.MatmulBlocks())[1] is False
+    x = jnp.asarray(_rand((130, 64), 7))
+    w = jnp.asarray(_rand((64, 48), 8))
+    got = int8_matmul(x, w, outlier_threshold=2.5, backend="interpret")
+    want = reference.int8_matmul(x, w, outlier_threshold=2.5)
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
