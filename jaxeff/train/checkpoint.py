@@ -8,21 +8,90 @@ a different model with a clear error.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxeff.errors import CheckpointError
+from jaxeff.errors import CheckpointError, DamagedCheckpoint, DiskFullError
 
+# orbax reports a failed write or read from its worker threads through absl/orbax logging (with
+# tracebacks) before the same error reaches us; we turn those into one line each, so silence them.
 for _name in ("absl", "orbax"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+CHECKSUMS = "jaxeff_checksums.json"  # per-file CRC32 of a step folder, written after orbax commits it
+_CHUNK = 1 << 22
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith(CHECKSUMS))
+
+
+# When a read fails part-way, orbax abandons its asyncio loop while TensorStore still completes the
+# other reads; each late completion prints "RuntimeError: Event loop is closed" with a traceback
+# from native code (hundreds of lines, nothing Python can catch). Reads run with stderr filtered.
+_LOOP_NOISE = re.compile(r"Traceback \(most recent call last\):\n|  File \"[^\n]*asyncio[^\n]*\n|"
+                         r" *self\._check_closed\(\)\n| *raise RuntimeError\('Event loop is closed'\)\n|"
+                         r"(RuntimeError: )?Event loop is closed\n?|RuntimeError: (?=Traceback)")
+
+
+@contextlib.contextmanager
+def _without_loop_noise():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                time.sleep(0.3)  # the abandoned reads' completions
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            rest = _LOOP_NOISE.sub("", tmp.read().decode(errors="replace"))
+            if rest.strip():
+                sys.stderr.write(rest)
+                sys.stderr.flush()
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os_error_code='28'" in text
 
 
 class Checkpointer:
+    """orbax's CheckpointManager for one run's ``checkpoints/`` folder; a context manager
+    (``with Checkpointer(...) as ckpt:``) that closes the manager on exit."""
+
     def __init__(self, directory: str | Path, *, keep: int = 3, create: bool = True):
         self.directory = Path(directory).absolute()
         if not create and not self.directory.is_dir():
@@ -36,38 +105,124 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def save(self, step: int, state, *, data_state: dict, config: dict) -> None:
+        """Write step ``step`` and then its checksums file. A full disk raises :class:`DiskFullError`
+        (one line) after removing the partial write; the checkpoints already written stay intact."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave({"config": config}))
-        self._mngr.save(step, args=args, force=True)
-        self._mngr.wait_until_finished()
+        try:
+            with _without_loop_noise():
+                self._mngr.save(step, args=args, force=True)
+                self._mngr.wait_until_finished()
+            self._write_checksums(step)
+        except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in ValueError and others
+            self._remove_partial(step)
+            if _is_disk_full(e):
+                raise DiskFullError(f"checkpoint step {step}: no space left on '{self.directory}' (the previous "
+                                    f"checkpoints {self.all_steps()} are intact)") from None
+            raise CheckpointError(f"checkpoint step {step} could not be written to '{self.directory}': "
+                                  f"{first_line(e)}") from None
+
+    def _write_checksums(self, step: int) -> None:
+        step_dir = self.directory / str(step)
+        if jax.process_index() == 0:
+            sums = {str(p.relative_to(step_dir)): _crc32(p) for p in _files(step_dir)}
+            tmp = step_dir / f"{CHECKSUMS}.tmp"
+            tmp.write_text(json.dumps({"crc32": sums}, indent=0))
+            os.replace(tmp, step_dir / CHECKSUMS)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxeff:checksums:{step}")
+
+    def _remove_partial(self, step: int) -> None:
+        """After a failed save: orbax's temporary folder of ``step`` (and the step folder itself when it
+        was committed but its checksums could not be written) go, so the disk space comes back."""
+        if jax.process_index() != 0:
+            return
+        for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+        committed = self.directory / str(step)
+        if committed.is_dir() and not (committed / CHECKSUMS).exists():
+            shutil.rmtree(committed, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self._mngr.reload()
+
+    def verify(self, step: int) -> str | None:
+        """Why step ``step`` is damaged (a file missing, or its CRC32 differs from the one written when
+        it was saved), or None when every file checks out. A step saved before checksums existed (or
+        killed between orbax's commit and the checksums file) has none to check: None."""
+        step_dir = self.directory / str(step)
+        try:
+            sums = json.loads((step_dir / CHECKSUMS).read_text())["crc32"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"its checksums file is unreadable ({first_line(e)})"
+        for rel, crc in sums.items():
+            path = step_dir / rel
+            if not path.is_file():
+                return f"file {rel} is missing"
+            if _crc32(path) != crc:
+                return f"file {rel} does not match its checksum (corrupted on disk)"
+        return None
+
+    def check_intact(self, step: int) -> None:
+        damage = self.verify(step)
+        if damage:
+            raise DamagedCheckpoint(f"checkpoint '{self.directory}' step {step} is damaged: {damage}")
+
+    def has_checksums(self, step: int) -> bool:
+        return (self.directory / str(step) / CHECKSUMS).is_file()
 
     def read_config(self, step: int | None = None) -> dict:
         step = self._resolve(step)
-        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with _without_loop_noise():
+            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return meta["config"]
 
-    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-        """Restore onto the shardings of ``abstract_state`` (a tree of ShapeDtypeStruct)."""
+    def restore(self, abstract_state, step: int | None = None, *, verify: bool = True) -> tuple[Any, dict]:
+        """Restore onto the shardings of ``abstract_state`` (a tree of ShapeDtypeStruct), after checking
+        the step's files against their checksums (:class:`DamagedCheckpoint` when they differ) unless
+        the caller did with :meth:`verify`."""
         step = self._resolve(step)
+        if verify:
+            self.check_intact(step)
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                   data=ocp.args.JsonRestore()))
+            with _without_loop_noise():
+                out = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint '{self.directory}' step {step} does not match this run: {first}") from None
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step} could not be restored for this run: "
+                                  f"{first_line(e)}") from None
         return out["state"], out["data"]
 
+    def restore_raw(self, step: int) -> None:
+        """Read step ``step`` with its own on-disk structure (no target); raises when it cannot be read
+        at all. Tells a damaged checkpoint from one that does not fit this run's train state."""
+        with _without_loop_noise():
+            self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             data=ocp.args.JsonRestore()))
+
     def restore_params(self, abstract_params, step: int | None = None):
-        """Only the ``params`` of a saved train state (whatever method wrote it)."""
+        """Only the ``params`` of a saved train state (whatever method wrote it); the step's files are
+        checked against their checksums first."""
         step = self._resolve(step)
+        self.check_intact(step)
         args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
                                       restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)})
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
+            with _without_loop_noise():
+                out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
         except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: {first}") from None
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: "
+                                  f"{first_line(e)}") from None
         params = out["state"]["params"]
         # partial_restore leaves a parameter the checkpoint lacks as its ShapeDtypeStruct: refuse by name
         # (e.g. a run whose method stores its parameters under another structure, such as ttt_e2e's)
@@ -77,6 +232,12 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' "
                                       "(a run of a method that stores its parameters differently?)")
         return params
+
+    def quarantined(self) -> list[str]:
+        """Names of the step folders moved aside as unreadable (``<step>.unreadable``)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if ".unreadable" in p.name)
 
     def quarantine(self, step: int) -> Path:
         """Move an unreadable step folder aside (``<step>.unreadable``) so a resumed run can write
@@ -107,6 +268,14 @@ class Checkpointer:
 
     def close(self):
         self._mngr.close()
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message, without TensorStore's '<bound method ...>' tail."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0].split(" See full TensorStore details")[0].rstrip(" .:")[:300]
 
 
 def with_changes(saved: dict, **changes) -> dict:

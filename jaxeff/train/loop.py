@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from jaxeff.data.packing import PACKED_KEYS
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.models import Transformer, init_params, logical_axes
 from jaxeff.train import sharding as shd
-from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
+from jaxeff.train.checkpoint import Checkpointer, first_line, abstract_with_shardings, check_same_model
 from jaxeff.train.methods import make_method
 from jaxeff.train.optim import make_optimizer, make_schedule
 from jaxeff.train.step import TrainState, init_state, make_eval_step, make_train_step
@@ -228,35 +229,96 @@ def _check_writable(path: Path, key: str) -> None:
 
 
 def _resume(trainer: Trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
-    """Restore the newest complete checkpoint; an unreadable one (truncated, corrupted) is
-    reported and the previous one is used. A checkpoint of another model is an error."""
+    """Restore the newest usable checkpoint. A damaged one (unreadable, failing its checksums, or
+    holding non-finite parameters) is moved aside as ``<step>.unreadable`` (``log`` tells each move
+    at once) and the previous one is tried. A checkpoint that is intact but does not fit this run
+    (another model, method or train-state structure, e.g. another optimizer) is refused with one line
+    naming the differing settings, and nothing is moved."""
     steps = sorted(ckpt.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    here = trainer.cfg.to_dict()
+    moved = []
+
+    def set_aside(step: int, why: str) -> None:
+        dst = ckpt.quarantine(step)
+        moved.append(dst.name)
+        log(f"checkpoint step {step} in {ckpt.directory} is damaged ({why}); moved to {dst.name}, "
+            "trying an older one")
+
+    for step in steps:
         try:
             saved = ckpt.read_config(step)
         except Exception as e:  # noqa: BLE001 - any unreadable metadata means a damaged checkpoint
-            moved = ckpt.quarantine(step)
-            log(f"checkpoint step {step} in {ckpt.directory} is unreadable ({_first_line(e)}); moved to "
-                f"{moved.name}, trying an older one")
+            set_aside(step, f"its config is unreadable: {first_line(e)}")
             continue
-        check_same_model(saved, trainer.cfg.to_dict()["model"], ckpt.directory)
+        damage = ckpt.verify(step)
+        if damage:
+            set_aside(step, damage)
+            continue
+        check_same_model(saved, here["model"], ckpt.directory)
         if saved.get("method", "lm") != trainer.cfg.method:
             raise CheckpointError(f"checkpoint '{ckpt.directory}' step {step} was written by method "
                                   f"'{saved.get('method')}', not '{trainer.cfg.method}'")
         try:
-            state, data_state = ckpt.restore(trainer.abstract_state, step)
+            state, data_state = ckpt.restore(trainer.abstract_state, step, verify=False)
         except Exception as e:  # noqa: BLE001
-            if i + 1 == len(steps):
-                raise CheckpointError(f"checkpoint '{ckpt.directory}': no readable checkpoint "
-                                      f"(step {step}: {_first_line(e)})") from None
-            moved = ckpt.quarantine(step)
-            log(f"checkpoint step {step} in {ckpt.directory} is unreadable ({_first_line(e)}); moved to "
-                f"{moved.name}, trying an older one")
+            if ckpt.has_checksums(step) or _readable(ckpt, step):
+                raise CheckpointError(
+                    f"checkpoint '{ckpt.directory}' step {step} does not fit this run's train state "
+                    f"({_differing_settings(saved, here)}); resume with the checkpoint's settings, or start "
+                    "another run from its parameters with train.init_from") from None
+            set_aside(step, first_line(e))
+            continue
+        bad = _nonfinite_leaf(state.params)
+        if bad:
+            set_aside(step, f"parameter {bad} is not finite")
             continue
         # a run halted by the non-finite guard resumes as a new attempt (e.g. with a lower lr)
         state = state.replace(halted_at=jnp.full_like(state.halted_at, -1), bad_streak=jnp.zeros_like(state.bad_streak))
         return state, data_state, step
-    raise CheckpointError(f"checkpoint '{ckpt.directory}': no readable checkpoint among steps {steps}")
+    raise CheckpointError(f"checkpoint '{ckpt.directory}': no usable checkpoint among steps {steps} "
+                          f"(moved aside: {', '.join(moved)})")
+
+
+def _readable(ckpt: Checkpointer, step: int) -> bool:
+    """Whether a step without checksums (saved before they existed) reads with its own structure."""
+    try:
+        ckpt.restore_raw(step)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# settings that never change the train state's structure (left out of a mismatch message)
+_NOT_STATE = ("name", "resume", "train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
+              "train.peak_flops", "train.init_from", "logging.", "checkpoint.", "distributed.", "mesh.", "data.")
+
+
+def _differing_settings(saved: dict, here: dict, limit: int = 4) -> str:
+    from jaxeff.train.logging import flatten
+
+    a, b = flatten(saved), flatten(here)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")
+            and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_STATE)]
+    if not keys:
+        return "the saved config matches this one; the checkpoint was written by another version of jaxeff?"
+    shown = ", ".join(f"{k} is {a.get(k, '<absent>')!r} there, {b.get(k, '<absent>')!r} here" for k in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"settings that differ: {shown}{more}"
+
+
+@jax.jit
+def _finite_leaves(tree):
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else jnp.array(True), tree)
+
+
+def _nonfinite_leaf(params) -> str | None:
+    """The '/'-path of the first parameter holding a NaN/Inf, or None."""
+    flags = jax.device_get(_finite_leaves(params))
+    for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]:
+        if not bool(ok):
+            return jax.tree_util.keystr(path, simple=True, separator="/")
+    return None
 
 
 def reference_losses(cfg: ExperimentConfig, domains: list[str], eval_sets: dict, *, devices=None
@@ -315,9 +377,22 @@ def _update_mixture(loader, ev: dict[str, float], reference: dict[str, float], d
             **{f"data/delta/{n}": v for n, v in delta.items()}}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _warn(text: str) -> None:
+    """A note the user must see even if the run then stops (e.g. a checkpoint moved aside)."""
+    if jax.process_index() == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _all_see_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder, agreed by all processes (any that does not see it: no)."""
+    seen = path.is_dir()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seen = bool(np.min(multihost_utils.process_allgather(np.array(seen, np.int32))))
+    return seen
 
 
 def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
@@ -337,31 +412,36 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     _check_writable(cfg.run_path, "logging.run_dir")
     _check_writable(ckpt_dir, "checkpoint.dir")
     _check_disk_space(ckpt_dir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state)))
-    # One manager, created by every process alike (orbax synchronises its set-up across processes).
-    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
-    existing = ckpt.latest_step()
-    if existing is not None and not cfg.resume:
-        ckpt.close()
-        raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
-                          "pass resume=true to continue it, or choose another name / checkpoint.dir")
-    notes: list[str] = []
+    # Look at the checkpoints folder without creating it, so a refused run (e.g. a bad
+    # train.init_from) leaves nothing behind; the folder is created once the run's start is settled.
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, create=False) if _all_see_dir(ckpt_dir) else None
     state, start = None, 0
-    if cfg.resume and existing is not None:
-        try:
-            state, data_state, _ = _resume(trainer, ckpt, notes.append)
-        except Exception:
+    try:
+        existing = ckpt.latest_step() if ckpt else None
+        if existing is not None and not cfg.resume:
+            raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
+                              "pass resume=true to continue it, or choose another name / checkpoint.dir")
+        damaged = ckpt.quarantined() if ckpt else []
+        if cfg.resume and existing is None and damaged and not cfg.checkpoint.restart_if_damaged:
+            raise CheckpointError(f"resume: '{ckpt_dir}' holds no usable checkpoint, only damaged ones set aside "
+                                  f"({', '.join(damaged)}); inspect them, or pass "
+                                  "checkpoint.restart_if_damaged=true to start again from step 0")
+        if cfg.resume and existing is not None:
+            state, data_state, _ = _resume(trainer, ckpt, _warn)
+            loader.load_state_dict(data_state)
+            start = int(state.step)
+        if state is None:
+            base = trainer.load_base_params(cfg.train.init_from) if cfg.train.init_from else None
+            state = trainer.init_state(base)
+        if ckpt is None:  # one manager, created by every process alike (orbax synchronises its set-up)
+            ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
+    except BaseException:
+        if ckpt is not None:
             ckpt.close()
-            raise
-        loader.load_state_dict(data_state)
-        start = int(state.step)
+        raise
     config_dict = cfg.to_dict()
-    if state is None:
-        base = trainer.load_base_params(cfg.train.init_from) if cfg.train.init_from else None
-        state = trainer.init_state(base)
     logger = RunLogger(cfg.run_path, config_dict, total_steps=cfg.train.steps, start_step=start,
                        progress=cfg.logging.progress)
-    for note in notes:
-        logger.message(note)
     if start:
         logger.message(f"resumed from {ckpt_dir} at step {start}")
     logger.message(f"{trainer.n_params:,} parameters ({trainer.n_trainable:,} trainable); mesh {dict(trainer.mesh.shape)}; "
@@ -385,6 +465,23 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
     data_states = {step: loader.state_dict()}
     if start == 0:  # the untrained baseline, so curves show how far training moved
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))
+
+    def save(at: int, st, data_state: dict) -> str | None:
+        """Checkpoint ``st`` as step ``at`` and flush TensorBoard (so the points up to a checkpoint
+        survive a kill -9; a resumed run re-logs the later ones), unless a parameter is not finite:
+        then nothing is saved and its name is returned."""
+        bad = _nonfinite_leaf(st.params)
+        if bad is None:
+            ckpt.save(at, st, data_state=data_state, config=config_dict)
+            logger.flush()
+        return bad
+
+    def refuse_nonfinite(at: int, bad: str) -> None:
+        last["halted"] = (f"training halted at step {at}: parameter {bad} is not finite "
+                          f"(train.nonfinite={cfg.train.nonfinite}); not checkpointed, the newest checkpoint "
+                          f"is step {ckpt.latest_step()}")
+        logger.message(last["halted"])
+
     stop = _StopRequest()
     try:
         while step < cfg.train.steps and not stop.agreed(sync_point=step % cfg.train.log_every == 0):
@@ -403,10 +500,13 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
             halted_at = int(state.halted_at)  # host check only on steps that sync anyway
             if halted_at >= 0:
                 good = int(state.step)  # the state froze at the halt: it is the one of step `good`
-                if good not in ckpt.all_steps():
-                    ckpt.save(good, state, data_state=data_states[good], config=config_dict)
-                reason = ("a non-finite loss or gradient norm" if cfg.train.nonfinite == "stop" else
-                          f"{cfg.train.max_skips} consecutive non-finite losses or gradient norms")
+                bad = save(good, state, data_states[good]) if good not in ckpt.all_steps() else None
+                if bad:  # cannot happen while the guard keeps the last good state; never saved if it does
+                    refuse_nonfinite(good, bad)
+                    step = good
+                    break
+                reason = ("a non-finite loss, gradient norm or update" if cfg.train.nonfinite == "stop" else
+                          f"{cfg.train.max_skips} consecutive non-finite losses, gradient norms or updates")
                 last["halted"] = (f"training halted at step {halted_at}: {reason}; the last good state "
                                   f"(step {good}) is checkpointed in {ckpt_dir}")
                 logger.message(last["halted"])
@@ -440,18 +540,30 @@ def run_training(cfg: ExperimentConfig, *, devices=None) -> dict[str, Any]:
                     data_states[step] = loader.state_dict()  # a halt saves step's state with its weights
                 t_last = time.perf_counter()
             if save_now:
-                ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
+                bad = save(step, state, loader.state_dict())
+                if bad:
+                    refuse_nonfinite(step, bad)
+                    break
                 t_last = time.perf_counter()
+        streak = int(state.bad_streak) if "halted" not in last and not stop.stopping else 0
+        if streak:  # the last updates were dropped: the run did not finish well, whatever train.max_skips says
+            last["halted"] = (f"training ended with {streak} consecutive non-finite losses, gradient norms or "
+                              f"updates (fewer than train.max_skips={cfg.train.max_skips}); the final checkpoint "
+                              f"(step {step}) holds the last good parameters")
+            logger.message(last["halted"])
         if stop.stopping and "halted" not in last:
-            if ckpt.latest_step() != step:
-                ckpt.save(step, state, data_state=loader.state_dict(), config=config_dict)
-            logger.advance(steps_since)
-            logger.message(f"interrupted: checkpoint at step {step} in {ckpt_dir}; resume with resume=true")
-            last["stopped_early"] = True
+            bad = save(step, state, loader.state_dict()) if ckpt.latest_step() != step else None
+            if bad:
+                refuse_nonfinite(step, bad)
+            else:
+                logger.advance(steps_since)
+                logger.message(f"interrupted: checkpoint at step {step} in {ckpt_dir}; resume with resume=true")
+                last["stopped_early"] = True
     finally:
         stop.restore()
         logger.close()
-        ckpt.close()
+        with contextlib.suppress(Exception):  # after a failed save: the save's own error is the one to tell
+            ckpt.close()
     last["step"] = step
     return last
 

@@ -38,9 +38,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
     """One optimizer update. With ``grad_accum > 1`` the batch is split into that many
     micro-batches (rows), their gradients averaged in a ``lax.scan``, and one update applied.
 
-    Non-finite guard, inside the step (no host sync): when the loss or the gradient norm is NaN/Inf
-    the update is dropped (``skipped`` counts it). ``nonfinite="stop"`` halts at the first such step,
-    ``"skip"`` after ``max_skips`` consecutive ones: ``halted_at`` records the step, and from then on
+    Non-finite guard, inside the step (no host sync): when the loss, the gradient norm or any updated
+    trainable parameter is NaN/Inf the update is dropped (``skipped`` counts it). ``nonfinite="stop"``
+    halts at the first such step, ``"skip"`` after ``max_skips`` consecutive ones: ``halted_at`` records the step, and from then on
     the state no longer changes (it is the last good one) until the host notices and checkpoints it.
     ``"off"`` applies every update. ``inject_nan_at`` (tests only) makes that 1-based step's loss NaN.
     """
@@ -82,7 +82,11 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
         metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
         if nonfinite == "off":
             return new_state, metrics
-        bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        # the new parameters too: finite gradients can still overflow into inf parameters (e.g. lr=1e39)
+        finite = jax.tree.map(lambda p, t: jnp.all(jnp.isfinite(p)) if t and jnp.issubdtype(p.dtype, jnp.inexact)
+                              else jnp.array(True), params, trainable)
+        params_ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
+        bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_ok)
         streak = jnp.where(bad, state.bad_streak + 1, 0)
         running = state.halted_at < 0
         halted_at = jnp.where(running & (streak >= limit), state.step + 1, state.halted_at)

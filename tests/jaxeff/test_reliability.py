@@ -96,8 +96,8 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tiny_confi
         if f.is_file():
             f.write_bytes(b"\0garbage")
     out = run_training(tiny_config(["name=damaged", "train.log_every=1", "train.steps=8", "resume=true"]))
-    said = capsys.readouterr().out
-    assert "checkpoint step 6" in said and "unreadable" in said and "at step 3" in said
+    said = capsys.readouterr()
+    assert "checkpoint step 6" in said.err and "moved to 6.unreadable" in said.err and "at step 3" in said.out
     assert out["step"] == 8
     assert dict(_losses(straight.run_path))[8] == dict(_losses(cfg.run_path))[8]
 
