@@ -4,8 +4,9 @@ peft, transformers and torch are not jaxeff dependencies, so this runs in two Py
 that talk through files in a temporary folder (like experiments/check_transformers.py):
 
 * jaxeff side (this venv), all through the ``jaxeff`` CLI: trains a tiny base run, a LoRA run
-  (all seven projections, dropout 0.1) and a QLoRA run (q and v) from it, ``export-adapter``-s
-  both, ``convert --to-hf``-s the base, and computes the logits of the LoRA run (adapters
+  (all seven projections, dropout 0.1), a LoRA run on q of every layer and up of layer 1 only
+  (``target_modules`` with full module names) and a QLoRA run (q and v) from it, ``export-adapter``-s
+  them, ``convert --to-hf``-s the base, and computes the logits of the LoRA runs (adapters
   unmerged) and of the base with the QLoRA adapter (its bf16 A and B, on the float base) on fixed
   tokens. Later it takes adapters PEFT made, ``import-adapter``-s them as lora runs and
   ``merge-adapter``-s them into the base, and computes both runs' logits.
@@ -181,14 +182,18 @@ def main() -> int:
              "optim.lr=2e-2", "peft.rank=4", "peft.alpha=8", "peft.dropout=0.1")
         _cli("train", y, "name=qlora", "method=qlora", f"train.init_from={runs / 'base'}", "train.steps=4",
              "optim.lr=2e-2", "peft.rank=8", "peft.alpha=16", r"peft.targets=[layers_\d+/attn/(q|v)]")
+        _cli("train", y, "name=lora_partial", "method=lora", f"train.init_from={runs / 'base'}", "train.steps=4",
+             "optim.lr=2e-2", "peft.rank=2", "peft.alpha=6", r"peft.targets=[layers_\d+/attn/q, layers_1/mlp/up]")
         _cli("export-adapter", "--checkpoint", str(runs / "lora"), "--out", str(root / "adapters" / "lora"),
              "--base-model", str(root / "base_hf"))
+        _cli("export-adapter", "--checkpoint", str(runs / "lora_partial"), "--out",
+             str(root / "adapters" / "lora_partial"))
         _cli("export-adapter", "--checkpoint", str(runs / "qlora"), "--out", str(root / "adapters" / "qlora"),
              "--base-model", str(root / "base_hf"))
         _cli("convert", "--from", str(runs / "base"), "--to-hf", str(root / "base_hf"), "--dtype", "float32")
         tokens = np.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, SEQ)).astype(np.int64)
         np.save(root / "tokens.npy", tokens)
-        mine = {"lora": _run_logits(runs / "lora", tokens),
+        mine = {"lora": _run_logits(runs / "lora", tokens), "lora_partial": _run_logits(runs / "lora_partial", tokens),
                 "qlora": _adapter_on_float_base(runs / "base", root / "adapters" / "qlora", tokens)}
         base_logits = _run_logits(runs / "base", tokens)
         job = {"tokens": str(root / "tokens.npy"), "base_hf": str(root / "base_hf"),

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="new adapter folder (PEFT LoRA format)")
     x.add_argument("--step", type=int, default=None)
     x.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json "
-                   "(default: the run's train.init_from)")
+                   "(default: DIR of train.init_from=hf:DIR, else none)")
 
     m = sub.add_parser("merge-adapter", help="fold an adapter into a base checkpoint, saved as a new run")
     m.add_argument("--base", required=True, help="the base run folder the adapter was trained on")

@@ -66,10 +66,11 @@ def adapter_meta(cfg, base_fingerprint: str, base_path: str | None = None) -> di
 
 
 def base_model_name(base_path: str | None) -> str | None:
-    """``base_model_name_or_path`` for PEFT: the folder of an ``hf:DIR`` base, else the run."""
+    """``base_model_name_or_path`` for PEFT: the folder of an ``hf:DIR`` base; None for a jaxeff
+    run (not a Hugging Face model: PEFT would look for its config.json there, or on the Hub)."""
     if base_path and str(base_path).startswith("hf:"):
         return str(base_path)[3:]
-    return base_path
+    return None
 
 
 def save_adapter(directory, adapters, meta: dict[str, Any], *, like=None,
@@ -207,7 +208,7 @@ class AdapterSet:
 def export_adapter(run, out, step: int | None = None, base_model_name_or_path: str | None = None) -> Path:
     """Take the adapters out of a ``lora`` / ``qlora`` run's checkpoint into an adapter folder
     (PEFT's format + ``adapter.json``). ``base_model_name_or_path`` (adapter_config.json) defaults
-    to the run's ``train.init_from`` (the folder of an ``hf:`` base)."""
+    to the folder of an ``hf:DIR`` ``train.init_from``, else null (the base run is in adapter.json)."""
     from jaxeff.peft.qlora import load_base
     from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
     from jaxeff.train.loop import Trainer
