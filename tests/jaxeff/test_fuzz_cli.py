@@ -88,9 +88,11 @@ def _tree(root: Path) -> dict[str, tuple]:
 
 
 # (id, argv with {w} for the world folder, text the one stderr line must contain)
-T = ["train", "{w}/exp.yaml"]
-G = ["generate", "--checkpoint", "{w}/" + RUN, "--prompt", "1+1="]
-S = ["speculate", "--target", "{w}/" + RUN, "--draft", "{w}/" + RUN, "--prompt", "1+1="]
+# a new run name per case ({id}), so that each case meets the check it is about (not the refusal to reuse
+# a run); the prompt and token counts fit the model, so only the option under test is wrong
+T = ["train", "{w}/exp.yaml", "name={id}"]
+G = ["generate", "--checkpoint", "{w}/" + RUN, "--max-new-tokens", "4", "--prompt", "1+1="]
+S = ["speculate", "--target", "{w}/" + RUN, "--draft", "{w}/" + RUN, "--max-new-tokens", "4", "--prompt", "1+1="]
 SP = ["sparsify", "--checkpoint", "{w}/" + RUN, "--out", "{w}/pruned", "--no-eval"]
 CASES = [
     # --- the command line itself (argparse)
@@ -126,12 +128,15 @@ CASES = [
     ("seq-len-above-max", [*T, "data.seq_len=128"], "data.seq_len: 128 is above"),
     ("mesh-not-dividing", [*T, "mesh.tensor=3"], "tensor=3 does not divide"),
     ("unknown-domain", [*T, "data.domains=[poetry]"], "unknown domain 'poetry'"),
-    ("existing-run-without-resume", T, "pass resume=true"),
+    ("existing-run-without-resume", ["train", "{w}/exp.yaml"], "pass resume=true"),
     ("data-file-missing", [*T, "data.source=files", "data.paths=[{w}/nope.txt]"], "nope.txt' does not exist"),
-    ("data-text-not-utf8", [*T, "name=d1", "data.source=files", "data.paths=[{w}/bad_utf8.txt]"],
+    ("data-text-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.txt]"],
      "bad_utf8.txt' is not UTF-8 text (byte 0xff at offset 15)"),
-    ("data-jsonl-not-utf8", [*T, "name=d2", "data.source=files", "data.paths=[{w}/bad_utf8.jsonl]"],
+    ("data-jsonl-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.jsonl]"],
      "bad_utf8.jsonl' is not UTF-8 text (byte 0xe9 at offset 13)"),
+    ("init-from-missing-run", [*T, "train.init_from={w}/runs/no_such_run"], "no_such_run"),
+    ("init-from-missing-hf", [*T, "train.init_from=hf:{w}/no_such"], "no_such"),
+    ("init-from-other-model", [*T, "train.init_from={w}/" + RUN, "model.d_model=64"], "model.d_model"),
     # --- eval
     ("eval-missing-checkpoint", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/runs/nope"], "does not exist"),
     ("eval-missing-step", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "999"], "999"),
@@ -210,9 +215,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capfd, argv, expected):
-    argv = [a.replace("{w}", str(world)) for a in argv]
+@pytest.mark.parametrize("case,argv,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capfd, case, argv, expected):
+    argv = [a.replace("{w}", str(world)).replace("{id}", case) for a in argv]
     capfd.readouterr()
     before = _tree(world)
     try:
