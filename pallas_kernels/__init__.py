@@ -8,7 +8,8 @@ same signature), one file per backend and its backward.
 - ``quant``: :func:`quantize` / :func:`dequantize` (int8, int4, NF4 + double quantization),
   :func:`quantized_matmul` (weight-only, dequantization fused) and :func:`int8_matmul` (W8A8).
 
-Backends: ``"gpu"`` (Pallas on Triton), ``"tpu"`` (Mosaic), ``"interpret"`` (CPU), ``"auto"``.
+Backends: ``"gpu"`` (Pallas on Triton), ``"tpu"`` (Mosaic), ``"interpret"`` (CPU), ``"auto"``;
+attention also ``"mosaic_gpu"`` (Hopper forward on Pallas Mosaic GPU, opt-in) and its interpreter.
 """
 
 from pallas_kernels.attention import attention_reference, flash_attention, flash_decode

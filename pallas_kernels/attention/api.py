@@ -12,6 +12,7 @@ from pallas_kernels._util import next_pow2, round_up
 from pallas_kernels.attention import common
 from pallas_kernels.attention.common import BlockSizes
 from pallas_kernels.attention.decode import combine_splits, flash_decode_partials
+from pallas_kernels.attention.mosaic_gpu_fwd import MosaicGpuBlocks, check_supported, flash_fwd_mosaic_gpu
 from pallas_kernels.attention.mosaic_tpu import (TPU_DEFAULT_BLOCKS, TpuPlan,
                                                  flash_decode_partials_tpu, flash_tpu_core)
 from pallas_kernels.attention.reference import attention_reference, decode_reference
@@ -19,7 +20,8 @@ from pallas_kernels.attention.triton_bwd import flash_bwd
 from pallas_kernels.attention.triton_config import gpu_block_sizes
 from pallas_kernels.attention.triton_fwd import AttnStatic, flash_fwd
 
-BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "reference")
+BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "reference", "mosaic_gpu",
+            "mosaic_gpu_interpret")
 
 
 def resolve_backend(backend: str) -> str:
@@ -91,6 +93,25 @@ def _flash_core_bwd(st, plan, res, do):
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _flash_core_mgpu(q, k, v, st, plan, mblocks):
+  out, _ = _flash_core_mgpu_fwd(q, k, v, st, plan, mblocks)
+  return out
+
+
+def _flash_core_mgpu_fwd(q, k, v, st, plan, mblocks):
+  out, lse = flash_fwd_mosaic_gpu(q, k, v, scale=st.scale, causal=st.right == 0, blocks=mblocks,
+                                  interpret=st.interpret)
+  return out, (q, k, v, None, None, out, lse)
+
+
+def _flash_core_mgpu_bwd(st, plan, mblocks, res, do):
+  return _flash_core_bwd(st, plan, res, do)[:3]     # the Triton dQ / dK / dV kernels
+
+
+_flash_core_mgpu.defvjp(_flash_core_mgpu_fwd, _flash_core_mgpu_bwd)
+
+
 class _Plan(dict):
   """Hashable dict, so the plan can be a custom_vjp non-differentiable argument."""
 
@@ -125,7 +146,10 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
     backend: "auto" (gpu on GPU, tpu on TPU, interpret on CPU), "gpu" (Pallas Triton),
       "interpret" (the GPU kernel in Pallas interpret mode), "tpu" (Pallas Mosaic TPU; untested
       on hardware), "tpu_interpret" (the TPU kernels under ``pltpu.InterpretParams()``),
-      "reference" (plain jnp).
+      "mosaic_gpu" (Hopper forward on Pallas Mosaic GPU: TMA + wgmma, warp-specialized; backward
+      by the Triton kernels; bf16/f16, head_dim 64/128, lengths multiples of 128, causal or full,
+      no window/segments; opt-in: ``auto`` never picks it until it is timed faster on a GPU),
+      "mosaic_gpu_interpret" (that forward under Mosaic GPU's interpreter, CPU), "reference" (plain jnp).
 
   Returns ``[batch, q_len, heads, head_dim]`` in q's dtype; rows with no visible key are 0.
   """
@@ -152,9 +176,15 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
   left, right = common.window_bounds(causal, local_window_size)
   st = AttnStatic(scale=common.default_scale(q, scale), left=left, right=right, q_len=t,
                   kv_len=s, heads=h, kv_heads=kvh, has_segments=q_segment_ids is not None,
-                  interpret=backend in ("interpret", "tpu_interpret"))
+                  interpret=backend in ("interpret", "tpu_interpret", "mosaic_gpu_interpret"))
   if backend in ("tpu", "tpu_interpret"):
     return _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs)
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    mblocks = MosaicGpuBlocks(block_kv=bs.block_k or MosaicGpuBlocks.block_kv,
+                              stages=bs.num_stages or MosaicGpuBlocks.stages)
+    check_supported(q, k, left=left, right=right, has_segments=st.has_segments, blocks=mblocks)
+    plan = _Plan(_plan(bs.with_defaults(gpu_block_sizes(d)), t, s))   # the Triton backward's tiles
+    return _flash_core_mgpu(q, k, v, st, plan, mblocks)
   dp = max(16, next_pow2(d))
   plan = _Plan(_plan(bs.with_defaults(gpu_block_sizes(dp)), t, s))
 
@@ -220,6 +250,9 @@ def flash_decode(q, k_cache, v_cache, *, kv_len=None, scale=None, local_window_s
   """
   common.check_decode_args(q, k_cache, v_cache, kv_len)
   backend = resolve_backend(backend)
+  if backend.startswith("mosaic_gpu"):
+    raise ValueError(f"backend: got {backend!r}, which has no flash_decode kernel; expected one of "
+                     "auto, gpu, tpu, interpret, tpu_interpret, reference")
   if backend == "reference":
     return decode_reference(q, k_cache, v_cache, kv_len=kv_len, scale=scale,
                             local_window_size=local_window_size)
