@@ -17,7 +17,8 @@ The weights live in the loader's state, which every checkpoint carries; a resume
 the weights it had. The loader draws each row's domain from the weights and serves each domain's rows
 in a fresh permutation per epoch, so changing the weights never makes a row repeat within its epoch.
 
-Pure numpy; imported by ``jaxeff.config`` (so it imports neither jax nor ``jaxeff.config``).
+Pure numpy at import; imported by ``jaxeff.config`` (so it imports neither jax nor ``jaxeff.config``
+at module level). ``reference_losses`` and ``update_mixture`` are the trainer's side of it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pydantic import Field, field_validator, model_validator
 from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
 
-__all__ = ["DynamicBatchConfig", "update_weights", "deltas", "check_reference_domains"]
+__all__ = ["DynamicBatchConfig", "update_weights", "deltas", "check_reference_domains", "reference_losses",
+           "update_mixture"]
 
 
 class DynamicBatchConfig(Section):
@@ -114,3 +116,64 @@ def deltas(losses: Mapping[str, float], reference: Mapping[str, float], *, clamp
     names = list(losses)
     d = _deltas(np.array([losses[n] for n in names], np.float64), np.array([reference[n] for n in names]), clamp)
     return {n: float(x) for n, x in zip(names, d)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer's side (jax and the runtime imported inside)
+
+
+def reference_losses(cfg, domains: list[str], eval_sets: dict, *, devices=None) -> dict[str, float] | None:
+    """The per-domain reference losses of dynamic batch loading (``data.dynamic``), or None when it is
+    off: the configured ones (exactly the run's domains), or those of the model of
+    ``data.dynamic.reference_run`` evaluated on this run's eval sets (``train.eval_batches`` batches per
+    domain). Every domain needs eval data."""
+    d = cfg.data.dynamic
+    if not d.enabled:
+        return None
+    no_eval = [n for n in domains if n not in eval_sets]
+    if no_eval:
+        raise ConfigError(f"data.dynamic.enabled: domain(s) {', '.join(map(repr, no_eval))} have no eval data "
+                          "(the weight update needs a per-domain eval loss)")
+    if d.reference_losses is not None:
+        check_reference_domains(d.reference_losses, domains, "data.dynamic.reference_losses")
+        return {n: float(d.reference_losses[n]) for n in domains}
+    from jaxeff.errors import CheckpointError
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.train.runtime import Trainer
+
+    field = "data.dynamic.reference_run"
+    try:
+        ckpt = Checkpointer(find_checkpoint_dir(d.reference_run), create=False)
+    except CheckpointError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    try:
+        if ckpt.latest_step() is None:
+            raise ConfigError(f"{field}: '{d.reference_run}' holds no checkpoint")
+        saved = ckpt.read_config()
+    finally:
+        ckpt.close()
+    if saved.get("method", "lm") != "lm":
+        raise ConfigError(f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "
+                          "the reference must be an 'lm' run (plain model parameters, e.g. jaxeff extract's)")
+    raw = cfg.to_dict()
+    raw.update(model=saved["model"], method="lm")
+    raw["train"]["init_from"] = None
+    ref_cfg = type(cfg).model_validate(raw)
+    if ref_cfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"{field}: the reference model has model.vocab_size={ref_cfg.model.vocab_size}, "
+                          f"this run {cfg.model.vocab_size} (it must read the same tokens)")
+    ref = Trainer(ref_cfg, devices=devices)
+    ev = ref.evaluate(ref.load_base_params(d.reference_run), {n: eval_sets[n] for n in domains},
+                      cfg.train.eval_batches)
+    return {n: ev[f"eval/loss/{n}"] for n in domains}
+
+
+def update_mixture(loader, ev: dict[str, float], reference: dict[str, float], d) -> dict[str, float]:
+    """Dynamic batch loading step: new loader weights from the eval losses ``ev`` (``eval/loss/<domain>``);
+    returns the scalars to log (``data/weight/<domain>``, ``data/delta/<domain>``)."""
+    losses = {n: ev[f"eval/loss/{n}"] for n in loader.domain_names}
+    new = update_weights(loader.weights, losses, reference, clamp=d.clamp, smoothing=d.smoothing)
+    loader.set_weights(new)
+    delta = deltas(losses, reference, clamp=d.clamp)
+    return {**{f"data/weight/{n}": w for n, w in loader.weights.items()},
+            **{f"data/delta/{n}": v for n, v in delta.items()}}
