@@ -10,7 +10,8 @@
    usual FlashAttention convention: the backward does 5 of the 7 matmuls). The same FLOP count is
    used for every implementation, so rows are directly comparable. Decode reports GB/s of K/V cache
    actually read (valid length) plus q and output.
-   "n/a": implementation unavailable here (cudnn without a GPU, tokamax not installed);
+   "n/a": implementation unavailable here (cudnn / mosaic without a GPU, tokamax not installed;
+   mosaic also where its correctness check failed, e.g. a GPU older than Hopper);
    "OOM"/"err": it failed at that size (the XLA baseline materialises [B, H, T, S] logits).
 """
 
@@ -76,6 +77,9 @@ def _failure_label(e: Exception) -> str:
   return "OOM" if ("resource_exhausted" in msg or "out of memory" in msg) else "err"
 
 
+MOSAIC_OK = [True]   # cleared by check_correctness when the Mosaic GPU kernel fails on this machine
+
+
 def make_impls(backend, cudnn_ok):
   """name -> fn(q, k, v, causal, window) returning [B, T, H, D]."""
 
@@ -90,7 +94,11 @@ def make_impls(backend, cudnn_ok):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
                                         implementation="cudnn")
 
-  impls = {"ours": ours, "xla": xla, "cudnn": cudnn if cudnn_ok else None}
+  def mosaic(q, k, v, causal, window):   # Hopper forward on Mosaic GPU (backward: Triton)
+    return flash_attention(q, k, v, causal=causal, local_window_size=window, backend="mosaic_gpu")
+
+  impls = {"ours": ours, "mosaic": mosaic if cudnn_ok and MOSAIC_OK[0] else None, "xla": xla,
+           "cudnn": cudnn if cudnn_ok else None}
   if tokamax is not None:
     def tk(q, k, v, causal, window):
       return tokamax.dot_product_attention(q, k, v, is_causal=causal,
@@ -115,6 +123,9 @@ def bench_row(impls, b, t, s, h, kvh, d, causal, window, dtype, iters, seed=0):
       continue
     if name == "cudnn" and window is not None and not causal:
       res[name] = ("n/a", "n/a")   # cudnn only supports left windows with causal masks
+      continue
+    if name == "mosaic" and window is not None:
+      res[name] = ("n/a", "n/a")   # the Mosaic GPU kernel has no sliding window
       continue
     f = jax.jit(functools.partial(fn, causal=causal, window=window))
     g = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
@@ -170,6 +181,26 @@ def check_correctness(backend, decode_backend):
     ok &= good
     print(f"correctness {c}: max|err| out={errs[0]:.2e} dq={errs[1]:.2e} dk={errs[2]:.2e} "
           f"dv={errs[3]:.2e} {'OK' if good else 'FAIL'}")
+  if backend == "gpu":  # the opt-in Mosaic GPU forward (Hopper), bf16, against the float32 reference
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 256, 4, 128)), jnp.bfloat16) for _ in range(3))
+    f = lambda q, k, v, impl: impl(q, k, v, causal=True).astype(jnp.float32).sum()
+    mg = functools.partial(flash_attention, backend="mosaic_gpu")
+    f32 = lambda a: a.astype(jnp.float32)
+    try:
+      o1 = f32(mg(q, k, v, causal=True))
+      g1 = jax.grad(f, (0, 1, 2))(q, k, v, mg)
+      o2 = attention_reference(f32(q), f32(k), f32(v), causal=True)
+      g2 = jax.grad(f, (0, 1, 2))(f32(q), f32(k), f32(v), attention_reference)
+      errs = [float(jnp.abs(o1 - o2).max())] + [float(jnp.abs(f32(a) - b).max()) for a, b in zip(g1, g2)]
+      good = errs[0] < 2e-2 and max(errs[1:]) < 5e-2 and not any(np.isnan(errs))
+      print(f"correctness mosaic_gpu causal bf16 d128: max|err| out={errs[0]:.2e} grads={max(errs[1:]):.2e} "
+            f"{'OK' if good else 'FAIL'}")
+    except Exception as e:  # noqa: BLE001  (reported; the Triton rows still run)
+      good = False
+      print(f"correctness mosaic_gpu: FAIL ({type(e).__name__}: {str(e)[:300]})")
+    if not good:
+      print("mosaic_gpu rows will be skipped")
+      MOSAIC_OK[0] = False
   q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)
   kc = jnp.asarray(rng.standard_normal((2, 256, 2, 64)), jnp.float32)
   vc = jnp.asarray(rng.standard_normal((2, 256, 2, 64)), jnp.float32)

@@ -87,7 +87,7 @@ def kernel_cases(only: str | None = None):
         args = (q, kv, kv) + ((sds((1, 4096), jnp.int32),) if kw.pop("_seg", False) else ())
         return f, args
 
-    for d in (64, 128):
+    for d in (64, 128, 256):
         cases.append((f"attention causal d{d}", *attn_case(d, causal=True)))
     f, args = attn_case(128, local_window_size=(1024, 0), _seg=True)
     cases.append(("attention window+segments d128", f, args))

@@ -16,7 +16,8 @@ Why these numbers (the budget is 255 registers per thread; fp32 accumulators dom
   memory at 64 KiB); D=64 keeps block_k=128 with 8 warps (221).
 * dQ: one fp32 ``[block_q, D]`` accumulator; 128x32 with 8 warps (184 / 118 registers); 4 warps
   spilled 1.1 KB at D=128.
-* D > 128 (256): half the tiles of D=128 and 2 stages (shared memory), unchecked beyond compiling.
+* D > 128 (256): half the tiles of D=128 and 2 stages (shared memory): 212 / 167 / 208 registers
+  (fwd / dK,dV / dQ) at sm_90a, no spills (also at sm_80 and sm_100a); the least-used entry.
 
 Per generation: sm_90 (H100/H200, wgmma) as above; sm_80 (A100, mma.sync, 163 KiB shared memory
 per CTA) and sm_100 (B200, tcgen05) start from it and change what spilled there (below).
