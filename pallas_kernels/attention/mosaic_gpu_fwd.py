@@ -43,10 +43,16 @@ LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class MosaicGpuBlocks:
   """Tiles of the Mosaic GPU forward kernel: ``block_kv`` keys per step (multiple of 64) and
-  ``stages`` K/V shared-memory slots (>= 2). 128 keys x 2 stages at head_dim 128: Q 2 x 16 KiB +
-  K/V 2 x 2 x 32 KiB = 160 KiB of the 227 KiB a CTA may have; untimed (no GPU yet)."""
-  block_kv: int = 128
-  stages: int = 2
+  ``stages`` K/V shared-memory slots (>= 2).
+
+  Register estimate per compute thread at head_dim 128 (not compiled here: Mosaic GPU compiles inside
+  XLA's CUDA plugin, which needs the GPU): O accumulator 64 + P V accumulator 64 + S ``64 x block_kv``
+  fp32 (block_kv / 2) + P in 16 bits (block_kv / 4). block_kv = 64 keeps that near 180 of the 232 the
+  compute warpgroups get; 128 would be ~240, too close to spilling to choose blind. Shared memory:
+  Q 2 x 16 KiB + K/V 3 stages x 2 x 16 KiB = 128 KiB of 227 KiB. Untimed (no GPU yet).
+  """
+  block_kv: int = 64
+  stages: int = 3
 
 
 def check_supported(q, k, *, left, right, has_segments, blocks: MosaicGpuBlocks):
