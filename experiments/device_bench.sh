@@ -33,8 +33,10 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
 # Packages jaxeff needs that the GPU machine's image lacks (its list: KINDS.md), plus tokamax for the
-# attention comparison (newest cp312 wheels; not yet tried on the machine: check the env step's output).
-WHEELS=(pydantic pydantic-core annotated-types typing-inspection tensorboardX tokamax)
+# attention comparison with its own requirements the image lacks (tokamax 0.0.17's Requires-Dist, read
+# here; xprof left out: a profiler, large). Newest cp312 wheels; not yet tried on the machine: the env
+# step prints which imports work.
+WHEELS=(pydantic pydantic-core annotated-types typing-inspection tensorboardX tokamax einshape qwix immutabledict)
 
 if [ "$FETCH" = 1 ]; then
   source scripts/find-python.sh || exit 2
