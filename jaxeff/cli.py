@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -136,7 +137,7 @@ def cmd_generate(args) -> int:
     import numpy as np
 
     from jaxeff.data.tokenizer import check_text, load_tokenizer
-    from jaxeff.models.generate import check_sampling, generate
+    from jaxeff.models.generate import check_sampling, check_seed, generate
     from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
@@ -147,6 +148,9 @@ def cmd_generate(args) -> int:
         for text in getattr(args, name):
             check_text(text, f"--{name.replace('_', '-')}")
     check_sampling(args.temperature, args.top_k, None)  # the vocabulary bound once the config is read
+    check_seed(args.seed)
+    if not math.isfinite(args.steer_scale):
+        raise JaxeffError(f"--steer-scale: expected a finite number (got {args.steer_scale})")
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
     changes = {"data.batch_size": 1}
     if args.attention_impl:

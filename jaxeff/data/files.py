@@ -112,9 +112,12 @@ def load_text_documents(
     docs: list[str] = []
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # per-file "Generating train split" bars are noise here
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error logs repeat the DataError we raise
     try:
         _load_into(docs, paths, formats, text_field, field_name)
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if bars_were_on:
             datasets.enable_progress_bars()
     return docs

@@ -59,10 +59,11 @@ def cmd_speculate(args) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive number (got {getattr(args, name)})")
     from jaxeff.data.tokenizer import check_text
-    from jaxeff.models.generate import check_sampling
+    from jaxeff.models.generate import check_sampling, check_seed
 
     check_text(args.prompt, "--prompt")
     check_sampling(args.temperature, args.top_k, None)  # the vocabulary bound once the runs are read
+    check_seed(args.seed)
     import jax
     import numpy as np
 

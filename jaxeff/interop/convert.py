@@ -16,12 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
 import yaml
 
 from jaxeff.errors import ConfigError
+
+
+def check_new_folder(path, field: str) -> None:
+    """A one-line error unless folder ``path`` can be made (or exists as a folder): its nearest existing
+    ancestor must be a writable folder, not a file."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{field}: '{path}' is a file (expected a folder)")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: cannot make '{path}': '{parent}' is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: cannot make '{path}': '{parent}' is not writable")
 
 
 def model_section(hf_dir, dtype=None) -> dict:
@@ -48,8 +64,7 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
            "logging": {"run_dir": str(out.parent.absolute())}}
     cfg = from_dict(raw)
     # Everything is checked before the first folder is made: the destination, then every tensor.
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: '{out}' is a file (expected a new run folder)")
+    check_new_folder(out, "--out")
     if cfg.checkpoint_path.is_dir():
         open_new_run(cfg, out).close()  # refuses a folder that already holds a checkpoint
     trainer = Trainer(cfg, devices=jax.devices()[:1])
@@ -71,6 +86,7 @@ def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
     from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
+    check_new_folder(hf_dir, "--to-hf")
     ckpt_dir = find_checkpoint_dir(run)
     cfg = one_device_config(read_run_config(ckpt_dir, step), **{"data.batch_size": 1})
     trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])

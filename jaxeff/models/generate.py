@@ -29,6 +29,12 @@ def check_sampling(temperature, top_k, vocab_size: int | None, names=("--tempera
                           f"(got {top_k!r})")
 
 
+def check_seed(seed, name: str = "--seed") -> None:
+    """``jax.random.PRNGKey`` takes a 64-bit seed; a larger one is a one-line error, not an OverflowError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**63:
+        raise ConfigError(f"{name}: expected an integer from -2**63 to 2**63-1 (got {seed!r})")
+
+
 def sample_logits(logits: jax.Array, rng, *, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
     """``logits [batch, vocab]`` -> token ids ``[batch]``. ``temperature == 0`` is greedy."""
     if temperature == 0.0:

@@ -58,6 +58,23 @@ def from_args(args, model, params, tokenizer, apply_fn):
 
 
 def cmd_steer_vector(args) -> int:
+    import os
+    from pathlib import Path
+
+    from jaxeff.data.tokenizer import check_text
+
+    for text in args.pos:
+        check_text(text, "--pos")
+    for text in args.neg:
+        check_text(text, "--neg")
+    out = Path(args.out).absolute()
+    if out.is_dir():
+        raise JaxeffError(f"--out: '{args.out}' is a folder (expected a file name, e.g. vector.npz)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise JaxeffError(f"--out: cannot write '{args.out}': '{parent}' is not a writable folder")
     import jax
 
     from jaxeff.data.tokenizer import load_tokenizer

@@ -67,6 +67,8 @@ def world(tmp_path_factory):
     (w / "list.yaml").write_text("- a\n- b\n")
     (w / "bad_utf8.txt").write_bytes(b"good text then \xff\xfe\xfa bad bytes\n" * 20)
     (w / "bad_utf8.jsonl").write_bytes(b'{"text": "caf\xe9 au lait"}\n' * 20)
+    (w / "not.parquet").write_bytes(bytes(range(256)))
+    (w / "empty.txt").write_bytes(b"")
     (w / "recipe_binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8")
     (w / "recipe_unknown.yaml").write_text(yaml.safe_dump({"base": str(w / RUN), "out": str(w / "merged"),
                                                           "models": {"a": {"path": str(w / RUN)}}, "lamda": 1}))
@@ -132,6 +134,11 @@ CASES = [
     ("data-file-missing", [*T, "data.source=files", "data.paths=[{w}/nope.txt]"], "nope.txt' does not exist"),
     ("data-text-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.txt]"],
      "bad_utf8.txt' is not UTF-8 text (byte 0xff at offset 15)"),
+    ("data-not-parquet", [*T, "data.source=files", "data.paths=[{w}/not.parquet]"],
+     "not.parquet' as parquet: ArrowInvalid: Parquet magic bytes not found"),
+    ("data-file-empty", [*T, "data.source=files", "data.paths=[{w}/empty.txt]"], "produced no training rows"),
+    ("tokenizer-missing", [*T, "data.tokenizer={w}/nope.json"], "data.tokenizer: file"),
+    ("run-dir-under-a-file", [*T, "logging.run_dir={w}/exp.yaml/runs"], "logging.run_dir: "),
     ("data-jsonl-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.jsonl]"],
      "bad_utf8.jsonl' is not UTF-8 text (byte 0xe9 at offset 13)"),
     ("init-from-missing-run", [*T, "train.init_from={w}/runs/no_such_run"], "no_such_run"),
@@ -140,6 +147,7 @@ CASES = [
     # --- eval
     ("eval-missing-checkpoint", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/runs/nope"], "does not exist"),
     ("eval-missing-step", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "999"], "999"),
+    ("eval-negative-step", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "-1"], "no step -1"),
     ("eval-other-model", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "model.n_heads=2"],
      "model.n_heads is 4 there but 2 here"),
     # --- generate
@@ -151,6 +159,9 @@ CASES = [
     ("generate-temperature-negative", [*G, "--temperature", "-1"], "--temperature: expected"),
     ("generate-temperature-nan", [*G, "--temperature", "nan"], "--temperature: expected"),
     ("generate-temperature-inf", [*G, "--temperature", "inf"], "--temperature: expected"),
+    ("generate-seed-too-large", [*G, "--seed", "99999999999999999999999"], "--seed: expected an integer"),
+    ("generate-steer-scale-nan", [*G, "--steer-pos", "a", "--steer-neg", "b", "--steer-layer", "0", "--steer-scale",
+                                  "nan"], "--steer-scale: expected a finite number"),
     ("generate-zero-new-tokens", [*G, "--max-new-tokens", "0"], "--max-new-tokens: expected a positive number"),
     ("generate-too-many-tokens", [*G, "--max-new-tokens", "1000"], "exceed the model's max_seq_len=64"),
     ("generate-missing-step", [*G, "--step", "999"], "999"),
@@ -170,6 +181,10 @@ CASES = [
      "model.layers.2"),
     ("convert-hf-config-not-json", ["convert", "--from-hf", "{w}/hf_bad_json", "--out", "{w}/runs/c4"],
      "config.json"),
+    ("convert-hf-out-under-a-file", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/exp.yaml/run"],
+     "exp.yaml' is a file"),
+    ("convert-to-hf-under-a-file", ["convert", "--from", "{w}/" + RUN, "--to-hf", "{w}/exp.yaml/hf"],
+     "exp.yaml' is a file"),
     ("convert-hf-bad-dtype", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/runs/c5", "--dtype", "float64"],
      "--dtype"),
     ("convert-hf-onto-existing-run", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/" + RUN], "already"),
@@ -196,6 +211,7 @@ CASES = [
     ("speculate-temperature-nan", [*S, "--temperature", "nan"], "--temperature: expected"),
     ("speculate-top-k-negative", [*S, "--top-k", "-5", "--temperature", "1"], "--top-k: expected"),
     ("speculate-prompt-not-utf8", [*S[:-1], "\udcff"], "--prompt: not valid UTF-8"),
+    ("speculate-seed-too-large", [*S, "--seed", "-99999999999999999999999"], "--seed: expected an integer"),
     ("speculate-missing-draft", ["speculate", "--target", "{w}/" + RUN, "--draft", "{w}/runs/nope", "--prompt", "a"],
      "does not exist"),
     # --- extract (needs a shear run)
@@ -210,6 +226,10 @@ CASES = [
     ("merge-adapter-folder-without-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter",
                                               "{w}/adapter_not", "--out", "{w}/runs/m"], "adapter"),
     # --- steer-vector
+    ("steer-vector-prompt-not-utf8", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "\udcfe", "--neg", "b",
+                                      "--layer", "0", "--out", "{w}/v.npz"], "--pos: not valid UTF-8"),
+    ("steer-vector-out-is-a-folder", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b",
+                                      "--layer", "0", "--out", "{w}/hf"], "--out: "),
     ("steer-vector-layer-out-of-range", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b",
                                          "--layer", "9", "--out", "{w}/v.npz"], "--layer"),
 ]
