@@ -15,6 +15,9 @@ For each kernel variant at the block sizes ``backend="auto"`` would pick on the 
    registers, spill bytes; dynamic shared memory comes from Triton's metadata; count ``wgmma`` /
    ``mma.sync`` and asynchronous copies in the PTX; CTAs per SM from registers, shared memory and
    threads.
+5. the Mosaic GPU kernels (``backend="mosaic_gpu"``; sm_90 only) compile inside XLA's CUDA plugin,
+   which needs the GPU: for them the check reads the lowered module instead (launch grid, threads,
+   dynamic shared memory, wgmma / TMA / setmaxnreg sites) and fails on > 227 KiB or no wgmma/TMA.
 
 Prints a markdown table; exits 1 when a kernel fails to compile, spills, or needs more shared
 memory than one CTA may have (227 KiB on sm_90), and 2 on bad arguments / a missing side environment.
@@ -355,6 +358,23 @@ def check(args) -> int:
         print(f"| {r['case']} | {r['name']} | {grid} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
               f"{r['spill_st']}/{r['spill_ld']} | {r['smem'] / 1024:.1f} | {r['mma']} | {r['copies']} | "
               f"{r['ctas']} |")
+    mg_cases = mosaic_gpu_cases(args.only) if args.arch == 90 else []
+    if mg_cases:
+        print("\nMosaic GPU (lowered module; registers/spills need the GPU's compiler, not available here):\n")
+        print("| case | grid | threads | dynamic smem KiB | wgmma sites | TMA sites | setmaxnreg |")
+        print("|---|---|---|---|---|---|---|")
+    for case, fn, fargs in mg_cases:
+        r = mosaic_gpu_report(fn, fargs)
+        if not r["ok"]:
+            failures.append(f"{case}: {r['error']}")
+            print(f"| {case} | FAILED: {r['error']} | | | | | |")
+            continue
+        print(f"| {case} | {'x'.join(map(str, r['grid']))} | {r['threads']} | {r['smem'] / 1024:.1f} | {r['wgmma']} | "
+              f"{r['tma']} | {r['setmaxnreg']} |")
+        if r["smem"] > lim["smem_cta"]:
+            failures.append(f"{case}: {r['smem']} bytes of shared memory > {lim['smem_cta']}")
+        if not (r["wgmma"] and r["tma"]):
+            failures.append(f"{case}: expected wgmma and TMA in the module (wgmma {r['wgmma']}, TMA {r['tma']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if not args.keep:
@@ -363,8 +383,66 @@ def check(args) -> int:
         print(f"\nFAIL ({len(failures)}):", *failures, sep="\n  ")
         return 1
     print(f"\nOK: {len(rows)} kernels compile for {lim['ptxas_arch']} with no spills and "
-          f"<= {lim['smem_cta'] // 1024} KiB shared memory")
+          f"<= {lim['smem_cta'] // 1024} KiB shared memory"
+          + (f"; {len(mg_cases)} Mosaic GPU kernels lower with TMA + wgmma within it" if mg_cases else ""))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Mosaic GPU kernels: lowered module only (they compile inside XLA's CUDA plugin, which needs a GPU)
+# ------------------------------------------------------------------------------------------------
+
+def mosaic_gpu_cases(only: str | None = None):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import flash_attention
+
+    cases = []
+    for d in (64, 128):
+        q = jax.ShapeDtypeStruct((1, 4096, 32, d), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((1, 4096, 8, d), jnp.bfloat16)
+        f = lambda q, k, v: flash_attention(q, k, v, causal=True, backend="mosaic_gpu")  # noqa: E731
+        cases.append((f"mosaic_gpu attention fwd causal d{d}", f, (q, kv, kv)))
+    return [c for c in cases if not only or re.search(only, c[0])]
+
+
+def mosaic_gpu_report(fn, args) -> dict:
+    """Launch shape, dynamic shared memory and instruction mix of the Mosaic GPU kernel in ``fn``,
+    read from the MLIR module in its ``mosaic_gpu_v2`` custom call (LLVM/NVVM level, before ptxas)."""
+    import jax
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    if (o.operation.name == "stablehlo.custom_call"
+                            and "mosaic_gpu" in ir.StringAttr(o.attributes["call_target_name"]).value):
+                        calls.append(o)
+                    walk(o.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    if len(calls) != 1:
+        return dict(ok=False, error=f"expected 1 mosaic_gpu custom call, found {len(calls)}")
+    ctx = jax_mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True
+    with ctx:
+        cfg = ir.DictAttr(calls[0].attributes["mhlo.backend_config"])
+        text = str(ir.Module.parse(ir.StringAttr(cfg["module"]).value_bytes))
+    consts = dict(re.findall(r'(%\w+) = "[\w.]*arith\.constant"\(\) \{value = (\d+) : (?:i32|index)\}', text))
+    launch = re.search(r'"[\w.]*gpu\.launch"\(%\w+, ((?:%\w+, ){6}%\w+)\)', text)
+    if not launch:
+        return dict(ok=False, error="no gpu.launch in the Mosaic GPU module")
+    vals = [int(consts.get(v, -1)) for v in launch.group(1).split(", ")]
+    return dict(ok=True, grid=vals[0:3], threads=vals[3] * vals[4] * vals[5], smem=vals[6],
+                wgmma=len(re.findall(r"wgmma\.mma_async", text)),
+                tma=len(re.findall(r"cp\.async\.bulk\.tensor", text)),
+                setmaxnreg=len(re.findall(r"setmaxregister|setmaxnreg", text)))
 
 
 def make_env(path: str) -> int:
