@@ -100,3 +100,31 @@ def test_mosaic_gpu_is_opt_in_and_has_no_decode_kernel():
   kv = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"^backend: got 'mosaic_gpu', which has no flash_decode kernel"):
     flash_decode(q, kv, kv, backend="mosaic_gpu")
+
+
+def _on_hopper():
+  if jax.default_backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "0")
+  return str(cc).startswith("9")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs an H100/H200 (sm_90)")
+@pytest.mark.parametrize("d", [64, 128])
+def test_mosaic_gpu_compiled_kernel_matches_float64_reference_on_hopper(d):
+  (q, k, v, do), arrays64 = _inputs(2, 512, 512, 8, 2, d, jnp.bfloat16, seed=3)
+
+  @jax.jit
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, backend="mosaic_gpu"), q, k, v)
+    return out, vjp(do)
+
+  out, grads = run(q, k, v, do)
+  ref_out, ref_grads = _reference64(arrays64, True)
+  fwd_tol, grad_tol = TOL["bfloat16"]
+  for name, got, want, tol in [("out", out, ref_out, fwd_tol)] + [
+      (n, g, r, grad_tol) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)]:
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert not np.isnan(got).any(), f"{name} has NaN"
+    assert np.abs(got - want).max() <= tol, f"{name}: max abs error {np.abs(got - want).max():.3g} > {tol:.3g}"
