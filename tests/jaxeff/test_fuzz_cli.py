@@ -225,6 +225,10 @@ CASES = [
                                        "{w}/runs/m"], "nope"),
     ("merge-adapter-folder-without-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter",
                                               "{w}/adapter_not", "--out", "{w}/runs/m"], "adapter"),
+    ("import-adapter-missing-adapter", ["import-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/nope", "--out",
+                                        "{w}/runs/imp"], "nope"),
+    ("import-adapter-folder-without-adapter", ["import-adapter", "--base", "{w}/" + RUN, "--adapter",
+                                               "{w}/adapter_not", "--out", "{w}/runs/imp"], "adapter"),
     # --- steer-vector
     ("steer-vector-prompt-not-utf8", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "\udcfe", "--neg", "b",
                                       "--layer", "0", "--out", "{w}/v.npz"], "--pos: not valid UTF-8"),
