@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="same as resume=true")
 
     e = sub.add_parser("eval", help="per-domain eval loss of a checkpoint")
-    e.add_argument("config", help="YAML experiment file (its data section is evaluated)")
-    e.add_argument("overrides", nargs="*", default=[])
+    e.add_argument("config", nargs="?", default=None,
+                   help="optional YAML file whose data section (and train.eval_batches) replace the run's own")
+    e.add_argument("overrides", nargs="*", default=[], help="dotted overrides of data/eval settings, e.g. data.seq_len=64")
     e.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
@@ -87,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to-hf", dest="to_hf", help="new Hugging Face folder for --from")
     c.add_argument("--step", type=int, default=None)
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
+    cf = sub.add_parser("config", help="show a resolved config, or the keys a config accepts")
+    cs = cf.add_subparsers(dest="config_command", required=True)
+    show = cs.add_parser("show", help="print the resolved YAML (bases composed, overrides applied, defaults filled)")
+    show.add_argument("config", help="YAML experiment file")
+    show.add_argument("overrides", nargs="*", default=[])
+    show.add_argument("--changed", action="store_true", help="only the keys that differ from the schema defaults")
+    fields = cs.add_parser("fields", help="every key with its type, default and help")
+    fields.add_argument("section", nargs="?", default=None, help="a section (e.g. optim, model, quant.convert)")
+    cf.set_defaults(handler=cmd_config)
     for module in FAMILY_CLIS:
         importlib.import_module(module).register(sub)
     return p
@@ -116,19 +126,72 @@ def cmd_train(args) -> int:
     return EXIT_INTERRUPTED if result.get("stopped_early") else 0
 
 
+def eval_config(saved: dict, yaml_path=None, overrides=()) -> "ExperimentConfig":  # noqa: F821
+    """The config ``jaxeff eval`` uses: the run's saved config (one device), its ``data`` section and
+    ``train.eval_batches`` replaced by those of ``yaml_path`` when given, then dotted ``overrides``
+    (data / eval settings). A run that records no data of its own (converted from Hugging Face)
+    needs a YAML or ``data.*`` overrides."""
+    from jaxeff.config import parse_overrides, provenance_of, resolve_raw
+    from jaxeff.train.checkpoint import one_device_config
+
+    changes: dict = {}
+    given = False
+    if yaml_path is not None:
+        raw = resolve_raw(yaml_path)
+        changes["data"] = raw.get("data", {})
+        if isinstance(raw.get("train"), dict) and "eval_batches" in raw["train"]:
+            changes["train.eval_batches"] = raw["train"]["eval_batches"]
+        given = True
+    for key, value in parse_overrides(list(overrides)):
+        changes[key] = value
+        given = given or key.startswith("data.")
+    prov = provenance_of(saved)
+    if prov.get("data") == "unknown" and not given:
+        raise JaxeffError(f"eval: the run records no data of its own ({prov.get('command', 'converted')} from "
+                          f"{prov.get('source', '?')}); give a YAML whose data section to evaluate, "
+                          "e.g. jaxeff eval configs/quickstart.yaml --checkpoint RUN")
+    return one_device_config(saved, **changes)
+
+
 def cmd_eval(args) -> int:
-    from jaxeff.config import load_config
-    from jaxeff.train.checkpoint import find_checkpoint_dir
+    from jaxeff.train.checkpoint import find_checkpoint_dir, read_run_config
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import load_params
 
-    cfg = load_config(args.config, list(args.overrides))
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # `eval --checkpoint RUN data.seq_len=64`
     ckpt_dir = find_checkpoint_dir(args.checkpoint)
+    cfg = eval_config(read_run_config(ckpt_dir, args.step), config, overrides)
     _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     trainer, params = load_params(cfg, ckpt_dir, args.step)
     result = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
     for k, v in result.items():
         print(f"{k:32s} {v:.4f}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from jaxeff.config import ExperimentConfig, from_dict, resolve_raw
+
+    if args.config_command == "show":
+        import yaml
+
+        cfg = from_dict(resolve_raw(args.config, list(args.overrides)))
+        tree = cfg.to_dict()
+        if args.changed:
+            from jaxeff.config_fields import changed_keys
+
+            tree = changed_keys(tree, ExperimentConfig().to_dict())
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
+        return 0
+    from jaxeff.config_fields import field_rows
+
+    rows = field_rows(ExperimentConfig, args.section)
+    width = max(len(r[0]) for r in rows)
+    twidth = min(max(len(r[1]) for r in rows), 40)
+    for key, typ, default, help_ in rows:
+        print(f"{key:{width}s}  {typ:{twidth}s}  {default:12s}  {help_}".rstrip())
     return 0
 
 

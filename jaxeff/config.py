@@ -240,7 +240,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+PROVENANCE = "provenance"  # top-level key of a written run's config.yaml: what made it (not validated)
+
+
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a config dict (a ``provenance`` mapping, see :func:`run_yaml`, is set aside)."""
+    if isinstance(raw, dict) and PROVENANCE in raw:
+        raw = {k: v for k, v in raw.items() if k != PROVENANCE}
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
@@ -249,20 +255,99 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load a YAML experiment file (or only defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml(p, "config file")
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{p}': expected a mapping of sections at the top level")
-        raw = loaded
+def provenance_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``provenance`` mapping of a saved run config (empty when it has none)."""
+    value = raw.get(PROVENANCE) if isinstance(raw, dict) else None
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def run_dict(cfg: ExperimentConfig, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``cfg`` as a dict with a leading ``provenance`` mapping (what produced the run: command,
+    source, ...) when given; :func:`from_dict` reads it back as ``cfg``."""
+    body = cfg.to_dict()
+    return {PROVENANCE: dict(provenance), **body} if provenance else body
+
+
+def run_yaml(cfg: ExperimentConfig, provenance: dict[str, Any] | None = None) -> str:
+    """The ``config.yaml`` text of a run written by a command: :func:`run_dict` as YAML."""
+    return yaml.safe_dump(run_dict(cfg, provenance), sort_keys=False)
+
+
+def _read_mapping(p: Path) -> dict[str, Any]:
+    loaded = read_yaml(p, "config file")
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{p}': expected a mapping of sections at the top level")
+    return loaded
+
+
+def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` depth-first: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def compose_file(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config with its bases resolved: ``base: other.yaml`` (or ``defaults: [a.yaml, b.yaml]``,
+    merged in order), paths relative to the file naming them, merged depth-first under the file's
+    own keys. A cycle or a missing base is one line naming the chain."""
+    p = Path(path)
+    here = p.resolve()
+    if here in _chain:
+        names = " -> ".join(str(c) for c in (*_chain, here))
+        raise ConfigError(f"config file '{p}': base cycle ({names})")
+    raw = _read_mapping(p)
+    bases: list[Any] = []
+    for key in ("base", "defaults"):
+        if key not in raw:
+            continue
+        value = raw.pop(key)
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(x, str) and x for x in items):
+            raise ConfigError(f"config file '{p}': {key}: expected a relative path to a YAML file"
+                              + (" or a list of them" if key == "defaults" else ""))
+        bases += items
+    merged: dict[str, Any] = {}
+    for item in bases:
+        target = p.parent / item
+        if not target.is_file():
+            raise ConfigError(f"config file '{p}': base '{item}' does not exist (looked for '{target}')")
+        merged = merge_trees(merged, compose_file(target, (*_chain, here)))
+    return merge_trees(merged, raw)
+
+
+def resolve_raw(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The config dict of ``path`` (bases composed) with dotted ``overrides`` applied last, and a
+    ``train.init_from: hf:DIR`` run's model section read from DIR/config.json (keys the config
+    gives win); not validated."""
+    raw: dict[str, Any] = compose_file(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
-    return from_dict(raw)
+    init = (raw.get("train") or {}).get("init_from") if isinstance(raw.get("train"), dict) else None
+    if isinstance(init, str) and init.startswith("hf:"):
+        model = raw.get("model")
+        if model is None or isinstance(model, dict):
+            raw["model"] = merge_trees(_hf_model_section(init[3:]), model or {})
+    return raw
+
+
+def _hf_model_section(folder: str) -> dict[str, Any]:
+    """The ``model`` section of a Hugging Face folder's config.json (one line when unreadable)."""
+    p = Path(folder)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"train.init_from: '{folder}' has no config.json (expected a Hugging Face model folder)")
+    from jaxeff.interop.convert import model_section
+
+    return model_section(p)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment file (or only defaults when ``path`` is None; ``base:`` files composed,
+    see :func:`compose_file`) and apply overrides."""
+    return from_dict(resolve_raw(path, overrides))
 
 
 # integers end up in numpy / JAX: every one must fit int64, and sizes that become array dimensions int32
