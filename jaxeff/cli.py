@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to-hf", dest="to_hf", help="new Hugging Face folder for --from")
     c.add_argument("--step", type=int, default=None)
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
+    q = sub.add_parser("quantize", help="convert a lm/qat run to real low-bit kernels (method quantized)")
+    q.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints folder) of a lm or qat run")
+    q.add_argument("--out", required=True, help="new run folder for the converted model, e.g. runs/float_int4")
+    q.add_argument("--step", type=int, default=None)
+    q.add_argument("overrides", nargs="*", default=[], help="e.g. quant.convert.format=int4")
+    q.set_defaults(handler=_lazy("jaxeff.quant.convert", "run"))
+    dk = sub.add_parser("distill-topk", help="precompute a teacher's top-k logits for offline distillation")
+    dk.add_argument("config", help="the distill run's YAML (teacher, data, model), e.g. configs/distill/student_kd.yaml")
+    dk.add_argument("overrides", nargs="*", default=[])
+    dk.add_argument("--k", type=int, default=16, help="logits kept per position (default 16)")
+    dk.add_argument("--out", required=True, help="the .npz file to write, e.g. runs/teacher_top16.npz")
+    dk.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    dk.set_defaults(handler=_lazy("jaxeff.distill.offline", "run"))
     cf = sub.add_parser("config", help="show a resolved config, or the keys a config accepts")
     cs = cf.add_subparsers(dest="config_command", required=True)
     show = cs.add_parser("show", help="print the resolved YAML (bases composed, overrides applied, defaults filled)")
@@ -100,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     for module in FAMILY_CLIS:
         importlib.import_module(module).register(sub)
     return p
+
+
+def _lazy(module: str, name: str):
+    """A handler that imports ``module`` (jax and all) only when its verb runs."""
+
+    def handler(args):
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
 
 
 # Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers

@@ -326,22 +326,14 @@ def resolve_raw(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
     raw: dict[str, Any] = compose_file(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
-    init = (raw.get("train") or {}).get("init_from") if isinstance(raw.get("train"), dict) else None
-    if isinstance(init, str) and init.startswith("hf:"):
+    init = raw["train"].get("init_from") if isinstance(raw.get("train"), dict) else None
+    if isinstance(init, str) and init.startswith("hf:") and (Path(init[3:]) / "config.json").is_file():
         model = raw.get("model")
-        if model is None or isinstance(model, dict):
-            raw["model"] = merge_trees(_hf_model_section(init[3:]), model or {})
+        if model is None or isinstance(model, dict):  # (a folder without config.json: refused at training)
+            from jaxeff.interop.convert import model_section
+
+            raw["model"] = merge_trees(model_section(init[3:]), model or {})
     return raw
-
-
-def _hf_model_section(folder: str) -> dict[str, Any]:
-    """The ``model`` section of a Hugging Face folder's config.json (one line when unreadable)."""
-    p = Path(folder)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"train.init_from: '{folder}' has no config.json (expected a Hugging Face model folder)")
-    from jaxeff.interop.convert import model_section
-
-    return model_section(p)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -1,6 +1,6 @@
 """Offline distillation: the teacher's top-k logits for every training row, computed once to disk.
 
-    python -m jaxeff.distill.offline configs/distill/student_kd.yaml --k 16 --out runs/teacher_top16.npz
+    jaxeff distill-topk configs/distill/student_kd.yaml --k 16 --out runs/teacher_top16.npz
     jaxeff train configs/distill/student_kd.yaml distill.offline_topk=runs/teacher_top16.npz
 
 ``precompute_topk`` runs the teacher (``distill.teacher_checkpoint``) over every packed training
@@ -20,7 +20,6 @@ their small probabilities). Only the forward KL and no hidden-state loss are ava
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -69,8 +68,9 @@ def lookup(table_fp, batch_inputs, batch_segments):
     return idx, found
 
 
-def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64) -> Path:
-    """Teacher top-k logits for every training row of ``cfg.data`` into ``out`` (.npz)."""
+def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64, progress: bool = False) -> Path:
+    """Teacher top-k logits for every training row of ``cfg.data`` into ``out`` (.npz); ``progress``
+    shows a bar over the rows on stderr."""
     from jaxeff.distill.method import load_teacher
     from jaxeff.models import Transformer
     from jaxeff.train.inputs import build_data
@@ -90,10 +90,16 @@ def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64) -> Pa
         return jax.lax.top_k(logits, k)
 
     values, ids = [], []
-    for i in range(0, rows["inputs"].shape[0], batch_rows):
-        v, j = top(params, *(rows[key][i:i + batch_rows] for key in ("inputs", "positions", "segment_ids")))
-        values.append(np.asarray(v, np.float32))
-        ids.append(np.asarray(j, np.int32))
+    n_rows = rows["inputs"].shape[0]
+    from tqdm import tqdm
+
+    with tqdm(total=n_rows, desc=f"teacher top-{k}", unit="row", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for i in range(0, n_rows, batch_rows):
+            v, j = top(params, *(rows[key][i:i + batch_rows] for key in ("inputs", "positions", "segment_ids")))
+            values.append(np.asarray(v, np.float32))
+            ids.append(np.asarray(j, np.int32))
+            bar.update(min(batch_rows, n_rows - i))
     fp = row_fingerprints(rows["inputs"], rows["segment_ids"])
     # identical rows carry identical targets: keep one; distinct rows sharing a first hash: drop both
     _, first = np.unique(fp, axis=0, return_index=True)
@@ -115,7 +121,7 @@ def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64) -> Pa
 def load_topk(path: str | Path, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"distill.offline_topk: '{path}' does not exist (write it with python -m jaxeff.distill.offline)")
+        raise ConfigError(f"distill.offline_topk: '{path}' does not exist (write it with jaxeff distill-topk)")
     with np.load(p) as f:
         table = {key: f[key] for key in ("fingerprints", "topk_logits", "topk_ids")}
         if int(f["seq_len"]) != seq_len or int(f["vocab_size"]) != vocab_size:
@@ -125,24 +131,22 @@ def load_topk(path: str | Path, seq_len: int, vocab_size: int) -> dict[str, np.n
     return table
 
 
-def main(argv=None) -> int:
+def run(args) -> int:
+    """``jaxeff distill-topk`` (arguments parsed by jaxeff.cli)."""
     from jaxeff.config import load_config
-    from jaxeff.errors import JaxeffError
 
-    ap = argparse.ArgumentParser(description="Precompute the teacher's top-k logits for offline distillation.")
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    try:
-        path = precompute_topk(load_config(args.config, args.overrides), args.k, args.out)
-    except JaxeffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    path = precompute_topk(cfg, args.k, args.out, progress=args.progress and cfg.logging.progress)
     print(f"wrote {path}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv=None) -> int:
+    """``jaxeff distill-topk ARGS`` as a function."""
+    from jaxeff.cli import main as cli_main
+
+    return cli_main(["distill-topk", *(argv or [])])
+
+
+if __name__ == "__main__":  # the older spelling of `jaxeff distill-topk`
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,10 +6,18 @@
     jaxeff convert --from-hf models/SmolLM2-135M --out runs/smol     # a run that eval / generate / init_from accept
     jaxeff convert --from runs/smol_ft --to-hf exports/smol_ft       # back to HF (any method: model_params)
 
-The converted run holds the weights at step 0 with method ``lm`` and optimizer ``sgd`` without
-momentum, so the checkpoint stays the model's size (no Adam moments). Its ``config.yaml`` has the
-model section of ``config.json``, the folder's ``tokenizer.json`` when there is one (else the
-byte tokenizer) and default data settings; ``jaxeff eval runs/smol/config.yaml --checkpoint runs/smol``.
+The converted run holds the model parameters only (step 0, method ``lm``, no optimizer state: eval,
+generate and ``train.init_from`` read it; resuming it is refused). Its ``config.yaml`` starts with a
+``provenance`` mapping (command, source folder) and has the model section of ``config.json``, the
+folder's ``tokenizer.json`` when there is one (else the byte tokenizer), and the data it was trained
+on only when that is known: an export of a jaxeff run (``--to-hf``) carries the run's data section in
+``jaxeff_run.yaml``, which ``--from-hf`` reads back, so a round trip evaluates exactly as the source
+run (``jaxeff eval --checkpoint runs/back``). Otherwise the run records ``provenance.data: unknown``
+and ``jaxeff eval`` asks for a YAML naming the data to evaluate.
+
+``--to-hf`` writes ``config.json`` + safetensors, ``tokenizer.json`` (the byte tokenizer as a
+``tokenizers`` file, or a copy of the run's), ``generation_config.json`` (bos/eos/pad ids) and
+``jaxeff_run.yaml`` (the source run, step, method and data section; transformers ignores it).
 """
 
 from __future__ import annotations
@@ -47,9 +55,24 @@ def model_section(hf_dir, dtype=None) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(model_config(hf_dir, dtype))))
 
 
+RUN_FILE = "jaxeff_run.yaml"  # in an HF export: the source run's provenance and data section
+
+
+def _export_record(hf_dir: Path) -> dict | None:
+    """The ``jaxeff_run.yaml`` an export of a jaxeff run carries (None when absent or unreadable)."""
+    p = hf_dir / RUN_FILE
+    if not p.is_file():
+        return None
+    try:
+        rec = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("data"), dict) else None
+
+
 def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
-    """Write a jaxeff run folder (checkpoint step 0 + config.yaml) holding an HF model's weights."""
-    from jaxeff.config import from_dict
+    """Write a jaxeff run folder (model parameters at step 0 + config.yaml) holding an HF model's weights."""
+    from jaxeff.config import from_dict, run_dict, run_yaml
     from jaxeff.interop.hf import load_weights
     from jaxeff.train.checkpoint import open_new_run
     from jaxeff.train.loop import Trainer
@@ -57,11 +80,21 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     hf_dir, out = Path(hf_dir), Path(out_run)
     model = model_section(hf_dir, dtype)
     tokenizer = hf_dir / "tokenizer.json"
-    raw = {"name": out.name, "method": "lm", "model": model,
-           "data": {"tokenizer": str(tokenizer.absolute()) if tokenizer.is_file() else "byte",
-                    "seq_len": min(128, model["max_seq_len"])},
-           "optim": {"name": "sgd", "momentum": 0.0, "grad_clip": None},
-           "logging": {"run_dir": str(out.parent.absolute())}}
+    record = _export_record(hf_dir)
+    provenance = {"command": "jaxeff convert --from-hf", "source": str(hf_dir.absolute())}
+    raw = {"name": out.name, "method": "lm", "model": model, "logging": {"run_dir": str(out.parent.absolute())}}
+    if record is not None:  # an export of a jaxeff run: its own data and eval settings
+        raw["data"] = record["data"]
+        if isinstance(record.get("eval_batches"), int):
+            raw["train"] = {"eval_batches": record["eval_batches"]}
+        provenance.update({k: record[k] for k in ("run", "step", "method") if k in record})
+        provenance["data"] = f"as the exported run ({RUN_FILE})"
+        if raw["data"].get("tokenizer", "byte") != "byte" and tokenizer.is_file():
+            raw["data"] = {**raw["data"], "tokenizer": str(tokenizer.absolute())}
+    else:
+        raw["data"] = {"tokenizer": str(tokenizer.absolute()) if tokenizer.is_file() else "byte",
+                       "seq_len": min(128, model["max_seq_len"])}
+        provenance["data"] = "unknown"
     cfg = from_dict(raw)
     # Everything is checked before the first folder is made: the destination, then every tensor.
     check_new_folder(out, "--out")
@@ -70,32 +103,41 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     params = load_weights(hf_dir, trainer.base_abstract, trainer.base_shardings, tied=cfg.model.tie_embeddings)
     ckpt = open_new_run(cfg, out)
-    try:
-        state = trainer.init_state(params)
-        del params
-        ckpt.save(0, state, data_state={}, config=cfg.to_dict())
+    try:  # parameters only: the run is the model, not a training state (no optimizer to match)
+        ckpt.save(0, {"params": params}, data_state={}, config=run_dict(cfg, provenance))
     finally:
         ckpt.close()
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    (out / "config.yaml").write_text(run_yaml(cfg, provenance))
     return out
 
 
 def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
-    """Write a run's model parameters (``Method.model_params``: adapters merged) as an HF folder."""
+    """Write a run's model parameters (``Method.model_params``: adapters merged) as an HF folder, with
+    its tokenizer.json, generation_config.json and jaxeff_run.yaml."""
     from jaxeff.interop.hf import save_pretrained
+    from jaxeff.interop.tokenizer_export import write_tokenizer_files
     from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
     from jaxeff.train.loop import load_params
 
     check_new_folder(hf_dir, "--to-hf")
     ckpt_dir = find_checkpoint_dir(run)
-    cfg = one_device_config(read_run_config(ckpt_dir, step), **{"data.batch_size": 1})
+    saved = read_run_config(ckpt_dir, step)
+    cfg = one_device_config(saved, **{"data.batch_size": 1})
     trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
     out = save_pretrained(cfg.model, trainer.method.model_params(params), hf_dir, dtype=dtype)
-    tok = cfg.data.tokenizer
-    if tok != "byte":  # keep the tokenizer with the weights
-        src = Path(tok) / "tokenizer.json" if Path(tok).is_dir() else Path(tok)
-        if src.is_file():
-            (out / "tokenizer.json").write_bytes(src.read_bytes())
+    write_tokenizer_files(out, cfg.data.tokenizer, cfg.model.max_seq_len)
+    if step is None:
+        from jaxeff.train.checkpoint import Checkpointer
+
+        with Checkpointer(ckpt_dir, create=False) as ckpt:
+            step = ckpt.latest_step()
+    data = dict(saved.get("data", {}))
+    record = {"run": str(Path(run).absolute()), "step": int(step), "method": saved.get("method", "lm"),
+              "provenance": saved.get("provenance"), "data": data,
+              "eval_batches": saved.get("train", {}).get("eval_batches")}
+    (out / RUN_FILE).write_text("# the jaxeff run this folder was exported from (jaxeff convert --to-hf);"
+                                " convert --from-hf reads its data section back\n"
+                                + yaml.safe_dump({k: v for k, v in record.items() if v is not None}, sort_keys=False))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Conversion to a real quantized model: method ``quantized`` and ``python -m jaxeff.quant.convert``.
+"""Conversion to a real quantized model: method ``quantized`` and ``jaxeff quantize``.
 
 The Dense kernels on ``quant.weight_layers`` become ``pallas_kernels.quant.QuantizedWeight`` leaves
 (``quant.convert.format``: int8 per channel or per group, int4 / nf4 per group of 64, or w8a8 = a
@@ -13,17 +13,15 @@ Method ``quantized``: ``prepare_params`` converts float model parameters (fresh,
 
 Convert a float (method ``lm``) or QAT (method ``qat``: its quantize-dequantize weights) run::
 
-    python -m jaxeff.quant.convert --checkpoint runs/float --out runs/float_int4 quant.convert.format=int4
+    jaxeff quantize --checkpoint runs/float --out runs/float_int4 quant.convert.format=int4
     jaxeff generate --checkpoint runs/float_int4 --prompt "x = "
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
-import sys
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -111,10 +109,14 @@ def quantized_method(cfg, model) -> Method:
 
 
 def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None = None) -> dict:
-    """Write a converted checkpoint of the run at ``checkpoint`` (method lm or qat) to ``out``;
-    ``overrides`` (dotted, e.g. ``quant.convert.format=int4``) apply to the saved config with
-    ``method=quantized``. Returns the byte counts of the source and converted parameters."""
-    from jaxeff.config import _set_dotted, from_dict, parse_overrides
+    """Write a converted run of the run at ``checkpoint`` (method lm or qat) as the run folder ``out``
+    (``out/checkpoints`` + ``out/config.yaml`` with its provenance); ``overrides`` (dotted, e.g.
+    ``quant.convert.format=int4``) apply to the saved config with ``method=quantized``. Returns the
+    byte counts of the source and converted parameters."""
+    from pathlib import Path
+
+    from jaxeff.config import _set_dotted, from_dict, parse_overrides, run_dict, run_yaml
+    from jaxeff.train.checkpoint import new_lm_run, open_new_run
     from jaxeff.errors import ConfigError
     from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir, with_changes
     from jaxeff.train.loop import Trainer, load_params
@@ -131,37 +133,35 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     src_trainer, params = load_params(from_dict(saved), ckpt_dir, step, devices=devices)
     base = src_trainer.method.model_params(params)
     raw = copy.deepcopy(saved)
-    raw["method"] = "quantized"
+    raw.pop("provenance", None)
+    for key, value in {**new_lm_run(Path(out)), "method": "quantized"}.items():
+        _set_dotted(raw, key, value)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value)
     cfg = from_dict(raw)
+    provenance = {"command": "jaxeff quantize", "source": str(Path(checkpoint).absolute()), "step": int(step),
+                  "method": saved.get("method"), "format": cfg.quant.convert.format,
+                  "data": "as the source run"}
     trainer = Trainer(cfg, devices=devices)
     state = trainer.init_state(jax.device_get(base))
-    ckpt = Checkpointer(out)
+    ckpt = open_new_run(cfg, Path(out))
     try:
-        ckpt.save(step, state, data_state={}, config=cfg.to_dict())
+        ckpt.save(step, state, data_state={}, config=run_dict(cfg, provenance))
     finally:
         ckpt.close()
+    (Path(out) / "config.yaml").write_text(run_yaml(cfg, provenance))
     return {"source_bytes": model_bytes(base)["total"], **{f"converted_{k}": v for k, v in model_bytes(state.params).items()}}
 
 
-def main(argv=None) -> int:
-    from jaxeff.errors import JaxeffError
-
-    p = argparse.ArgumentParser(prog="python -m jaxeff.quant.convert", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints folder) of a lm or qat run")
-    p.add_argument("--out", required=True, help="checkpoints folder for the converted model")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("overrides", nargs="*", help="e.g. quant.convert.format=int4")
-    args = p.parse_args(argv)
-    try:
-        report = convert_checkpoint(args.checkpoint, args.out, args.overrides, args.step)
-    except JaxeffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    """``jaxeff quantize`` (arguments parsed by jaxeff.cli); errors reach the CLI's one-line handler."""
+    report = convert_checkpoint(args.checkpoint, args.out, args.overrides, args.step)
     print(" ".join(f"{k}={v}" for k, v in report.items()))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv=None) -> int:
+    """``jaxeff quantize ARGS`` as a function (tests, scripts)."""
+    from jaxeff.cli import main as cli_main
+
+    return cli_main(["quantize", *(argv or [])])
