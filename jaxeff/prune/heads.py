@@ -22,7 +22,10 @@ layer, as :class:`~jaxeff.models.TransformerConfig` needs: ``n_kv_heads`` = the 
 layer keeps, queries per group = the most query heads any kept group keeps. Layers or groups that
 keep fewer are padded with zero heads (zero ``q``/``k``/``v`` columns and zero rows of ``o``: they
 add exactly 0), so the small model's logits equal the gated model's. ``fold_heads`` reports how many
-padding heads it needed; global pruning that leaves every layer and group with the same count needs none.
+padding heads it needed. Global pruning (the paper's, the default) usually leaves layers uneven, so
+the padded model may be no smaller; ``balance="group"`` takes the same number of query heads out of
+every kv group of every layer (every layer without GQA), which extracts to a smaller model with no
+padding (``n_kv_heads`` unchanged, fewer query heads per group).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 from jaxeff.errors import CheckpointError, ConfigError, JaxeffError
 
 ORDERS = ("importance", "random")
+BALANCES = ("global", "group")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,41 +139,99 @@ class HeadScorer:
         return tot / max(n, 1.0)
 
 
+def _cells(L: int, H: int, kv_heads: int | None) -> list[np.ndarray]:
+    """Flat head indices of each unit of ``balance="group"``: every (layer, kv group) with GQA, every
+    layer with multi-head attention (one query head per kv head)."""
+    G = H if kv_heads is None else kv_heads
+    g = H // G
+    if g == 1:
+        return [l * H + np.arange(H) for l in range(L)]
+    return [l * H + grp * g + np.arange(g) for l in range(L) for grp in range(G)]
+
+
 def iterative_prune(scorer: HeadScorer, shape: tuple[int, int], imp_batches, eval_batches, *, fraction: float,
-                    step_fraction: float = 0.1, order: str = "importance", seed: int = 0):
-    """Gate off ``round(fraction · heads)`` heads in steps of ``max(1, round(step_fraction · heads))``.
+                    step_fraction: float = 0.1, order: str = "importance", seed: int = 0, normalize: bool = True,
+                    balance: str = "global", kv_heads: int | None = None):
+    """Gate off a ``fraction`` of the heads, iteratively; the loss after every step.
+
+    ``balance="global"`` (the paper): ``round(fraction · heads)`` heads in steps of
+    ``max(1, round(step_fraction · heads))``, anywhere in the model. ``balance="group"``: every step
+    takes one head out of every kv group of every layer (every layer without GQA; ``kv_heads`` =
+    the model's), ``min(round(fraction · group size), group size - 1)`` steps, so every group keeps
+    the same number and :func:`fold_heads` needs no padding (``step_fraction`` unused).
 
     ``order="importance"``: before each step the importance is recomputed with the current gates
-    and the lowest-scoring remaining heads go (ties: lower flat index first); ``"random"``: a
-    seeded random permutation. Returns ``(gates [layers, heads] of 0/1, history)``; ``history`` is a
-    list of ``{"pruned", "fraction", "loss"}``, the first entry the unpruned model."""
+    and the lowest-scoring remaining heads go (ties: lower flat index first; within a group the
+    per-layer normalisation does not change the ranking); ``"random"``: a seeded random order;
+    ``normalize=False`` ranks the raw scores (no per-layer l2). Returns ``(gates [layers, heads] of
+    0/1, history)``; ``history`` is a list of ``{"pruned", "fraction", "loss"}``, the first entry the
+    unpruned model."""
     fraction = check_fraction(fraction, "fraction")
     if order not in ORDERS:
         raise ConfigError(f"--order: expected importance or random (got {order!r})")
+    if balance not in BALANCES:
+        raise ConfigError(f"--balance: expected global or group (got {balance!r})")
     if not 0.0 < step_fraction <= 1.0:
         raise ConfigError(f"step_fraction: expected a number in (0, 1] (got {step_fraction})")
     imp_batches, eval_batches = list(imp_batches), list(eval_batches)
     L, H = shape
     total = L * H
-    target = int(round(fraction * total))
-    per_step = max(1, int(round(step_fraction * total)))
     gates = np.ones((L, H), np.float32)
-    perm = np.random.default_rng(seed).permutation(total)
+    flat = gates.reshape(-1)
+    rng = np.random.default_rng(seed)
     history = [{"pruned": 0, "fraction": 0.0, "loss": scorer.loss(gates, eval_batches)}]
-    pruned = 0
-    while pruned < target:
-        n = min(per_step, target - pruned)
-        flat = gates.reshape(-1)
+
+    def scores():
+        return np.where(flat == 0, np.inf, scorer.importance(gates, imp_batches, normalize=normalize).reshape(-1))
+
+    if balance == "global":
+        target = int(round(fraction * total))
+        per_step = max(1, int(round(step_fraction * total)))
+        perm = rng.permutation(total)
+        pruned = 0
+        while pruned < target:
+            n = min(per_step, target - pruned)
+            pick = np.argsort(scores(), kind="stable")[:n] if order == "importance" else perm[pruned:pruned + n]
+            flat[pick] = 0.0
+            pruned += n
+            history.append({"pruned": pruned, "fraction": pruned / total, "loss": scorer.loss(gates, eval_batches)})
+        return gates, history
+    cells = _cells(L, H, kv_heads)
+    size = len(cells[0])
+    steps = min(int(round(fraction * size)), size - 1)
+    perms = [rng.permutation(c) for c in cells]
+    for k in range(steps):
         if order == "importance":
-            imp = scorer.importance(gates, imp_batches).reshape(-1)
-            imp = np.where(flat == 0, np.inf, imp)
-            pick = np.argsort(imp, kind="stable")[:n]
+            imp = scores()
+            pick = [c[np.argsort(imp[c], kind="stable")[0]] for c in cells]
         else:
-            pick = perm[pruned:pruned + n]
+            pick = [p[k] for p in perms]
         flat[pick] = 0.0
-        pruned += n
+        pruned = (k + 1) * len(cells)
         history.append({"pruned": pruned, "fraction": pruned / total, "loss": scorer.loss(gates, eval_batches)})
     return gates, history
+
+
+def ablation_increase(scorer: HeadScorer, shape: tuple[int, int], eval_batches) -> np.ndarray:
+    """``[layers, heads]``: the eval loss increase when that head alone is gated off (the quantity
+    the importance score estimates to first order)."""
+    eval_batches = list(eval_batches)
+    ones = np.ones(shape, np.float32)
+    base = scorer.loss(ones, eval_batches)
+    out = np.zeros(shape)
+    for l in range(shape[0]):
+        for h in range(shape[1]):
+            g = ones.copy()
+            g[l, h] = 0.0
+            out[l, h] = scorer.loss(g, eval_batches) - base
+    return out
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two arrays (ties ranked by position)."""
+    ra = np.argsort(np.argsort(np.ravel(a), kind="stable"), kind="stable").astype(np.float64)
+    rb = np.argsort(np.argsort(np.ravel(b), kind="stable"), kind="stable").astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +325,8 @@ def run_batches(cfg, n_train: int):
 
 
 def prune_heads_run(run, out, *, fraction: float, order: str = "importance", batches: int = 4,
-                    step_fraction: float = 0.1, seed: int = 0, step: int | None = None, batch_size: int | None = None):
+                    step_fraction: float = 0.1, seed: int = 0, step: int | None = None, batch_size: int | None = None,
+                    normalize: bool = True, balance: str = "global"):
     """Prune ``fraction`` of a run's attention heads (iteratively, :func:`iterative_prune`), fold the
     result into a smaller dense model (:func:`fold_heads`) and save it as run ``out`` (method
     ``lm``). Writes ``out/heads.json`` (settings, loss after each step, final importance, gates)
@@ -278,6 +341,8 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
     fraction = check_fraction(fraction)
     if order not in ORDERS:
         raise ConfigError(f"--order: expected importance or random (got {order!r})")
+    if balance not in BALANCES:
+        raise ConfigError(f"--balance: expected global or group (got {balance!r})")
     _check_positive(batches, "--batches")
     if not 0.0 < float(step_fraction) <= 1.0:
         raise ConfigError(f"--step-fraction: expected a number in (0, 1] (got {step_fraction})")
@@ -293,9 +358,10 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
     imp_batches, evals = run_batches(data_cfg, batches)
     scorer = HeadScorer(model, params)
     shape = (cfg.model.n_layers, cfg.model.n_heads)
-    importance0 = scorer.importance(np.ones(shape, np.float32), imp_batches)
+    importance0 = scorer.importance(np.ones(shape, np.float32), imp_batches, normalize=normalize)
     gates, history = iterative_prune(scorer, shape, imp_batches, evals, fraction=fraction,
-                                     step_fraction=float(step_fraction), order=order, seed=seed)
+                                     step_fraction=float(step_fraction), order=order, seed=seed, normalize=normalize,
+                                     balance=balance, kv_heads=cfg.model.n_kv_heads)
     small_params, small_cfg, info = fold_heads(params, cfg.model, gates)
     small_model = Transformer(small_cfg)
     small_loss = HeadScorer(small_model, small_params).loss(np.ones((small_cfg.n_layers, small_cfg.n_heads),
@@ -304,7 +370,8 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
     out_cfg = lm_run_config(saved, out, model=model_dict)
     save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg)
     record = {"source": str(Path(run).absolute()), "fraction": fraction, "order": order, "batches": batches,
-              "step_fraction": float(step_fraction), "seed": seed, "history": history,
+              "step_fraction": float(step_fraction), "seed": seed, "normalize": normalize, "balance": balance,
+              "history": history,
               "importance_unpruned": importance0.tolist(), "gates": gates.tolist(), **info,
               "params_before": count_params(params), "params_after": count_params(small_params),
               "extracted_loss": small_loss}
@@ -312,5 +379,6 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
     return record
 
 
-__all__ = ["ORDERS", "check_fraction", "gate_gradients", "batch_loss", "HeadScorer", "iterative_prune", "fold_heads",
+__all__ = ["ORDERS", "BALANCES", "check_fraction", "gate_gradients", "batch_loss", "HeadScorer", "iterative_prune",
+           "ablation_increase", "spearman", "fold_heads",
            "count_params", "run_batches", "prune_heads_run"]

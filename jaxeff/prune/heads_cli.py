@@ -22,6 +22,12 @@ def register(sub) -> None:
                    help="training batches of the run's data section for the importance scores (default 4)")
     p.add_argument("--step-fraction", type=float, default=0.1,
                    help="share of all heads pruned per iteration; importance recomputed each time (default 0.1)")
+    p.add_argument("--balance", default="global",
+                   help="global (default, the paper: heads anywhere; layers that keep fewer are zero-padded on "
+                        "extraction) | group (the same number out of every kv group of every layer: a smaller model "
+                        "without padding)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="rank the raw scores instead of l2-normalising them per layer (the paper's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of --order random")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(handler=cmd_prune_heads)
@@ -31,7 +37,8 @@ def cmd_prune_heads(args) -> int:
     from jaxeff.prune.heads import check_fraction, prune_heads_run
 
     rec = prune_heads_run(args.run, args.out, fraction=check_fraction(args.fraction), order=args.order,
-                          batches=args.batches, step_fraction=args.step_fraction, seed=args.seed, step=args.step)
+                          batches=args.batches, step_fraction=args.step_fraction, seed=args.seed, step=args.step,
+                          normalize=not args.no_normalize, balance=args.balance)
     print("| heads pruned | share | eval loss (gated) |")
     print("|---|---|---|")
     for h in rec["history"]:

@@ -139,6 +139,24 @@ def test_iterative_pruning_removes_the_least_important_head_each_step(gqa):
         iterative_prune(scorer, (3, 6), batches, batches, fraction=0.5, order="magnitude")
 
 
+@pytest.mark.parametrize("order", ["importance", "random"])
+def test_group_balanced_pruning_takes_the_same_count_from_every_kv_group_and_extracts_without_padding(gqa, order):
+    model, params = gqa
+    scorer = HeadScorer(model, params)
+    batches = [_batch(0)]
+    gates, hist = iterative_prune(scorer, (3, 6), batches, batches, fraction=0.6, order=order, balance="group",
+                                  kv_heads=2)
+    per_group = gates.reshape(3, 2, 3).sum(-1)
+    assert (per_group == 1).all() and [h["pruned"] for h in hist] == [0, 6, 12]  # round(0.6 * 3) = 2 of 3 per group
+    small_cfg, info, _ = _compare(model, params, GQA, gates, _batch(4))
+    assert (small_cfg.n_kv_heads, small_cfg.n_heads, info["padding_heads"]) == (2, 2, 0)
+    # without GQA the unit is the layer
+    mha = Transformer(MHA)
+    g2, _ = iterative_prune(HeadScorer(mha, init_params(mha, jax.random.key(1))), (2, 4), [_batch(0)], [_batch(0)],
+                            fraction=0.5, order=order, balance="group", kv_heads=None)
+    assert (g2.sum(-1) == 2).all()
+
+
 def test_prune_heads_cli_writes_a_smaller_run_that_eval_reads(tiny_config, tmp_path, capsys):
     from jaxeff.train.checkpoint import Checkpointer
     from jaxeff.train.loop import Trainer
@@ -158,7 +176,7 @@ def test_prune_heads_cli_writes_a_smaller_run_that_eval_reads(tiny_config, tmp_p
     # the extracted model's loss equals the gated model's after the last step
     np.testing.assert_allclose(rec["extracted_loss"], rec["history"][-1]["loss"], rtol=1e-4)
     assert rec["params_after"] <= rec["params_before"]
-    assert main(["eval", "--checkpoint", str(out)]) == 0
+    assert main(["eval", str(out / "config.yaml"), "--checkpoint", str(out)]) == 0
     assert "eval/loss" in capsys.readouterr().out
     # the same --out again is refused
     assert main(["prune-heads", str(cfg.run_path), "--fraction", "0.5", "--out", str(out)]) == 2
@@ -169,6 +187,7 @@ def test_prune_heads_cli_writes_a_smaller_run_that_eval_reads(tiny_config, tmp_p
     (["--fraction", "abc"], "--fraction: expected a number"),
     (["--fraction", "0.5", "--order", "magnitude"], "--order"),
     (["--fraction", "0.5", "--batches", "0"], "--batches: expected a positive integer"),
+    (["--fraction", "0.5", "--balance", "layer"], "--balance: expected global or group"),
     (["--fraction", "0.5"], "does not exist"),
 ])
 def test_prune_heads_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, msg):
