@@ -24,7 +24,7 @@ rows of 32 documents per domain, plus the mean over domains.
 
 Each run is its own Python process. TensorBoard: <run-dir>/{source,prune,pruned,continue_fixed,
 continue_dynamic_u<N>,scratch}; continue_dynamic_u<N> have data/weight/<domain>, data/delta/<domain> and
-data/reference_loss/<domain>; every run has eval/loss/<domain>.
+at_start/reference_loss/<domain>; every run has eval/loss/<domain>.
 
     python experiments/study_shear.py --quick    # small model, ~5 min on 2 shared CPU cores
     python experiments/study_shear.py            # configs' sizes (quickstart shape -> sheared)

@@ -143,6 +143,8 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     run_dir: str = "runs"  # TensorBoard runs: <run_dir>/<name>
     progress: bool = True  # console progress bar
+    # Weights & Biases: wandb.init keyword arguments, e.g. {project: jaxeff, mode: offline}; null = off
+    wandb: dict[str, Any] | None = None
 
 
 class DistributedConfig(_Section):

@@ -23,6 +23,7 @@ import numpy as np
 from jaxeff.config import ExperimentConfig
 from jaxeff.data import dynamic as dyn
 from jaxeff.errors import ConfigError
+from jaxeff.train.logging import device_peak_memory, log_step_memory, objective_scalars
 from jaxeff.train.resume import nonfinite_leaf, open_checkpoints
 # the runtime's names, re-exported: most tools import them from here
 from jaxeff.train.runtime import PEAK_FLOPS, Trainer, load_params, peak_flops_per_device, setup_distributed
@@ -102,11 +103,12 @@ def log_hook(loop: Loop) -> None:
             "train/lr": float(trainer.schedule(step - 1)), "perf/step_time_s": dt / loop.steps_since,
             "perf/tokens_per_sec": rows / dt, "perf/loss_tokens_per_sec": loop.tokens_since / dt,
             "train/skipped_updates": float(loop.state.skipped)}
-    logs["train/perplexity"] = float(np.exp(min(logs["train/loss"], 50.0)))
     peak = peak_flops_per_device(cfg)
     if peak:
         logs["perf/mfu"] = cfg.model.flops_per_token(cfg.data.seq_len) * rows / dt / (peak * jax.device_count())
     logs.update({f"train/{k}": v for k, v in m.items()})
+    logs.update(objective_scalars(logs))  # train/ce always, train/perplexity where the loss is cross-entropy
+    logs.update(device_peak_memory())
     loop.logger.scalars(step, logs)
     loop.logger.advance(loop.steps_since, {"loss": logs["train/loss"]})
     loop.last.update(logs)
@@ -193,7 +195,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
     logger.scalars(start, param_stats)
     loop.last.update(param_stats)
     if reference is not None:
-        logger.scalars(start, {**{f"data/reference_loss/{n}": v for n, v in reference.items()},
+        logger.scalars(start, {**{f"at_start/reference_loss/{n}": v for n, v in reference.items()},
                                **{f"data/weight/{n}": w for n, w in loader.weights.items()}})
         logger.message("dynamic batch loading: reference losses " +
                        ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
@@ -208,6 +210,8 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
     try:
         while loop.step < total and not stop.agreed(sync_point=loop.step % cfg.train.log_every == 0):
             batch = loader.next_batch()
+            if loop.step == start:
+                log_step_memory(logger, trainer, loop.state, batch, start)
             loop.state, loop.metrics = trainer.train_step(loop.state, batch)
             loop.step += 1
             loop.steps_since += 1
@@ -240,6 +244,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
         if loop.halted:
             logger.message(loop.halted)
             loop.last["halted"] = loop.halted
+        logger.finish()
     finally:
         stop.restore()
         logger.close()

@@ -161,7 +161,7 @@ def test_training_updates_logs_and_checkpoints_the_domain_weights(tiny_config):
         assert a1 / p1 == pytest.approx(a0 / p0 * math.exp(ev[s1]), rel=1e-5)
         assert a1 + p1 == pytest.approx(1.0, abs=1e-6)
     assert [d for _, d in tags["data/delta/prose"]] == [0.0, 0.0, 0.0]
-    assert tags["data/reference_loss/prose"] == [(0, 100.0)]
+    assert tags["at_start/reference_loss/prose"] == [(0, 100.0)]
     # every checkpoint holds the weights of its step
     assert _saved_weights(cfg, 3)["arithmetic"] == pytest.approx(wa[1][1], rel=1e-6)
     assert _saved_weights(cfg, 6)["arithmetic"] == pytest.approx(wa[3][1], rel=1e-6)
@@ -210,7 +210,7 @@ def test_reference_losses_measured_from_a_reference_run_equal_its_eval_losses(ti
     run_training(cfg)
     tags = _scalars(cfg.run_path)
     for d in ("arithmetic", "prose"):
-        assert tags[f"data/reference_loss/{d}"][0][1] == pytest.approx(ref_out[f"eval/loss/{d}"], rel=1e-5)
+        assert tags[f"at_start/reference_loss/{d}"][0][1] == pytest.approx(ref_out[f"eval/loss/{d}"], rel=1e-5)
 
 
 @pytest.mark.slow
