@@ -127,8 +127,8 @@ def _lazy(module: str, name: str):
 # Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
-FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
-               "jaxeff.decode.cli")
+FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli", "jaxeff.distill.seqkd_cli",
+               "jaxeff.edit.cli", "jaxeff.steer.cli", "jaxeff.decode.cli")
 
 
 def cmd_train(args) -> int:
