@@ -99,3 +99,14 @@ def test_config_fields_lists_every_key_with_type_default_help(capsys):
 
 def test_changed_keys():
     assert changed_keys({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 0}, "d": 3}) == {"a": {"c": 2}}
+
+
+def test_config_show_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    _write(tmp_path / "a.yaml", "base: a.yaml\n")
+    for argv, expected in ((["config", "show", str(tmp_path / "nope.yaml")], "does not exist"),
+                           (["config", "show", str(tmp_path / "a.yaml")], "base cycle"),
+                           (["config", "show", str(REPO / "configs/quickstart.yaml"), "model.nope=1"],
+                            "model.nope: unknown key")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
