@@ -46,27 +46,10 @@ def _abstract(model_json: str):
 
 
 def load_model_params(run, step: int | None = None):
-    """``(config, model params)`` of a run, on one device; any method (its ``model_params``)."""
-    import jax
-    from jax.sharding import SingleDeviceSharding
+    """``(config, model params)`` of a run, on one device; any method (see :mod:`jaxeff.runs`)."""
+    from jaxeff import runs
 
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
-    from jaxeff.train.loop import Trainer
-
-    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
-    try:
-        cfg = _one_device_config(ckpt.read_config(step))
-        if cfg.method == "lm":  # the saved params are the model's: no trainer needed
-            abstract = abstract_model_params(cfg.to_dict())
-            one = SingleDeviceSharding(jax.devices()[0])
-            return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)),
-                                            step)
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
-    finally:
-        ckpt.close()
-    return cfg, trainer.method.model_params(params)
+    return runs.load_model_params(run, step)
 
 
 def check_same_architecture(base_cfg: dict, other_cfg: dict, base_name: str, other_name: str) -> None:
@@ -88,9 +71,6 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     import jax
     import numpy as np
     from jaxeff.edit import arithmetic as ta
-    from jaxeff.train.checkpoint import Checkpointer
-    from jaxeff.train.loop import Trainer
-    from jaxeff.train.step import init_state
 
     out = Path(recipe.out)
     # -- checks, before any weights are read
@@ -148,17 +128,10 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     # -- write the new run
     from jaxeff.config import from_dict
 
-    changes = new_lm_run(out)
-    cfg = from_dict(with_changes(base_cfg, **changes))  # saved: the base's config (mesh, batch) as a plain lm run
-    trainer = Trainer(_one_device_config(base_cfg, **changes), devices=jax.devices()[:1])
-    # one device: the fresh train state is built eagerly (no compile)
-    state = init_state(jax.device_put(merged, jax.devices()[0]), trainer.tx, trainer.method, cfg.seed)
-    ckpt = Checkpointer(cfg.checkpoint_path)
-    try:
-        ckpt.save(0, state, data_state={}, config=cfg.to_dict())
-    finally:
-        ckpt.close()
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    from jaxeff.runs import save_model_run
+
+    cfg = from_dict(with_changes(base_cfg, **new_lm_run(out)))  # the base's config (mesh, batch) as a plain lm run
+    save_model_run(jax.device_put(merged, jax.devices()[0]), cfg, key="out")
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary
 

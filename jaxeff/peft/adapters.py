@@ -247,13 +247,9 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     finally:
         ckpt.close()
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=cfg.to_dict()["model"])
-    merged = merge(base, adapters, meta["scale"])
-    out_ckpt = open_new_run(cfg, out)
-    try:
-        state = trainer.init_state(merged)
-        out_ckpt.save(0, state, data_state={}, config=cfg.to_dict())
-    finally:
-        out_ckpt.close()
+    from jaxeff.runs import save_model_run
+
+    save_model_run(merge(base, adapters, meta["scale"]), cfg)
     return out
 
 

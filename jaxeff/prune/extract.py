@@ -143,23 +143,22 @@ def extract(params, model_cfg, prune_cfg):
 def extract_run(src, out, step: int | None = None) -> Path:
     """Extract the pruned model of a ``shear`` run (its newest checkpoint, or ``step``) and save it
     as a new run folder ``out`` (method ``lm``, step 0, its own smaller ``model`` section)."""
-    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
-                                         one_device_config, open_new_run)
-    from jaxeff.train.loop import Trainer
+    from jaxeff.runs import lm_run_config, save_model_run
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
+    from jaxeff.train.runtime import Trainer
 
     out = Path(out)
-    ckpt = Checkpointer(find_checkpoint_dir(src), create=False)
-    try:
+    with Checkpointer(find_checkpoint_dir(src), create=False) as ckpt:
         saved = ckpt.read_config(step)
         if saved.get("method") != "shear":
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; "
                                   "expected a shear run")
+        if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         cfg = one_device_config(saved)
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
                                      step)
-    finally:
-        ckpt.close()
     small_params, small_cfg = extract(params, cfg.model, cfg.prune)
     from pydantic import TypeAdapter
 
@@ -167,14 +166,8 @@ def extract_run(src, out, step: int | None = None) -> Path:
 
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     saved.pop("prune", None)  # the new run is a plain model: default prune section
-    out_cfg = one_device_config(saved, model=model_dict, **new_lm_run(out))
-    out_trainer = Trainer(out_cfg, devices=jax.devices()[:1])
-    out_ckpt = open_new_run(out_cfg, out)
-    try:
-        state = out_trainer.init_state(small_params)
-        out_ckpt.save(0, state, data_state={}, config=out_cfg.to_dict())
-    finally:
-        out_ckpt.close()
+    out_cfg = lm_run_config(saved, out, model=model_dict)
+    save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg)
     return out
 
 

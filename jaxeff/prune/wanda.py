@@ -278,42 +278,38 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     import json
     from pathlib import Path
 
-    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
-                                         one_device_config, open_new_run)
+    from jaxeff.errors import CheckpointError
+    from jaxeff.runs import lm_run_config, save_model_run
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
     from jaxeff.train.inputs import build_data
-    from jaxeff.train.loop import Trainer
+    from jaxeff.train.runtime import Trainer
 
     sparsity, nm = _check_method(method, sparsity, nm)
     if method == "wanda" and calib_batches < 1:
         raise ConfigError(f"calib_batches: Wanda needs at least one calibration batch (got {calib_batches})")
     out = Path(out)
     src_dir = find_checkpoint_dir(run)
-    ckpt = Checkpointer(src_dir, create=False)
-    try:
+    with Checkpointer(src_dir, create=False) as ckpt:
         saved = ckpt.read_config(step)
-        cfg = one_device_config(saved, **new_lm_run(out))
+        cfg = lm_run_config(saved, out)
+        if (cfg.checkpoint_path).is_dir() and any(cfg.checkpoint_path.iterdir()):
+            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings), step)
         src_step = step if step is not None else ckpt.latest_step()
-    finally:
-        ckpt.close()
-    out_ckpt = open_new_run(cfg, out)
-    try:
-        _, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
-        if method == "wanda":
-            batches = [loader.next_batch() for _ in range(calib_batches)]
-            pruned, report = wanda(trainer.model, params, batches, sparsity=sparsity, nm=nm)
-        else:
-            pruned, report = prune(params, method="magnitude", sparsity=sparsity, nm=nm)
-        record = {"source": str(Path(run).absolute()), "source_step": src_step, "method": method,
-                  "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
-                  "calib_batches": calib_batches if method == "wanda" else 0, **report}
-        if evaluate:
-            record["eval_before"] = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
-            record["eval_after"] = trainer.evaluate(pruned, eval_sets, cfg.train.eval_batches)
-        out_ckpt.save(0, trainer.init_state(pruned), data_state={}, config=cfg.to_dict())
-    finally:
-        out_ckpt.close()
+    _, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
+    if method == "wanda":
+        batches = [loader.next_batch() for _ in range(calib_batches)]
+        pruned, report = wanda(trainer.model, params, batches, sparsity=sparsity, nm=nm)
+    else:
+        pruned, report = prune(params, method="magnitude", sparsity=sparsity, nm=nm)
+    record = {"source": str(Path(run).absolute()), "source_step": src_step, "method": method,
+              "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
+              "calib_batches": calib_batches if method == "wanda" else 0, **report}
+    if evaluate:
+        record["eval_before"] = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
+        record["eval_after"] = trainer.evaluate(pruned, eval_sets, cfg.train.eval_batches)
+    save_model_run(pruned, cfg)
     (cfg.run_path / "sparsify.json").write_text(json.dumps(record, indent=1))
     return (record, params, pruned) if return_params else record
 

@@ -29,7 +29,9 @@ from jaxeff.errors import CheckpointError, DamagedCheckpoint, DiskFullError
 
 # orbax reports a failed write or read from its worker threads through absl/orbax logging (with
 # tracebacks) before the same error reaches us; we turn those into one line each, so silence them.
-for _name in ("absl", "orbax"):
+# asyncio's "Task exception was never retrieved" is the same: the abandoned reads' tasks, logged when
+# garbage-collected (jaxeff runs no asyncio code of its own).
+for _name in ("absl", "orbax", "asyncio"):
     logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 CHECKSUMS = "jaxeff_checksums.json"  # per-file CRC32 of a step folder, written after orbax commits it
@@ -51,9 +53,22 @@ def _files(step_dir: Path) -> list[Path]:
 # When a read fails part-way, orbax abandons its asyncio loop while TensorStore still completes the
 # other reads; each late completion prints "RuntimeError: Event loop is closed" with a traceback
 # from native code (hundreds of lines, nothing Python can catch). Reads run with stderr filtered.
-_LOOP_NOISE = re.compile(r"Traceback \(most recent call last\):\n|  File \"[^\n]*asyncio[^\n]*\n|"
-                         r" *self\._check_closed\(\)\n| *raise RuntimeError\('Event loop is closed'\)\n|"
-                         r"(RuntimeError: )?Event loop is closed\n?|RuntimeError: (?=Traceback)")
+_LOOP_NOISE = re.compile(r"Traceback \(most recent call last\):|File \"[^\"\n]*asyncio[^\"\n]*\", line \d+, in \w+|"
+                         r"self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|"
+                         r"RuntimeError: Event loop is closed|RuntimeError:|Event loop is closed")
+
+
+def _strip_loop_noise(text: str) -> str:
+    """``text`` without the noise's fragments (threads interleave them, even inside other lines);
+    a line that held any is stripped, and lines left empty go."""
+    out = []
+    for line in text.splitlines():
+        cleaned = _LOOP_NOISE.sub("", line)
+        if cleaned != line:
+            cleaned = cleaned.strip()
+        if cleaned.strip():
+            out.append(cleaned)
+    return "\n".join(out) + ("\n" if out else "")
 
 
 @contextlib.contextmanager
@@ -69,13 +84,20 @@ def _without_loop_noise():
             failed = True
             raise
         finally:
-            if failed:
-                time.sleep(0.3)  # the abandoned reads' completions
+            if failed:  # the abandoned reads complete late: wait until stderr has been quiet for 0.5 s (3 s at most)
+                quiet_since, size, start = time.monotonic(), -1, time.monotonic()
+                while time.monotonic() - start < 3.0:
+                    time.sleep(0.1)
+                    now = os.fstat(tmp.fileno()).st_size
+                    if now != size:
+                        size, quiet_since = now, time.monotonic()
+                    elif time.monotonic() - quiet_since >= 0.5:
+                        break
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            rest = _LOOP_NOISE.sub("", tmp.read().decode(errors="replace"))
+            rest = _strip_loop_noise(tmp.read().decode(errors="replace"))
             if rest.strip():
                 sys.stderr.write(rest)
                 sys.stderr.flush()

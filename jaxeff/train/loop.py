@@ -72,8 +72,8 @@ class Loop:
                            f"(train.nonfinite={self.cfg.train.nonfinite}); not checkpointed, the newest "
                            f"checkpoint is step {self.ckpt.latest_step()}")
             return False
+        self.logger.flush()  # first: once step `at` is on disk, so are its points
         self.ckpt.save(at, state, data_state=data_state, config=self.cfg.to_dict())
-        self.logger.flush()
         return True
 
 

@@ -201,14 +201,14 @@ def _env_int(name: str) -> int | None:
 
 
 def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, devices=None):
-    """Parameters of a checkpoint, placed with the run's shardings (for eval / generate)."""
+    """``(trainer, params)``: the parameters of a checkpoint (only those: no optimizer state is read,
+    so the config's optimizer need not match), placed with the run's shardings (eval / generate)."""
     trainer = Trainer(cfg, devices=devices)
-    ckpt = Checkpointer(checkpoint_dir, create=False)
-    try:
-        state, _ = trainer.restore(ckpt, step)
-    finally:
-        ckpt.close()
-    return trainer, state.params
+    with Checkpointer(checkpoint_dir, create=False) as ckpt:
+        check_same_model(ckpt.read_config(step), cfg.to_dict()["model"], ckpt.directory)
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
+                                     step)
+    return trainer, params
 
 
 

@@ -243,7 +243,7 @@ def test_a_damaged_checkpoint_without_checksums_falls_back_without_tracebacks(tm
                        env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("warning: checkpoint step ") for line in lines), lines
+    assert len(lines) == 2 and all(line.startswith("warning: checkpoint step ") for line in lines), r.stderr
     assert "bound method" not in r.stderr and "resumed from" in r.stdout and "at step 2" in r.stdout
 
 

@@ -1,0 +1,74 @@
+"""One way to read and write a run folder: its config, its model parameters, a plain model run.
+
+A run folder is ``<run>/checkpoints/<step>/`` (orbax) + ``config.yaml``; the saved config of each
+step says which model and method wrote it. Tools that read a run (eval, generate, merge, extract,
+sparsify, export, adapters) go through here:
+
+* ``read_config(run, step)``: the saved config (a dict), newest step by default;
+* ``load_model_params(run, step)``: ``(config, model parameters)`` on one device, for any method
+  (through ``Method.model_params``: LoRA merged, the distilled student, ...);
+* ``save_model_run(params, cfg)``: a new run holding parameters only (no optimizer state), refused
+  when the folder already holds a checkpoint. ``eval``, ``generate`` and ``train.init_from`` read
+  parameters only; resuming such a run is refused (start from it with ``train.init_from``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
+                                     one_device_config)
+
+
+def read_config(run, step: int | None = None) -> dict:
+    """The saved config of a run folder (or its checkpoints folder), newest step or ``step``."""
+    with Checkpointer(find_checkpoint_dir(run), create=False) as ckpt:
+        return ckpt.read_config(step)
+
+
+def load_model_params(run, step: int | None = None):
+    """``(config, model params)`` of a run on one device; any method (its ``model_params``). The
+    config is the run's on one device (mesh 1x1x1, batch 1)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxeff.edit.runs import abstract_model_params
+
+    with Checkpointer(find_checkpoint_dir(run), create=False) as ckpt:
+        cfg = one_device_config(ckpt.read_config(step), **{"data.batch_size": 1})
+        if cfg.method == "lm":  # the saved params are the model's: no trainer needed
+            abstract = abstract_model_params(cfg.to_dict())
+            one = SingleDeviceSharding(jax.devices()[0])
+            return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)),
+                                            step)
+        from jaxeff.train.runtime import Trainer
+
+        trainer = Trainer(cfg, devices=jax.devices()[:1])
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
+                                     step)
+    return cfg, trainer.method.model_params(params)
+
+
+def lm_run_config(saved: dict, out, **changes):
+    """The config of a new plain ``lm`` run in folder ``out`` made from a saved run's config (its
+    model, data and settings), on one device, with dotted ``changes``."""
+    return one_device_config(saved, **{**new_lm_run(Path(out)), **changes})
+
+
+def save_model_run(params: Any, cfg, *, key: str = "--out", step: int = 0) -> Path:
+    """Write ``params`` (an ``lm`` run's model parameters, or the prepared tree of ``cfg.method``)
+    as step ``step`` of the run ``cfg`` (``cfg.run_path``), with its ``config.yaml``; parameters
+    only, no optimizer state. A folder that already holds a checkpoint is refused naming ``key``."""
+    from jaxeff.errors import CheckpointError
+
+    out = cfg.run_path
+    with Checkpointer(cfg.checkpoint_path) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise CheckpointError(f"{key}: '{out}' already holds a checkpoint; choose another folder")
+        ckpt.save(step, {"params": params}, data_state={}, config=cfg.to_dict())
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    return out
+
+
+__all__ = ["read_config", "load_model_params", "lm_run_config", "save_model_run"]
