@@ -149,8 +149,9 @@ def cmd_train(args) -> int:
 
 
 def eval_config(saved: dict, yaml_path=None, overrides=()) -> "ExperimentConfig":  # noqa: F821
-    """The config ``jaxeff eval`` uses: the run's saved config (one device), its ``data`` section and
-    ``train.eval_batches`` replaced by those of ``yaml_path`` when given, then dotted ``overrides``
+    """The config ``jaxeff eval`` uses: the run's saved config (data parallel over the devices), its
+    ``data`` section and ``train.eval_batches`` (and the mesh keys it sets) replaced by those of
+    ``yaml_path`` when given, then dotted ``overrides``
     (data / eval settings). A run that records no data of its own (converted from Hugging Face)
     needs a YAML or ``data.*`` overrides."""
     from jaxeff.config import parse_overrides, provenance_of, resolve_raw
@@ -161,6 +162,8 @@ def eval_config(saved: dict, yaml_path=None, overrides=()) -> "ExperimentConfig"
     if yaml_path is not None:
         raw = resolve_raw(yaml_path)
         changes["data"] = raw.get("data", {})
+        if isinstance(raw.get("mesh"), dict):  # how to lay the model out for eval (e.g. fsdp), as before
+            changes.update({f"mesh.{k}": v for k, v in raw["mesh"].items()})
         if isinstance(raw.get("train"), dict) and "eval_batches" in raw["train"]:
             changes["train.eval_batches"] = raw["train"]["eval_batches"]
         given = True
