@@ -62,7 +62,7 @@ def main(argv=None):
     from jaxeff.models import Transformer
     from jaxeff.prune.heads import (HeadScorer, ablation_increase, iterative_prune, prune_heads_run, run_batches,
                                     spearman)
-    from jaxeff.runs import load_model_params, lm_run_config, read_config
+    from jaxeff.runs import lm_run_config, load_model_params, read_config
     from jaxeff.train.loop import run_training
 
     study = Path(args.run_dir) / ("heads_study_quick" if args.quick else "heads_study")

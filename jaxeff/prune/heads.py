@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -335,7 +335,7 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
 
     from jaxeff.models import Transformer
     from jaxeff.models.config import TransformerConfig
-    from jaxeff.runs import load_model_params, lm_run_config, read_config, save_model_run
+    from jaxeff.runs import lm_run_config, load_model_params, read_config, save_model_run
     from jaxeff.train.checkpoint import find_checkpoint_dir
 
     fraction = check_fraction(fraction)

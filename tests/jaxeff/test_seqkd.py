@@ -17,6 +17,7 @@ def teacher(tmp_path_factory):
     import copy
 
     from conftest import TINY
+
     from jaxeff.config import from_dict
     from jaxeff.train.checkpoint import Checkpointer
     from jaxeff.train.loop import Trainer
