@@ -201,7 +201,7 @@ def main() -> None:
     drops = [r["loss"][POS] - base[r["source"], r["layer"]]["loss"][POS] for r in small]
     claims.append(f"teacher-forced, smallest scale {SCALES[1]:g}: code loss changes "
                   + ", ".join(f"{r['source']} L{r['layer']} {d:+.4f}" for r, d in zip(small, drops))
-                  + f"; code-minus-prose change " + ", ".join(f"{rel[id(r)]:+.4f}" for r in small)
+                  + "; code-minus-prose change " + ", ".join(f"{rel[id(r)]:+.4f}" for r in small)
                   + f": code loss falls in absolute terms: {'held' if any(d < 0 for d in drops) else 'did NOT hold'}")
     claim = "\n- ".join(claims)
     cmd = ("python experiments/study_steer.py" + (" --quick" if args.quick else "")

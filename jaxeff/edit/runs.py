@@ -121,7 +121,7 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
         merged_vector = ta.disjoint_mean(trimmed, ta.elect_sign(trimmed))
         summary["merged_vector_norm"] = _norm(merged_vector)
         merged = ta.apply_vectors(base, [merged_vector], [recipe.ties.lam])
-    del loaded
+    loaded.clear()  # the inputs can go before the merged run is written
     if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(merged)):
         raise ConfigError("models: the merged parameters are not finite (check the scales)")
 

@@ -200,7 +200,7 @@ def flash_attention(q, k, v, *, causal=False, local_window_size=None, q_segment_
 
 
 def _flash_attention_tpu(q, k, v, q_segment_ids, kv_segment_ids, st, bs):
-  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  t, s = q.shape[1], k.shape[1]
   p = _plan(bs.with_defaults(TPU_DEFAULT_BLOCKS), t, s)
   plan = TpuPlan(bq=p["bq"], bk=p["bk"], bq_dkv=p["bq_dkv"], bk_dkv=p["bk_dkv"], bq_dq=p["bq_dq"],
                  bk_dq=p["bk_dq"], tp=p["tp"], sp=p["sp"])

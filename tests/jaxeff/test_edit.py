@@ -11,7 +11,7 @@ import yaml
 from jaxeff.edit import (add, analogy, apply_vectors, elect_sign, first_difference, negate, scale, task_vector,
                          ties_merge, transfer, trim)
 from jaxeff.edit.recipe import load_recipe, recipe_from_dict
-from jaxeff.errors import CheckpointError, ConfigError, JaxeffError
+from jaxeff.errors import ConfigError, JaxeffError
 
 
 def T(w, b):

@@ -10,7 +10,6 @@ module. SIGTERM during start-up needs a real process and has its own test.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal

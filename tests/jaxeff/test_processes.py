@@ -106,7 +106,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     again = subprocess.run([EXE, "train", str(cfg), "checkpoint.every=100000", f"train.steps={steps[0] + 2}",
                             "--resume"], capture_output=True, text=True, env=_env(1), timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from" in again.stdout + again.stderr
+    assert "resumed from" in again.stdout + again.stderr
     assert _summary(again.stdout)["step"] == steps[0] + 2
 
 

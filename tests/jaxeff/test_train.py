@@ -8,7 +8,7 @@ import pytest
 from jaxeff.train.checkpoint import Checkpointer
 from jaxeff.train.inputs import build_data
 from jaxeff.train.loop import Trainer, run_training
-from jaxeff.train.methods import Method, lm_method, register_method
+from jaxeff.train.methods import lm_method, register_method
 
 
 def _batch(cfg):
