@@ -165,3 +165,10 @@ def main(argv=None) -> int:
     from jaxeff.cli import main as cli_main
 
     return cli_main(["quantize", *(argv or [])])
+
+
+if __name__ == "__main__":  # the old spelling, dropped (runpy warned: jaxeff.quant imports this module)
+    import sys
+
+    print("error: python -m jaxeff.quant.convert is now: jaxeff quantize (same arguments)", file=sys.stderr)
+    raise SystemExit(2)
