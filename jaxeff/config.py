@@ -35,7 +35,7 @@ from jaxeff.ttt.config import TTTConfig
 # method name -> module that registers it with jaxeff.train.methods.register_method
 METHOD_MODULES = {
     "lm": "jaxeff.train.methods",
-    "distill": "jaxeff.distill",
+    "distill": "jaxeff.distill.method",
     "lora": "jaxeff.peft",
     "qlora": "jaxeff.peft",
     "bitfit": "jaxeff.peft",

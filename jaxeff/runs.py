@@ -56,18 +56,21 @@ def lm_run_config(saved: dict, out, **changes):
     return one_device_config(saved, **{**new_lm_run(Path(out)), **changes})
 
 
-def save_model_run(params: Any, cfg, *, key: str = "--out", step: int = 0) -> Path:
+def save_model_run(params: Any, cfg, *, provenance: dict | None = None, key: str = "--out", step: int = 0) -> Path:
     """Write ``params`` (an ``lm`` run's model parameters, or the prepared tree of ``cfg.method``)
     as step ``step`` of the run ``cfg`` (``cfg.run_path``), with its ``config.yaml``; parameters
-    only, no optimizer state. A folder that already holds a checkpoint is refused naming ``key``."""
+    only, no optimizer state. ``provenance`` (what made it: command, source, method, data) leads
+    the saved config and config.yaml. A folder that already holds a checkpoint is refused naming
+    ``key``."""
+    from jaxeff.config import run_dict, run_yaml
     from jaxeff.errors import CheckpointError
 
     out = cfg.run_path
     with Checkpointer(cfg.checkpoint_path) as ckpt:
         if ckpt.latest_step() is not None:
             raise CheckpointError(f"{key}: '{out}' already holds a checkpoint; choose another folder")
-        ckpt.save(step, {"params": params}, data_state={}, config=cfg.to_dict())
-    (out / "config.yaml").write_text(cfg.to_yaml())
+        ckpt.save(step, {"params": params}, data_state={}, config=run_dict(cfg, provenance))
+    (out / "config.yaml").write_text(run_yaml(cfg, provenance))
     return out
 
 

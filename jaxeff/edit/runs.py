@@ -131,7 +131,10 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     from jaxeff.runs import save_model_run
 
     cfg = from_dict(with_changes(base_cfg, **new_lm_run(out)))  # the base's config (mesh, batch) as a plain lm run
-    save_model_run(jax.device_put(merged, jax.devices()[0]), cfg, key="out")
+    provenance = {"command": "jaxeff merge", "method": recipe.method, "base": str(Path(recipe.base).absolute()),
+                  "models": {n: str(Path(e.path).absolute()) for n, e in recipe.models.items()},
+                  "data": "as the base run"}
+    save_model_run(jax.device_put(merged, jax.devices()[0]), cfg, provenance=provenance, key="out")
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -249,7 +249,9 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=cfg.to_dict()["model"])
     from jaxeff.runs import save_model_run
 
-    save_model_run(merge(base, adapters, meta["scale"]), cfg)
+    save_model_run(merge(base, adapters, meta["scale"]), cfg,
+                   provenance={"command": "jaxeff merge-adapter", "base": str(Path(base_run).absolute()),
+                               "adapter": str(Path(adapter_dir).absolute()), "data": "as the base run"})
     return out
 
 

@@ -167,7 +167,9 @@ def extract_run(src, out, step: int | None = None) -> Path:
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     saved.pop("prune", None)  # the new run is a plain model: default prune section
     out_cfg = lm_run_config(saved, out, model=model_dict)
-    save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg)
+    provenance = {"command": "jaxeff extract", "source": str(Path(src).absolute()), "method": "shear",
+                  "step": step if step is not None else "latest", "data": "as the source run"}
+    save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg, provenance=provenance)
     return out
 
 

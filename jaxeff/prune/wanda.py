@@ -309,7 +309,9 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     if evaluate:
         record["eval_before"] = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
         record["eval_after"] = trainer.evaluate(pruned, eval_sets, cfg.train.eval_batches)
-    save_model_run(pruned, cfg)
+    save_model_run(pruned, cfg, provenance={"command": "jaxeff sparsify", "source": record["source"],
+                                            "step": src_step, "method": saved.get("method", "lm"),
+                                            "sparsify": method, "data": "as the source run"})
     (cfg.run_path / "sparsify.json").write_text(json.dumps(record, indent=1))
     return (record, params, pruned) if return_params else record
 

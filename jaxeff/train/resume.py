@@ -115,6 +115,12 @@ def resume(trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
             state, data_state = ckpt.restore(trainer.abstract_state, step, verify=False)
         except Exception as e:  # noqa: BLE001
             if ckpt.has_checksums(step) or _readable(ckpt, step):
+                made_by = (saved.get("provenance") or {}).get("command")
+                if made_by:  # jaxeff.runs.save_model_run: parameters only
+                    raise CheckpointError(
+                        f"checkpoint '{ckpt.directory}' step {step} holds parameters only (written by {made_by}), "
+                        f"no optimizer state to resume; start a new run from it with "
+                        f"train.init_from={ckpt.directory.parent}") from None
                 raise CheckpointError(
                     f"checkpoint '{ckpt.directory}' step {step} does not fit this run's train state "
                     f"({_differing_settings(saved, here)}); resume with the checkpoint's settings, or start "

@@ -155,3 +155,21 @@ def test_distill_topk_verb_shows_progress(trained, capfd):
     assert main(["distill-topk", str(yaml_path), "method=distill", f"distill.teacher_checkpoint={cfg.run_path}",
                  "--k", "0", "--out", str(root / "bad.npz")]) == 2
     assert capfd.readouterr().err.startswith("error: k: expected 1..")
+
+
+def test_a_sparsified_run_says_what_made_it_and_evaluates_from_its_own_config(trained, capsys):
+    from jaxeff.prune.wanda import sparsify_run
+
+    root, cfg, _ = trained
+    out = root / "runs" / "sparse"
+    sparsify_run(cfg.run_path, out, method="magnitude", sparsity=0.5, evaluate=False)
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["provenance"]["command"] == "jaxeff sparsify"
+    assert written["provenance"]["source"] == str(cfg.run_path.absolute())
+    assert written["method"] == "lm" and written["data"] == cfg.to_dict()["data"]
+    assert main(["eval", "--checkpoint", str(out)]) == 0  # parameters only, no optimizer state
+    assert set(_losses(capsys.readouterr().out)) == {"eval/loss/arithmetic", "eval/loss/prose", "eval/loss",
+                                                     "eval/perplexity"}
+    assert main(["train", str(root / "tiny.yaml"), f"logging.run_dir={root / 'runs'}", "name=sparse",
+                 "resume=true"]) == 2  # a parameters-only run is not resumable: refused, one line
+    assert "holds parameters only (written by jaxeff sparsify)" in capsys.readouterr().err
