@@ -38,6 +38,11 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     f = folder / "config.json"
     if not f.is_file():
         raise CheckpointError(f"'{folder}' has no config.json (expected a Hugging Face model folder)")
+    return read_json_object(f)
+
+
+def read_json_object(f: Path) -> dict:
+    """The JSON object in file ``f``; anything else is a one-line :class:`CheckpointError`."""
     try:
         raw = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from jaxeff.errors import CheckpointError
 from jaxeff.interop.hf import hf_name
+from jaxeff.interop.hf_config import read_json_object
 from jaxeff.interop.safetensors_io import ST_DTYPES, Tensor, read_header, write_safetensors
 
 CONFIG = "adapter_config.json"
@@ -160,12 +161,7 @@ def read_peft_config(directory) -> dict[str, Any]:
     f = Path(directory) / CONFIG
     if not f.is_file():
         raise CheckpointError(f"adapter folder '{directory}' has no {CONFIG} (expected a PEFT LoRA adapter)")
-    try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"'{f}' is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"'{f}': expected a JSON object")
+    raw = read_json_object(f)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"'{f}': peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha"):

@@ -50,13 +50,10 @@ BALANCES = ("global", "group")
 
 
 def check_fraction(fraction, field: str = "--fraction") -> float:
-    try:
-        f = float(fraction)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field}: expected a number in [0, 1) (got {fraction!r})") from None
-    if not 0.0 <= f < 1.0:
-        raise ConfigError(f"{field}: expected a number in [0, 1) (the share of heads pruned; got {fraction})")
-    return f
+    """The share of heads to prune: a number in [0, 1), as Wanda's sparsity."""
+    from jaxeff.prune.wanda import check_sparsity
+
+    return check_sparsity(fraction, field)
 
 
 def _check_positive(value, field: str) -> int:
