@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from jaxeff.errors import CheckpointError, DamagedCheckpoint, DiskFullError
 # garbage-collected (jaxeff runs no asyncio code of its own).
 for _name in ("absl", "orbax", "asyncio"):
     logging.getLogger(_name).setLevel(logging.CRITICAL)
+# ... and so is Python's warning about their coroutines that never ran, at garbage collection
+warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 CHECKSUMS = "jaxeff_checksums.json"  # per-file CRC32 of a step folder, written after orbax commits it
 _CHUNK = 1 << 22
@@ -97,7 +100,9 @@ def _without_loop_noise():
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            rest = _strip_loop_noise(tmp.read().decode(errors="replace"))
+            # a failed read is reported by the caller in one line: what its threads printed (the
+            # noise, interleaved down to single characters) goes; after a good read, only the noise
+            rest = "" if failed else _strip_loop_noise(tmp.read().decode(errors="replace"))
             if rest.strip():
                 sys.stderr.write(rest)
                 sys.stderr.flush()
