@@ -56,6 +56,16 @@ def lm_run_config(saved: dict, out, **changes):
     return one_device_config(saved, **{**new_lm_run(Path(out)), **changes})
 
 
+def check_new_run(out, key: str = "--out") -> None:
+    """Refuse (one line naming ``key``) an output run folder whose ``checkpoints/`` is not empty;
+    called before any weights are read, and again by :func:`save_model_run`."""
+    from jaxeff.errors import CheckpointError
+
+    ckpts = Path(out) / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        raise CheckpointError(f"{key}: '{out}' already holds a checkpoint; choose another folder")
+
+
 def save_model_run(params: Any, cfg, *, provenance: dict | None = None, key: str = "--out", step: int = 0) -> Path:
     """Write ``params`` (an ``lm`` run's model parameters, or the prepared tree of ``cfg.method``)
     as step ``step`` of the run ``cfg`` (``cfg.run_path``), with its ``config.yaml``; parameters
@@ -74,4 +84,4 @@ def save_model_run(params: Any, cfg, *, provenance: dict | None = None, key: str
     return out
 
 
-__all__ = ["read_config", "load_model_params", "lm_run_config", "save_model_run"]
+__all__ = ["read_config", "load_model_params", "lm_run_config", "check_new_run", "save_model_run"]

@@ -74,8 +74,9 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
 
     out = Path(recipe.out)
     # -- checks, before any weights are read
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise CheckpointError(f"out: '{out}' already holds a checkpoint; choose another folder")
+    from jaxeff.runs import check_new_run
+
+    check_new_run(out, "out")
     runs = {("base", recipe.base): (recipe.base, recipe.base_step)}
     for name, e in recipe.models.items():
         runs[(f"models.{name}.path", e.path)] = (e.path, e.step)

@@ -143,7 +143,7 @@ def extract(params, model_cfg, prune_cfg):
 def extract_run(src, out, step: int | None = None) -> Path:
     """Extract the pruned model of a ``shear`` run (its newest checkpoint, or ``step``) and save it
     as a new run folder ``out`` (method ``lm``, step 0, its own smaller ``model`` section)."""
-    from jaxeff.runs import lm_run_config, save_model_run
+    from jaxeff.runs import check_new_run, lm_run_config, save_model_run
     from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
     from jaxeff.train.runtime import Trainer
 
@@ -153,8 +153,7 @@ def extract_run(src, out, step: int | None = None) -> Path:
         if saved.get("method") != "shear":
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; "
                                   "expected a shear run")
-        if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
+        check_new_run(out)
         cfg = one_device_config(saved)
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),

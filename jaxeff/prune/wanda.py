@@ -278,8 +278,7 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     import json
     from pathlib import Path
 
-    from jaxeff.errors import CheckpointError
-    from jaxeff.runs import lm_run_config, save_model_run
+    from jaxeff.runs import check_new_run, lm_run_config, save_model_run
     from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
     from jaxeff.train.inputs import build_data
     from jaxeff.train.runtime import Trainer
@@ -292,8 +291,7 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
     with Checkpointer(src_dir, create=False) as ckpt:
         saved = ckpt.read_config(step)
         cfg = lm_run_config(saved, out)
-        if (cfg.checkpoint_path).is_dir() and any(cfg.checkpoint_path.iterdir()):
-            raise CheckpointError(f"--out: '{out}' already holds a checkpoint; choose another folder")
+        check_new_run(out)
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings), step)
         src_step = step if step is not None else ckpt.latest_step()
