@@ -39,13 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. optim.lr=3e-4 model.n_layers=4")
     t.add_argument("--resume", action="store_true", help="same as resume=true")
 
-    e = sub.add_parser("eval", help="per-domain eval loss of a checkpoint")
-    e.add_argument("config", nargs="?", default=None,
-                   help="optional YAML file whose data section (and train.eval_batches) replace the run's own")
-    e.add_argument("overrides", nargs="*", default=[], help="dotted overrides of data/eval settings, e.g. data.seq_len=64")
-    e.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
     g.add_argument("--prompt", required=True)
@@ -127,8 +120,8 @@ def _lazy(module: str, name: str):
 # Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
-FAMILY_CLIS = ("jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli", "jaxeff.distill.seqkd_cli",
-               "jaxeff.edit.cli", "jaxeff.steer.cli", "jaxeff.decode.cli")
+FAMILY_CLIS = ("jaxeff.evals", "jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli",
+               "jaxeff.distill.seqkd_cli", "jaxeff.edit.cli", "jaxeff.steer.cli", "jaxeff.decode.cli")
 
 
 def cmd_train(args) -> int:
@@ -176,24 +169,6 @@ def eval_config(saved: dict, yaml_path=None, overrides=()) -> "ExperimentConfig"
                           f"{prov.get('source', '?')}); give a YAML whose data section to evaluate, "
                           "e.g. jaxeff eval configs/quickstart.yaml --checkpoint RUN")
     return one_device_config(saved, **changes)
-
-
-def cmd_eval(args) -> int:
-    from jaxeff.train.checkpoint import find_checkpoint_dir, read_run_config
-    from jaxeff.train.inputs import build_data
-    from jaxeff.train.loop import load_params
-
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not os.path.exists(config):
-        config, overrides = None, [config, *overrides]  # `eval --checkpoint RUN data.seq_len=64`
-    ckpt_dir = find_checkpoint_dir(args.checkpoint)
-    cfg = eval_config(read_run_config(ckpt_dir, args.step), config, overrides)
-    _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
-    trainer, params = load_params(cfg, ckpt_dir, args.step)
-    result = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
-    for k, v in result.items():
-        print(f"{k:32s} {v:.4f}")
-    return 0
 
 
 def cmd_config(args) -> int:
@@ -340,7 +315,7 @@ def _run(argv: list[str] | None) -> int:
             verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
             verbs[args.command].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
-    handler = getattr(args, "handler", None) or {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
+    handler = getattr(args, "handler", None) or {"train": cmd_train, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
                "merge-adapter": cmd_merge_adapter, "convert": cmd_convert}[args.command]
     try:
         return handler(args)
