@@ -3,7 +3,10 @@
 Shapes: q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len, kv_heads, head_dim]`` with
 ``heads % kv_heads == 0`` (GQA/MQA). Query i sits at absolute index ``q_offset + i`` of the key
 sequence; masks combine causality, an optional sliding window (``window`` visible tokens including
-the current one), segment ids (packed documents) and the number of valid keys (KV cache).
+the current one), segment ids (packed documents) and the number of valid keys (KV cache). An
+explicit boolean ``mask`` ``[q_len, kv_len]`` or ``[batch, q_len, kv_len]`` (True = visible) is
+ANDed with all of these; it serves tree attention (Medusa's candidate tree verified in one pass,
+:mod:`jaxeff.decode.medusa`) and runs on the XLA path whatever ``impl`` says.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from jax.sharding import PartitionSpec as P
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
-def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_ids, kv_valid):
+def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_ids, kv_valid, mask=None):
     """Boolean mask broadcastable to ``[batch, 1, 1, q_len, kv_len]`` (True = visible)."""
+    explicit = mask
     q_idx = q_offset + jnp.arange(q_len)[:, None]
     k_idx = jnp.arange(kv_len)[None, :]
     mask = jnp.ones((q_len, kv_len), bool)
@@ -34,6 +38,9 @@ def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_
         mask = mask & seg[:, None, None]
     if kv_valid is not None:
         mask = mask & (k_idx < kv_valid)[None, None, None]
+    if explicit is not None:
+        explicit = explicit if explicit.ndim == 3 else explicit[None]
+        mask = mask & explicit[:, None, None]
     return mask
 
 
@@ -41,7 +48,7 @@ BANDED_MIN_RATIO = 4  # banded sliding-window attention once the sequence is thi
 
 
 def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
-                  q_offset=0, kv_valid=None, scale=None):
+                  q_offset=0, kv_valid=None, scale=None, mask=None):
     """Reference-quality attention in plain jnp (softmax in float32). Rows with no visible key
     return zeros. K/V heads are shared across query groups by reshaping, not by repeating.
 
@@ -49,11 +56,11 @@ def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_s
     long runs banded (:func:`banded_window_attention`): O(seq · window) work and memory instead of
     O(seq²), so its cost per token stays flat as the context grows."""
     if (causal and window is not None and kv_valid is None and q_offset == 0 and q.shape[1] == k.shape[1]
-            and q.shape[1] >= BANDED_MIN_RATIO * window):
+            and q.shape[1] >= BANDED_MIN_RATIO * window and mask is None):
         return banded_window_attention(q, k, v, window=window, q_segment_ids=q_segment_ids,
                                        kv_segment_ids=kv_segment_ids, scale=scale)
     return _dense_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale)
+                            kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale, mask=mask)
 
 
 def banded_window_attention(q, k, v, *, window, q_segment_ids=None, kv_segment_ids=None, scale=None):
@@ -95,7 +102,7 @@ def banded_window_attention(q, k, v, *, window, q_segment_ids=None, kv_segment_i
     return out.reshape(b, n * c, h, d)[:, :t].astype(q.dtype)
 
 
-def _dense_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_valid, scale):
+def _dense_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, q_offset, kv_valid, scale, mask=None):
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -103,7 +110,7 @@ def _dense_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, 
     qg = q.reshape(b, t, kvh, g, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = _mask(t, s, q_offset=q_offset, causal=causal, window=window, q_segment_ids=q_segment_ids,
-                 kv_segment_ids=kv_segment_ids, kv_valid=kv_valid)
+                 kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, mask=mask)
     logits = jnp.where(mask, logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
@@ -183,10 +190,17 @@ def resolve_impl(impl: str) -> str:
 
 
 def attention(q, k, v, *, impl="auto", causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
-              q_offset=0, kv_valid=None, scale=None):
-    """Dispatch to the chosen implementation; all take the same arguments."""
+              q_offset=0, kv_valid=None, scale=None, mask=None):
+    """Dispatch to the chosen implementation; all take the same arguments. An explicit ``mask``
+    (``[q_len, kv_len]`` or ``[batch, q_len, kv_len]``, True = visible) always runs on XLA."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}")
+    if mask is not None:
+        if mask.shape[-2:] != (q.shape[1], k.shape[1]):
+            raise ValueError(f"attention: mask shape {tuple(mask.shape)} does not end in (q_len, kv_len) = "
+                             f"({q.shape[1]}, {k.shape[1]})")
+        return xla_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale, mask=mask)
     impl = resolve_impl(impl)
     if impl == "cudnn" and kv_valid is not None:
         impl = "xla"  # decode steps: cuDNN's fused kernel wants full sequences

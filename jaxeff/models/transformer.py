@@ -110,8 +110,10 @@ class Attention(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, deterministic, head_mask=None):
-        """``head_mask [heads]`` (optional, pruning) multiplies each head's context before ``o``."""
+    def __call__(self, x, positions, segment_ids, cache, deterministic, head_mask=None, tree_mask=None):
+        """``head_mask [heads]`` (optional, pruning) multiplies each head's context before ``o``.
+        ``tree_mask [seq, seq]`` (optional, with ``cache`` only): which of the new tokens each new
+        token sees (True = visible) instead of causality among them; every cached token stays visible."""
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
@@ -136,7 +138,10 @@ class Attention(nn.Module):
                 return attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
                                  window=self.window, q_offset=index, kv_valid=index + t)
 
-            if (self.window is not None and t >= BANDED_MIN_RATIO * self.window
+            if tree_mask is not None:
+                y = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=False, q_offset=index,
+                              kv_valid=index + t, mask=tree_attention_mask(tree_mask, index, ck.shape[1]))
+            elif (self.window is not None and t >= BANDED_MIN_RATIO * self.window
                     and resolve_impl(cfg.attention_impl) == "xla"):
                 # a long prompt into an empty cache sees only itself: banded window attention,
                 # O(t * window) instead of scores against the whole cache
@@ -150,6 +155,16 @@ class Attention(nn.Module):
         y = _dense(cfg, cfg.d_model, ("heads", "embed"), "o", std=out_std)(y)
         y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
         return y, new_cache
+
+
+def tree_attention_mask(tree_mask: jax.Array, index, kv_len: int) -> jax.Array:
+    """``[t, kv_len]`` visibility of cache slots for ``t`` new tokens written at ``index..index+t-1``:
+    every slot before ``index`` is visible, slot ``index + j`` as ``tree_mask[i, j]`` says, later slots
+    are not (Medusa's tree attention)."""
+    rel = jnp.arange(kv_len) - index  # [kv_len]
+    t = tree_mask.shape[0]
+    inside = jnp.take(tree_mask, jnp.clip(rel, 0, t - 1), axis=1)  # [t, kv_len]
+    return jnp.where(rel[None, :] < 0, True, (rel[None, :] < t) & inside)
 
 
 class MLP(nn.Module):
@@ -174,22 +189,23 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, deterministic, masks=None):
+    def __call__(self, x, positions, segment_ids, cache, deterministic, masks=None, tree_mask=None):
         """``masks`` (optional, pruning): this layer's entries of :class:`Transformer`'s masks,
         ``head [heads]``, ``attn`` and ``mlp`` (scalars), ``intermediate [d_ff]``, ``hidden [d_model]``
-        (any subset; absent = 1)."""
+        (any subset; absent = 1). ``tree_mask``: see :class:`Attention`."""
         cfg = self.config
         norm = dict(eps=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
         if masks is None:
             y, new_cache = Attention(cfg, self.window, name="attn")(
-                RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic)
+                RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic,
+                tree_mask=tree_mask)
             x = x + y
             x = x + MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x), deterministic)
         else:
             hidden = masks.get("hidden")
             y, new_cache = Attention(cfg, self.window, name="attn")(
                 RMSNorm(**norm, name="attn_norm")(x, hidden), positions, segment_ids, cache, deterministic,
-                masks.get("head"))
+                masks.get("head"), tree_mask)
             x = x + _scale_output(y, masks.get("attn"), hidden)
             y = MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x, hidden), deterministic,
                                      masks.get("intermediate"))
@@ -222,15 +238,27 @@ class Transformer(nn.Module):
     product) and ``hidden [d_model]`` (the embeddings, every sublayer output and every RMSNorm
     output, final norm included; those norms average over the kept features only). Without
     ``masks`` the computation is exactly the unmasked one.
+
+    ``tree_mask [seq, seq]`` (bool, with ``cache`` only; Medusa, :mod:`jaxeff.decode.medusa`): the
+    new tokens are a tree of candidates rather than a sequence; token i sees the cached tokens and
+    the new tokens j with ``tree_mask[i, j]`` (its ancestors and itself). Pass their ``positions``
+    (cache index + depth in the tree). Sliding-window models are refused with it.
     """
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True,
-                 return_hidden=False, masks=None):
+                 return_hidden=False, masks=None, tree_mask=None):
         cfg = self.config
         b, t = tokens.shape
+        if tree_mask is not None:
+            if cache is None:
+                raise ValueError("tree_mask: needs a KV cache (tree attention verifies candidates while decoding)")
+            if tree_mask.shape != (t, t):
+                raise ValueError(f"tree_mask: expected shape ({t}, {t}) for {t} new tokens (got {tuple(tree_mask.shape)})")
+            if any(w is not None for w in cfg.windows):
+                raise ValueError("tree_mask: sliding-window attention is not supported with tree attention")
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -251,13 +279,14 @@ class Transformer(nn.Module):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "index": cache["index"]}
-            if masks is None:
+            if masks is None and tree_mask is None:
                 x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
                                                                    deterministic)
             else:
-                layer_masks = {k: (v if k == "hidden" else v[i]) for k, v in masks.items() if v is not None}
+                layer_masks = None if masks is None else {k: (v if k == "hidden" else v[i])
+                                                          for k, v in masks.items() if v is not None}
                 x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
-                                                                   deterministic, layer_masks)
+                                                                   deterministic, layer_masks, tree_mask)
             new_layers.append(lc)
             hidden.append(x)
         final_norm = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")
