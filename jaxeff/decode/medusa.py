@@ -266,11 +266,6 @@ def _register():
         backbone (``medusa2``)."""
         c = cfg.medusa
         c.make_tree()  # a bad tree is refused before training
-        if not cfg.train.init_from:
-            import warnings
-
-            warnings.warn("medusa: train.init_from is not set; the heads are trained on a randomly initialised base",
-                          stacklevel=2)
         joint = c.mode == "medusa2"
 
         def prepare_params(base, rng):
@@ -293,7 +288,7 @@ def _register():
                     "medusa": jax.tree.map(lambda _: True, params["medusa"])}
 
         like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-        heads_like = jax.eval_shape(lambda: init_heads(model.config, like, c.n_heads, c.n_layers))
+        heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
         return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
                       logical_axes=lambda axes: {"base": axes, "medusa": heads_axes(heads_like)},
                       model_params=lambda params: params["base"])

@@ -258,3 +258,85 @@ def test_decoder_refuses_batches_and_too_deep_trees(model):
     with pytest.raises(ConfigError, match="3 deep but the run has 2 Medusa heads"):
         medusa_generate(m, params, heads, PROMPTS[0], jax.random.key(0), tree=Tree.cartesian((2, 2, 2)),
                         max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method and the command line
+
+
+def _flat(tree):
+    from flax import traverse_util
+
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def _train_steps(cfg, n=2):
+    from jaxeff.train.inputs import build_data
+    from jaxeff.train.runtime import Trainer
+
+    trainer = Trainer(cfg)
+    state = trainer.init_state()
+    before = _flat(state.params)
+    _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
+    for _ in range(n):
+        state, metrics = trainer.train_step(state, loader.next_batch())
+    return before, _flat(state.params), {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("mode", ["medusa1", pytest.param("medusa2", marks=pytest.mark.slow)])
+def test_training_steps_change_only_the_heads_in_medusa1_and_also_the_backbone_in_medusa2(tiny_config, mode):
+    cfg = tiny_config(["method=medusa", "medusa.n_heads=2", "medusa.top_k=[2,2]", f"medusa.mode={mode}"])
+    before, after, metrics = _train_steps(cfg)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    heads = {k for k in before if k.startswith("medusa/")}
+    assert heads == {"medusa/w", "medusa/b", "medusa/proj"} and heads <= changed
+    if mode == "medusa1":
+        assert changed == heads
+    else:
+        assert changed - heads and all(k.startswith("base/") for k in changed - heads)
+    assert {"ce", "medusa/ce_0", "medusa/ce_1", "medusa/top1_0", "medusa/heads_loss"} <= set(metrics)
+    if mode == "medusa1":
+        assert metrics["loss"] == pytest.approx(metrics["medusa/ce_0"] + 0.8 * metrics["medusa/ce_1"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_generate_and_the_acceptance_length_metric_on_a_trained_run(tiny_config, capsys):
+    """A base run, Medusa-1 heads trained from it (train.init_from), then ``generate --medusa``: its
+    greedy text equals plain greedy generation with the base; the eval metric reads the same run."""
+    import argparse
+
+    from jaxeff.decode.medusa_cli import acceptance_length_metric, cmd_generate_medusa, load_medusa_run
+    from jaxeff.evals import check_metrics, evaluate_run
+    from jaxeff.runs import load_model_params
+    from jaxeff.train.loop import run_training
+
+    base_cfg = tiny_config(["name=base", "train.steps=4"])
+    run_training(base_cfg)
+    cfg = tiny_config(["name=med", "method=medusa", "medusa.n_heads=2", "medusa.top_k=[2,2]", "train.steps=4",
+                       f"train.init_from={base_cfg.run_path}"])
+    run_training(cfg)
+    _, model, base, heads = load_medusa_run(cfg.run_path)
+    _, plain_params = load_model_params(base_cfg.run_path)
+    for k, v in _flat(plain_params).items():  # medusa1 kept the base as it was
+        np.testing.assert_array_equal(_flat(base)[k], v)
+    args = argparse.Namespace(medusa=str(cfg.run_path), checkpoint=None, prompt="12+7=", max_new_tokens=12,
+                              temperature=0.0, top_k=0, seed=0, step=None, medusa_top_k=None, compare=True)
+    assert cmd_generate_medusa(args) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    from jaxeff.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    ids = jnp.asarray([[tok.bos_id] + tok.encode("12+7=")], jnp.int32)
+    new = [int(t) for t in np.asarray(generate(model, plain_params, ids, jax.random.key(0), max_new_tokens=12))[0]]
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    assert text == "12+7=" + tok.decode(new)
+    assert '"acceptance_length"' in stats and '"speedup"' in stats
+    opts = check_metrics(["acceptance_length"], {"examples": "3", "new_tokens": "8"})
+    assert acceptance_length_metric.__name__ and opts["acceptance_length"]["new_tokens"] == 8
+    result = evaluate_run(cfg.run_path, ["acceptance_length"], losses=False, examples=3, new_tokens=8)
+    assert 1.0 <= result["acceptance_length"] <= 3.0 and result["medusa_tree_nodes"] == 7
+    with pytest.raises(ConfigError, match="needs a method: medusa run"):
+        evaluate_run(base_cfg.run_path, ["acceptance_length"], losses=False, examples=2, new_tokens=4)
+    with pytest.raises(ConfigError, match="expected a method: medusa run"):
+        cmd_generate_medusa(argparse.Namespace(**{**vars(args), "medusa": str(base_cfg.run_path)}))
