@@ -121,7 +121,8 @@ def _lazy(module: str, name: str):
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
 FAMILY_CLIS = ("jaxeff.evals", "jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli",
-               "jaxeff.distill.seqkd_cli", "jaxeff.edit.cli", "jaxeff.steer.cli", "jaxeff.decode.cli")
+               "jaxeff.distill.seqkd_cli", "jaxeff.distill.step_by_step_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
+               "jaxeff.decode.cli")
 
 
 def cmd_train(args) -> int:

@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxeff.errors import DataError
 
-__all__ = ["DOMAINS", "DOMAIN_DESCRIPTIONS", "DEFAULT_DOC_LEN", "MIN_DOC_LEN", "generate_documents"]
+__all__ = ["DOMAINS", "DOMAIN_DESCRIPTIONS", "DEFAULT_DOC_LEN", "MIN_DOC_LEN", "generate_documents", "carry_steps",
+           "arithmetic_additions"]
 
 DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 
@@ -108,6 +109,45 @@ def _arithmetic_units(rng: np.random.Generator) -> Iterator[tuple[str, str]]:
                 sa, sb = int(small_a[i]), int(small_b[i])
                 line = f"{sa}*{sb}+{y}={sa * sb + y}"
             yield "\n", line
+
+
+def carry_steps(a: int, b: int) -> str:
+    """The rationale of ``a + b`` (non-negative): its column additions from the ones digit up, each
+    ``x+y+c=s`` with ``c`` the carry in, joined by commas. The answer's digits are the last digit of
+    each ``s`` read backwards, the last ``s`` giving the leading ones: ``carry_steps(27, 58) ==
+    '7+8+0=15,2+5+1=8'`` (85), ``carry_steps(95, 17) == '5+7+0=12,9+1+1=11'`` (112). The shorter
+    operand is padded with zeros."""
+    if a < 0 or b < 0:
+        raise DataError(f"carry_steps: expected non-negative operands (got {a}, {b})")
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for k in range(max(len(xs), len(ys))):
+        x = int(xs[k]) if k < len(xs) else 0
+        y = int(ys[k]) if k < len(ys) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}")
+        carry = s // 10
+    return ",".join(steps)
+
+
+def arithmetic_additions(n: int, seed: int, *, digits: int = 3) -> list[dict[str, str]]:
+    """``n`` addition problems with their rationale, for multi-task training on rationales (distilling
+    step-by-step, jaxeff.distill.step_by_step): ``{"question": "27+58", "answer": "85", "rationale":
+    carry_steps(27, 58)}``. Operands as the arithmetic domain's ``a+b`` lines draw them (1 to ``digits``
+    digits each, uniform below ``10**digits``); problem ``i`` depends only on ``(seed, i, digits)`` (the
+    prefix property of :func:`generate_documents`). The arithmetic domain's own documents do not change."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise DataError(f"arithmetic_additions: n must be a non-negative integer, got {n!r}")
+    if isinstance(digits, bool) or not isinstance(digits, (int, np.integer)) or not 1 <= digits <= 18:
+        raise DataError(f"arithmetic_additions: digits must be an integer from 1 to 18, got {digits!r}")
+    key = _domain_key("arithmetic_additions")
+    out = []
+    for i in range(int(n)):
+        rng = np.random.default_rng([int(seed) % 2**64, key, int(digits), i])
+        da, db = rng.integers(1, digits + 1, size=2)
+        a, b = int(rng.integers(0, 10 ** int(da))), int(rng.integers(0, 10 ** int(db)))
+        out.append({"question": f"{a}+{b}", "answer": str(a + b), "rationale": carry_steps(a, b)})
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- records
