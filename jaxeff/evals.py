@@ -51,6 +51,20 @@ class Metric:
 
 _METRICS: dict[str, Metric] = {}
 
+# modules that register more metrics (light to import: no jax at module level), imported on first use
+METRIC_MODULES = ("jaxeff.decode.medusa_cli",)  # acceptance_length
+_loaded = False
+
+
+def load_metrics() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import importlib
+
+        for module in METRIC_MODULES:
+            importlib.import_module(module)
+
 # options every metric reads, with their defaults (the named flags --examples, --seed, --teacher)
 COMMON_OPTIONS = {
     "examples": Option(int, 256, "prompts / problems evaluated"),
@@ -70,6 +84,7 @@ def register_metric(name: str, *, help: str = "", options: dict[str, Option] | N
 
 
 def metric_names() -> list[str]:
+    load_metrics()
     return sorted(_METRICS)
 
 
@@ -77,6 +92,7 @@ def check_metrics(names, args: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Check metric names and ``key=value`` options before anything is loaded; returns each chosen
     metric's typed options (its defaults, then the given values; a key goes to every chosen metric
     that reads it and must be read by at least one). One-line ConfigError otherwise."""
+    load_metrics()
     unknown = [n for n in names if n not in _METRICS]
     if unknown:
         raise ConfigError(f"--metric: unknown metric '{unknown[0]}' (known: {', '.join(metric_names())})")

@@ -152,7 +152,7 @@ def test_a_registered_metric_is_listed_and_run(run, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--metric", "accuracy"], "unknown metric 'accuracy' (known: arithmetic_accuracy, greedy_ref_match, teacher_match)"),
+    (["--metric", "accuracy"], "unknown metric 'accuracy' (known: "),
     (["--metric", "arithmetic_accuracy", "--metric-arg", "prompt_tokens=3"], "'prompt_tokens' is not an option"),
     (["--metric", "arithmetic_accuracy", "--metric-arg", "context"], "expected key=value"),
     (["--metric", "arithmetic_accuracy", "--metric-arg", "context=many"], "context: expected int"),
@@ -167,6 +167,8 @@ def test_bad_metric_input_is_one_line_before_anything_loads(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0], err[0]
+    if "unknown metric" in expected:
+        assert all(name in err[0] for name in ("arithmetic_accuracy", "greedy_ref_match", "teacher_match"))
 
 
 def test_teacher_match_needs_a_teacher(run, capsys):
