@@ -15,35 +15,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
 from jaxeff.data.dynamic import DynamicBatchConfig
-from jaxeff.distill.config import DistillConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models.config import TransformerConfig
-from jaxeff.peft.config import PeftConfig
-from jaxeff.prune.config import PruneConfig
-from jaxeff.quant.config import QuantConfig
 from jaxeff.schema import Section as _Section
 from jaxeff.schema import read_yaml, validation_message
-from jaxeff.ttt.config import TTTConfig
-
-
-# method name -> module that registers it with jaxeff.train.methods.register_method
-METHOD_MODULES = {
-    "lm": "jaxeff.train.methods",
-    "distill": "jaxeff.distill.method",
-    "lora": "jaxeff.peft",
-    "qlora": "jaxeff.peft",
-    "bitfit": "jaxeff.peft",
-    "qat": "jaxeff.quant",
-    "quantized": "jaxeff.quant",
-    "shear": "jaxeff.prune.shear",
-    "ttt_e2e": "jaxeff.ttt",
-}
 
 
 class DataConfig(_Section):
@@ -156,10 +137,13 @@ class DistributedConfig(_Section):
     process_id: int | None = None
 
 
-class ExperimentConfig(_Section):
+class ExperimentCore(_Section):
+    """The sections every run has; :class:`ExperimentConfig` adds one section per registered method
+    (``distill``, ``peft``, ``quant``, ...; see :mod:`jaxeff.train.methods`)."""
+
     name: str = "experiment"
     seed: int = 0
-    method: str = "lm"  # one of METHOD_MODULES
+    method: str = "lm"  # a registered method (jaxeff.train.methods.method_names())
     resume: bool = False  # continue from the newest complete checkpoint of this run
     model: TransformerConfig = Field(default_factory=TransformerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -169,18 +153,15 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    # method sections (each read only by its method)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    peft: PeftConfig = Field(default_factory=PeftConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    prune: PruneConfig = Field(default_factory=PruneConfig)
-    ttt: TTTConfig = Field(default_factory=TTTConfig)
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHOD_MODULES:
-            raise ValueError(f"unknown method '{v}' (expected one of {', '.join(METHOD_MODULES)})")
+        from jaxeff.train.methods import method_names
+
+        names = method_names()
+        if v not in names:
+            raise ValueError(f"unknown method '{v}' (expected one of {', '.join(names)})")
         return v
 
     @field_validator("name")
@@ -203,6 +184,35 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SCHEMA: tuple[tuple, type] | None = None  # (registered sections, the model built from them)
+
+
+def experiment_schema() -> type[ExperimentCore]:
+    """:class:`ExperimentCore` plus one field per registered method section (each read only by its
+    methods), built on first use and again when a method registers a new section."""
+    global _SCHEMA
+    from jaxeff.train.methods import method_sections
+
+    sections = method_sections()
+    key = tuple((k, id(c)) for k, c in sections.items())
+    if _SCHEMA is None or _SCHEMA[0] != key:
+        fields = {k: (c, Field(default_factory=c)) for k, c in sections.items()}
+        cls = create_model("ExperimentConfig", __base__=ExperimentCore, __module__=__name__, **fields)
+        cls.__doc__ = "One experiment: the core sections and the registered methods' sections."
+        _SCHEMA = (key, cls)
+    return _SCHEMA[1]
+
+
+if TYPE_CHECKING:  # for type checkers; at run time the module __getattr__ below builds it
+    ExperimentConfig = ExperimentCore
+
+
+def __getattr__(name: str):
+    if name == "ExperimentConfig":  # built from the method registry (import cycles: methods import config)
+        return experiment_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +260,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if isinstance(raw, dict) and PROVENANCE in raw:
         raw = {k: v for k, v in raw.items() if k != PROVENANCE}
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        cfg = experiment_schema().model_validate(raw)
     except ValidationError as e:
         raise ConfigError(validation_message(e, "<config>")) from None
     check_consistency(cfg)

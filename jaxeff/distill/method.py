@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.distill.config import DistillConfig
 from jaxeff.distill.losses import distillation_loss
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.models import Transformer, TransformerConfig, init_params, logical_axes
@@ -110,7 +111,7 @@ def every_other_layer_params(teacher_params, teacher_cfg: TransformerConfig, stu
     return out
 
 
-@register_method("distill")
+@register_method("distill", config=DistillConfig)
 def distill_method(cfg, model: Transformer) -> Method:
     """Knowledge distillation into ``model`` from ``cfg.distill.teacher_checkpoint`` (see the
     ``distill`` config section for the loss)."""
@@ -149,7 +150,7 @@ def distill_method(cfg, model: Transformer) -> Method:
             out["proj"] = {f"pair_{k}": {"kernel": P("embed", None)} for k in range(len(pairs))}
         return out
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(pairs))
         s_out = model.apply({"params": params["student"]}, batch["inputs"], deterministic=deterministic,
                             rngs={"dropout": rng}, **kw)
@@ -185,7 +186,7 @@ def _offline_method(cfg, model: Transformer) -> Method:
             raise ConfigError(f"{why} (distill.offline_topk is set)")
     table = load_topk(d.offline_topk, cfg.data.seq_len, model.config.vocab_size)
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         out = model.apply({"params": params["student"]}, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
         mask = batch["loss_mask"].astype(jnp.float32)

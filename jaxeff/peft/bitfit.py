@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 
+from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
 
@@ -21,13 +22,13 @@ def bitfit_mask(params, train_norms: bool = False):
     return jax.tree_util.tree_map_with_path(want, params)
 
 
-@register_method("bitfit")
+@register_method("bitfit", config=PeftConfig, section="peft")
 def bitfit_method(cfg, model) -> Method:
     if not cfg.model.use_bias:
         raise ConfigError("model.use_bias: method bitfit trains only biases; expected model.use_bias=true "
                           "(and a base checkpoint built with biases)")
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         value, _ = lm_forward_loss(model, params, batch, rng, deterministic)
         return value, {}
 

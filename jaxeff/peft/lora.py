@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models import init_params
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
@@ -272,7 +273,7 @@ def _mask(tree, value: bool):
     return jax.tree.map(lambda _: value, tree)
 
 
-@register_method("lora")
+@register_method("lora", config=PeftConfig, section="peft")
 def lora_method(cfg, model) -> Method:
     """LoRA on the kernels that ``peft.targets`` select; the base is frozen."""
     p = cfg.peft
@@ -285,7 +286,7 @@ def lora_method(cfg, model) -> Method:
     def prepare_params(base, rng):
         return {"base": base, "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
         with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1)):
             value, _ = lm_forward_loss(model, params["base"], batch, rng, deterministic)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.peft.config import PeftConfig
 from jaxeff.models import init_params
 from jaxeff.peft.lora import (_DTYPES, _flatten_until, _get, _mask, _placeholder, abstract_base, adapter_axes,
                               adapter_dtype, init_adapters, initial_adapters, lora_interceptor, lora_scale, merge,
@@ -122,7 +123,7 @@ def load_base(cfg, model):
         ckpt.close()
 
 
-@register_method("qlora")
+@register_method("qlora", config=PeftConfig, section="peft")
 def qlora_method(cfg, model) -> Method:
     """LoRA adapters (bf16) on an NF4 base; only the adapters train."""
     p = cfg.peft
@@ -140,7 +141,7 @@ def qlora_method(cfg, model) -> Method:
         return {"base": strip_kernels(base, paths),
                 "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
         with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1),
                               qbase=frozen["qbase"], backend=backend, compute_dtype=compute):

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.prune import hard_concrete as hc
-from jaxeff.prune.config import check_prune
+from jaxeff.prune.config import PruneConfig, check_prune
 from jaxeff.train.losses import cross_entropy
 from jaxeff.train.methods import Method, register_method
 from jaxeff.train.optim import make_optimizer
@@ -101,7 +101,7 @@ def warmup_steps(prune_cfg, total_steps: int) -> int:
     return math.ceil(prune_cfg.warmup_fraction * total_steps)
 
 
-@register_method("shear")
+@register_method("shear", config=PruneConfig, section="prune")
 def shear_method(cfg, model) -> Method:
     """Hard-concrete masks + Lagrangian towards ``prune.target``; see the module docstring."""
     p = cfg.prune
@@ -114,7 +114,7 @@ def shear_method(cfg, model) -> Method:
     def prepare_params(base, rng):
         return {"model": base, "shear": init_shear(shapes, rng, p)}
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic, step):
+    def loss(params, batch, rng, *, frozen, deterministic, step):
         shear = params["shear"]
         if deterministic:
             masks = final_masks(shear, sizes)

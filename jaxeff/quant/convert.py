@@ -26,6 +26,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.quant.config import QuantConfig
 from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
 from jaxeff.train.methods import Method, register_method
 from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize, quantized_matmul
@@ -76,7 +77,7 @@ def model_bytes(params) -> dict[str, int]:
     return {"total": q + f, "quantized": q, "float": f}
 
 
-@register_method("quantized")
+@register_method("quantized", config=QuantConfig, section="quant")
 def quantized_method(cfg, model) -> Method:
     """A converted model: float parameters become QuantizedWeight kernels; nothing trains."""
     qcfg = cfg.quant
@@ -84,7 +85,7 @@ def quantized_method(cfg, model) -> Method:
     def apply(model_, params, tokens, **kwargs):
         return quantized_apply(model_, params, tokens, qcfg, **kwargs)
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         from jaxeff.train.losses import cross_entropy
 
         out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],

@@ -20,6 +20,7 @@ import re
 import jax
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.quant.config import QuantConfig
 from jaxeff.quant.fake_quant import fake_quant
 from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
 from jaxeff.quant.quantizers import QuantSpec, compute_scale_zero, scale_and_zero_from_range
@@ -94,7 +95,7 @@ def quantized_model_params(params, qcfg, qscales=None) -> dict:
     return params
 
 
-@register_method("qat")
+@register_method("qat", config=QuantConfig, section="quant")
 def qat_method(cfg, model) -> Method:
     """Quantization-aware training as the ``quant`` section says (see the module docstring)."""
     qcfg = cfg.quant
@@ -110,7 +111,7 @@ def qat_method(cfg, model) -> Method:
         mp, scales = split(params)
         return fake_quant_apply(model_, mp, tokens, qcfg, qscales=scales, **kwargs)
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic):
+    def loss(params, batch, rng, *, frozen, deterministic):
         out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                     deterministic=deterministic, rngs={"dropout": rng})
         value, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])

@@ -15,18 +15,20 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxeff.config import ExperimentConfig
 from jaxeff.data import dynamic as dyn
 from jaxeff.errors import ConfigError
 from jaxeff.train.logging import device_peak_memory, log_step_memory, objective_scalars
 from jaxeff.train.resume import nonfinite_leaf, open_checkpoints
 # the runtime's names, re-exported: most tools import them from here
 from jaxeff.train.runtime import PEAK_FLOPS, Trainer, load_params, peak_flops_per_device, setup_distributed
+
+if TYPE_CHECKING:  # the schema is built from the method registry on first use
+    from jaxeff.config import ExperimentConfig
 
 
 @dataclasses.dataclass
@@ -170,7 +172,7 @@ def _check_halt(loop: Loop) -> bool:
 
 
 def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Train as the config says; ``hooks`` run after the default ones. Returns the last logged
+    """Train as the config says; the method's hooks, then ``hooks``, run after the default ones. Returns the last logged
     metrics, with ``stopped_early`` (Ctrl-C / SIGTERM) or ``halted`` (non-finite guard) when training
     ended before ``train.steps``."""
     from jaxeff.train.inputs import build_data
@@ -200,7 +202,7 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
         logger.message("dynamic batch loading: reference losses " +
                        ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
                        f"{cfg.data.dynamic.every or cfg.train.eval_every} steps")
-    all_hooks = default_hooks(cfg, reference) + list(hooks)
+    all_hooks = default_hooks(cfg, reference) + list(trainer.method.hooks) + list(hooks)
     loop.data_states = {start: loader.state_dict()}
     if start == 0:  # the untrained baseline, so curves show how far training moved
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxeff.config import ExperimentConfig
 from jaxeff.data.loader import eval_batches, process_slice
 from jaxeff.data.packing import PACKED_KEYS
 from jaxeff.errors import ConfigError
@@ -26,6 +25,9 @@ from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, check
 from jaxeff.train.methods import make_method
 from jaxeff.train.optim import make_optimizer, make_schedule
 from jaxeff.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+if TYPE_CHECKING:  # the schema is built from the method registry on first use
+    from jaxeff.config import ExperimentConfig
 
 # dense bf16 peak FLOP/s per device, by jax device_kind (for MFU)
 PEAK_FLOPS = {

@@ -19,7 +19,6 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
     params: Any
     opt_state: Any
-    extra: Any  # method state (checkpointed)
     rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
     # non-finite guard (see make_train_step)
     skipped: jax.Array  # int32: updates dropped because the loss or gradient norm was not finite
@@ -29,7 +28,7 @@ class TrainState:
 
 def init_state(params, tx: optax.GradientTransformation, method: Method, seed: int) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=method.init_extra(params),
+    return TrainState(step=zero, params=params, opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(seed), skipped=zero, bad_streak=zero, halted_at=zero - 1)
 
 
@@ -51,21 +50,19 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
         loss_fn = functools.partial(method.loss, step=state.step) if method.with_step else method.loss
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if grad_accum == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng, extra=state.extra, frozen=frozen,
-                                                    deterministic=False)
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, frozen=frozen, deterministic=False)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def body(carry, inp):
                 i, mb = inp
-                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), extra=state.extra,
-                                    frozen=frozen, deterministic=False)
+                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen=frozen, deterministic=False)
                 acc_l, acc_m, acc_g = carry
                 return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             _, m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                                                        extra=state.extra, frozen=frozen, deterministic=False)[0])
+                                                        frozen=frozen, deterministic=False)[0])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g),
                                                      (jnp.arange(grad_accum), micro))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxeff.ttt.config import TTTConfig
 from jaxeff.models.transformer import TransformerOutput
 from jaxeff.train.methods import Method, register_method
 from jaxeff.ttt.inner import forward
@@ -66,12 +67,12 @@ def evaluate_logits(spec: TTTSpec, params, tokens, positions=None, segment_ids=N
     return logits[:, :t]
 
 
-@register_method("ttt_e2e")
+@register_method("ttt_e2e", config=TTTConfig, section="ttt")
 def ttt_method(cfg, model) -> Method:
     """End-to-end test-time training (see the ``ttt`` config section and docs/ttt.md)."""
     spec = TTTSpec.from_config(cfg)
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic, step):
+    def loss(params, batch, rng, *, frozen, deterministic, step):
         lr = inner_lr_at(cfg, step)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll, _, _, _ = forward(spec, params, batch["inputs"], batch["positions"], batch["segment_ids"],

@@ -186,7 +186,7 @@ def test_gradients_reach_the_student_and_projection_but_not_the_teacher(tiny_con
     assert set(state.params) == {"student", "proj"}
     assert state.params["proj"]["pair_0"]["kernel"].shape == (48, 32)  # student width -> teacher width
     batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items() if k != "domain_ids"}
-    loss_fn = lambda p, f: t.method.loss(p, batch, jax.random.PRNGKey(0), extra={}, frozen=f, deterministic=True)
+    loss_fn = lambda p, f: t.method.loss(p, batch, jax.random.PRNGKey(0), frozen=f, deterministic=True)
     (_, metrics), (g_params, g_teacher) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
         state.params, t.frozen)
     assert all(np.isfinite(float(metrics[k])) and float(metrics[k]) > 0 for k in ["ce", "kd", "cos"])

@@ -99,7 +99,7 @@ def test_pruning_eval_is_deterministic_and_uses_exactly_the_target_counts(tiny_c
         "head": 1, "intermediate": 40, "hidden": 24}
     x = _tokens(vocab=264)
     batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "positions": None, "segment_ids": None}
-    loss = jax.jit(lambda rng, det: method.loss(params, batch, rng, extra={}, frozen=None, deterministic=det,
+    loss = jax.jit(lambda rng, det: method.loss(params, batch, rng, frozen=None, deterministic=det,
                                                  step=0)[0], static_argnums=1)
     assert float(loss(jax.random.key(1), True)) == float(loss(jax.random.key(2), True))
     assert float(loss(jax.random.key(1), False)) != float(loss(jax.random.key(2), False))  # training samples masks

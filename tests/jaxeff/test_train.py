@@ -68,8 +68,7 @@ def _frozen_embed_method(cfg, model):
 
 def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_config):
 
-    cfg = tiny_config(["mesh.data=1"])
-    object.__setattr__(cfg, "method", "_test_frozen_embed")  # the schema only lists shipped methods
+    cfg = tiny_config(["mesh.data=1", "method=_test_frozen_embed"])  # the schema accepts registered methods
     t = Trainer(cfg, devices=jax.devices()[:1])
     state = t.init_state()
     before = _host(state.params)
@@ -90,8 +89,8 @@ def _hooks_method(cfg, model):
 
     base = lm_method(cfg, model)
 
-    def loss(params, batch, rng, *, extra, frozen, deterministic, step):
-        value, metrics = base.loss(params, batch, rng, extra=extra, frozen=frozen, deterministic=deterministic)
+    def loss(params, batch, rng, *, frozen, deterministic, step):
+        value, metrics = base.loss(params, batch, rng, frozen=frozen, deterministic=deterministic)
         return value, {**metrics, "seen_step": step.astype(jnp.float32)}
 
     def optimizer(optim_cfg, total_steps, trainable):  # gradient ascent on every parameter
@@ -101,8 +100,7 @@ def _hooks_method(cfg, model):
 
 
 def test_method_hooks_pass_the_step_to_the_loss_and_replace_the_optimizer(tiny_config):
-    cfg = tiny_config(["mesh.data=1"])
-    object.__setattr__(cfg, "method", "_test_hooks")
+    cfg = tiny_config(["mesh.data=1", "method=_test_hooks"])
     t = Trainer(cfg, devices=jax.devices()[:1])
     state = t.init_state()
     batch = _batch(cfg)

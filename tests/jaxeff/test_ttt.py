@@ -244,7 +244,7 @@ def test_token_losses_are_causal_and_match_the_training_loss(tiny_config):
     method = ttt.ttt_method(cfg, None)
     batch = dict(zip(("inputs", "positions", "segment_ids", "targets", "loss_mask"),
                      (tokens[:, :-1], *_batch(2, 16)[1:3], tokens[:, 1:], jnp.ones((2, 16)))))
-    loss, metrics = jax.jit(lambda p, bt: method.loss(p, bt, None, extra={}, frozen=None, deterministic=True,
+    loss, metrics = jax.jit(lambda p, bt: method.loss(p, bt, None, frozen=None, deterministic=True,
                                                       step=jnp.asarray(10**6)))(params, batch)
     np.testing.assert_allclose(float(loss), full.mean(), rtol=1e-5)
 

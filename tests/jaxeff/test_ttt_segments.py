@@ -106,7 +106,7 @@ def test_training_loss_on_packed_rows_has_finite_gradients_and_matches_the_refer
     method = ttt.ttt_method(cfg, None)
 
     def loss(p):
-        return method.loss(p, batch, None, extra={}, frozen=None, deterministic=True, step=jnp.asarray(10**6))[0]
+        return method.loss(p, batch, None, frozen=None, deterministic=True, step=jnp.asarray(10**6))[0]
 
     value, grad = jax.jit(jax.value_and_grad(loss))(params)
     assert np.isfinite(float(value))
