@@ -150,7 +150,8 @@ def keep_counts(masks, keep: float, scope: str) -> jax.Array:
 def _keep_top(scores: jax.Array, k: jax.Array) -> jax.Array:
     """True at the ``k`` highest of the flat ``scores`` (ties: the higher index first, as a stable sort)."""
     n = scores.shape[0]
-    rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)  # 0 = lowest
+    order = jnp.argsort(scores, stable=True)
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # 0 = lowest
     return rank >= n - k
 
 
@@ -258,6 +259,7 @@ class Rounds:
 
         with loop.trainer._context():
             loop.state = self._jit("rewind", copy, loop.trainer)(loop.state)
+        self._resave_checkpoint(loop)
         loop.logger.message(f"lottery: rewind point saved at step {loop.step}")
 
     def round_hook(self, loop) -> None:
@@ -278,6 +280,7 @@ class Rounds:
             kept_now, _ = (int(x) for x in jax.device_get(count(loop.state.params["mask"])))
             logs["lottery/sparsity"] = 1.0 - kept_now / total
             save_masks(masks_file(self.cfg.run_path, ended + 1), loop.state.params["mask"])
+            self._resave_checkpoint(loop)
             loop.logger.message(f"lottery: round {ended + 1} of {c.rounds} at step {step}: phase {ended} ended at "
                                 f"sparsity {sparsity:.3f}, eval loss {ev.get('eval/loss', float('nan')):.4f}; now "
                                 f"{kept_now:,} of {total:,} prunable weights kept ({1 - kept_now / total:.3f} pruned), "
@@ -286,6 +289,17 @@ class Rounds:
         loop.last.update(logs)
         self._write_record(record)
         loop.reset_clock()
+
+    @staticmethod
+    def _resave_checkpoint(loop) -> None:
+        """When the loop checkpointed this step before this hook ran (its checkpoint hook comes first), that
+        checkpoint holds the phase's weights before pruning: a run resumed from it would skip the
+        transition. Replace it with the new state (a kill in between leaves the previous checkpoint as the
+        newest, from which the transition is redone)."""
+        if loop.ckpt.latest_step() != loop.step:
+            return
+        loop.ckpt._mngr.delete(loop.step)
+        loop.save(loop.step, loop.state, loop.loader.state_dict())
 
     def _check_round(self, loop, ended: int, kept: int) -> None:
         """The state must hold the masks of phase ``ended``; otherwise a transition was skipped (e.g. a run

@@ -71,6 +71,7 @@ BUILTIN_METHOD_MODULES = (
     "jaxeff.prune.shear",  # shear (prune:)
     "jaxeff.ttt.method",  # ttt_e2e (ttt:)
     "jaxeff.distill.step_by_step",  # step_by_step
+    "jaxeff.prune.lottery",  # lottery
 )
 ENTRY_POINT_GROUP = "jaxeff.methods"
 ENV_MODULES = "JAXEFF_METHOD_MODULES"

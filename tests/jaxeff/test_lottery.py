@@ -40,8 +40,9 @@ def test_pruned_share_after_r_rounds_is_one_minus_keep_to_the_r(tiny_config, sco
     assert len(paths) == 7 * cfg.model.n_layers  # q k v o gate up down of every block; no embedding
     masks = L.dense_masks(params, paths)
     p = 0.3
+    prune = jax.jit(L.magnitude_masks, static_argnames="scope")
     for r in range(1, 5):
-        masks = L.magnitude_masks(params, masks, L.keep_counts(masks, (1 - p) ** r, scope), scope)
+        masks = prune(params, masks, L.keep_counts(masks, (1 - p) ** r, scope), scope=scope)
         kept, total = (int(x) for x in L.count(masks))
         # exact up to rounding: one weight per kernel (layer) or one in all (global)
         slack = (len(paths) if scope == "layer" else 1) / total
@@ -73,6 +74,7 @@ def _fake_loop(trainer, state, step):
     logged = {}
     return types.SimpleNamespace(
         cfg=trainer.cfg, trainer=trainer, state=state, step=step, last={}, logged=logged,
+        ckpt=types.SimpleNamespace(latest_step=lambda: None),
         logger=types.SimpleNamespace(scalars=lambda s, v: logged.update(v), message=lambda text: None),
         evaluate=lambda: {"eval/loss": 1.0}, reset_clock=lambda: None)
 
@@ -88,7 +90,7 @@ def _round_hooks(trainer):
     return hooks.get("lottery_rewind"), hooks["lottery_round"]
 
 
-@pytest.mark.parametrize("rewind_step", [0, 2])
+@pytest.mark.parametrize("rewind_step", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_survivors_are_rewound_to_their_rewind_step_values_and_pruned_weights_stay_exactly_zero(tiny_config, rewind_step):
     from jaxeff.train.inputs import build_data
     from jaxeff.train.runtime import Trainer
@@ -135,27 +137,8 @@ def test_survivors_are_rewound_to_their_rewind_step_values_and_pruned_weights_st
     assert not np.array_equal(L._get(q["model"], L._flat(q["mask"])[0][0]), L._get(p["model"], L._flat(q["mask"])[0][0]))
 
 
-def test_random_reinit_keeps_the_masks_procedure_but_draws_fresh_weights(tiny_config):
-    from jaxeff.train.inputs import build_data
-    from jaxeff.train.runtime import Trainer
-
-    cfg = tiny_config([*LOTTERY, "lottery.reinit=random"])
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
-    _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
-    loop = _fake_loop(trainer, trainer.init_state(), 0)
-    assert "rewind" not in loop.state.params  # nothing to rewind to
-    init = jax.device_get(loop.state.params["model"])
-    _steps(trainer, loader, loop, 4)
-    _round_hooks(trainer)[1].fn(loop)
-    p = jax.device_get(loop.state.params)
-    for keys, m in L._flat(p["mask"]):
-        w, w0 = L._get(p["model"], keys), L._get(init, keys)
-        assert np.all(w[m == 0] == 0)
-        assert not np.allclose(w[m != 0], w0[m != 0])  # not the initialisation
-        assert abs(w[m != 0].std() - w0.std()) < 0.3 * w0.std()  # but drawn like it
-
-
-def test_masks_from_a_lottery_run_reuses_its_masks_round_by_round(tiny_config, tmp_path):
+@pytest.mark.slow
+def test_random_reinit_with_masks_from_a_lottery_run_puts_its_masks_on_fresh_random_weights(tiny_config, tmp_path):
     from jaxeff.train.inputs import build_data
     from jaxeff.train.runtime import Trainer
 
@@ -172,10 +155,18 @@ def test_masks_from_a_lottery_run_reuses_its_masks_round_by_round(tiny_config, t
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
     loop = _fake_loop(trainer, trainer.init_state(), 0)
+    assert "rewind" not in loop.state.params  # nothing to rewind to
+    init = jax.device_get(loop.state.params["model"])
     _steps(trainer, loader, loop, 4)
     _round_hooks(trainer)[1].fn(loop)
-    for a, b in zip(_leaves(jax.device_get(loop.state.params["mask"])), _leaves(masks)):
-        assert np.array_equal(a, b)
+    p = jax.device_get(loop.state.params)
+    for a, b in zip(_leaves(p["mask"]), _leaves(masks)):
+        assert np.array_equal(a, b)  # the given masks, not this run's magnitudes
+    for keys, m in L._flat(p["mask"]):
+        w, w0 = L._get(p["model"], keys), L._get(init, keys)
+        assert np.all(w[m == 0] == 0)
+        assert not np.allclose(w[m != 0], w0[m != 0])  # fresh weights, not the initialisation
+        assert abs(w[m != 0].std() - w0.std()) < 0.3 * w0.std()  # but drawn like it
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -201,20 +192,23 @@ def test_prune_fraction_and_rounds_are_validated_by_the_schema(tiny_config):
         tiny_config([*LOTTERY, "lottery.scope=row"])
 
 
-def _final_params(cfg, step=None):
+def _final_params(cfg, devices=None):
     from jaxeff.train.runtime import Trainer
 
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    trainer = Trainer(cfg, devices=devices)
     with Checkpointer(cfg.checkpoint_path, create=False) as ckpt:
         return jax.device_get(ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params,
-                                                                          trainer.param_shardings), step))
+                                                                          trainer.param_shardings)))
 
 
-@pytest.mark.parametrize("every, cut", [(3, 6), (4, 4)], ids=["mid-round", "at-a-round-boundary"])
+@pytest.mark.parametrize("every, cut", [(3, 6), pytest.param(4, 4, marks=pytest.mark.slow)],
+                         ids=["mid-round", "at-a-round-boundary"])
 def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_uninterrupted_one(tiny_config, every, cut):
     from jaxeff.train.loop import run_training
 
-    common = [*LOTTERY, f"checkpoint.every={every}", "lottery.rewind_step=1", "lottery.scope=global"]
+    # 8 devices (data x fsdp x tensor = 2 x 2 x 2: sharded masks), a global threshold and a rewind step
+    common = [*LOTTERY, f"checkpoint.every={every}", "lottery.rewind_step=1", "lottery.scope=global",
+              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     straight = tiny_config([*common, "name=straight"])
     a = run_training(straight)
     assert a["step"] == 12 and a["lottery/sparsity"] == pytest.approx(0.75, abs=1e-3)
@@ -240,14 +234,15 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_un
         assert np.all(L._get(pa["model"], keys_)[m == 0] == 0)
 
 
+@pytest.mark.slow
 def test_eval_of_a_lottery_run_uses_the_masked_weights(tiny_config):
     from jaxeff.runs import load_model_params
     from jaxeff.train.loop import run_training
 
     cfg = tiny_config([*LOTTERY, "checkpoint.every=12"])
-    run_training(cfg)
-    params = load_model_params(cfg.run_path)
-    masks = _final_params(cfg)["mask"]
+    run_training(cfg, devices=jax.devices()[:1])
+    _, params = load_model_params(cfg.run_path)
+    masks = _final_params(cfg, jax.devices()[:1])["mask"]
     for keys, m in L._flat(masks):
         assert np.all(np.asarray(L._get(params, keys))[np.asarray(m) == 0] == 0)
 
