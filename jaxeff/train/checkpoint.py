@@ -9,6 +9,7 @@ a different model with a clear error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -23,6 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import flax.struct
 import jax
 import orbax.checkpoint as ocp
 
@@ -226,9 +228,29 @@ class Checkpointer:
                 out = self._mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
+            legacy = self._restore_with_extra(abstract_state, step)
+            if legacy is not None:
+                return legacy
             raise CheckpointError(f"checkpoint '{self.directory}' step {step} could not be restored for this run: "
                                   f"{first_line(e)}") from None
         return out["state"], out["data"]
+
+    def _restore_with_extra(self, abstract_state, step: int):
+        """A train state written before ``TrainState.extra`` was dropped (jaxeff 2026-12; it was always
+        empty): restored with that field, returned without it. None when that does not fit either."""
+        from jaxeff.train.step import TrainState
+
+        if not isinstance(abstract_state, TrainState):
+            return None
+        fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+        try:
+            with _without_loop_noise():
+                out = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_StateWithExtra(**fields, extra={})), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError):
+            return None
+        restored = out["state"]
+        return TrainState(**{name: getattr(restored, name) for name in fields}), out["data"]
 
     def restore_raw(self, step: int) -> None:
         """Read step ``step`` with its own on-disk structure (no target); raises when it cannot be read
@@ -378,6 +400,20 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
         return None
     norm = lambda v: json.loads(json.dumps(v))  # tuples vs lists
     return None if norm(a) == norm(b) else prefix or "<root>"
+
+
+@flax.struct.dataclass
+class _StateWithExtra:
+    """The train state's layout before ``extra`` was dropped (for :meth:`Checkpointer.restore`)."""
+
+    step: Any
+    params: Any
+    opt_state: Any
+    extra: Any
+    rng: Any
+    skipped: Any
+    bad_streak: Any
+    halted_at: Any
 
 
 # settings that change how a model runs, not which parameters it has

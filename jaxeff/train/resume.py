@@ -153,8 +153,13 @@ _NOT_STATE = ("name", "resume", "train.steps", "train.eval_every", "train.eval_b
 
 
 def _differing_settings(saved: dict, here: dict, limit: int = 4) -> str:
+    from jaxeff.config import from_dict
     from jaxeff.train.logging import flatten
 
+    try:  # the saved config with the defaults of sections and keys added since it was written
+        saved = from_dict(saved).to_dict()
+    except Exception:  # noqa: BLE001 - then compare it as written
+        pass
     a, b = flatten(saved), flatten(here)
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")
             and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_STATE)]

@@ -191,3 +191,41 @@ def test_restoring_params_missing_from_a_checkpoint_is_refused_by_name(tmp_path)
     with pytest.raises(CheckpointError, match=r"has no parameter 'w'"):
         ckpt.restore_params(abstract)
     ckpt.close()
+
+
+def test_a_train_state_saved_with_the_old_extra_field_still_restores(tiny_config, tmp_path):
+    """Checkpoints written before TrainState.extra was dropped (it was always {}) resume."""
+    from jaxeff.train.checkpoint import _StateWithExtra
+
+    cfg = tiny_config(["mesh.data=1"])
+    t = Trainer(cfg, devices=jax.devices()[:1])
+    state = t.init_state()
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(3, _StateWithExtra(**fields, extra={}), data_state={"pos": 1}, config=cfg.to_dict())
+        restored, data = ckpt.restore(t.abstract_state, 3)
+    assert type(restored) is type(state) and data == {"pos": 1}
+    for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_hook_of_the_method_runs_in_the_loop_and_may_replace_the_state(tiny_config):
+    from jaxeff.train.loop import Hook
+
+    seen = []
+
+    def halve(loop):  # e.g. a pruning round: rewrite the parameters between steps
+        seen.append(loop.step)
+        loop.state = loop.state.replace(params=jax.tree.map(lambda x: x * 0, loop.state.params))
+
+    @register_method("_test_method_hook")
+    def _m(cfg, model):
+        return dataclasses.replace(lm_method(cfg, model), name="_test_method_hook", hooks=(Hook("zero", 2, halve, at_end=False),))
+
+    cfg = tiny_config(["method=_test_method_hook", "train.steps=3", "train.eval_every=3", "checkpoint.every=3"])
+    run_training(cfg, devices=jax.devices()[:1])
+    assert seen == [2]
+    with Checkpointer(cfg.checkpoint_path) as ckpt:
+        params = ckpt.restore_params(Trainer(cfg, devices=jax.devices()[:1]).abstract_state.params)
+    # zeroed at step 2, then one more update: the weights are one Adam step from zero, not the init's scale
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(_host(params))) < 0.01
