@@ -109,39 +109,38 @@ def sbs_config(tmp_path, tiny_config):
 
 
 def test_the_loss_is_label_ce_plus_lambda_rationale_ce(sbs_config):
-    from jaxeff.distill.step_by_step import write_data
+    from jaxeff.distill.step_by_step import step_by_step_method, write_data
+    from jaxeff.models import Transformer, init_params
     from jaxeff.train.inputs import build_data
-    from jaxeff.train.loop import Trainer
 
     cfg = sbs_config("step_by_step.rationale_weight=0.25")
     write_data(cfg)
     _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
     batch = {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "domain_ids"}
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
-    params = trainer.init_state().params
-    value, m = trainer.method.loss(params, batch, jax.random.PRNGKey(0), frozen=None, deterministic=True)
+    model = Transformer(cfg.model)
+    params = init_params(model, jax.random.PRNGKey(0))
+    loss = jax.jit(lambda p, b: step_by_step_method(cfg, model).loss(p, b, jax.random.PRNGKey(0), frozen=None,
+                                                                     deterministic=True))
+    value, m = loss(params, batch)
     assert m["label_tokens"] > 0 and m["rationale_tokens"] > 0
     assert float(value) == pytest.approx(float(m["label_ce"]) + 0.25 * float(m["rationale_ce"]), rel=1e-5)
     # the label CE by hand: -log p(target) over the label mask
-    out = trainer.model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], deterministic=True)
+    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                      deterministic=True)
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
     nll = -np.take_along_axis(np.asarray(logp), np.asarray(batch["targets"])[..., None], -1)[..., 0]
-    s = cfg.step_by_step
-    lab_ids, rat_ids, marker = task_ids(s, TOK)
-    lab, _ = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=TOK.bos_id, marker_id=marker,
-                        prefixes=(lab_ids, rat_ids))
+    lab_ids, rat_ids, marker = task_ids(cfg.step_by_step, TOK)
+    lab, rat = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=TOK.bos_id, marker_id=marker,
+                          prefixes=(lab_ids, rat_ids))
     lab = np.asarray(lab)
     assert float(m["label_ce"]) == pytest.approx((nll * lab).sum() / lab.sum(), rel=1e-5)
-    # λ = 0: the rationale tokens get no gradient (changing their targets changes nothing)
-    cfg0 = sbs_config("step_by_step.rationale_weight=0")
-    loss0 = Trainer(cfg0, devices=jax.devices()[:1]).method.loss
-    _, rat = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=TOK.bos_id, marker_id=marker,
-                        prefixes=(lab_ids, rat_ids))
+    # λ = 0: the rationale tokens get no gradient (changing their targets changes nothing); λ > 0: they do
     changed = dict(batch, targets=jnp.where(rat > 0, (batch["targets"] + 1) % 256, batch["targets"]))
-    g = jax.grad(lambda p, b: loss0(p, b, jax.random.PRNGKey(0), frozen=None, deterministic=True)[0])
-    for a, b in zip(jax.tree.leaves(g(params, batch)), jax.tree.leaves(g(params, changed))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    for weight, same in ((0.0, True), (0.25, False)):
+        method = step_by_step_method(sbs_config(f"step_by_step.rationale_weight={weight}"), model)
+        g = jax.jit(jax.grad(lambda p, b: method.loss(p, b, jax.random.PRNGKey(0), frozen=None, deterministic=True)[0]))
+        a, b = jax.tree.leaves(g(params, batch)), jax.tree.leaves(g(params, changed))
+        assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(a, b)) == same
 
 
 def test_distill_rationales_writes_both_tasks_or_labels_only(sbs_config, capsys):
@@ -213,6 +212,7 @@ def test_accuracy_of_a_step_by_step_run_asks_the_label_task(sbs_config):
         assert int(x) + int(y) == int(a)
 
 
+@pytest.mark.slow
 def test_a_run_trains_and_is_evaluated_end_to_end(sbs_config, capsys):
     cfg = sbs_config("train.steps=2", "train.eval_every=2", "checkpoint.every=2")
     cfg_file = _write_yaml(cfg)
