@@ -201,16 +201,21 @@ def _final_params(cfg, devices=None):
                                                                           trainer.param_shardings)))
 
 
-@pytest.mark.parametrize("every, cut", [(3, 6), pytest.param(4, 4, marks=pytest.mark.slow)],
-                         ids=["mid-round", "at-a-round-boundary"])
-def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_uninterrupted_one(tiny_config, every, cut):
+# mid-round: checkpoints at 3, 6, 9 (transitions at 4, 8), resumed from 6; at a boundary: checkpoints at 4 and 8,
+# written by the loop before the round hook ran (so rewritten by it), resumed from 4 -- on 8 devices (data x fsdp x
+# tensor = 2 x 2 x 2: sharded masks)
+@pytest.mark.parametrize("every, cut, mesh", [
+    (3, 6, ["mesh.data=1"]),
+    pytest.param(4, 4, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], marks=pytest.mark.slow),
+], ids=["mid-round", "at-a-round-boundary-8-devices"])
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_uninterrupted_one(tiny_config, every, cut,
+                                                                                                mesh):
     from jaxeff.train.loop import run_training
 
-    # 8 devices (data x fsdp x tensor = 2 x 2 x 2: sharded masks), a global threshold and a rewind step
-    common = [*LOTTERY, f"checkpoint.every={every}", "lottery.rewind_step=1", "lottery.scope=global",
-              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    devices = jax.devices()[:1] if mesh == ["mesh.data=1"] else None
+    common = [*LOTTERY, f"checkpoint.every={every}", "lottery.rewind_step=1", "lottery.scope=global", *mesh]
     straight = tiny_config([*common, "name=straight"])
-    a = run_training(straight)
+    a = run_training(straight, devices=devices)
     assert a["step"] == 12 and a["lottery/sparsity"] == pytest.approx(0.75, abs=1e-3)
     record = L.read_record(straight.run_path)["rounds"]
     assert [r["round"] for r in record] == [0, 1, 2]
@@ -220,8 +225,8 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_un
     for step in Checkpointer(split.checkpoint_path, create=False).all_steps():
         if step > cut:
             shutil.rmtree(split.checkpoint_path / str(step))
-    b = run_training(split)
-    pa, pb = _final_params(straight), _final_params(split)
+    b = run_training(split, devices=devices)
+    pa, pb = _final_params(straight, devices), _final_params(split, devices)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         assert np.array_equal(x, y)
     keys = [k for k in a if k.startswith(("train/", "eval/loss", "lottery/"))
