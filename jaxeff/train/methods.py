@@ -72,6 +72,7 @@ BUILTIN_METHOD_MODULES = (
     "jaxeff.ttt.method",  # ttt_e2e (ttt:)
     "jaxeff.distill.step_by_step",  # step_by_step
     "jaxeff.prune.lottery",  # lottery
+    "jaxeff.decode.medusa",  # medusa (medusa:)
 )
 ENTRY_POINT_GROUP = "jaxeff.methods"
 ENV_MODULES = "JAXEFF_METHOD_MODULES"
