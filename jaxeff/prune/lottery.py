@@ -181,10 +181,12 @@ def round_plan(cfg) -> int:
     c, steps = cfg.lottery, cfg.train.steps
     phases = c.rounds + 1
     per = c.steps_per_round or steps // phases
+    if c.steps_per_round and per * phases != steps:
+        raise ConfigError(f"lottery.steps_per_round: train.steps={steps} must equal (rounds + 1) * steps_per_round = "
+                          f"{phases} * {per} = {phases * per}")
     if per < 1 or per * phases != steps:
-        given = f"steps_per_round={c.steps_per_round}" if c.steps_per_round else f"rounds={c.rounds}"
-        raise ConfigError(f"lottery.{'steps_per_round' if c.steps_per_round else 'rounds'}: train.steps={steps} must "
-                          f"equal (rounds + 1) * steps_per_round (rounds={c.rounds}: {phases} phases; {given})")
+        raise ConfigError(f"lottery.rounds: train.steps={steps} does not split into rounds + 1 = {phases} equal phases "
+                          f"(set train.steps to a multiple of {phases}, or lottery.steps_per_round)")
     if c.rewind_step >= per:
         raise ConfigError(f"lottery.rewind_step: {c.rewind_step} must be below steps_per_round={per} "
                           "(the rewind point lies in the dense phase)")

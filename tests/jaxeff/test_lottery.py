@@ -170,8 +170,8 @@ def test_random_reinit_with_masks_from_a_lottery_run_puts_its_masks_on_fresh_ran
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["train.steps=10"], r"lottery.rounds: train.steps=10 must equal \(rounds \+ 1\) \* steps_per_round"),
-    (["lottery.steps_per_round=5"], r"lottery.steps_per_round: train.steps=12 must equal"),
+    (["train.steps=10"], r"lottery.rounds: train.steps=10 does not split into rounds \+ 1 = 3 equal phases"),
+    (["lottery.steps_per_round=5"], r"lottery.steps_per_round: train.steps=12 must equal .* = 3 \* 5 = 15"),
     (["lottery.rewind_step=4"], r"lottery.rewind_step: 4 must be below steps_per_round=4"),
     (["lottery.targets=nothing_matches"], r"lottery.targets: no Dense layer matches"),
     (["lottery.targets=(("], r"lottery.targets: '\(\(' is not a valid regex"),
