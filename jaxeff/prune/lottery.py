@@ -52,7 +52,7 @@ from jaxeff.prune.wanda import TARGETS
 from jaxeff.quant.intercept import dense_paths
 from jaxeff.schema import Section
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
-from jaxeff.train.optim import make_optimizer
+from jaxeff.train.optim import make_optimizer, make_schedule
 
 
 class LotteryConfig(Section):
@@ -409,10 +409,13 @@ def lottery_method(cfg, model) -> Method:
     def model_params(params):
         return apply_masks(params["model"], params["mask"])
 
-    def loss(params, batch, rng, *, frozen, deterministic):
+    phase_lr = make_schedule(cfg.optim, per)
+
+    def loss(params, batch, rng, *, frozen, deterministic, step):
         value, _ = lm_forward_loss(model, model_params(params), batch, rng, deterministic)
         kept, total = count(params["mask"])
-        return value, {"lottery/sparsity": 1.0 - kept.astype(jnp.float32) / total}
+        # the learning rate of this update: the schedule restarts every phase (train/lr shows the run-long one)
+        return value, {"lottery/sparsity": 1.0 - kept.astype(jnp.float32) / total, "lottery/lr": phase_lr(step % per)}
 
     def trainable(params):
         return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
@@ -433,7 +436,7 @@ def lottery_method(cfg, model) -> Method:
     if rewind and c.rewind_step > 0:
         hooks.insert(0, Hook("lottery_rewind", c.rewind_step, rounds.rewind_hook, at_end=False))
     return Method("lottery", loss, trainable=trainable, prepare_params=prepare_params, logical_axes=logical_axes,
-                  model_params=model_params, optimizer=optimizer, hooks=tuple(hooks))
+                  model_params=model_params, optimizer=optimizer, hooks=tuple(hooks), with_step=True)
 
 
 def sparsity_after(rounds: int, prune_fraction: float) -> float:

@@ -80,9 +80,13 @@ def _fake_loop(trainer, state, step):
 
 
 def _steps(trainer, loader, loop, n):
+    """Train ``n`` steps; the learning rate of each (the ``lottery/lr`` metric)."""
+    lrs = []
     for _ in range(n):
-        loop.state, _ = trainer.train_step(loop.state, loader.next_batch())
+        loop.state, m = trainer.train_step(loop.state, loader.next_batch())
         loop.step += 1
+        lrs.append(float(m["lottery/lr"]))
+    return lrs
 
 
 def _round_hooks(trainer):
@@ -103,12 +107,13 @@ def test_survivors_are_rewound_to_their_rewind_step_values_and_pruned_weights_st
     init = jax.device_get(loop.state.params["model"])
     rewind_hook, round_hook = _round_hooks(trainer)
     assert (rewind_hook is None) == (rewind_step == 0)
+    lrs = []
     if rewind_step:
-        _steps(trainer, loader, loop, rewind_step)
+        lrs += _steps(trainer, loader, loop, rewind_step)
         rewind_hook.fn(loop)
     at_rewind = jax.device_get(loop.state.params["model"])
     assert rewind_step or all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(at_rewind), jax.tree.leaves(init)))
-    _steps(trainer, loader, loop, 4 - rewind_step)
+    lrs += _steps(trainer, loader, loop, 4 - rewind_step)
     trained = jax.device_get(loop.state.params["model"])
     round_hook.fn(loop)  # end of the dense phase: prune half, rewind
     p = jax.device_get(loop.state.params)
@@ -128,7 +133,7 @@ def test_survivors_are_rewound_to_their_rewind_step_values_and_pruned_weights_st
     counts = [int(x) for x in jax.tree.leaves(loop.state.opt_state) if np.ndim(x) == 0 and "int" in str(x.dtype)]
     assert counts and set(counts) == {0}
     mask_before = jax.device_get(loop.state.params["mask"])
-    _steps(trainer, loader, loop, 4)  # a whole round of training with the mask
+    assert _steps(trainer, loader, loop, 4) == lrs  # a whole round with the mask; the schedule restarted
     q = jax.device_get(loop.state.params)
     for keys, m in L._flat(q["mask"]):
         assert np.array_equal(m, L._get(mask_before, keys))  # masks fixed during a round
