@@ -22,7 +22,7 @@ TensorBoard: <run-dir>/step_by_step_study[_quick]/n<N>_<variant>: each run's tra
 (``train/label_ce``, ``train/rationale_ce``) and ``sbs/arithmetic_accuracy`` at the last step. The study owns
 that folder: it is deleted and rewritten on every run.
 
-    python experiments/study_step_by_step.py --quick        # 2 sizes x 2 variants, tiny model (~6 minutes on a shared 2-core CPU)
+    python experiments/study_step_by_step.py --quick        # 2 sizes x 2 variants, tiny model (~9 minutes on a busy 2-core CPU)
     python experiments/study_step_by_step.py                # 4 sizes, the config's model
     python experiments/study_step_by_step.py --teacher      # + teacher-written rationales
 """
@@ -50,11 +50,15 @@ def main(argv=None):
     ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/step_by_step_study[_quick]/")
     ap.add_argument("--sizes", default=None, help="training-set sizes, comma separated (default 250,1000,4000,16000; "
                                                   "--quick 300,3000)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; --quick 300)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; --quick 400)")
     ap.add_argument("--problems", type=int, default=500, help="fresh problems for the accuracy")
     ap.add_argument("--weight", type=float, default=1.0, help="λ, the rationale loss weight")
     ap.add_argument("--digits", type=int, default=None, help="operand digits (default 3; --quick 2)")
     ap.add_argument("--teacher", action="store_true", help="add the teacher-written-rationales variant")
+    ap.add_argument("--control", action="store_true", help="add λ = 0 on the step-by-step data (the label lines of "
+                                                            "step-by-step at the same rate, no rationale gradient)")
+    ap.add_argument("--only", default=None, help="run only these variants, comma separated (none, generator, "
+                                                 "control, teacher): e.g. to add a variant in another process")
     ap.add_argument("--teacher-problems", type=int, default=None, help="the teacher's training set (default: the largest size)")
     args = ap.parse_args(argv)
 
@@ -69,12 +73,12 @@ def main(argv=None):
     study = Path(args.run_dir) / ("step_by_step_study_quick" if args.quick else "step_by_step_study")
     shutil.rmtree(study, ignore_errors=True)
     sizes = [int(s) for s in (args.sizes or ("300,3000" if args.quick else "250,1000,4000,16000")).split(",")]
-    steps = args.steps or (300 if args.quick else 1500)
+    steps = args.steps or (400 if args.quick else 1500)
     common = [f"logging.run_dir={study}", "logging.progress=false", f"train.steps={steps}", f"train.eval_every={steps}",
               f"checkpoint.every={steps}", f"step_by_step.rationale_weight={args.weight}",
               f"step_by_step.digits={args.digits or (2 if args.quick else 3)}", *(QUICK if args.quick else [])]
 
-    def run(name, n, source, extra=()):
+    def run(name, n, source, extra=(), variant=None):
         data = study / "data" / name
         overrides = [f"name={name}", *common, f"step_by_step.problems={n}", f"step_by_step.rationale_source={source}",
                      f"data.paths=[{data / 'train.jsonl'}]", f"data.eval_paths=[{data / 'eval.jsonl'}]", *extra]
@@ -86,7 +90,7 @@ def main(argv=None):
         result = run_training(cfg)
         wall = time.perf_counter() - t0
         acc = evaluate_run(cfg.run_path, ["arithmetic_accuracy"], losses=False, examples=args.problems)
-        row = {"name": name, "n": n, "variant": source, "acc": acc["arithmetic_accuracy"],
+        row = {"name": name, "n": n, "variant": variant or source, "acc": acc["arithmetic_accuracy"],
                "problems": acc["arithmetic_problems"], "eval_loss": result.get("eval/loss", float("nan")),
                "label_ce": result.get("train/label_ce", float("nan")),
                "rationale_ce": result.get("train/rationale_ce", float("nan")), "wall": wall, "data_wall": t_data,
@@ -96,17 +100,23 @@ def main(argv=None):
         print(f"{name}: {steps} steps in {wall:.0f} s, accuracy {row['acc']:.3f}", flush=True)
         return row
 
+    wanted = set(args.only.split(",")) if args.only else \
+        {"none", "generator", *(["control"] if args.control else []), *(["teacher"] if args.teacher else [])}
     teacher_extra = []
     rows = []
-    if args.teacher:
+    if "teacher" in wanted:
         tn = args.teacher_problems or max(sizes)
         t_row = run("teacher", tn, "generator")
         rows.append(t_row)
         teacher_extra = [f"step_by_step.teacher_checkpoint={study / 'teacher'}"]
     for n in sizes:
-        rows.append(run(f"n{n}_label_only", n, "none"))
-        rows.append(run(f"n{n}_step_by_step", n, "generator"))
-        if args.teacher:
+        if "none" in wanted:
+            rows.append(run(f"n{n}_label_only", n, "none"))
+        if "generator" in wanted:
+            rows.append(run(f"n{n}_step_by_step", n, "generator"))
+        if "control" in wanted:
+            rows.append(run(f"n{n}_lambda0", n, "generator", ["step_by_step.rationale_weight=0"], variant="control"))
+        if "teacher" in wanted:
             rows.append(run(f"n{n}_sbs_teacher", n, "teacher", teacher_extra))
 
     cfg = load_config(CONFIG, common)
@@ -124,6 +134,7 @@ def main(argv=None):
 
     for r in rows:
         variant = {"none": "label-only", "generator": "step-by-step (generator rationales)",
+                   "control": "λ = 0 on the step-by-step data",
                    "teacher": f"step-by-step (teacher rationales, {r['teacher_exact']:.0%} exact)"
                    if r["teacher_exact"] is not None else "step-by-step (teacher)"}[r["variant"]]
         if r["name"] == "teacher":
@@ -133,6 +144,8 @@ def main(argv=None):
 
     by = {(r["n"], r["variant"]): r for r in rows if r["name"] != "teacher"}
     print()
+    if not {"none", "generator"} <= wanted:
+        return rows
     wins, losses, ties = [], [], []
     for n in sizes:
         a, b = by[(n, "generator")], by[(n, "none")]
@@ -147,7 +160,13 @@ def main(argv=None):
           f"accuracy: {verdict} -- better beyond 2 s.e. at N = {wins or 'none'}, worse at N = {losses or 'none'}, "
           f"within 2 s.e. at N = {ties or 'none'}; the label-only best accuracy {best_label:.3f} is reached at N = "
           f"{reach['none']} by label-only and at N = {reach['generator'] or 'none of the sizes'} by step-by-step")
-    if args.teacher:
+    if "control" in wanted:
+        for n in sizes:
+            a, c = by[(n, "generator")], by[(n, "control")]
+            s = math.sqrt(se(a["acc"], a["problems"]) ** 2 + se(c["acc"], c["problems"]) ** 2)
+            print(f"  equal label lines per step (N = {n}): step-by-step {a['acc']:.3f} vs λ = 0 {c['acc']:.3f}: "
+                  f"{a['acc'] - c['acc']:+.3f} ± {s:.3f} -- what the rationale loss itself adds")
+    if "teacher" in wanted:
         for n in sizes:
             t = by[(n, "teacher")]
             print(f"  teacher rationales (N = {n}, {t['teacher_exact']:.0%} exactly right): accuracy {t['acc']:.3f} vs "
