@@ -222,6 +222,14 @@ def main(argv=None):
               f"{'HELD' if bm['speedup'] > bs['speedup'] else 'DID NOT HOLD'} (best Medusa {bm['speedup']:.2f}x vs "
               f"best speculative {bs['speedup']:.2f}x at {bs['setting']}; acceptance length "
               f"{bm['acceptance_length']:.2f} vs {bs['acceptance_length']:.2f})")
+    if "medusa2" in runs:
+        pairs = [(a, b) for a in rows if a["method"] == "medusa1" for b in rows
+                 if b["method"] == "medusa2" and (b["decoding"], b["setting"]) == (a["decoding"], a["setting"])]
+        more = sum(b["acceptance_length"] > a["acceptance_length"] for a, b in pairs)
+        print(f"claim: Medusa-2 (heads + backbone) accepts more tokens per pass than Medusa-1 -- "
+              f"{'HELD' if more == len(pairs) else 'DID NOT HOLD'} in {more} of {len(pairs)} settings ("
+              + ", ".join(f"{a['decoding']} {a['setting']}: {a['acceptance_length']:.2f} -> {b['acceptance_length']:.2f}"
+                          for a, b in pairs) + "); note that its backbone also trained further")
     return rows
 
 
