@@ -67,6 +67,7 @@ class MedusaConfig(Section):
     decay: float = Field(0.8, gt=0)  # head k's loss weight is decay**k (the paper's 0.8^k)
     lm_weight: float = Field(1.0, ge=0)  # medusa2: weight of the backbone's next-token loss
     heads_weight: float = Field(0.2, ge=0)  # medusa2: weight of the heads' summed loss (Medusa-2's lambda_0)
+    heads_lr_multiplier: float = Field(1.0, gt=0)  # the heads' learning rate = optim.lr x this (Medusa-2's differential rates)
     # the candidate tree: top_k per head (a full cartesian tree of top_k[0] x top_k[1] x ... nodes), or
     # explicit Medusa "choices" (each a path of ranks, e.g. [0], [0, 1], [1]; every prefix present)
     top_k: tuple[int, ...] = (4, 2, 2)
@@ -256,6 +257,8 @@ def heads_loss(heads, h, targets, valid, segment_ids, decay: float):
 
 
 def _register():
+    import optax
+
     from jaxeff.models import init_params
     from jaxeff.train.losses import cross_entropy
     from jaxeff.train.methods import Method, register_method
@@ -287,11 +290,24 @@ def _register():
             return {"base": jax.tree.map(lambda _: joint, params["base"]),
                     "medusa": jax.tree.map(lambda _: True, params["medusa"])}
 
+        def optimizer(optim_cfg, total_steps, trainable_tree):
+            """The run's optimizer for the backbone, the same at ``heads_lr_multiplier`` x the rate for
+            the heads (each group clipped on its own); frozen leaves get no state."""
+            from jaxeff.train.optim import make_optimizer
+
+            heads_cfg = optim_cfg.model_copy(update={"lr": optim_cfg.lr * c.heads_lr_multiplier})
+            labels = {"base": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["base"]),
+                      "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"])}
+            return optax.multi_transform({"heads": make_optimizer(heads_cfg, total_steps),
+                                          "base": make_optimizer(optim_cfg, total_steps),
+                                          "frozen": optax.set_to_zero()}, labels)
+
         like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
         heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
         return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
                       logical_axes=lambda axes: {"base": axes, "medusa": heads_axes(heads_like)},
-                      model_params=lambda params: params["base"])
+                      model_params=lambda params: params["base"],
+                      optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None)
 
     return medusa_method
 
