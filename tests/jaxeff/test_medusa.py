@@ -144,11 +144,15 @@ def test_tree_pass_equals_each_candidate_path_run_as_a_plain_sequence(model):
     a = tree.arrays
     prompt = PROMPTS[0]
     tokens = jax.random.randint(jax.random.key(3), (tree.n_nodes,), 0, CFG.vocab_size)
-    cache = init_cache(CFG, 1, 32)
-    cache = m.apply({"params": params}, prompt, cache=cache).cache
     index = prompt.shape[1]
-    out = m.apply({"params": params}, tokens[None], positions=(index + a["depth"])[None], cache=cache,
-                  tree_mask=jnp.asarray(a["mask"]))
+
+    @jax.jit
+    def tree_pass(tokens):
+        cache = m.apply({"params": params}, prompt, cache=init_cache(CFG, 1, 32)).cache
+        return m.apply({"params": params}, tokens[None], positions=(index + a["depth"])[None], cache=cache,
+                       tree_mask=jnp.asarray(a["mask"]))
+
+    out = tree_pass(tokens)
     plain = jax.jit(lambda seq: m.apply({"params": params}, seq).logits[0, -1])  # one compile per path length
     for node in range(tree.n_nodes):
         path = a["path"][node][: a["depth"][node] + 1]
