@@ -271,3 +271,15 @@ def test_global_masks_are_one_threshold_over_all_kernels():
     assert [x.tolist() for x in _leaves(g)] == [[[0, 1], [1, 1]], [[0, 0]]]  # b loses both: all below a's
     per = L.magnitude_masks(params, masks, L.keep_counts(masks, 0.5, "layer"), "layer")
     assert [x.tolist() for x in _leaves(per)] == [[[0, 0], [1, 1]], [[0, 1]]]
+
+
+def test_a_state_that_skipped_a_round_transition_is_refused_at_the_next_boundary(tiny_config):
+    from jaxeff.errors import JaxeffError
+    from jaxeff.train.runtime import Trainer
+
+    cfg = tiny_config(LOTTERY)
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    loop = _fake_loop(trainer, trainer.init_state(), 8)  # still dense at the end of phase 1 (should keep half)
+    with pytest.raises(JaxeffError, match=r"lottery: at step 8 the state keeps 18,432 prunable weights, but phase 1 "
+                                          r"keeps 9,216: a round transition was skipped"):
+        _round_hooks(trainer)[1].fn(loop)
