@@ -16,7 +16,9 @@ For each training-set size N (addition problems with 1-3 digit operands, jaxeff.
    test time (the paper's setting: the rationale is a training signal only);
 4. prints one table and the verdict on the claim: step-by-step reaches the label-only accuracy
    with less data -- judged per size against 2 standard errors (binomial, unpaired: conservative) and
-   by the smallest N at which each variant reaches the label-only model's best accuracy.
+   by the smallest N at which each variant reaches the label-only model's best accuracy. ``--control``
+   adds λ = 0 on the step-by-step data: its label lines at step-by-step's rate, no rationale gradient
+   (label-only sees twice the label lines per step), so what the rationale loss itself adds shows.
 
 TensorBoard: <run-dir>/step_by_step_study[_quick]/n<N>_<variant>: each run's training curves
 (``train/label_ce``, ``train/rationale_ce``) and ``sbs/arithmetic_accuracy`` at the last step. The study owns
@@ -53,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; --quick 400)")
     ap.add_argument("--problems", type=int, default=500, help="fresh problems for the accuracy")
     ap.add_argument("--weight", type=float, default=1.0, help="λ, the rationale loss weight")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (initialisation); problems and batch order stay")
     ap.add_argument("--digits", type=int, default=None, help="operand digits (default 3; --quick 2)")
     ap.add_argument("--teacher", action="store_true", help="add the teacher-written-rationales variant")
     ap.add_argument("--control", action="store_true", help="add λ = 0 on the step-by-step data (the label lines of "
@@ -74,7 +77,7 @@ def main(argv=None):
     shutil.rmtree(study, ignore_errors=True)
     sizes = [int(s) for s in (args.sizes or ("300,3000" if args.quick else "250,1000,4000,16000")).split(",")]
     steps = args.steps or (400 if args.quick else 1500)
-    common = [f"logging.run_dir={study}", "logging.progress=false", f"train.steps={steps}", f"train.eval_every={steps}",
+    common = [f"logging.run_dir={study}", "logging.progress=false", f"seed={args.seed}", f"train.steps={steps}", f"train.eval_every={steps}",
               f"checkpoint.every={steps}", f"step_by_step.rationale_weight={args.weight}",
               f"step_by_step.digits={args.digits or (2 if args.quick else 3)}", *(QUICK if args.quick else [])]
 
@@ -120,6 +123,15 @@ def main(argv=None):
             rows.append(run(f"n{n}_sbs_teacher", n, "teacher", teacher_extra))
 
     cfg = load_config(CONFIG, common)
+    from jaxeff.data.synthetic import arithmetic_additions
+    from jaxeff.evals import FRESH_SEED_OFFSET
+
+    test = {p["question"] for p in arithmetic_additions(args.problems, cfg.data.seed + FRESH_SEED_OFFSET,
+                                                        digits=cfg.step_by_step.digits)}  # what the metric asks (seed 0)
+    for n in sorted({r["n"] for r in rows}):
+        train = {p["question"] for p in arithmetic_additions(n, cfg.data.seed, digits=cfg.step_by_step.digits)}
+        print(f"N = {n}: {len(train)} distinct problems; {len(train & test)} of the {len(test)} distinct test problems "
+              "are among them (memorisation counts there)")
     print()
     print(f"{datetime.date.today()}, {jax.devices()[0].device_kind}; runs in {study}; model d_model={cfg.model.d_model} "
           f"x {cfg.model.n_layers} layers; every run {steps} steps x {cfg.data.batch_size} rows x {cfg.data.seq_len} tokens "
