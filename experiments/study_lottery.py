@@ -21,7 +21,7 @@ TensorBoard: <run-dir>/lottery_study[_quick]/{ticket_s<seed>, random_s<seed>} (t
 ``lottery/round_end/*``, ``lottery/sparsity``) and curves/{ticket, random, dense}: ``lottery/eval_loss`` and
 ``lottery/kept_pct`` at x = round. The study owns that folder (deleted and rewritten on every run).
 
-    python experiments/study_lottery.py --quick        # ~4 minutes on a 2-core CPU (1 seed, 150 steps per phase)
+    python experiments/study_lottery.py --quick        # 1 seed, 150 steps per phase: 82 s on an idle 2-core CPU, ~4 min when shared
     python experiments/study_lottery.py                # quickstart model, 4 rounds of 300 steps, 2 seeds
     tensorboard --logdir runs/lottery_study_quick
 """
