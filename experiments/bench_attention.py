@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.attention import (attention_reference, decode_reference,  # noqa: E402
+from pallas_kernels.attention import (attention_reference, decode_reference,
                                       flash_attention, flash_decode)
 
 try:  # optional baseline

@@ -23,15 +23,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.quant import dequantize, int8_matmul, quantize, quantized_matmul  # noqa: E402
+from pallas_kernels.quant import dequantize, int8_matmul, quantize, quantized_matmul
 
 FORMATS = {
     "int8": dict(fmt="int8"),

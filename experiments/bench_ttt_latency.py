@@ -42,6 +42,7 @@ import numpy as np
 from jaxeff.config import from_dict
 from jaxeff.models import Transformer, init_params
 from jaxeff.models.transformer import init_cache
+from _common import token_nll
 
 MODELS = {
     "small": dict(vocab_size=264, d_model=256, n_layers=4, n_heads=4, d_ff=768),
@@ -70,8 +71,7 @@ def transformer_forward(model, params, tokens):
 
 
 def nll(logits, tokens):
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return token_nll(logits[:, :-1], tokens[:, 1:])
 
 
 def build(args):

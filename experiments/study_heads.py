@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 # 4 layers x 8 query heads (2 kv heads, groups of 4): 32 heads, head_dim 8 (quick) / 16
 QUICK = ["model.d_model=64", "model.n_heads=8", "model.n_kv_heads=2", "model.d_ff=192", "model.max_seq_len=128",
          "data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]

@@ -33,13 +33,10 @@ import argparse
 import datetime
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 DOMAINS = ("arithmetic", "records", "prose", "code")
 A, C = "arithmetic", "code"
 QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",

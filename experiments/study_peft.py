@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 OLD = ("arithmetic", "records", "prose", "code")
 NEW = "recall"
 QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",

@@ -34,16 +34,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
 
-import jax  # noqa: E402
-
-from jaxeff.config import load_config  # noqa: E402
-from jaxeff.quant.convert import model_bytes  # noqa: E402
-from jaxeff.quant.intercept import dense_paths, get_path  # noqa: E402
-from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir  # noqa: E402
-from jaxeff.train.inputs import build_data  # noqa: E402
-from jaxeff.train.loop import Trainer, load_params, run_training  # noqa: E402
+from jaxeff.config import load_config
+from jaxeff.quant.convert import model_bytes
+from jaxeff.quant.intercept import dense_paths, get_path
+from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxeff.train.inputs import build_data
+from jaxeff.train.loop import Trainer, load_params, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "data.seq_len=64", "data.docs_per_domain=200",

@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs" / "distill"
 QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "model.max_seq_len=128",
          "train.eval_batches=2"]

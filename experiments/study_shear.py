@@ -44,8 +44,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 TEST_DOCS = 32
 TEST_SEED_OFFSET = 2_000_003  # eval docs use data.seed + 1_000_003 (jaxeff.train.inputs); tests another seed

@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs" / "distill"
 QUICK = ["data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_domain=16", "train.eval_batches=2"]
 # --size large: a target whose decoding step is dominated by reading its weights (d_model 512, 8 layers, ~25M

@@ -35,13 +35,11 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
+from _common import token_nll
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 DOMAINS = ("arithmetic", "records", "prose", "code")
 POS, NEG = "code", "prose"
 QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
@@ -129,8 +127,7 @@ def main() -> None:
         ids = np.asarray([[tok.bos_id] + tok.encode(t) for t in texts], np.int32)
         logits = steered_forward(model, params, ids, vector=vector, layer=layer, scale=scale,
                                  apply_fn=trainer.method.run).logits
-        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return float(-jnp.mean(jnp.take_along_axis(lp, jnp.asarray(ids[:, 1:, None]), axis=-1)))
+        return float(jnp.mean(token_nll(logits[:, :-1], ids[:, 1:])))
 
     prompt = np.full((N_SAMPLES, 1), tok.bos_id, np.int32)
     rows = []

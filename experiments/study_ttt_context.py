@@ -43,7 +43,6 @@ import argparse
 import datetime
 import json
 import shutil
-import sys
 import sysconfig
 import time
 import zlib
@@ -52,13 +51,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ttt_long import configs as long_configs  # noqa: E402
-from study_ttt_long import gap_recovered, losses_of, median_step_time, train_flops_per_token  # noqa: E402
+from study_ttt_long import configs as long_configs
+from study_ttt_long import gap_recovered, losses_of, median_step_time, train_flops_per_token
 
-from jaxeff.config import from_dict  # noqa: E402
-from jaxeff.data.tokenizer import ByteTokenizer  # noqa: E402
-from jaxeff.train.loop import load_params, run_training  # noqa: E402
+from jaxeff.config import from_dict
+from jaxeff.data.tokenizer import ByteTokenizer
+from jaxeff.train.loop import load_params, run_training
 
 MODEL_NAMES = ("full", "window", "ttt_e2e")
 TEST_EVERY = 20  # a file is a test file when crc32(relative path) % TEST_EVERY == 0

@@ -45,6 +45,7 @@ from jaxeff.data.tokenizer import ByteTokenizer
 from jaxeff.models import Transformer
 from jaxeff.train.loop import load_params, run_training
 from jaxeff.ttt.naive import naive_token_losses
+from _common import token_nll
 
 MODEL_NAMES = ("full", "window", "ttt_e2e")
 VAL_SEED, TEST_SEED = 77_001, 99_001  # documents the models never trained on (training uses seed 0)
@@ -179,7 +180,7 @@ def _line_starts(doc: str, start: int):
 @functools.partial(jax.jit, static_argnums=0)
 def _plain_losses(model, params, tokens):
     logits = model.apply({"params": params}, tokens[:, :-1]).logits
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+    return token_nll(logits, tokens[:, 1:])
 
 
 def losses_of(kind: str, cfg, params, tokens, naive_lr=None, rows=4):

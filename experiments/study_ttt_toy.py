@@ -43,6 +43,7 @@ from jaxeff.data.synthetic import generate_documents
 from jaxeff.data.tokenizer import load_tokenizer
 from jaxeff.train.logging import RunLogger
 from jaxeff.train.loop import Trainer
+from _common import token_nll
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ttt"
 MODELS = (("bigram", "toy_bigram.yaml"), ("ttt_b1", "toy_ttt.yaml"), ("full_attention", "toy_full_attention.yaml"))
@@ -85,8 +86,7 @@ def position_losses(name, trainer, params, batch):
         out = trainer.method.run(trainer.model, params, jnp.asarray(batch["inputs"]),
                                  positions=jnp.asarray(batch["positions"]),
                                  segment_ids=jnp.asarray(batch["segment_ids"]))
-        logp = jax.nn.log_softmax(out.logits, -1)
-        nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], -1)[..., 0]
+        nll = token_nll(out.logits, batch["targets"])
     else:
         import jaxeff.ttt as ttt
 

@@ -10,6 +10,12 @@ def lazy_getattr(package: str, exports: dict[str, str]):
     def __getattr__(name):
         if name in exports:
             return getattr(importlib.import_module(exports[name]), name)
+        if not name.startswith("_"):  # a submodule, as after `import package.name`
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{name}":
+                    raise
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

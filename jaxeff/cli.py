@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="same as resume=true")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
+    g.add_argument("--checkpoint", default=None, help="run folder or its checkpoints folder (or --medusa RUN)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -55,24 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the vector to the residual stream after block L (0-based)")
     g.add_argument("--steer-scale", type=float, default=1.0, metavar="S", help="multiplier of the vector (default 1)")
     g.add_argument("--steer-vector", default=None, metavar="FILE", help="a vector saved by 'jaxeff steer-vector'")
+    from jaxeff.decode.medusa_cli import add_generate_args
 
-    x = sub.add_parser("export-adapter", help="save the LoRA/QLoRA adapter of a run on its own")
-    x.add_argument("--checkpoint", required=True, help="a lora or qlora run folder (or its checkpoints folder)")
-    x.add_argument("--out", required=True, help="new adapter folder (PEFT LoRA format)")
-    x.add_argument("--step", type=int, default=None)
-    x.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json "
-                   "(default: DIR of train.init_from=hf:DIR, else none)")
-
-    m = sub.add_parser("merge-adapter", help="fold an adapter into a base checkpoint, saved as a new run")
-    m.add_argument("--base", required=True, help="the base run folder the adapter was trained on")
-    m.add_argument("--adapter", required=True, help="adapter folder (export-adapter's, or any PEFT LoRA folder)")
-    m.add_argument("--out", required=True, help="new run folder, e.g. runs/merged")
-
-    i = sub.add_parser("import-adapter", help="a lora run from a base run and an adapter folder (PEFT LoRA or jaxeff)")
-    i.add_argument("--base", required=True, help="the base run folder (a plain lm run, e.g. convert --from-hf's)")
-    i.add_argument("--adapter", required=True, help="adapter folder: adapter_config.json + adapter_model.safetensors")
-    i.add_argument("--out", required=True, help="new run folder (method lora, adapters unmerged), e.g. runs/imported")
-    i.set_defaults(handler=cmd_import_adapter)
+    add_generate_args(g)  # --medusa RUN, --medusa-top-k, --compare
 
     c = sub.add_parser("convert", help="Hugging Face folder <-> run folder (see docs/interop.md)")
     c.add_argument("--from-hf", dest="from_hf", help="Hugging Face model folder (without --out: print its model section)")
@@ -81,19 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to-hf", dest="to_hf", help="new Hugging Face folder for --from")
     c.add_argument("--step", type=int, default=None)
     c.add_argument("--dtype", default=None, help="float32 | bfloat16 (| float16 for --to-hf); default: as stored")
-    q = sub.add_parser("quantize", help="convert a lm/qat run to real low-bit kernels (method quantized)")
-    q.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints folder) of a lm or qat run")
-    q.add_argument("--out", required=True, help="new run folder for the converted model, e.g. runs/float_int4")
-    q.add_argument("--step", type=int, default=None)
-    q.add_argument("overrides", nargs="*", default=[], help="e.g. quant.convert.format=int4")
-    q.set_defaults(handler=_lazy("jaxeff.quant.convert", "run"))
-    dk = sub.add_parser("distill-topk", help="precompute a teacher's top-k logits for offline distillation")
-    dk.add_argument("config", help="the distill run's YAML (teacher, data, model), e.g. configs/distill/student_kd.yaml")
-    dk.add_argument("overrides", nargs="*", default=[])
-    dk.add_argument("--k", type=int, default=16, help="logits kept per position (default 16)")
-    dk.add_argument("--out", required=True, help="the .npz file to write, e.g. runs/teacher_top16.npz")
-    dk.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    dk.set_defaults(handler=_lazy("jaxeff.distill.offline", "run"))
     cf = sub.add_parser("config", help="show a resolved config, or the keys a config accepts")
     cs = cf.add_subparsers(dest="config_command", required=True)
     show = cs.add_parser("show", help="print the resolved YAML (bases composed, overrides applied, defaults filled)")
@@ -108,20 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lazy(module: str, name: str):
-    """A handler that imports ``module`` (jax and all) only when its verb runs."""
-
-    def handler(args):
-        return getattr(importlib.import_module(module), name)(args)
-
-    return handler
-
-
 # Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
-FAMILY_CLIS = ("jaxeff.evals", "jaxeff.prune.shear_cli", "jaxeff.prune.wanda_cli", "jaxeff.prune.heads_cli",
-               "jaxeff.distill.seqkd_cli", "jaxeff.distill.step_by_step_cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
+FAMILY_CLIS = ("jaxeff.evals", "jaxeff.peft.cli", "jaxeff.quant.cli", "jaxeff.prune.cli",
+               "jaxeff.distill.cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
                "jaxeff.decode.cli")
 
 
@@ -197,6 +160,12 @@ def cmd_config(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.medusa:
+        from jaxeff.decode.medusa_cli import cmd_generate_medusa
+
+        return cmd_generate_medusa(args)
+    if not args.checkpoint:
+        raise JaxeffError("--checkpoint: required (or --medusa RUN for Medusa decoding)")
     import jax
     import numpy as np
 
@@ -251,27 +220,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_export_adapter(args) -> int:
-    from jaxeff.peft.adapters import export_adapter
-
-    print(f"adapter saved to {export_adapter(args.checkpoint, args.out, args.step, args.base_model)}")
-    return 0
-
-
-def cmd_merge_adapter(args) -> int:
-    from jaxeff.peft.adapters import merge_adapter
-
-    print(f"merged model saved as run {merge_adapter(args.base, args.adapter, args.out)}")
-    return 0
-
-
-def cmd_import_adapter(args) -> int:
-    from jaxeff.peft.adapters import import_adapter
-
-    print(f"adapter imported as lora run {import_adapter(args.base, args.adapter, args.out)}")
-    return 0
-
-
 def cmd_convert(args) -> int:
     from jaxeff.interop.convert import main as convert
 
@@ -316,8 +264,8 @@ def _run(argv: list[str] | None) -> int:
             verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
             verbs[args.command].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
-    handler = getattr(args, "handler", None) or {"train": cmd_train, "generate": cmd_generate, "export-adapter": cmd_export_adapter,
-               "merge-adapter": cmd_merge_adapter, "convert": cmd_convert}[args.command]
+    handler = getattr(args, "handler", None) or {"train": cmd_train, "generate": cmd_generate,
+                                                      "convert": cmd_convert}[args.command]
     try:
         return handler(args)
     except JaxeffError as e:

@@ -219,17 +219,32 @@ def __getattr__(name: str):
 # loading
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set '{dotted}'")
-        node = child
-    node[keys[-1]] = value
+def with_overrides(tree: dict[str, Any], changes) -> dict[str, Any]:
+    """A deep copy of the config dict ``tree`` with dotted ``changes`` set: a mapping
+    (``{"data.batch_size": 1}``), ``(key, value)`` pairs, or ``key=value`` strings as on the command
+    line (values read as YAML, see :func:`parse_overrides`). Missing sections are created; a key
+    that passes through a value is one line naming it. The one way every tool changes a config."""
+    import copy
+
+    if isinstance(changes, dict):
+        items = list(changes.items())
+    else:
+        items = []
+        for change in changes:
+            items += parse_overrides([change]) if isinstance(change, str) else [tuple(change)]
+    out = copy.deepcopy(tree)
+    for dotted, value in items:
+        keys = dotted.split(".")
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set '{dotted}'")
+            node = child
+        node[keys[-1]] = value
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -335,9 +350,7 @@ def resolve_raw(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
     """The config dict of ``path`` (bases composed) with dotted ``overrides`` applied last, and a
     ``train.init_from: hf:DIR`` run's model section read from DIR/config.json (keys the config
     gives win); not validated."""
-    raw: dict[str, Any] = compose_file(path) if path is not None else {}
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(raw, key, value)
+    raw: dict[str, Any] = with_overrides(compose_file(path) if path is not None else {}, list(overrides))
     init = raw["train"].get("init_from") if isinstance(raw.get("train"), dict) else None
     if isinstance(init, str) and init.startswith("hf:") and (Path(init[3:]) / "config.json").is_file():
         model = raw.get("model")

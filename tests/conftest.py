@@ -41,13 +41,11 @@ def tiny_config(tmp_path):
     ``make(overrides: list[str]) -> ExperimentConfig``."""
     import copy
 
-    from jaxeff.config import from_dict, _set_dotted, parse_overrides
+    from jaxeff.config import from_dict, with_overrides
 
     def make(overrides=()):
         raw = copy.deepcopy(TINY)
         raw["logging"]["run_dir"] = str(tmp_path / "runs")
-        for key, value in parse_overrides(list(overrides)):
-            _set_dotted(raw, key, value)
-        return from_dict(raw)
+        return from_dict(with_overrides(raw, list(overrides)))
 
     return make

@@ -30,15 +30,16 @@ def register(sub) -> None:
 
 def load_run(path, step=None):
     """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1). A distilled
-    student (method ``distill``, parameters saved under ``student``) is read as a plain model."""
+    student (method ``distill``, parameters saved under ``model``) is read as a plain model."""
     import jax
 
+    from jaxeff.config import with_overrides
     from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir,
-                                         one_device_config, read_run_config, with_changes)
+                                         one_device_config, read_run_config)
     from jaxeff.train.loop import Trainer, load_params
 
     ckpt_dir = find_checkpoint_dir(path)
-    saved = with_changes(read_run_config(ckpt_dir, step), **{"data.batch_size": 1})
+    saved = with_overrides(read_run_config(ckpt_dir, step), {"data.batch_size": 1})
     if saved.get("method") != "distill":
         cfg = one_device_config(saved)
         trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
@@ -48,7 +49,7 @@ def load_run(path, step=None):
     ckpt = Checkpointer(ckpt_dir, create=False)
     try:
         abstract = abstract_with_shardings(trainer.base_abstract, trainer.base_shardings)
-        params = ckpt.restore_params({"student": abstract}, step)["student"]
+        params = ckpt.restore_params({"model": abstract}, step)["model"]
     finally:
         ckpt.close()
     return cfg, trainer, params

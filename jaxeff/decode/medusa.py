@@ -272,10 +272,10 @@ def _register():
         joint = c.mode == "medusa2"
 
         def prepare_params(base, rng):
-            return {"base": base, "medusa": init_heads(model.config, base, c.n_heads, c.n_layers)}
+            return {"model": base, "medusa": init_heads(model.config, base, c.n_heads, c.n_layers)}
 
         def loss(params, batch, rng, *, frozen, deterministic):
-            base = params["base"] if joint else jax.lax.stop_gradient(params["base"])
+            base = params["model"] if joint else jax.lax.stop_gradient(params["model"])
             out = model.apply({"params": base}, batch["inputs"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
                               return_hidden=True)
@@ -287,7 +287,7 @@ def _register():
             return value, {"ce": lm, "medusa/heads_loss": hl, **metrics}
 
         def trainable(params):
-            return {"base": jax.tree.map(lambda _: joint, params["base"]),
+            return {"model": jax.tree.map(lambda _: joint, params["model"]),
                     "medusa": jax.tree.map(lambda _: True, params["medusa"])}
 
         def optimizer(optim_cfg, total_steps, trainable_tree):
@@ -296,7 +296,7 @@ def _register():
             from jaxeff.train.optim import make_optimizer
 
             heads_cfg = optim_cfg.model_copy(update={"lr": optim_cfg.lr * c.heads_lr_multiplier})
-            labels = {"base": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["base"]),
+            labels = {"model": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["model"]),
                       "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"])}
             return optax.multi_transform({"heads": make_optimizer(heads_cfg, total_steps),
                                           "base": make_optimizer(optim_cfg, total_steps),
@@ -305,8 +305,8 @@ def _register():
         like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
         heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
         return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
-                      logical_axes=lambda axes: {"base": axes, "medusa": heads_axes(heads_like)},
-                      model_params=lambda params: params["base"],
+                      logical_axes=lambda axes: {"model": axes, "medusa": heads_axes(heads_like)},
+                      model_params=lambda params: params["model"],
                       optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None)
 
     return medusa_method

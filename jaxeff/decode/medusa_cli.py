@@ -55,7 +55,7 @@ def load_medusa_run(path, step=None):
         trainer = Trainer(cfg, devices=jax.devices()[:1])
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
                                      step)
-    return cfg, trainer.model, params["base"], params["medusa"]
+    return cfg, trainer.model, params["model"], params["medusa"]
 
 
 def tree_of(cfg, top_k=None):
@@ -153,7 +153,7 @@ def acceptance_length_metric(ctx: EvalContext) -> dict[str, float]:
     windows = reference_windows(ctx.eval_sets, o["examples"], o["prompt_tokens"], 1, o["seed"])
     generated = calls = 0
     for prompt, _ in windows:
-        _, st = medusa_generate(ctx.model, ctx.params["base"], ctx.params["medusa"], np.asarray([prompt], np.int32),
+        _, st = medusa_generate(ctx.model, ctx.params["model"], ctx.params["medusa"], np.asarray([prompt], np.int32),
                                 jax.random.PRNGKey(0), tree=tree, max_new_tokens=o["new_tokens"])
         generated, calls = generated + int(st["generated"]), calls + int(st["calls"])
     return {"acceptance_length": generated / max(calls, 1), "medusa_tree_nodes": tree.n_nodes}

@@ -13,8 +13,8 @@ _EXPORTS = {
     **{name: "jaxeff.distill.losses" for name in ("cosine_loss", "cosine_similarity", "distillation_loss",
                                                   "generalized_jsd", "kd_loss", "kl_divergence", "masked_mean",
                                                   "token_divergence")},
-    **{name: "jaxeff.distill.method" for name in ("distill_method", "every_other_layer_params", "layer_pairs",
-                                                  "load_teacher")},
+    **{name: "jaxeff.distill.method" for name in ("distill_method", "every_other_layer_params", "layer_pairs")},
+    **{name: "jaxeff.distill.teacher" for name in ("Teacher", "load_teacher")},
 }
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)

@@ -5,74 +5,26 @@ method's ``frozen`` input: sharded like the student's (same logical axis rules),
 jitted step, never differentiated, never given optimizer state, never checkpointed. Optionally they
 are held and run in bfloat16 (``distill.teacher_dtype``).
 
-The trained tree is ``{"student": <model params>}`` plus ``"proj"`` (one learned ``[d_student,
+The trained tree is ``{"model": <the student's params>}`` plus ``"proj"`` (one learned ``[d_student,
 d_teacher]`` matrix per layer pair) when the cosine loss is on and the widths differ; evaluation and
-generation use ``params["student"]``.
+generation use ``params["model"]`` (runs written before 2026-12 say ``"student"``; they still load).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.distill.config import DistillConfig
 from jaxeff.distill.losses import distillation_loss
-from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.models import Transformer, TransformerConfig, init_params, logical_axes
-from jaxeff.train.checkpoint import RUNTIME_ONLY, Checkpointer, find_checkpoint_dir, first_difference
+from jaxeff.distill.teacher import load_teacher
+from jaxeff.errors import ConfigError
+from jaxeff.models import Transformer, TransformerConfig, logical_axes
+from jaxeff.train.checkpoint import RUNTIME_ONLY, first_difference
 from jaxeff.train.methods import Method, register_method
-
-KEY = "distill.teacher_checkpoint"
-
-
-@dataclasses.dataclass
-class Teacher:
-    config: TransformerConfig  # as run here (dtype / runtime settings applied)
-    params: Any  # numpy tree, float32 as saved
-
-
-def load_teacher(path: str | None, step: int | None, student: TransformerConfig, seq_len: int, *,
-                 dtype: str = "float32") -> Teacher:
-    """Parameters and architecture of a teacher run's checkpoint, as host (numpy) arrays.
-
-    Accepts a checkpoint written by any method whose ``params`` are the model's, or by ``distill``
-    (then the student it trained is the teacher). Raises ConfigError / CheckpointError with one line.
-    """
-    if not path:
-        raise ConfigError(f"{KEY}: expected the teacher's run folder (e.g. runs/teacher) or its checkpoints folder")
-    try:
-        ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
-    except CheckpointError as e:
-        raise CheckpointError(f"{KEY}: {e}") from None
-    try:
-        saved = ckpt.read_config(step)
-        try:
-            cfg = TransformerConfig(**saved["model"])
-        except Exception as e:  # noqa: BLE001 - any malformed saved config is the user's input
-            raise CheckpointError(f"{KEY}: '{path}' holds no readable model config ({type(e).__name__})") from None
-        if cfg.vocab_size != student.vocab_size:
-            raise ConfigError(f"{KEY}: the teacher's vocab_size is {cfg.vocab_size} but model.vocab_size is "
-                              f"{student.vocab_size}; teacher and student must share the vocabulary")
-        if seq_len > cfg.max_seq_len:
-            raise ConfigError(f"{KEY}: data.seq_len={seq_len} is above the teacher's max_seq_len={cfg.max_seq_len}")
-        abstract = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.PRNGKey(0), (1, 8)))
-        nested = saved.get("method") == "distill"
-        target = {"student": abstract} if nested else abstract
-        try:
-            params = ckpt.restore_params(target, step)  # no shardings given: numpy arrays
-        except CheckpointError as e:
-            raise CheckpointError(f"{KEY}: {e}") from None
-    finally:
-        ckpt.close()
-    params = params["student"] if nested else params
-    run_cfg = dataclasses.replace(cfg, dropout=0.0, remat=student.remat, attention_impl=student.attention_impl,
-                                  dtype=dtype, param_dtype=dtype)
-    return Teacher(run_cfg, jax.tree.map(np.asarray, params))
 
 
 def layer_pairs(layer_map, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
@@ -135,7 +87,7 @@ def distill_method(cfg, model: Transformer) -> Method:
     def prepare_params(params, rng):
         if init_tree is not None:
             params = jax.tree.map(lambda p, t: jnp.asarray(t, p.dtype), params, init_tree)
-        out = {"student": params}
+        out = {"model": params}
         if project:
             std = s_cfg.d_model ** -0.5
             keys = jax.random.split(rng, len(pairs))
@@ -145,14 +97,14 @@ def distill_method(cfg, model: Transformer) -> Method:
         return out
 
     def axes(model_axes):
-        out = {"student": model_axes}
+        out = {"model": model_axes}
         if project:
             out["proj"] = {f"pair_{k}": {"kernel": P("embed", None)} for k in range(len(pairs))}
         return out
 
     def loss(params, batch, rng, *, frozen, deterministic):
         kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(pairs))
-        s_out = model.apply({"params": params["student"]}, batch["inputs"], deterministic=deterministic,
+        s_out = model.apply({"params": params["model"]}, batch["inputs"], deterministic=deterministic,
                             rngs={"dropout": rng}, **kw)
         t_out = jax.lax.stop_gradient(teacher_model.apply({"params": frozen}, batch["inputs"], deterministic=True,
                                                           **kw))
@@ -169,7 +121,7 @@ def distill_method(cfg, model: Transformer) -> Method:
             temperature=d.temperature, divergence=d.divergence, beta=d.jsd_beta)
 
     return Method("distill", loss, prepare_params=prepare_params, logical_axes=axes,
-                  model_params=lambda p: p["student"], frozen=frozen,
+                  model_params=lambda p: p["model"], frozen=frozen,
                   frozen_logical_axes=logical_axes(teacher_model, (1, seq)))
 
 
@@ -187,7 +139,7 @@ def _offline_method(cfg, model: Transformer) -> Method:
     table = load_topk(d.offline_topk, cfg.data.seq_len, model.config.vocab_size)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply({"params": params["student"]}, batch["inputs"], positions=batch["positions"],
+        out = model.apply({"params": params["model"]}, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
         mask = batch["loss_mask"].astype(jnp.float32)
         ce = cross_entropy(out.logits, batch["targets"], mask)[0]
@@ -197,5 +149,5 @@ def _offline_method(cfg, model: Transformer) -> Method:
         total = d.ce_weight * ce + d.kd_weight * kd
         return total, {"ce": ce, "kd": kd, "offline_miss": 1.0 - found.astype(jnp.float32).mean()}
 
-    return Method("distill", loss, prepare_params=lambda p, rng: {"student": p},
-                  logical_axes=lambda axes: {"student": axes}, model_params=lambda p: p["student"], frozen=table)
+    return Method("distill", loss, prepare_params=lambda p, rng: {"model": p},
+                  logical_axes=lambda axes: {"model": axes}, model_params=lambda p: p["model"], frozen=table)

@@ -71,7 +71,7 @@ def lookup(table_fp, batch_inputs, batch_segments):
 def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64, progress: bool = False) -> Path:
     """Teacher top-k logits for every training row of ``cfg.data`` into ``out`` (.npz); ``progress``
     shows a bar over the rows on stderr."""
-    from jaxeff.distill.method import load_teacher
+    from jaxeff.distill.teacher import load_teacher
     from jaxeff.models import Transformer
     from jaxeff.train.inputs import build_data
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from jaxeff.edit.recipe import Recipe
 from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.train.checkpoint import new_lm_run, one_device_config, read_run_config, with_changes
+from jaxeff.train.checkpoint import new_lm_run, one_device_config, read_run_config
 
 
 def _one_device_config(saved: dict, **changes):
@@ -127,11 +127,11 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
         raise ConfigError("models: the merged parameters are not finite (check the scales)")
 
     # -- write the new run
-    from jaxeff.config import from_dict
+    from jaxeff.config import from_dict, with_overrides
 
     from jaxeff.runs import save_model_run
 
-    cfg = from_dict(with_changes(base_cfg, **new_lm_run(out)))  # the base's config (mesh, batch) as a plain lm run
+    cfg = from_dict(with_overrides(base_cfg, new_lm_run(out)))  # the base's config (mesh, batch) as a plain lm run
     provenance = {"command": "jaxeff merge", "method": recipe.method, "base": str(Path(recipe.base).absolute()),
                   "models": {n: str(Path(e.path).absolute()) for n, e in recipe.models.items()},
                   "data": "as the base run"}

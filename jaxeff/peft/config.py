@@ -9,9 +9,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from jaxeff.targets import BLOCK_PROJECTIONS
 from jaxeff.schema import Section
 
-DEFAULT_TARGETS = (r"layers_\d+/attn/(q|k|v|o)", r"layers_\d+/mlp/(gate|up|down)")
+DEFAULT_TARGETS = BLOCK_PROJECTIONS  # the attention and MLP projections of every block (jaxeff.targets)
 
 
 class PeftConfig(Section):

@@ -12,14 +12,13 @@ so the model is never edited: the adapted computation is injected at run time wi
 ``flax.linen.intercept_methods`` (:func:`lora_interceptor`), or folded into the kernels with
 :func:`merge` (and taken out again with :func:`unmerge`).
 
-The trained tree of the ``lora`` method is ``{"base": model params (frozen), "lora": adapters}``;
+The trained tree of the ``lora`` method is ``{"model": model params (frozen), "lora": adapters}``;
 only ``lora`` gets optimizer state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import zlib
 from typing import Any, Iterable
 
@@ -33,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models import init_params
+from jaxeff.targets import select
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
 
 Path = tuple[str, ...]
@@ -43,32 +43,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # targets
 
 
-def compile_targets(targets: Iterable[str]) -> list[re.Pattern]:
-    out = []
-    for t in targets:
-        try:
-            out.append(re.compile(t))
-        except re.error as e:
-            raise ConfigError(f"peft.targets: '{t}' is not a valid regex ({e})") from None
-    return out
-
-
-def dense_paths(params) -> list[Path]:
-    """Module paths of every 2-D ``kernel`` in a parameter tree (the ``Dense`` layers)."""
-    flat = traverse_util.flatten_dict(params)
-    return [k[:-1] for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2]
-
-
 def target_paths(params, targets: Iterable[str]) -> list[Path]:
-    """Module paths of the kernels whose path (``layers_0/attn/q``) fully matches a regex;
-    ConfigError if none does."""
-    patterns = compile_targets(targets)
-    candidates = dense_paths(params)
-    paths = [p for p in candidates if any(r.fullmatch("/".join(p)) for r in patterns)]
-    if not paths:
-        shown = ", ".join("/".join(p) for p in candidates[:8])
-        raise ConfigError(f"peft.targets: {list(targets)} match no Dense kernel (module paths look like: {shown})")
-    return paths
+    """Module paths (tuples) of the Dense layers a ``peft.targets`` rule selects (:mod:`jaxeff.targets`:
+    full match of ``layers_0/attn/q``); ConfigError if none."""
+    return [tuple(p.split("/")) for p in select(params, tuple(targets), "peft.targets", required=True)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,23 +262,23 @@ def lora_method(cfg, model) -> Method:
     initial = initial_adapters(cfg, like, paths)
 
     def prepare_params(base, rng):
-        return {"base": base, "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
+        return {"model": base, "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
     def loss(params, batch, rng, *, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
         with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1)):
-            value, _ = lm_forward_loss(model, params["base"], batch, rng, deterministic)
+            value, _ = lm_forward_loss(model, params["model"], batch, rng, deterministic)
         return value, {}
 
     def apply(model_, params, tokens, **kwargs):
-        return apply_lora(model_, params["base"], params["lora"], scale, tokens, **kwargs)
+        return apply_lora(model_, params["model"], params["lora"], scale, tokens, **kwargs)
 
     return Method(
         "lora", loss,
-        trainable=lambda params: {"base": _mask(params["base"], False), "lora": _mask(params["lora"], True)},
+        trainable=lambda params: {"model": _mask(params["model"], False), "lora": _mask(params["lora"], True)},
         prepare_params=prepare_params,
-        logical_axes=lambda axes: {"base": axes, "lora": adapter_axes(axes, _placeholder(paths))},
-        model_params=lambda params: merge(params["base"], params["lora"], scale),
+        logical_axes=lambda axes: {"model": axes, "lora": adapter_axes(axes, _placeholder(paths))},
+        model_params=lambda params: merge(params["model"], params["lora"], scale),
         apply=apply,
     )
 

@@ -5,7 +5,7 @@ The kernels that ``peft.targets`` select are quantized once, when the method is 
 double-quantized to int8 in blocks of 256) and kept in the method's ``frozen`` inputs: read-only,
 sharded like the kernels, never differentiated (their integer leaves stay out of ``jax.grad``) and
 never checkpointed (a resumed run re-quantizes the same base, bit for bit). The trained tree is
-``{"base": the rest of the model (embeddings, norms, biases; frozen, float), "lora": adapters}``.
+``{"model": the rest of the model (embeddings, norms, biases; frozen, float), "lora": adapters}``.
 Adapters are bf16 and the adapted layers compute in ``peft.compute_dtype`` (bf16); the base
 matmul is ``pallas_kernels.quantized_matmul`` (``peft.kernel_backend``; ``auto`` is the Pallas
 kernel on GPU/TPU and the jnp dequantize-then-matmul reference on CPU, where Pallas runs in slow
@@ -28,6 +28,7 @@ from jaxeff.models import init_params
 from jaxeff.peft.lora import (_DTYPES, _flatten_until, _get, _mask, _placeholder, abstract_base, adapter_axes,
                               adapter_dtype, init_adapters, initial_adapters, lora_interceptor, lora_scale, merge,
                               target_paths, with_initial)
+from jaxeff.targets import resolve_kernel_backend
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
 
 
@@ -97,12 +98,6 @@ def _qw_type():
     return QuantizedWeight
 
 
-def resolve_backend(name: str) -> str:
-    if name == "auto":
-        return "auto" if jax.default_backend() in ("gpu", "tpu") else "reference"
-    return name
-
-
 _jit_init = jax.jit(init_params, static_argnums=(0, 2))
 
 
@@ -133,35 +128,35 @@ def qlora_method(cfg, model) -> Method:
     dtype = adapter_dtype(p, "bfloat16")
     initial = initial_adapters(cfg, like, paths)
     compute = _DTYPES[p.compute_dtype]
-    backend = resolve_backend(p.kernel_backend)
+    backend = resolve_kernel_backend(p.kernel_backend)
     qbase = quantize_base(load_base(cfg, model), paths, p.double_quant)
     qbase_const = jax.tree.map(np.asarray, qbase)  # for eval / generate, which get no frozen inputs
 
     def prepare_params(base, rng):
-        return {"base": strip_kernels(base, paths),
+        return {"model": strip_kernels(base, paths),
                 "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
     def loss(params, batch, rng, *, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
         with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1),
                               qbase=frozen["qbase"], backend=backend, compute_dtype=compute):
-            value, _ = lm_forward_loss(model, params["base"], batch, rng, deterministic)
+            value, _ = lm_forward_loss(model, params["model"], batch, rng, deterministic)
         return value, {}
 
     def apply(model_, params, tokens, **kwargs):
         with lora_interceptor(params["lora"], scale, qbase=qbase_const, backend=backend, compute_dtype=compute):
-            return model_.apply({"params": params["base"]}, tokens, **kwargs)
+            return model_.apply({"params": params["model"]}, tokens, **kwargs)
 
     def model_params(params):
-        return merge(dequantize_base(params["base"], qbase_const), params["lora"], scale)
+        return merge(dequantize_base(params["model"], qbase_const), params["lora"], scale)
 
     def logical_axes(axes):
-        return {"base": strip_kernels(axes, paths), "lora": adapter_axes(axes, _placeholder(paths))}
+        return {"model": strip_kernels(axes, paths), "lora": adapter_axes(axes, _placeholder(paths))}
 
     base_axes = _model_axes(cfg, model)
     return Method(
         "qlora", loss,
-        trainable=lambda params: {"base": _mask(params["base"], False), "lora": _mask(params["lora"], True)},
+        trainable=lambda params: {"model": _mask(params["model"], False), "lora": _mask(params["lora"], True)},
         prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params, apply=apply,
         frozen={"qbase": qbase}, frozen_logical_axes={"qbase": qbase_axes(base_axes, qbase)},
     )

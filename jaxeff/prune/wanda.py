@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.errors import ConfigError
-from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
+from jaxeff.quant.intercept import float_dense, get_path, run_with_dense, set_path
+from jaxeff.targets import BLOCK_PROJECTIONS, select
 
-TARGETS = r"^layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
+# the attention and MLP projections of every block (jaxeff.targets.BLOCK_PROJECTIONS as one whole-path rule)
+TARGETS = "|".join(f"(?:{rule})" for rule in BLOCK_PROJECTIONS)
 METHODS = ("magnitude", "wanda")
 
 
@@ -120,15 +122,9 @@ def keep_mask(scores: jax.Array, *, sparsity: float | None = None, nm: tuple[int
 # calibration
 
 
-def target_paths(params, pattern: str = TARGETS) -> list[str]:
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"prune targets: {pattern!r} is not a valid regex ({e})") from None
-    paths = [p for p in dense_paths(params, "") if rx.search(p)]
-    if not paths:
-        raise ConfigError(f"prune targets: no Dense layer matches {pattern!r}")
-    return paths
+def target_paths(params, pattern=TARGETS) -> list[str]:
+    """The Dense layers a rule (or rules) selects (:func:`jaxeff.targets.select`); ConfigError if none."""
+    return select(params, pattern, "prune targets", required=True)
 
 
 def _batch_fields(batch) -> tuple[Any, dict[str, Any], Any]:
@@ -242,7 +238,7 @@ def output_error(model, dense, pruned, tokens, paths: Iterable[str] | None = Non
     from jaxeff.quant.ptq import collect_dense_inputs
 
     paths = list(paths if paths is not None else target_paths(dense))
-    xs = collect_dense_inputs(model, dense, tokens, "^(" + "|".join(re.escape(p) for p in paths) + ")$")
+    xs = collect_dense_inputs(model, dense, tokens, [re.escape(p) for p in paths], "prune targets")
     out = {}
     for p in paths:
         x = xs[p].astype(jnp.float32).reshape(-1, xs[p].shape[-1])

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from jaxeff.targets import BLOCK_LAYERS  # noqa: F401  (re-exported: quant's default rule)
 from jaxeff.schema import Section
 
-BLOCK_LAYERS = r"^layers_\d+/(attn|mlp)/"
 
 
 def _check_regex(v: str) -> str:
@@ -68,8 +68,8 @@ class ConvertConfig(Section):
 class QuantConfig(Section):
     weight: QuantizerConfig | None = Field(default_factory=QuantizerConfig)  # null = float weights
     activation: QuantizerConfig | None = None  # null = float activations
-    weight_layers: str = BLOCK_LAYERS  # regex over Dense paths whose kernels are quantized
-    activation_layers: str = BLOCK_LAYERS  # regex over Dense paths whose inputs are quantized
+    weight_layers: str = BLOCK_LAYERS  # rule (regex, whole module path) for the Dense layers whose kernels are quantized
+    activation_layers: str = BLOCK_LAYERS  # rule for the Dense layers whose inputs are quantized
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
 

@@ -5,7 +5,7 @@ The Dense kernels on ``quant.weight_layers`` become ``pallas_kernels.quant.Quant
 per-channel int8 weight run by ``int8_matmul`` with int8 activations and optional LLM.int8()
 outlier decomposition). Running the model intercepts those Dense layers and calls
 ``quantized_matmul`` / ``int8_matmul`` (backend ``quant.convert.backend``; ``auto`` = the Pallas
-kernel on GPU/TPU, interpret mode on CPU). Embeddings, norms and biases stay float.
+kernel on GPU/TPU, the jnp reference on CPU, as everywhere in jaxeff: :mod:`jaxeff.targets`). Embeddings, norms and biases stay float.
 
 Method ``quantized``: ``prepare_params`` converts float model parameters (fresh, from
 ``train.init_from``, or restored from a converted checkpoint), nothing is trainable, and
@@ -19,7 +19,6 @@ Convert a float (method ``lm``) or QAT (method ``qat``: its quantize-dequantize 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -28,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxeff.quant.config import QuantConfig
 from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
+from jaxeff.targets import resolve_kernel_backend
 from jaxeff.train.methods import Method, register_method
 from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize, quantized_matmul
 
@@ -49,7 +49,7 @@ def convert_params(params, qcfg) -> dict:
 def quantized_apply(model, params, tokens, qcfg, *, backend=None, **kwargs):
     """Run the model on converted parameters: quantized kernels through the low-bit matmuls."""
     ccfg = qcfg.convert
-    backend = backend or ccfg.backend
+    backend = resolve_kernel_backend(backend or ccfg.backend)
 
     def dense_fn(path, x, kernel, module):
         if not isinstance(kernel, QuantizedWeight):
@@ -116,10 +116,10 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     byte counts of the source and converted parameters."""
     from pathlib import Path
 
-    from jaxeff.config import _set_dotted, from_dict, parse_overrides, run_dict, run_yaml
+    from jaxeff.config import from_dict, run_dict, run_yaml, with_overrides
     from jaxeff.train.checkpoint import new_lm_run, open_new_run
     from jaxeff.errors import ConfigError
-    from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir, with_changes
+    from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir
     from jaxeff.train.loop import Trainer, load_params
 
     ckpt_dir = find_checkpoint_dir(checkpoint)
@@ -129,16 +129,12 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     probe.close()
     if saved.get("method") not in ("lm", "qat"):
         raise ConfigError(f"--checkpoint: run '{checkpoint}' has method '{saved.get('method')}', expected lm or qat")
-    saved = with_changes(saved, **ONE_DEVICE)
+    saved = with_overrides(saved, ONE_DEVICE)
     devices = jax.devices()[:1]
     src_trainer, params = load_params(from_dict(saved), ckpt_dir, step, devices=devices)
     base = src_trainer.method.model_params(params)
-    raw = copy.deepcopy(saved)
-    raw.pop("provenance", None)
-    for key, value in {**new_lm_run(Path(out)), "method": "quantized"}.items():
-        _set_dotted(raw, key, value)
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(raw, key, value)
+    raw = {k: v for k, v in saved.items() if k != "provenance"}
+    raw = with_overrides(with_overrides(raw, {**new_lm_run(Path(out)), "method": "quantized"}), list(overrides))
     cfg = from_dict(raw)
     provenance = {"command": "jaxeff quantize", "source": str(Path(checkpoint).absolute()), "step": int(step),
                   "method": saved.get("method"), "format": cfg.quant.convert.format,

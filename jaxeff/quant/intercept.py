@@ -7,32 +7,23 @@ like ``"layers_0/attn/q"``; the bias, if any, is added afterwards). Other module
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxeff.targets import select
+
 
 def module_path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
-def dense_paths(params, pattern: str) -> list[str]:
-    """Paths of the Dense modules (dicts holding a ``kernel``) in a parameter tree that match ``pattern``."""
-    out = []
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            if "kernel" in node and re.search(pattern, prefix):
-                out.append(prefix)
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}/{k}" if prefix else k)
-
-    walk(params, "")
-    return out
+def dense_paths(params, pattern: str, key: str = "quant.weight_layers") -> list[str]:
+    """Paths of the Dense modules (dicts holding a ``kernel``) of a parameter tree that the rule
+    ``pattern`` selects (:func:`jaxeff.targets.select`: whole-path match)."""
+    return select(params, pattern, key)
 
 
 def get_path(tree, path: str):

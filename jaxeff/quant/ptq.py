@@ -19,25 +19,26 @@ Usage::
 
 from __future__ import annotations
 
-import re
 
 import jax
 import numpy as np
 
 from jaxeff.quant.intercept import float_dense, run_with_dense
+from jaxeff.targets import select
 from jaxeff.quant.qat import fake_quant_apply, quantized_model_params
 
 
-def collect_dense_inputs(model, params, tokens, pattern: str) -> dict[str, jax.Array]:
-    """The input ``x`` of every Dense whose path matches ``pattern``, for one batch of tokens."""
-    rx = re.compile(pattern)
+def collect_dense_inputs(model, params, tokens, pattern, key: str = "quant.activation_layers") -> dict[str, jax.Array]:
+    """The input ``x`` of every Dense a rule selects (:func:`jaxeff.targets.select`; ``pattern`` one
+    rule or several), for one batch of tokens."""
+    chosen = set(select(params, pattern, key))
 
     @jax.jit
     def run(params, tokens):
         seen = {}
 
         def dense_fn(path, x, kernel, module):
-            if rx.search(path):
+            if path in chosen:
                 seen[path] = x
             return float_dense(x, kernel, module)
 

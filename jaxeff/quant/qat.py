@@ -15,7 +15,6 @@ values: the weights a converted model (``jaxeff.quant.convert``) stores.
 
 from __future__ import annotations
 
-import re
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -56,13 +55,14 @@ def fake_quant_apply(model, params, tokens, qcfg, *, qscales=None, act_ranges=No
     ``qscales``: learned weight scales by path; ``act_ranges``: static activation ranges by path
     (PTQ calibration); layers missing from ``act_ranges`` use dynamic scales."""
     wspec, aspec = _weight_spec(qcfg), _act_spec(qcfg)
-    wre, are = re.compile(qcfg.weight_layers), re.compile(qcfg.activation_layers)
+    wsel = set(dense_paths(params, qcfg.weight_layers)) if wspec is not None else set()
+    asel = set(dense_paths(params, qcfg.activation_layers, "quant.activation_layers")) if aspec is not None else set()
 
     def dense_fn(path, x, kernel, module):
-        if aspec is not None and are.search(path):
+        if path in asel:
             rng = None if act_ranges is None else act_ranges.get(path)
             x = fake_quant_activation(x, aspec, rng)
-        if wspec is not None and wre.search(path):
+        if path in wsel:
             scale = None if qscales is None else qscales.get(path)
             kernel = fake_quant_weight(kernel, wspec, scale, learned=scale is not None)
         return float_dense(x, kernel, module)

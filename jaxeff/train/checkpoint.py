@@ -228,29 +228,41 @@ class Checkpointer:
                 out = self._mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
-            legacy = self._restore_with_extra(abstract_state, step)
-            if legacy is not None:
-                return legacy
+            for key in (None, *LEGACY_MODEL_KEYS):  # a checkpoint in an earlier layout, when it is one
+                legacy = self._restore_legacy(abstract_state, step, key)
+                if legacy is not None:
+                    return legacy
             raise CheckpointError(f"checkpoint '{self.directory}' step {step} could not be restored for this run: "
                                   f"{first_line(e)}") from None
         return out["state"], out["data"]
 
-    def _restore_with_extra(self, abstract_state, step: int):
+    def _restore_legacy(self, abstract_state, step: int, model_key: str | None):
         """A train state written before ``TrainState.extra`` was dropped (jaxeff 2026-12; it was always
-        empty): restored with that field, returned without it. None when that does not fit either."""
+        empty) and, with ``model_key``, before the prepared tree's ``"model"`` key was called that
+        (``"base"``: lora/qlora, ``"student"``: distill): restored in that layout, returned in today's.
+        None when that does not fit either."""
         from jaxeff.train.step import TrainState
 
         if not isinstance(abstract_state, TrainState):
             return None
         fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-        try:
-            with _without_loop_noise():
-                out = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_StateWithExtra(**fields, extra={})), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError):
-            return None
-        restored = out["state"]
-        return TrainState(**{name: getattr(restored, name) for name in fields}), out["data"]
+        if model_key is not None:
+            if not _has_model_key(fields["params"]):
+                return None
+            fields = _renamed(fields, MODEL_KEY, model_key)
+        variants = [_StateWithExtra(**fields, extra={})] + ([TrainState(**fields)] if model_key else [])
+        for target in variants:
+            try:
+                with _without_loop_noise():
+                    out = self._mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            except (ValueError, KeyError, TypeError):
+                continue
+            restored = {name: getattr(out["state"], name) for name in fields}
+            if model_key is not None:
+                restored = _renamed(restored, model_key, MODEL_KEY)
+            return TrainState(**restored), out["data"]
+        return None
 
     def restore_raw(self, step: int) -> None:
         """Read step ``step`` with its own on-disk structure (no target); raises when it cannot be read
@@ -264,15 +276,16 @@ class Checkpointer:
         checked against their checksums first."""
         step = self._resolve(step)
         self.check_intact(step)
-        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
-                                      restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)})
-        try:
-            with _without_loop_noise():
-                out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
-        except (ValueError, KeyError, TypeError) as e:
+        params, error = self._restore_params_as(abstract_params, step)
+        if (error is not None or _missing_leaf(params)) and _has_model_key(abstract_params):
+            for key in LEGACY_MODEL_KEYS:  # written before the prepared tree's "model" key was called that
+                legacy, _ = self._restore_params_as(_renamed(abstract_params, MODEL_KEY, key), step)
+                if legacy is not None and not _missing_leaf(legacy):
+                    params, error = _renamed(legacy, key, MODEL_KEY), None
+                    break
+        if error is not None:
             raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: "
-                                  f"{first_line(e)}") from None
-        params = out["state"]["params"]
+                                  f"{first_line(error)}") from None
         # partial_restore leaves a parameter the checkpoint lacks as its ShapeDtypeStruct: refuse by name
         # (e.g. a run whose method stores its parameters under another structure, such as ttt_e2e's)
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -281,6 +294,15 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' "
                                       "(a run of a method that stores its parameters differently?)")
         return params
+
+    def _restore_params_as(self, abstract_params, step: int):
+        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
+                                      restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)})
+        try:
+            with _without_loop_noise():
+                return self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"], None
+        except (ValueError, KeyError, TypeError) as e:
+            return None, e
 
     def quarantined(self) -> list[str]:
         """Names of the step folders moved aside as unreadable (``<step>.unreadable``)."""
@@ -327,18 +349,6 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0].split(" See full TensorStore details")[0].rstrip(" .:")[:300]
 
 
-def with_changes(saved: dict, **changes) -> dict:
-    """A deep copy of a saved config dict with dotted ``changes`` (``{"data.batch_size": 1}``) set."""
-    saved = json.loads(json.dumps(saved))
-    for dotted, value in changes.items():
-        node = saved
-        *head, last = dotted.split(".")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return saved
-
-
 ONE_DEVICE = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "optim.grad_accum": 1}
 
 
@@ -346,9 +356,9 @@ def one_device_config(saved: dict, **changes):
     """The :class:`~jaxeff.config.ExperimentConfig` of a saved run set up for one device (mesh
     1x1x1, no gradient accumulation), with dotted ``changes``: how tools that read a run (eval,
     generate, extract, merge, convert, ...) rebuild it."""
-    from jaxeff.config import from_dict
+    from jaxeff.config import from_dict, with_overrides
 
-    return from_dict(with_changes(saved, **{**ONE_DEVICE, **changes}))
+    return from_dict(with_overrides(saved, {**ONE_DEVICE, **changes}))
 
 
 def new_lm_run(out: Path) -> dict:
@@ -400,6 +410,33 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
         return None
     norm = lambda v: json.loads(json.dumps(v))  # tuples vs lists
     return None if norm(a) == norm(b) else prefix or "<root>"
+
+
+MODEL_KEY = "model"  # the key of the model's parameters in a method's prepared tree
+LEGACY_MODEL_KEYS = ("base", "student")  # its names before 2026-12 (lora/qlora, distill)
+
+
+def _has_model_key(tree) -> bool:
+    return isinstance(tree, dict) and MODEL_KEY in tree
+
+
+def _missing_leaf(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _renamed(tree, old: str, new: str):
+    """``tree`` with every mapping key ``old`` renamed ``new`` (through dicts, tuples, named tuples
+    and dataclasses such as optimizer states), leaves untouched."""
+    if isinstance(tree, dict):
+        return {(new if k == old else k): _renamed(v, old, new) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_renamed(v, old, new) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_renamed(v, old, new) for v in tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(tree, **{f.name: _renamed(getattr(tree, f.name), old, new)
+                                            for f in dataclasses.fields(tree) if f.init})
+    return tree
 
 
 @flax.struct.dataclass

@@ -183,7 +183,7 @@ def test_gradients_reach_the_student_and_projection_but_not_the_teacher(tiny_con
                        "distill.layer_map=every_other", "mesh.data=1")
     t = Trainer(cfg, devices=jax.devices()[:1])
     state = t.init_state()
-    assert set(state.params) == {"student", "proj"}
+    assert set(state.params) == {"model", "proj"}
     assert state.params["proj"]["pair_0"]["kernel"].shape == (48, 32)  # student width -> teacher width
     batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items() if k != "domain_ids"}
     loss_fn = lambda p, f: t.method.loss(p, batch, jax.random.PRNGKey(0), frozen=f, deterministic=True)
@@ -191,7 +191,7 @@ def test_gradients_reach_the_student_and_projection_but_not_the_teacher(tiny_con
         state.params, t.frozen)
     assert all(np.isfinite(float(metrics[k])) and float(metrics[k]) > 0 for k in ["ce", "kd", "cos"])
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_teacher))
-    for name in ["student", "proj"]:
+    for name in ["model", "proj"]:
         assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_params[name])) > 0, name
     # the optimizer keeps state for the trained tree only (AdamW mu/nu), none for the teacher
     n_trained = sum(x.size for x in jax.tree.leaves(state.params))
@@ -203,7 +203,7 @@ def test_gradients_reach_the_student_and_projection_but_not_the_teacher(tiny_con
 def test_every_other_layer_init_copies_teacher_layers_0_2_and_the_embeddings(tiny_config, teacher_dir):
     cfg = _distill_cfg(tiny_config, teacher_dir, "distill.student_init=every_other_layer", "mesh.data=1")
     t = Trainer(cfg, devices=jax.devices()[:1])
-    student = _host(t.init_state().params["student"])
+    student = _host(t.init_state().params["model"])
     teacher = _host(t.frozen)
     assert sorted(k for k in student if k.startswith("layers_")) == ["layers_0", "layers_1"]
     for i, j in [(0, 0), (1, 2)]:
@@ -249,7 +249,7 @@ def test_sharded_distill_step_on_8_devices_equals_the_single_device_step(tiny_co
     t1, t8 = Trainer(cfg1, devices=jax.devices()[:1]), Trainer(cfg8)
     # the teacher is sharded like a model: q kernel [embed, heads] over fsdp x tensor
     assert t8.frozen["layers_0"]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor")
-    assert t8.param_shardings["student"]["layers_0"]["attn"]["q"]["kernel"].spec == P("fsdp", "tensor")
+    assert t8.param_shardings["model"]["layers_0"]["attn"]["q"]["kernel"].spec == P("fsdp", "tensor")
     s1, m1 = t1.train_step(t1.init_state(), batch)
     s8, m8 = t8.train_step(t8.init_state(), batch)
     for k in ["loss", "ce", "kd", "cos"]:
@@ -272,8 +272,8 @@ def test_distill_run_logs_its_loss_terms_and_evaluates_the_student(tiny_config, 
     assert np.isfinite(out["eval/loss"]) and out["train/kd"] > 0
     # the checkpoint holds the trained tree (the student) and no teacher arrays
     _, params = load_params(cfg, cfg.checkpoint_path, devices=jax.devices()[:1])
-    assert set(params) == {"student"}
-    assert sorted(k for k in params["student"] if k.startswith("layers_")) == ["layers_0", "layers_1"]
+    assert set(params) == {"model"}
+    assert sorted(k for k in params["model"] if k.startswith("layers_")) == ["layers_0", "layers_1"]
 
 
 def test_every_distill_yaml_config_loads():

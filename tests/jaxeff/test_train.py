@@ -229,3 +229,38 @@ def test_a_hook_of_the_method_runs_in_the_loop_and_may_replace_the_state(tiny_co
         params = ckpt.restore_params(Trainer(cfg, devices=jax.devices()[:1]).abstract_state.params)
     # zeroed at step 2, then one more update: the weights are one Adam step from zero, not the init's scale
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(_host(params))) < 0.01
+
+
+@register_method("_test_wrapped")
+def _wrapped_method(cfg, model):
+    base = lm_method(cfg, model)
+
+    def loss(params, batch, rng, *, frozen, deterministic):
+        return base.loss(params["model"], batch, rng, frozen=frozen, deterministic=deterministic)
+
+    return dataclasses.replace(base, name="_test_wrapped", loss=loss, prepare_params=lambda p, rng: {"model": p},
+                               logical_axes=lambda a: {"model": a}, model_params=lambda p: p["model"])
+
+
+@pytest.mark.parametrize("legacy_key", ["base", "student"])
+def test_a_prepared_tree_saved_under_its_old_model_key_still_restores(tiny_config, tmp_path, legacy_key):
+    """lora/qlora runs wrote the model under "base", distill runs under "student" (before 2026-12)."""
+    from jaxeff.train.checkpoint import _renamed, _StateWithExtra
+
+    cfg = tiny_config(["mesh.data=1", "method=_test_wrapped"])
+    t = Trainer(cfg, devices=jax.devices()[:1])
+    state = t.init_state()
+    state, _ = t.train_step(state, _batch(cfg))  # an optimizer state that is not all zeros
+    fields = _renamed({f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, "model", legacy_key)
+    assert legacy_key in fields["params"]
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, _StateWithExtra(**fields, extra={}), data_state={}, config=cfg.to_dict())
+    with Checkpointer(tmp_path / "ckpt", create=False) as ckpt:
+        restored, _ = ckpt.restore(t.abstract_state, 1)
+    with Checkpointer(tmp_path / "ckpt", create=False) as ckpt:  # (orbax: one handler per item and manager)
+        params = ckpt.restore_params(t.abstract_state.params, 1)
+    assert list(restored.params) == ["model"] and list(params) == ["model"]
+    for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(state))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(_host(params)), jax.tree.leaves(_host(state.params))):
+        np.testing.assert_array_equal(a, b)
