@@ -31,12 +31,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
          "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]

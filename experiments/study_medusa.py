@@ -28,13 +28,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "experiments"))
 
 import study_speculative as spec  # noqa: E402  (the same target, draft, prompts and timing helpers)
 

@@ -35,12 +35,10 @@ import argparse
 import datetime
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CONFIG = REPO / "configs" / "distill" / "step_by_step.yaml"
 QUICK = ["model.d_model=64", "model.d_ff=192", "model.n_layers=3", "model.max_seq_len=128", "data.seq_len=64",
          "train.eval_batches=1"]

@@ -261,7 +261,6 @@ class Rounds:
 
         with loop.trainer._context():
             loop.state = self._jit("rewind", copy, loop.trainer)(loop.state)
-        self._resave_checkpoint(loop)
         loop.logger.message(f"lottery: rewind point saved at step {loop.step}")
 
     def round_hook(self, loop) -> None:
@@ -282,7 +281,6 @@ class Rounds:
             kept_now, _ = (int(x) for x in jax.device_get(count(loop.state.params["mask"])))
             logs["lottery/sparsity"] = 1.0 - kept_now / total
             save_masks(masks_file(self.cfg.run_path, ended + 1), loop.state.params["mask"])
-            self._resave_checkpoint(loop)
             loop.logger.message(f"lottery: round {ended + 1} of {c.rounds} at step {step}: phase {ended} ended at "
                                 f"sparsity {sparsity:.3f}, eval loss {ev.get('eval/loss', float('nan')):.4f}; now "
                                 f"{kept_now:,} of {total:,} prunable weights kept ({1 - kept_now / total:.3f} pruned), "
@@ -291,17 +289,6 @@ class Rounds:
         loop.last.update(logs)
         self._write_record(record)
         loop.reset_clock()
-
-    @staticmethod
-    def _resave_checkpoint(loop) -> None:
-        """When the loop checkpointed this step before this hook ran (its checkpoint hook comes first), that
-        checkpoint holds the phase's weights before pruning: a run resumed from it would skip the
-        transition. Replace it with the new state (a kill in between leaves the previous checkpoint as the
-        newest, from which the transition is redone)."""
-        if loop.ckpt.latest_step() != loop.step:
-            return
-        loop.ckpt._mngr.delete(loop.step)
-        loop.save(loop.step, loop.state, loop.loader.state_dict())
 
     def _check_round(self, loop, ended: int, kept: int) -> None:
         """The state must hold the masks of phase ``ended``; otherwise a transition was skipped (e.g. a run
@@ -414,7 +401,7 @@ def lottery_method(cfg, model) -> Method:
     def loss(params, batch, rng, *, frozen, deterministic, step):
         value, _ = lm_forward_loss(model, model_params(params), batch, rng, deterministic)
         kept, total = count(params["mask"])
-        # the learning rate of this update: the schedule restarts every phase (train/lr shows the run-long one)
+        # the learning rate of this update: the schedule restarts every phase (train/lr too: Method.schedule)
         return value, {"lottery/sparsity": 1.0 - kept.astype(jnp.float32) / total, "lottery/lr": phase_lr(step % per)}
 
     def trainable(params):
@@ -436,6 +423,7 @@ def lottery_method(cfg, model) -> Method:
     if rewind and c.rewind_step > 0:
         hooks.insert(0, Hook("lottery_rewind", c.rewind_step, rounds.rewind_hook, at_end=False))
     return Method("lottery", loss, trainable=trainable, prepare_params=prepare_params, logical_axes=logical_axes,
+                  schedule=lambda step: phase_lr(step % per),
                   model_params=model_params, optimizer=optimizer, hooks=tuple(hooks), with_step=True)
 
 

@@ -172,7 +172,8 @@ def _check_halt(loop: Loop) -> bool:
 
 
 def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Train as the config says; the method's hooks, then ``hooks``, run after the default ones. Returns the last logged
+    """Train as the config says; the method's hooks run after the default ones but before the checkpoint,
+    ``hooks`` after all of them. Returns the last logged
     metrics, with ``stopped_early`` (Ctrl-C / SIGTERM) or ``halted`` (non-finite guard) when training
     ended before ``train.steps``."""
     from jaxeff.train.inputs import build_data
@@ -202,7 +203,11 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
         logger.message("dynamic batch loading: reference losses " +
                        ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
                        f"{cfg.data.dynamic.every or cfg.train.eval_every} steps")
-    all_hooks = default_hooks(cfg, reference) + list(trainer.method.hooks) + list(hooks)
+    # the method's hooks run before the checkpoint is written: a hook that rewrites the state (a pruning
+    # round) is then in the checkpoint of its step, so a resumed run never skips it
+    defaults = default_hooks(cfg, reference)
+    at = next(i for i, h in enumerate(defaults) if h.name == "checkpoint")
+    all_hooks = defaults[:at] + list(trainer.method.hooks) + defaults[at:] + list(hooks)
     loop.data_states = {start: loader.state_dict()}
     if start == 0:  # the untrained baseline, so curves show how far training moved
         logger.scalars(0, trainer.evaluate(state.params, eval_sets, cfg.train.eval_batches))

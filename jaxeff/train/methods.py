@@ -24,8 +24,10 @@ A method is a few pure functions and data, not a subclass of the trainer:
 - ``optimizer(optim_cfg, total_steps, trainable) -> optax.GradientTransformation``: replaces the
   trainer's optimizer (default: :func:`jaxeff.train.optim.make_optimizer`), for methods whose
   parameter groups need their own rules (e.g. Lagrange multipliers trained by gradient ascent).
-- ``hooks``: :class:`jaxeff.train.loop.Hook` s the training loop runs after its own (e.g. a pruning
-  round that rewrites ``loop.state`` every N steps).
+- ``hooks``: :class:`jaxeff.train.loop.Hook` s the training loop runs after its log/eval hooks and
+  before it checkpoints (e.g. a pruning round that rewrites ``loop.state`` every N steps).
+- ``schedule``: the learning rate at an update (what ``train/lr`` logs) for a method whose
+  ``optimizer`` schedules it differently from ``optim`` over the whole run.
 
 A method is one file: it declares its config section (a :class:`jaxeff.schema.Section`) and
 registers its factory ``factory(cfg, model) -> Method`` with it::
@@ -97,6 +99,7 @@ class Method:
     with_step: bool = False
     optimizer: Callable[..., Any] | None = None
     hooks: tuple = ()
+    schedule: Callable[[int], Any] | None = None  # the learning rate at an update, when not optim's over the run
 
     def run(self, model, params, tokens, **kwargs):
         """The model's output for the prepared parameter tree (see ``apply``)."""

@@ -69,7 +69,7 @@ class Trainer:
         trainable = self.method.trainable(abstract_params)
         make_tx = self.method.optimizer or make_optimizer
         self.tx = make_tx(cfg.optim, cfg.train.steps, trainable)
-        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
+        self.schedule = self.method.schedule or make_schedule(cfg.optim, cfg.train.steps)  # what train/lr logs
         model_axes = logical_axes(self.model, (1, seq))
         self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)
         self.param_shardings = shd.param_shardings(self.method.logical_axes(model_axes), abstract_params, self.mesh,
