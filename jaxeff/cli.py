@@ -7,6 +7,7 @@ A mistake in the user's input (config, files, shapes, checkpoints) prints one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `jaxeff config fields | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     finally:
         if previous is not None and signal.getsignal(signal.SIGTERM) is _sigterm_exits:
             signal.signal(signal.SIGTERM, previous)

@@ -128,3 +128,13 @@ def test_the_parser_with_every_family_verb_loads_without_importing_jax():
 
     code = "import sys, jaxeff.cli as c; c._parser(); sys.exit(int('jax' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`jaxeff config fields | head -1`: the closed pipe ends the command quietly, exit 0."""
+    exe = Path(sys.executable).with_name("jaxeff")
+    proc = subprocess.Popen([str(exe), "config", "fields"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command (still importing) writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
