@@ -298,10 +298,10 @@ def test_training_steps_change_only_the_heads_in_medusa1_and_also_the_backbone_i
     if mode == "medusa1":
         assert changed == heads
     else:
-        assert changed - heads and all(k.startswith("base/") for k in changed - heads)
+        assert changed - heads and all(k.startswith("model/") for k in changed - heads)
         # Adam's first updates are ~ lr x sign(gradient): the heads' steps are 4x the backbone's
-        step = {k: np.abs(after[k] - before[k]).max() for k in ("medusa/w", "base/layers_0/mlp/up/kernel")}
-        assert 3.0 < step["medusa/w"] / step["base/layers_0/mlp/up/kernel"] < 5.0, step
+        step = {k: np.abs(after[k] - before[k]).max() for k in ("medusa/w", "model/layers_0/mlp/up/kernel")}
+        assert 3.0 < step["medusa/w"] / step["model/layers_0/mlp/up/kernel"] < 5.0, step
     assert {"ce", "medusa/ce_0", "medusa/ce_1", "medusa/top1_0", "medusa/heads_loss"} <= set(metrics)
     if mode == "medusa1":
         assert metrics["loss"] == pytest.approx(metrics["medusa/ce_0"] + 0.8 * metrics["medusa/ce_1"], rel=1e-5)
