@@ -40,7 +40,6 @@ MEDUSA_YAML = REPO / "configs" / "decode" / "medusa.yaml"
 
 def train_medusa(common, study, extra, steps: int, mode: str, lr: float):
     from jaxeff.config import load_config
-    from jaxeff.decode import medusa  # noqa: F401  (registers the method)
     from jaxeff.train.loop import run_training
 
     cfg = load_config(MEDUSA_YAML, [*common, *extra, f"name={mode}", f"medusa.mode={mode}", f"train.steps={steps}",

@@ -7,6 +7,7 @@ sparsify, export, adapters) go through here:
 * ``read_config(run, step)``: the saved config (a dict), newest step by default;
 * ``load_model_params(run, step)``: ``(config, model parameters)`` on one device, for any method
   (through ``Method.model_params``: LoRA merged, the distilled student, ...);
+* ``load_run(run, step)``: ``(config, trainer, prepared parameters)`` on one device: the method's own tree;
 * ``save_model_run(params, cfg)``: a new run holding parameters only (no optimizer state), refused
   when the folder already holds a checkpoint. ``eval``, ``generate`` and ``train.init_from`` read
   parameters only; resuming such a run is refused (start from it with ``train.init_from``).
@@ -42,12 +43,22 @@ def load_model_params(run, step: int | None = None):
             one = SingleDeviceSharding(jax.devices()[0])
             return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)),
                                             step)
-        from jaxeff.train.runtime import Trainer
-
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
+    cfg, trainer, params = load_run(run, step)
     return cfg, trainer.method.model_params(params)
+
+
+def load_run(run, step: int | None = None):
+    """``(config, trainer, prepared params)`` of a run on one device (batch 1): the method's own tree
+    and its trainer, for tools that run it as trained (``trainer.method.run``) or read its other parts
+    (Medusa's heads)."""
+    import jax
+
+    from jaxeff.train.runtime import load_params
+
+    ckpt_dir = find_checkpoint_dir(run)
+    cfg = one_device_config(read_config(ckpt_dir, step), **{"data.batch_size": 1})
+    trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
+    return cfg, trainer, params
 
 
 def lm_run_config(saved: dict, out, **changes):

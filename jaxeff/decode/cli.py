@@ -33,25 +33,20 @@ def load_run(path, step=None):
     student (method ``distill``, parameters saved under ``model``) is read as a plain model."""
     import jax
 
-    from jaxeff.config import with_overrides
+    from jaxeff.runs import load_run as load_prepared, read_config
     from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir,
-                                         one_device_config, read_run_config)
-    from jaxeff.train.loop import Trainer, load_params
+                                         one_device_config)
+    from jaxeff.train.runtime import Trainer
 
-    ckpt_dir = find_checkpoint_dir(path)
-    saved = with_overrides(read_run_config(ckpt_dir, step), {"data.batch_size": 1})
+    saved = read_config(path, step)
     if saved.get("method") != "distill":
-        cfg = one_device_config(saved)
-        trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
-        return cfg, trainer, params
-    cfg = one_device_config(saved, method="lm")
+        return load_prepared(path, step)
+    # the student alone (no teacher to load): a plain lm trainer, parameters from the run's "model" subtree
+    cfg = one_device_config(saved, method="lm", **{"data.batch_size": 1})
     trainer = Trainer(cfg, devices=jax.devices()[:1])
-    ckpt = Checkpointer(ckpt_dir, create=False)
-    try:
+    with Checkpointer(find_checkpoint_dir(path), create=False) as ckpt:
         abstract = abstract_with_shardings(trainer.base_abstract, trainer.base_shardings)
         params = ckpt.restore_params({"model": abstract}, step)["model"]
-    finally:
-        ckpt.close()
     return cfg, trainer, params
 
 

@@ -48,10 +48,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from pydantic import Field, field_validator
 
 from jaxeff.errors import ConfigError
+from jaxeff.models import init_params
 from jaxeff.schema import Section
+from jaxeff.train.losses import cross_entropy
+from jaxeff.train.methods import Method, register_method
 
 # Medusa's typical-acceptance defaults (its evaluate_posterior): epsilon and delta = sqrt(epsilon)
 POSTERIOR_THRESHOLD = 0.09
@@ -256,63 +260,51 @@ def heads_loss(heads, h, targets, valid, segment_ids, decay: float):
 # the method
 
 
-def _register():
-    import optax
+@register_method("medusa", config=MedusaConfig)
+def medusa_method(cfg, model) -> Method:
+    """Medusa heads on the model from ``train.init_from``: heads only (``medusa1``) or heads and
+    backbone (``medusa2``)."""
+    c = cfg.medusa
+    c.make_tree()  # a bad tree is refused before training
+    joint = c.mode == "medusa2"
 
-    from jaxeff.models import init_params
-    from jaxeff.train.losses import cross_entropy
-    from jaxeff.train.methods import Method, register_method
+    def prepare_params(base, rng):
+        return {"model": base, "medusa": init_heads(model.config, base, c.n_heads, c.n_layers)}
 
-    @register_method("medusa", config=MedusaConfig)
-    def medusa_method(cfg, model) -> Method:
-        """Medusa heads on the model from ``train.init_from``: heads only (``medusa1``) or heads and
-        backbone (``medusa2``)."""
-        c = cfg.medusa
-        c.make_tree()  # a bad tree is refused before training
-        joint = c.mode == "medusa2"
+    def loss(params, batch, rng, *, frozen, deterministic):
+        base = params["model"] if joint else jax.lax.stop_gradient(params["model"])
+        out = model.apply({"params": base}, batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
+                          return_hidden=True)
+        lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+        h = final_hidden(model, base, out.hidden_states)
+        hl, metrics = heads_loss(params["medusa"], h, batch["targets"], batch["loss_mask"].astype(jnp.float32),
+                                 batch["segment_ids"], c.decay)
+        value = c.lm_weight * lm + c.heads_weight * hl if joint else hl
+        return value, {"ce": lm, "medusa/heads_loss": hl, **metrics}
 
-        def prepare_params(base, rng):
-            return {"model": base, "medusa": init_heads(model.config, base, c.n_heads, c.n_layers)}
+    def trainable(params):
+        return {"model": jax.tree.map(lambda _: joint, params["model"]),
+                "medusa": jax.tree.map(lambda _: True, params["medusa"])}
 
-        def loss(params, batch, rng, *, frozen, deterministic):
-            base = params["model"] if joint else jax.lax.stop_gradient(params["model"])
-            out = model.apply({"params": base}, batch["inputs"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
-                              return_hidden=True)
-            lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
-            h = final_hidden(model, base, out.hidden_states)
-            hl, metrics = heads_loss(params["medusa"], h, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                                     batch["segment_ids"], c.decay)
-            value = c.lm_weight * lm + c.heads_weight * hl if joint else hl
-            return value, {"ce": lm, "medusa/heads_loss": hl, **metrics}
+    def optimizer(optim_cfg, total_steps, trainable_tree):
+        """The run's optimizer for the backbone, the same at ``heads_lr_multiplier`` x the rate for
+        the heads (each group clipped on its own); frozen leaves get no state."""
+        from jaxeff.train.optim import make_optimizer
 
-        def trainable(params):
-            return {"model": jax.tree.map(lambda _: joint, params["model"]),
-                    "medusa": jax.tree.map(lambda _: True, params["medusa"])}
+        heads_cfg = optim_cfg.model_copy(update={"lr": optim_cfg.lr * c.heads_lr_multiplier})
+        labels = {"model": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["model"]),
+                  "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"])}
+        return optax.multi_transform({"heads": make_optimizer(heads_cfg, total_steps),
+                                      "base": make_optimizer(optim_cfg, total_steps),
+                                      "frozen": optax.set_to_zero()}, labels)
 
-        def optimizer(optim_cfg, total_steps, trainable_tree):
-            """The run's optimizer for the backbone, the same at ``heads_lr_multiplier`` x the rate for
-            the heads (each group clipped on its own); frozen leaves get no state."""
-            from jaxeff.train.optim import make_optimizer
-
-            heads_cfg = optim_cfg.model_copy(update={"lr": optim_cfg.lr * c.heads_lr_multiplier})
-            labels = {"model": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["model"]),
-                      "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"])}
-            return optax.multi_transform({"heads": make_optimizer(heads_cfg, total_steps),
-                                          "base": make_optimizer(optim_cfg, total_steps),
-                                          "frozen": optax.set_to_zero()}, labels)
-
-        like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-        heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
-        return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
-                      logical_axes=lambda axes: {"model": axes, "medusa": heads_axes(heads_like)},
-                      model_params=lambda params: params["model"],
-                      optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None)
-
-    return medusa_method
-
-
-medusa_method = _register()
+    like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
+    return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
+                  logical_axes=lambda axes: {"model": axes, "medusa": heads_axes(heads_like)},
+                  model_params=lambda params: params["model"],
+                  optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None)
 
 
 # ------------------------------------------------------------------------------------------------

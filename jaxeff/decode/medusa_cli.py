@@ -39,22 +39,13 @@ def parse_top_k(text: str, key: str = "--medusa-top-k") -> tuple[int, ...]:
 
 def load_medusa_run(path, step=None):
     """``(cfg, model, base_params, heads)`` of a ``medusa`` run on one device (batch 1)."""
-    import jax
+    from jaxeff.runs import load_run, read_config
 
-    import jaxeff.decode.medusa  # noqa: F401  (registers the method before its config is read)
-    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir,
-                                         one_device_config)
-    from jaxeff.train.runtime import Trainer
-
-    with Checkpointer(find_checkpoint_dir(path), create=False) as ckpt:
-        saved = ckpt.read_config(step)
-        if saved.get("method") != "medusa":
-            raise ConfigError(f"--medusa: '{path}' is a method: {saved.get('method')} run; expected a method: medusa run "
-                              "(train one with configs/decode/medusa.yaml)")
-        cfg = one_device_config(saved, **{"data.batch_size": 1})
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
+    method = read_config(path, step).get("method")
+    if method != "medusa":
+        raise ConfigError(f"--medusa: '{path}' is a method: {method} run; expected a method: medusa run "
+                          "(train one with configs/decode/medusa.yaml)")
+    cfg, trainer, params = load_run(path, step)
     return cfg, trainer.model, params["model"], params["medusa"]
 
 

@@ -9,7 +9,7 @@ Stable entry points (used by the long-context study and the latency benchmark):
   state holds the final fast weights (``state["fast"]``), KV buffers and the pending mini-batch, and
   continues with :func:`jaxeff.ttt.generate.decode_step` / ``Method.run(..., cache=state)``.
 
-Importing this package registers the method with the trainer.
+The method ``ttt_e2e`` is registered by :mod:`jaxeff.ttt.method` (a built-in method module).
 """
 
 from __future__ import annotations
