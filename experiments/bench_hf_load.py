@@ -47,9 +47,21 @@ print(json.dumps({"seconds": dt, "cpu_seconds": cpu() - c0, "peak_rss": hwm(), "
 
 
 def shape(layers: int) -> dict:
-    return dict(vocab_size=151936, d_model=896, n_layers=layers, n_heads=14, n_kv_heads=2, d_ff=4864,
-                max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
-                param_dtype="bfloat16", dtype="bfloat16")
+    return dict(
+        vocab_size=151936,
+        d_model=896,
+        n_layers=layers,
+        n_heads=14,
+        n_kv_heads=2,
+        d_ff=4864,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        tie_embeddings=True,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    )
 
 
 def write_checkpoint(folder: Path, layers: int) -> tuple[int, float, int]:
@@ -64,8 +76,7 @@ def write_checkpoint(folder: Path, layers: int) -> tuple[int, float, int]:
     model = Transformer(cfg)
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: jax.device_put(
-        (rng.standard_normal(x.shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)), abstract)
+    params = jax.tree.map(lambda x: jax.device_put((rng.standard_normal(x.shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)), abstract)
     t0 = time.perf_counter()
     save_pretrained(model, params, folder, progress=False)
     save_s = time.perf_counter() - t0
@@ -87,31 +98,36 @@ def main() -> None:
             print(f"checkpoint: reusing {folder}, {size / 1e9:.3f} GB")
         else:
             size, save_s, n_params = write_checkpoint(folder, args.layers)
-            print(f"checkpoint: {n_params / 1e6:.0f}M parameters, {size / 1e9:.3f} GB bf16; "
-                  f"save_pretrained {save_s:.2f} s ({size / save_s / 1e9:.2f} GB/s)")
+            print(
+                f"checkpoint: {n_params / 1e6:.0f}M parameters, {size / 1e9:.3f} GB bf16; save_pretrained {save_s:.2f} s ({size / save_s / 1e9:.2f} GB/s)"
+            )
         print(f"load average before: {os.getloadavg()[0]:.2f}")
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
         versions = [("this", env, str(Path(__file__).resolve().parents[1]))]
         if args.baseline:
             base = str(Path(args.baseline).resolve())
-            versions.append(("baseline", {**env, "PYTHONPATH": os.pathsep.join([base, env.get("PYTHONPATH", "")])},
-                             base))
+            versions.append(("baseline", {**env, "PYTHONPATH": os.pathsep.join([base, env.get("PYTHONPATH", "")])}, base))
         seconds: dict[str, list[float]] = {label: [] for label, *_ in versions}
         for i in range(args.repeats):
             for label, version_env, root in versions:
-                out = subprocess.run([sys.executable, "-c", CHILD, str(folder), root], capture_output=True, text=True,
-                                     env=version_env, cwd=root, check=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(folder), root], capture_output=True, text=True, env=version_env, cwd=root, check=True
+                )
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 seconds[label].append(r["seconds"])
-                print(f"{label} load {i + 1}: {r['seconds']:.2f} s = {size / r['seconds'] / 1e9:.2f} GB/s "
-                      f"({r['cpu_seconds']:.2f} CPU-s = {size / r['cpu_seconds'] / 1e9:.2f} GB per CPU-s); peak RSS "
-                      f"{r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.2f}x size (process before loading "
-                      f"{r['base_rss'] / 1e9:.2f} GB; increase {(r['peak_rss'] - r['base_rss']) / size:.2f}x size)")
+                print(
+                    f"{label} load {i + 1}: {r['seconds']:.2f} s = {size / r['seconds'] / 1e9:.2f} GB/s "
+                    f"({r['cpu_seconds']:.2f} CPU-s = {size / r['cpu_seconds'] / 1e9:.2f} GB per CPU-s); peak RSS "
+                    f"{r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.2f}x size (process before loading "
+                    f"{r['base_rss'] / 1e9:.2f} GB; increase {(r['peak_rss'] - r['base_rss']) / size:.2f}x size)"
+                )
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.baseline:
             mine, base = statistics.median(seconds["this"]), statistics.median(seconds["baseline"])
-            print(f"median: this {mine:.2f} s ({size / mine / 1e9:.2f} GB/s), baseline {base:.2f} s "
-                  f"({size / base / 1e9:.2f} GB/s): {base / mine:.2f}x faster")
+            print(
+                f"median: this {mine:.2f} s ({size / mine / 1e9:.2f} GB/s), baseline {base:.2f} s "
+                f"({size / base / 1e9:.2f} GB/s): {base / mine:.2f}x faster"
+            )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,7 @@ import numpy as np
 
 from pallas_kernels.quant import dequantize, int8_matmul, quantize, quantized_matmul
 
-FORMATS = {
-    "int8": dict(fmt="int8"),
-    "int4": dict(fmt="int4", group_size=64),
-    "nf4": dict(fmt="nf4", double_quant=True),
-}
+FORMATS = {"int8": dict(fmt="int8"), "int4": dict(fmt="int4", group_size=64), "nf4": dict(fmt="nf4", double_quant=True)}
 
 
 def timeit(fn, *args, warmup: int, iters: int, reps: int = 3) -> float:
@@ -111,8 +107,14 @@ def main(argv=None) -> int:
     if args.small:
         print("(--small: interpret-mode timings on CPU, meaningless as performance numbers)")
 
-    opts = {"block_m": args.block_m, "block_n": args.block_n, "block_k": args.block_k, "split_k": args.split_k,
-            "num_warps": args.num_warps, "num_stages": args.num_stages}
+    opts = {
+        "block_m": args.block_m,
+        "block_n": args.block_n,
+        "block_k": args.block_k,
+        "split_k": args.split_k,
+        "num_warps": args.num_warps,
+        "num_stages": args.num_stages,
+    }
     opts = {k: v for k, v in opts.items() if v is not None} or None
     w8_opts = None if opts is None else ({k: v for k, v in opts.items() if k != "split_k"} or None)
     if opts:
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
 
     print(f"W8A8 (LLM.int8()) at M=N=K={S}")
     xs = jax.random.normal(jax.random.fold_in(key, 7), (S, S), jnp.float32).astype(jnp.bfloat16)
-    ws = (jax.random.normal(jax.random.fold_in(key, 8), (S, S), jnp.float32) * 0.02)
+    ws = jax.random.normal(jax.random.fold_in(key, 8), (S, S), jnp.float32) * 0.02
     ws_q = quantize(ws, "int8")
     ws_bf16 = ws.astype(jnp.bfloat16)
     flops = 2 * S**3
@@ -159,16 +161,19 @@ def main(argv=None) -> int:
     hdr = f"{'method':<34}{'time (us)':>12}{'TFLOP/s':>10}{'vs bf16':>10}"
     print(hdr)
     print("-" * len(hdr))
-    for label, t in (("bf16 XLA matmul", t_bf16), ("W8A8 int8 kernel (incl. x quant)", t_w8),
-                     ("W8A8 + outliers (threshold 6.0)", t_w8o)):
+    for label, t in (("bf16 XLA matmul", t_bf16), ("W8A8 int8 kernel (incl. x quant)", t_w8), ("W8A8 + outliers (threshold 6.0)", t_w8o)):
         print(f"{label:<34}{t:>12.1f}{flops / (t * 1e-6) / 1e12:>10.2f}{t_bf16 / t:>9.2f}x")
 
     print("\nBytes per parameter")
-    for name, kw in [("bf16", None), ("int8 per-channel", dict(fmt="int8")),
-                     ("int8 group 128", dict(fmt="int8", group_size=128)),
-                     ("int4 group 64 (sym)", dict(fmt="int4", group_size=64)),
-                     ("int4 group 128 (asym)", dict(fmt="int4", group_size=128, symmetric=False)),
-                     ("nf4", dict(fmt="nf4")), ("nf4 + double quant", dict(fmt="nf4", double_quant=True))]:
+    for name, kw in [
+        ("bf16", None),
+        ("int8 per-channel", dict(fmt="int8")),
+        ("int8 group 128", dict(fmt="int8", group_size=128)),
+        ("int4 group 64 (sym)", dict(fmt="int4", group_size=64)),
+        ("int4 group 128 (asym)", dict(fmt="int4", group_size=128, symmetric=False)),
+        ("nf4", dict(fmt="nf4")),
+        ("nf4 + double quant", dict(fmt="nf4", double_quant=True)),
+    ]:
         if kw is None:
             bpp = 2.0
         else:

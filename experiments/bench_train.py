@@ -32,9 +32,13 @@ MODELS = {
 
 def make_batch(rng, batch, seq, vocab):
     toks = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-            "loss_mask": np.ones((batch, seq), np.float32)}
+    return {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
 
 
 def main():
@@ -52,11 +56,15 @@ def main():
     on_cpu = jax.default_backend() == "cpu"
     batch = args.batch or (16 if on_cpu else 32)
     seq = args.seq or (128 if args.model == "quickstart" else 1024)
-    arch = {**MODELS[args.model], "max_seq_len": max(seq, 128), "dtype": args.dtype,
-            "attention_impl": args.attention, "remat": args.remat}
-    raw = {"name": "bench", "model": arch, "data": {"seq_len": seq, "batch_size": batch},
-           "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
-           "train": {"steps": 1000, "peak_flops": args.peak_flops}, "logging": {"progress": False}}
+    arch = {**MODELS[args.model], "max_seq_len": max(seq, 128), "dtype": args.dtype, "attention_impl": args.attention, "remat": args.remat}
+    raw = {
+        "name": "bench",
+        "model": arch,
+        "data": {"seq_len": seq, "batch_size": batch},
+        "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"},
+        "train": {"steps": 1000, "peak_flops": args.peak_flops},
+        "logging": {"progress": False},
+    }
     cfg = from_dict(raw)
     trainer = Trainer(cfg)
     rng = np.random.default_rng(0)
@@ -87,9 +95,11 @@ def main():
     print(f"# bench_train {datetime.date.today()} on {jax.device_count()} x {dev.device_kind} ({jax.default_backend()})")
     print("| model | params | dtype | attention | batch x seq | step (ms) | tokens/s | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | {trainer.n_params / 1e6:.1f}M | {args.dtype} | {args.attention} | {batch} x {seq} | "
-          f"{dt * 1e3:.1f} | {tok_s:,.0f} | {flops_tok * tok_s / 1e12:.3f} | "
-          f"{'n/a (peak unknown)' if not peak else f'{100 * mfu:.1f}%'} |")
+    print(
+        f"| {args.model} | {trainer.n_params / 1e6:.1f}M | {args.dtype} | {args.attention} | {batch} x {seq} | "
+        f"{dt * 1e3:.1f} | {tok_s:,.0f} | {flops_tok * tok_s / 1e12:.3f} | "
+        f"{'n/a (peak unknown)' if not peak else f'{100 * mfu:.1f}%'} |"
+    )
 
 
 if __name__ == "__main__":

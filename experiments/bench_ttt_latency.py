@@ -51,11 +51,14 @@ MODELS = {
 
 
 def experiment(args, window, method="lm", ttt=None):
-    model = {**MODELS[args.model], "max_seq_len": max(args.lengths), "sliding_window": window,
-             "attention_impl": args.attention, "dtype": args.dtype}
-    raw = {"name": "bench", "method": method, "model": model,
-           "data": {"seq_len": args.mini_batch * max(1, max(args.lengths) // args.mini_batch), "batch_size": 1},
-           "ttt": {"mini_batch": args.mini_batch, **(ttt or {})}}
+    model = {**MODELS[args.model], "max_seq_len": max(args.lengths), "sliding_window": window, "attention_impl": args.attention, "dtype": args.dtype}
+    raw = {
+        "name": "bench",
+        "method": method,
+        "model": model,
+        "data": {"seq_len": args.mini_batch * max(1, max(args.lengths) // args.mini_batch), "batch_size": 1},
+        "ttt": {"mini_batch": args.mini_batch, **(ttt or {})},
+    }
     return from_dict(raw)
 
 
@@ -102,8 +105,7 @@ def build(args):
                 assert bool(jnp.isfinite(logits).all()), "non-finite forward logits"
                 return float(jnp.abs(logits - ref).max())
 
-            runs[f"{name}, plain forward (no cache)"] = (functools.partial(transformer_forward, model, params),
-                                                        check_fwd)
+            runs[f"{name}, plain forward (no cache)"] = (functools.partial(transformer_forward, model, params), check_fwd)
 
     # as configured (fast MLPs in the last quarter: the blocks before run over the whole prompt),
     # and with every block chunked (ttt.fast_fraction=1: no prefix), which isolates the inner loop
@@ -118,8 +120,7 @@ def build(args):
             assert bool(jnp.isfinite(logits).all()), "non-finite TTT-E2E prefill logits"
             return float(jnp.abs(nll(logits, tokens) - ttt.token_losses(cfg, params, tokens)).max())
 
-        runs[f"TTT-E2E k={args.window}, b={args.mini_batch}{label}"] = (
-            lambda t, cfg=cfg, params=params: ttt.prefill(cfg, params, t), check_ttt)
+        runs[f"TTT-E2E k={args.window}, b={args.mini_batch}{label}"] = (lambda t, cfg=cfg, params=params: ttt.prefill(cfg, params, t), check_ttt)
     return runs
 
 
@@ -142,12 +143,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="prompts per call")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "pallas"])
-    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                    help="time only the rows whose name contains one of these strings (default: all rows)")
+    ap.add_argument(
+        "--only", nargs="+", default=None, metavar="TEXT", help="time only the rows whose name contains one of these strings (default: all rows)"
+    )
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    ap.add_argument("--check-tol", type=float, default=None,
-                    help="max abs error allowed in the correctness checks (default 2e-3 for float32 on CPU; 0.1 on "
-                         "GPU/TPU, where float32 matmuls may run at TF32/bf16 precision, and for bfloat16)")
+    ap.add_argument(
+        "--check-tol",
+        type=float,
+        default=None,
+        help="max abs error allowed in the correctness checks (default 2e-3 for float32 on CPU; 0.1 on "
+        "GPU/TPU, where float32 matmuls may run at TF32/bf16 precision, and for bfloat16)",
+    )
     args = ap.parse_args(argv)
     if args.lengths is None:
         args.lengths = [256, 512, 1024, 2048, 4096] if jax.default_backend() == "cpu" else [256, 512, 1024, 2048, 4096, 8192]
@@ -186,8 +192,10 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print()
-    print(f"# bench_ttt_latency {datetime.date.today()} on {dev.device_kind} ({jax.default_backend()}); model "
-          f"{args.model} ({args.dtype}), attention {args.attention}, batch {args.batch}, median of {args.repeats}")
+    print(
+        f"# bench_ttt_latency {datetime.date.today()} on {dev.device_kind} ({jax.default_backend()}); model "
+        f"{args.model} ({args.dtype}), attention {args.attention}, batch {args.batch}, median of {args.repeats}"
+    )
     print("| model | L (tokens) | prefill (ms) | ms / token | vs shortest L |")
     print("|---|---|---|---|---|")
     for name, L, t, per_tok, ratio in rows:

@@ -40,18 +40,26 @@ import numpy as np
 
 TOLERANCE = 1e-4
 SEQ, BATCH = 16, 2
-MODEL = {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
-         "max_seq_len": 64, "tie_embeddings": False}
-BASE = {"name": "base", "seed": 0, "method": "lm", "model": MODEL,
-        "data": {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4,
-                 "seq_len": 32, "batch_size": 8},
-        "optim": {"lr": 3e-3, "warmup_steps": 2}, "train": {"steps": 4, "eval_every": 4, "eval_batches": 1,
-                                                             "log_every": 2},
-        "checkpoint": {"every": 100}, "logging": {"progress": False}}
+MODEL = {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 64, "tie_embeddings": False}
+BASE = {
+    "name": "base",
+    "seed": 0,
+    "method": "lm",
+    "model": MODEL,
+    "data": {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4, "seq_len": 32, "batch_size": 8},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "train": {"steps": 4, "eval_every": 4, "eval_batches": 1, "log_every": 2},
+    "checkpoint": {"every": 100},
+    "logging": {"progress": False},
+}
 PEFT_MADE = {  # name -> LoraConfig kwargs (PEFT side)
-    "peft_rslora_r8_all": dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.05,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"]),
+    "peft_rslora_r8_all": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
     "peft_r4_qv_layer1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
 }
 
@@ -81,13 +89,11 @@ def peft_side(job_file: str) -> None:
     as_f32 = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
     def base():
-        m = AutoModelForCausalLM.from_pretrained(job["base_hf"], local_files_only=True, **as_f32,
-                                                 attn_implementation="eager")
+        m = AutoModelForCausalLM.from_pretrained(job["base_hf"], local_files_only=True, **as_f32, attn_implementation="eager")
         return m.eval()
 
     np.save(job["base_out"], _logits(base(), tokens))
-    report = {"versions": {"peft": peft.__version__, "transformers": transformers.__version__,
-                           "torch": torch.__version__}, "loaded": {}}
+    report = {"versions": {"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__}, "loaded": {}}
     for item in job["load"]:  # adapters jaxeff exported
         model = PeftModel.from_pretrained(base(), item["folder"])
         model.eval()
@@ -95,8 +101,7 @@ def peft_side(job_file: str) -> None:
         state = get_peft_model_state_dict(model)
         same_names = sorted(state) == sorted(saved)
         same_values = same_names and all(torch.equal(state[k].to(saved[k].dtype), saved[k]) for k in saved)
-        report["loaded"][item["name"]] = {"tensors": len(saved), "same_names": same_names,
-                                          "same_values": bool(same_values)}
+        report["loaded"][item["name"]] = {"tensors": len(saved), "same_names": same_names, "same_values": bool(same_values)}
         np.save(item["out"], _logits(model, tokens))
     for i, item in enumerate(job["make"]):  # adapters PEFT makes
         torch.manual_seed(100 + i)
@@ -166,8 +171,10 @@ def main() -> int:
         peft_side(args.peft_side)
         return 0
     if not args.peft_python or not Path(args.peft_python).is_file():
-        print(f"error: --peft-python {args.peft_python!r} is not a file "
-              "(a python with torch, transformers and peft; see this script's docstring)", file=sys.stderr)
+        print(
+            f"error: --peft-python {args.peft_python!r} is not a file (a python with torch, transformers and peft; see this script's docstring)",
+            file=sys.stderr,
+        )
         return 2
     import yaml
 
@@ -178,53 +185,80 @@ def main() -> int:
         (root / "base.yaml").write_text(yaml.safe_dump({**BASE, "logging": {**BASE["logging"], "run_dir": str(runs)}}))
         y = str(root / "base.yaml")
         _cli("train", y)
-        _cli("train", y, "name=lora", "method=lora", f"train.init_from={runs / 'base'}", "train.steps=6",
-             "optim.lr=2e-2", "peft.rank=4", "peft.alpha=8", "peft.dropout=0.1")
-        _cli("train", y, "name=qlora", "method=qlora", f"train.init_from={runs / 'base'}", "train.steps=4",
-             "optim.lr=2e-2", "peft.rank=8", "peft.alpha=16", r"peft.targets=[layers_\d+/attn/(q|v)]")
-        _cli("train", y, "name=lora_partial", "method=lora", f"train.init_from={runs / 'base'}", "train.steps=4",
-             "optim.lr=2e-2", "peft.rank=2", "peft.alpha=6", r"peft.targets=[layers_\d+/attn/q, layers_1/mlp/up]")
-        _cli("export-adapter", "--checkpoint", str(runs / "lora"), "--out", str(root / "adapters" / "lora"),
-             "--base-model", str(root / "base_hf"))
-        _cli("export-adapter", "--checkpoint", str(runs / "lora_partial"), "--out",
-             str(root / "adapters" / "lora_partial"))
-        _cli("export-adapter", "--checkpoint", str(runs / "qlora"), "--out", str(root / "adapters" / "qlora"),
-             "--base-model", str(root / "base_hf"))
+        _cli(
+            "train",
+            y,
+            "name=lora",
+            "method=lora",
+            f"train.init_from={runs / 'base'}",
+            "train.steps=6",
+            "optim.lr=2e-2",
+            "peft.rank=4",
+            "peft.alpha=8",
+            "peft.dropout=0.1",
+        )
+        _cli(
+            "train",
+            y,
+            "name=qlora",
+            "method=qlora",
+            f"train.init_from={runs / 'base'}",
+            "train.steps=4",
+            "optim.lr=2e-2",
+            "peft.rank=8",
+            "peft.alpha=16",
+            r"peft.targets=[layers_\d+/attn/(q|v)]",
+        )
+        _cli(
+            "train",
+            y,
+            "name=lora_partial",
+            "method=lora",
+            f"train.init_from={runs / 'base'}",
+            "train.steps=4",
+            "optim.lr=2e-2",
+            "peft.rank=2",
+            "peft.alpha=6",
+            r"peft.targets=[layers_\d+/attn/q, layers_1/mlp/up]",
+        )
+        _cli("export-adapter", "--checkpoint", str(runs / "lora"), "--out", str(root / "adapters" / "lora"), "--base-model", str(root / "base_hf"))
+        _cli("export-adapter", "--checkpoint", str(runs / "lora_partial"), "--out", str(root / "adapters" / "lora_partial"))
+        _cli("export-adapter", "--checkpoint", str(runs / "qlora"), "--out", str(root / "adapters" / "qlora"), "--base-model", str(root / "base_hf"))
         _cli("convert", "--from", str(runs / "base"), "--to-hf", str(root / "base_hf"), "--dtype", "float32")
         tokens = np.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, SEQ)).astype(np.int64)
         np.save(root / "tokens.npy", tokens)
-        mine = {"lora": _run_logits(runs / "lora", tokens), "lora_partial": _run_logits(runs / "lora_partial", tokens),
-                "qlora": _adapter_on_float_base(runs / "base", root / "adapters" / "qlora", tokens)}
+        mine = {
+            "lora": _run_logits(runs / "lora", tokens),
+            "lora_partial": _run_logits(runs / "lora_partial", tokens),
+            "qlora": _adapter_on_float_base(runs / "base", root / "adapters" / "qlora", tokens),
+        }
         base_logits = _run_logits(runs / "base", tokens)
-        job = {"tokens": str(root / "tokens.npy"), "base_hf": str(root / "base_hf"),
-               "base_out": str(root / "base.peft_side.npy"), "report": str(root / "report.json"),
-               "load": [{"name": n, "folder": str(root / "adapters" / n), "out": str(root / f"{n}.peft.npy")}
-                        for n in mine],
-               "make": [{"name": n, "config": c, "folder": str(root / "peft_made" / n),
-                         "out": str(root / f"{n}.peft.npy")} for n, c in PEFT_MADE.items()]}
+        job = {
+            "tokens": str(root / "tokens.npy"),
+            "base_hf": str(root / "base_hf"),
+            "base_out": str(root / "base.peft_side.npy"),
+            "report": str(root / "report.json"),
+            "load": [{"name": n, "folder": str(root / "adapters" / n), "out": str(root / f"{n}.peft.npy")} for n in mine],
+            "make": [{"name": n, "config": c, "folder": str(root / "peft_made" / n), "out": str(root / f"{n}.peft.npy")} for n, c in PEFT_MADE.items()],
+        }
         (root / "job.json").write_text(json.dumps(job, indent=1))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-        subprocess.run([args.peft_python, str(Path(__file__).resolve()), "--peft-side", str(root / "job.json")],
-                       env=env, check=True)
+        subprocess.run([args.peft_python, str(Path(__file__).resolve()), "--peft-side", str(root / "job.json")], env=env, check=True)
         report = json.loads((root / "report.json").read_text())
         v = report["versions"]
-        print(f"peft {v['peft']}, transformers {v['transformers']}, torch {v['torch']}; float32 logits, "
-              f"tokens [{BATCH}, {SEQ}]")
+        print(f"peft {v['peft']}, transformers {v['transformers']}, torch {v['torch']}; float32 logits, tokens [{BATCH}, {SEQ}]")
         rows = [("base (convert --to-hf)", "jaxeff run -> transformers", np.load(job["base_out"]), base_logits)]
         for n, theirs in ((n, np.load(root / f"{n}.peft.npy")) for n in mine):
             loaded = report["loaded"][n]
             ok = loaded["same_names"] and loaded["same_values"]
-            print(f"{n}: PeftModel.from_pretrained loaded {loaded['tensors']} tensors; state dict equals the file: "
-                  f"{ok}")
+            print(f"{n}: PeftModel.from_pretrained loaded {loaded['tensors']} tensors; state dict equals the file: {ok}")
             if not ok:
                 rows.append((n, "state dict differs from the file", np.full(1, np.nan), np.zeros(1)))
             rows.append((n, "jaxeff export -> PeftModel", theirs, mine[n]))
         for n in PEFT_MADE:
             folder = root / "peft_made" / n
-            _cli("import-adapter", "--base", str(runs / "base"), "--adapter", str(folder),
-                 "--out", str(runs / f"imported_{n}"))
-            _cli("merge-adapter", "--base", str(runs / "base"), "--adapter", str(folder),
-                 "--out", str(runs / f"merged_{n}"))
+            _cli("import-adapter", "--base", str(runs / "base"), "--adapter", str(folder), "--out", str(runs / f"imported_{n}"))
+            _cli("merge-adapter", "--base", str(runs / "base"), "--adapter", str(folder), "--out", str(runs / f"merged_{n}"))
             theirs = np.load(root / f"{n}.peft.npy")
             rows.append((n, "PEFT save -> jaxeff import-adapter", _run_logits(runs / f"imported_{n}", tokens), theirs))
             rows.append((n, "PEFT save -> jaxeff merge-adapter", _run_logits(runs / f"merged_{n}", tokens), theirs))
@@ -236,8 +270,7 @@ def main() -> int:
             effect = float(np.max(np.abs(b - base_logits))) if b.shape == base_logits.shape else float("nan")
             bad = not diff <= TOLERANCE or (name != "base (convert --to-hf)" and not effect > 100 * TOLERANCE)
             failed += bad
-            print(f"| {name:24} | {direction:36} | {diff:12.2e} | {float(np.max(np.abs(b))):13.2f} | "
-                  f"{effect:16.2e} |" + ("  FAIL" if bad else ""))
+            print(f"| {name:24} | {direction:36} | {diff:12.2e} | {float(np.max(np.abs(b))):13.2f} | {effect:16.2e} |" + ("  FAIL" if bad else ""))
         print(f"{len(rows) - failed}/{len(rows)} within {TOLERANCE:g}")
         return 1 if failed else 0
 

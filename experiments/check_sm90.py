@@ -50,19 +50,17 @@ DEFAULT_ENV = "/tmp/sm90env"
 # Per-architecture limits of one SM (CUDA programming guide, "compute capabilities" table):
 # registers per SM, shared memory per SM and the most one CTA may use (bytes), threads, CTAs.
 ARCHS = {
-    80: dict(gpu="A100", ptxas_arch="sm_80", regs=65536, smem_sm=164 * 1024, smem_cta=163 * 1024,
-             threads=2048, ctas=32),
-    90: dict(gpu="H100", ptxas_arch="sm_90a", regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024,
-             threads=2048, ctas=32),
-    100: dict(gpu="B200", ptxas_arch="sm_100a", regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024,
-              threads=2048, ctas=32),
+    80: dict(gpu="A100", ptxas_arch="sm_80", regs=65536, smem_sm=164 * 1024, smem_cta=163 * 1024, threads=2048, ctas=32),
+    90: dict(gpu="H100", ptxas_arch="sm_90a", regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024, threads=2048, ctas=32),
+    100: dict(gpu="B200", ptxas_arch="sm_100a", regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024, threads=2048, ctas=32),
 }
-SMEM_RESERVED_PER_CTA = 1024   # the driver keeps 1 KiB of shared memory per resident CTA (sm_80+)
+SMEM_RESERVED_PER_CTA = 1024  # the driver keeps 1 KiB of shared memory per resident CTA (sm_80+)
 
 
 # ------------------------------------------------------------------------------------------------
 # kernel variants (jax side)
 # ------------------------------------------------------------------------------------------------
+
 
 def kernel_cases(only: str | None = None):
     """[(case name, fn, args)]: each fn lowers to one or more Triton custom calls.
@@ -81,10 +79,17 @@ def kernel_cases(only: str | None = None):
 
     def attn_case(d, **kw):
         def f(q, k, v, *seg):
-            fn = lambda q, k, v: flash_attention(q, k, v, backend="gpu",  # noqa: E731
-                                                 q_segment_ids=seg[0] if seg else None, **kw)
+            fn = lambda q, k, v: flash_attention(
+                q,
+                k,
+                v,
+                backend="gpu",  # noqa: E731
+                q_segment_ids=seg[0] if seg else None,
+                **kw,
+            )
             out, vjp = jax.vjp(fn, q, k, v)
             return out, vjp(out)
+
         q = sds((1, 4096, 32, d), jnp.bfloat16)
         kv = sds((1, 4096, 8, d), jnp.bfloat16)
         args = (q, kv, kv) + ((sds((1, 4096), jnp.int32),) if kw.pop("_seg", False) else ())
@@ -112,9 +117,11 @@ def kernel_cases(only: str | None = None):
     for name, kw in formats.items():
         qw = jax.eval_shape(lambda w, kw=kw: quantize(w, **kw), w)
         for m in (16, 4096):
+
             def f(x, qw):
                 y, vjp = jax.vjp(lambda x: quantized_matmul(x, qw, backend="gpu"), x)
                 return y, vjp(y)[0]
+
             cases.append((f"{name} M={m}", f, (sds((m, 4096), jnp.bfloat16), qw)))
     for m in (16, 4096):
         f = lambda x, w: int8_matmul(x, w, backend="gpu")  # noqa: E731
@@ -128,6 +135,7 @@ def qw_int8(w_struct):
     import jax
 
     from pallas_kernels import quantize
+
     return jax.eval_shape(lambda w: quantize(w, "int8"), w_struct)
 
 
@@ -156,7 +164,7 @@ def triton_calls(fn, args, arch: int):
     from jaxlib.triton import dialect as tt_dialect
 
     with pretend_gpu(arch), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "The Pallas Triton backend is deprecated"
+        warnings.simplefilter("ignore")  # "The Pallas Triton backend is deprecated"
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     module = lowered.compiler_ir("stablehlo")
     calls = []
@@ -165,8 +173,7 @@ def triton_calls(fn, args, arch: int):
         for region in op.regions:
             for block in region.blocks:
                 for o in block.operations:
-                    if (o.operation.name == "stablehlo.custom_call"
-                            and "xla.gpu.triton" in ir.StringAttr(o.attributes["call_target_name"]).value):
+                    if o.operation.name == "stablehlo.custom_call" and "xla.gpu.triton" in ir.StringAttr(o.attributes["call_target_name"]).value:
                         calls.append(o)
                     walk(o.operation)
 
@@ -179,17 +186,22 @@ def triton_calls(fn, args, arch: int):
         with ctx:
             kmod = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)
             ttir = kmod.operation.get_asm(enable_debug_info=False)
-        out.append(dict(name=ir.StringAttr(cfg["name"]).value,
-                        num_warps=ir.IntegerAttr(cfg["num_warps"]).value,
-                        num_stages=ir.IntegerAttr(cfg["num_stages"]).value,
-                        grid=[ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"],
-                        ttir=ttir))
+        out.append(
+            dict(
+                name=ir.StringAttr(cfg["name"]).value,
+                num_warps=ir.IntegerAttr(cfg["num_warps"]).value,
+                num_stages=ir.IntegerAttr(cfg["num_stages"]).value,
+                grid=[ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"],
+                ttir=ttir,
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Triton side (runs in the side environment's Python; imports triton only)
 # ------------------------------------------------------------------------------------------------
+
 
 def triton_worker(job_dir: str) -> int:
     """Compiles job_dir/jobs.json's .ttir files to PTX; writes job_dir/results.json."""
@@ -202,12 +214,10 @@ def triton_worker(job_dir: str) -> int:
         target = GPUTarget("cuda", job["arch"], 32)
         t0 = time.perf_counter()
         try:
-            k = triton.compile(job["ttir_path"], target=target,
-                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
-            ptx_path = job["ttir_path"][:-len(".ttir")] + ".ptx"
+            k = triton.compile(job["ttir_path"], target=target, options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+            ptx_path = job["ttir_path"][: -len(".ttir")] + ".ptx"
             Path(ptx_path).write_text(k.asm["ptx"])
-            results.append(dict(id=job["id"], ok=True, ptx_path=ptx_path, shared=int(k.metadata.shared),
-                                seconds=time.perf_counter() - t0))
+            results.append(dict(id=job["id"], ok=True, ptx_path=ptx_path, shared=int(k.metadata.shared), seconds=time.perf_counter() - t0))
         except Exception as e:  # reported per kernel, the check goes on
             msg = " ".join(str(e).split())[:300]
             results.append(dict(id=job["id"], ok=False, error=f"{type(e).__name__}: {msg}"))
@@ -218,6 +228,7 @@ def triton_worker(job_dir: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # ptxas and the table
 # ------------------------------------------------------------------------------------------------
+
 
 def find_ptxas(env: Path, explicit: str | None) -> str | None:
     if explicit:
@@ -239,8 +250,7 @@ _PTXAS_RE = {
 
 def run_ptxas(ptxas: str, ptx_path: str, arch: int) -> dict:
     cubin = ptx_path[:-4] + ".cubin"
-    proc = subprocess.run([ptxas, f"-arch={ARCHS[arch]['ptxas_arch']}", "-v", ptx_path, "-o", cubin],
-                          capture_output=True, text=True)
+    proc = subprocess.run([ptxas, f"-arch={ARCHS[arch]['ptxas_arch']}", "-v", ptx_path, "-o", cubin], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return dict(ok=False, error="ptxas: " + " ".join(text.split())[:300])
@@ -248,9 +258,14 @@ def run_ptxas(ptxas: str, ptx_path: str, arch: int) -> dict:
     spill = _PTXAS_RE["spill"].search(text)
     stack = _PTXAS_RE["stack"].search(text)
     smem = _PTXAS_RE["static_smem"].search(text)
-    return dict(ok=True, regs=int(regs.group(1)) if regs else 0,
-                spill_st=int(spill.group(1)) if spill else 0, spill_ld=int(spill.group(2)) if spill else 0,
-                stack=int(stack.group(1)) if stack else 0, static_smem=int(smem.group(1)) if smem else 0)
+    return dict(
+        ok=True,
+        regs=int(regs.group(1)) if regs else 0,
+        spill_st=int(spill.group(1)) if spill else 0,
+        spill_ld=int(spill.group(2)) if spill else 0,
+        stack=int(stack.group(1)) if stack else 0,
+        static_smem=int(smem.group(1)) if smem else 0,
+    )
 
 
 def ptx_features(ptx: str) -> dict:
@@ -259,8 +274,9 @@ def ptx_features(ptx: str) -> dict:
     mma = len(re.findall(r"\bmma\.sync", ptx))
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
     cp_async = len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", ptx))
-    return dict(mma="tcgen05" if tcgen05 else "wgmma" if wgmma else "mma.sync" if mma else "-",
-                copies="TMA" if tma else ("cp.async" if cp_async else "sync"))
+    return dict(
+        mma="tcgen05" if tcgen05 else "wgmma" if wgmma else "mma.sync" if mma else "-", copies="TMA" if tma else ("cp.async" if cp_async else "sync")
+    )
 
 
 def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
@@ -284,14 +300,12 @@ def compile_cases(cases, arch: int, env_py: Path, ptxas: str, work: Path):
             kid = len(jobs)
             ttir_path = work / f"k{kid:02d}_{call['name']}.ttir"
             ttir_path.write_text(call.pop("ttir"))
-            jobs.append(dict(id=kid, arch=arch, ttir_path=str(ttir_path), num_warps=call["num_warps"],
-                             num_stages=call["num_stages"]))
+            jobs.append(dict(id=kid, arch=arch, ttir_path=str(ttir_path), num_warps=call["num_warps"], num_stages=call["num_stages"]))
             rows.append(dict(case=case, **call))
     Path(work, "jobs.json").write_text(json.dumps(jobs))
     wenv = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton_cache"))
     wenv.pop("PYTHONPATH", None)
-    proc = subprocess.run([str(env_py), str(Path(__file__).resolve()), "--triton-worker", str(work)],
-                          env=wenv, capture_output=True, text=True)
+    proc = subprocess.run([str(env_py), str(Path(__file__).resolve()), "--triton-worker", str(work)], env=wenv, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"triton worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
@@ -313,19 +327,15 @@ def check(args) -> int:
     env = Path(args.env or os.environ.get("SM90_ENV") or DEFAULT_ENV)
     env_py = env / "bin" / "python"
     if not env_py.exists():
-        print(f"env: {env} has no bin/python; build it with: python {sys.argv[0]} --make-env {env}",
-              file=sys.stderr)
+        print(f"env: {env} has no bin/python; build it with: python {sys.argv[0]} --make-env {env}", file=sys.stderr)
         return 2
-    ver = subprocess.run([str(env_py), "-c", "import triton; print(triton.__version__)"],
-                         capture_output=True, text=True)
+    ver = subprocess.run([str(env_py), "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True)
     if ver.returncode != 0 or not ver.stdout.startswith("3.6"):
-        print(f"env: {env} must hold {TRITON_SPEC} (found: {ver.stdout.strip() or 'no triton'}); "
-              f"rebuild it with --make-env {env}", file=sys.stderr)
+        print(f"env: {env} must hold {TRITON_SPEC} (found: {ver.stdout.strip() or 'no triton'}); rebuild it with --make-env {env}", file=sys.stderr)
         return 2
     ptxas = find_ptxas(env, args.ptxas)
     if ptxas is None:
-        print("ptxas: not found on PATH, in /usr/local/cuda/bin or in the side environment's triton; "
-              "give --ptxas PATH", file=sys.stderr)
+        print("ptxas: not found on PATH, in /usr/local/cuda/bin or in the side environment's triton; give --ptxas PATH", file=sys.stderr)
         return 2
 
     t_start = time.perf_counter()
@@ -345,19 +355,19 @@ def check(args) -> int:
             if row["smem"] > lim["smem_cta"]:
                 failures.append(f"{label}: {row['smem']} bytes of shared memory > {lim['smem_cta']}")
 
-    print(f"deviceless {lim['ptxas_arch']} ({lim['gpu']}), Triton 3.6 stages + {ptxas} "
-          f"({len(rows)} kernels, {time.perf_counter() - t_start:.0f} s)\n")
+    print(f"deviceless {lim['ptxas_arch']} ({lim['gpu']}), Triton 3.6 stages + {ptxas} ({len(rows)} kernels, {time.perf_counter() - t_start:.0f} s)\n")
     print("| case | kernel | grid | warps/stages | regs | spill st/ld B | smem KiB | mma | loads | CTAs/SM |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         grid = "x".join(str(g) for g in r["grid"] if g > 1) or "1"
         if not r["ok"]:
-            print(f"| {r['case']} | {r['name']} | {grid} | {r['num_warps']}/{r['num_stages']} | "
-                  f"FAILED: {r['error']} | | | | | |")
+            print(f"| {r['case']} | {r['name']} | {grid} | {r['num_warps']}/{r['num_stages']} | FAILED: {r['error']} | | | | | |")
             continue
-        print(f"| {r['case']} | {r['name']} | {grid} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
-              f"{r['spill_st']}/{r['spill_ld']} | {r['smem'] / 1024:.1f} | {r['mma']} | {r['copies']} | "
-              f"{r['ctas']} |")
+        print(
+            f"| {r['case']} | {r['name']} | {grid} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
+            f"{r['spill_st']}/{r['spill_ld']} | {r['smem'] / 1024:.1f} | {r['mma']} | {r['copies']} | "
+            f"{r['ctas']} |"
+        )
     mg_cases = mosaic_gpu_cases(args.only) if args.arch == 90 else []
     if mg_cases:
         print("\nMosaic GPU (lowered module; registers/spills need the GPU's compiler, not available here):\n")
@@ -369,8 +379,7 @@ def check(args) -> int:
             failures.append(f"{case}: {r['error']}")
             print(f"| {case} | FAILED: {r['error']} | | | | | |")
             continue
-        print(f"| {case} | {'x'.join(map(str, r['grid']))} | {r['threads']} | {r['smem'] / 1024:.1f} | {r['wgmma']} | "
-              f"{r['tma']} | {r['setmaxnreg']} |")
+        print(f"| {case} | {'x'.join(map(str, r['grid']))} | {r['threads']} | {r['smem'] / 1024:.1f} | {r['wgmma']} | {r['tma']} | {r['setmaxnreg']} |")
         if r["smem"] > lim["smem_cta"]:
             failures.append(f"{case}: {r['smem']} bytes of shared memory > {lim['smem_cta']}")
         if not (r["wgmma"] and r["tma"]):
@@ -382,15 +391,17 @@ def check(args) -> int:
     if failures:
         print(f"\nFAIL ({len(failures)}):", *failures, sep="\n  ")
         return 1
-    print(f"\nOK: {len(rows)} kernels compile for {lim['ptxas_arch']} with no spills and "
-          f"<= {lim['smem_cta'] // 1024} KiB shared memory"
-          + (f"; {len(mg_cases)} Mosaic GPU kernels lower with TMA + wgmma within it" if mg_cases else ""))
+    print(
+        f"\nOK: {len(rows)} kernels compile for {lim['ptxas_arch']} with no spills and "
+        f"<= {lim['smem_cta'] // 1024} KiB shared memory" + (f"; {len(mg_cases)} Mosaic GPU kernels lower with TMA + wgmma within it" if mg_cases else "")
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
 # Mosaic GPU kernels: lowered module only (they compile inside XLA's CUDA plugin, which needs a GPU)
 # ------------------------------------------------------------------------------------------------
+
 
 def mosaic_gpu_cases(only: str | None = None):
     import jax
@@ -421,8 +432,7 @@ def mosaic_gpu_report(fn, args) -> dict:
         for region in op.regions:
             for block in region.blocks:
                 for o in block.operations:
-                    if (o.operation.name == "stablehlo.custom_call"
-                            and "mosaic_gpu" in ir.StringAttr(o.attributes["call_target_name"]).value):
+                    if o.operation.name == "stablehlo.custom_call" and "mosaic_gpu" in ir.StringAttr(o.attributes["call_target_name"]).value:
                         calls.append(o)
                     walk(o.operation)
 
@@ -439,10 +449,15 @@ def mosaic_gpu_report(fn, args) -> dict:
     if not launch:
         return dict(ok=False, error="no gpu.launch in the Mosaic GPU module")
     vals = [int(consts.get(v, -1)) for v in launch.group(1).split(", ")]
-    return dict(ok=True, grid=vals[0:3], threads=vals[3] * vals[4] * vals[5], smem=vals[6],
-                wgmma=len(re.findall(r"wgmma\.mma_async", text)),
-                tma=len(re.findall(r"cp\.async\.bulk\.tensor", text)),
-                setmaxnreg=len(re.findall(r"setmaxregister|setmaxnreg", text)))
+    return dict(
+        ok=True,
+        grid=vals[0:3],
+        threads=vals[3] * vals[4] * vals[5],
+        smem=vals[6],
+        wgmma=len(re.findall(r"wgmma\.mma_async", text)),
+        tma=len(re.findall(r"cp\.async\.bulk\.tensor", text)),
+        setmaxnreg=len(re.findall(r"setmaxregister|setmaxnreg", text)),
+    )
 
 
 def make_env(path: str) -> int:

@@ -40,48 +40,134 @@ SEQ, BATCH = 12, 2
 # name -> (jaxeff TransformerConfig kwargs, transformers model_type, transformers config kwargs)
 CASES: dict[str, tuple[dict, str, dict]] = {
     "llama_gqa_llama3_tied": (
-        dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, rope_theta=500000.0,
-             rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=16), tie_embeddings=True),
-        "llama", dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-                      tie_word_embeddings=True)),
+        dict(
+            vocab_size=97,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=96,
+            rope_theta=500000.0,
+            rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+            tie_embeddings=True,
+        ),
+        "llama",
+        dict(
+            vocab_size=97,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            tie_word_embeddings=True,
+        ),
+    ),
     "llama_mqa_untied_head_dim": (
-        dict(vocab_size=89, d_model=48, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=80,
-             tie_embeddings=False),
-        "llama", dict(vocab_size=89, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)),
+        dict(vocab_size=89, d_model=48, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=80, tie_embeddings=False),
+        "llama",
+        dict(
+            vocab_size=89,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama_linear_rope_bias": (
-        dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, use_bias=True,
-             rope_scaling=dict(type="linear", factor=2.0), tie_embeddings=False),
-        "llama", dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
-                      rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=False)),
+        dict(
+            vocab_size=61,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=4,
+            d_ff=64,
+            use_bias=True,
+            rope_scaling=dict(type="linear", factor=2.0),
+            tie_embeddings=False,
+        ),
+        "llama",
+        dict(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen2_qkv_bias": (
-        dict(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, qkv_bias=True,
-             rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=False),
-        "qwen2", dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False)),
+        dict(
+            vocab_size=101,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=96,
+            qkv_bias=True,
+            rope_theta=1000000.0,
+            norm_eps=1e-6,
+            tie_embeddings=False,
+        ),
+        "qwen2",
+        dict(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen2_window_in_upper_layers": (
-        dict(vocab_size=101, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, qkv_bias=True,
-             sliding_window=(None, 4, 4), tie_embeddings=True),
-        "qwen2", dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                      max_window_layers=1, tie_word_embeddings=True)),
+        dict(vocab_size=101, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, qkv_bias=True, sliding_window=(None, 4, 4), tie_embeddings=True),
+        "qwen2",
+        dict(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        ),
+    ),
     "mistral_sliding_window": (
-        dict(vocab_size=83, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, sliding_window=4,
-             tie_embeddings=False),
-        "mistral", dict(vocab_size=83, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False)),
+        dict(vocab_size=83, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, sliding_window=4, tie_embeddings=False),
+        "mistral",
+        dict(
+            vocab_size=83,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
 # transformers -> jaxeff only: name -> (case whose config it uses, dtype transformers saves, max_shard_size)
-SAVED_BY_TRANSFORMERS = {"qwen2_qkv_bias bf16, sharded": ("qwen2_qkv_bias", "bfloat16", "40KB"),
-                         "llama_mqa_untied_head_dim fp16": ("llama_mqa_untied_head_dim", "float16", None)}
+SAVED_BY_TRANSFORMERS = {
+    "qwen2_qkv_bias bf16, sharded": ("qwen2_qkv_bias", "bfloat16", "40KB"),
+    "llama_mqa_untied_head_dim fp16": ("llama_mqa_untied_head_dim", "float16", None),
+}
 
 
 def tokens_for(vocab: int) -> np.ndarray:
@@ -109,8 +195,7 @@ def hf_side(job_file: str) -> None:
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     as_f32 = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}  # renamed in 4.56
     for item in job["load"]:  # folders jaxeff wrote
-        model = AutoModelForCausalLM.from_pretrained(item["folder"], local_files_only=True, **as_f32,
-                                                     attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(item["folder"], local_files_only=True, **as_f32, attn_implementation="eager")
         model.eval()
         np.save(item["out"], _hf_logits(model, np.load(item["tokens"])))
     for item in job["make"]:  # models transformers makes, for jaxeff to load
@@ -133,8 +218,7 @@ def hf_side(job_file: str) -> None:
             for p in model.parameters():
                 p.copy_(p.to(save_dtype).to(torch.float32))
         np.save(item["out"], _hf_logits(model, np.load(item["tokens"])))
-        model.to(save_dtype).save_pretrained(item["folder"], safe_serialization=True,
-                                             max_shard_size=item.get("max_shard_size") or "5GB")
+        model.to(save_dtype).save_pretrained(item["folder"], safe_serialization=True, max_shard_size=item.get("max_shard_size") or "5GB")
     Path(job["versions"]).write_text(json.dumps(versions))
 
 
@@ -183,8 +267,10 @@ def main() -> int:
         hf_side(args.hf_side)
         return 0
     if not args.transformers_python or not Path(args.transformers_python).is_file():
-        print(f"error: --transformers-python {args.transformers_python!r} is not a file "
-              "(a python with torch and transformers; see this script's docstring)", file=sys.stderr)
+        print(
+            f"error: --transformers-python {args.transformers_python!r} is not a file (a python with torch and transformers; see this script's docstring)",
+            file=sys.stderr,
+        )
         return 2
     from jaxeff.interop import load_pretrained, save_pretrained
     from jaxeff.models import Transformer, TransformerConfig
@@ -201,24 +287,35 @@ def main() -> int:
             np.save(root / f"{name}.tokens.npy", tokens)
             save_pretrained(model, _random_params(cfg, seed=i), root / f"jaxeff_{name}")
             mine[name] = _jaxeff_logits(model, _random_params(cfg, seed=i), tokens)
-            job["load"].append({"folder": str(root / f"jaxeff_{name}"), "tokens": str(root / f"{name}.tokens.npy"),
-                                "out": str(root / f"{name}.hf_logits_of_jaxeff.npy")})
-            job["make"].append({"model_type": model_type, "config": {**hf_kw, "max_position_embeddings": 64},
-                                "seed": i, "folder": str(root / f"hf_{name}"),
-                                "tokens": str(root / f"{name}.tokens.npy"),
-                                "out": str(root / f"{name}.hf_logits.npy")})
+            job["load"].append(
+                {"folder": str(root / f"jaxeff_{name}"), "tokens": str(root / f"{name}.tokens.npy"), "out": str(root / f"{name}.hf_logits_of_jaxeff.npy")}
+            )
+            job["make"].append(
+                {
+                    "model_type": model_type,
+                    "config": {**hf_kw, "max_position_embeddings": 64},
+                    "seed": i,
+                    "folder": str(root / f"hf_{name}"),
+                    "tokens": str(root / f"{name}.tokens.npy"),
+                    "out": str(root / f"{name}.hf_logits.npy"),
+                }
+            )
         for name, (case, save_dtype, max_shard_size) in SAVED_BY_TRANSFORMERS.items():
             item = next(m for m in job["make"] if m["folder"] == str(root / f"hf_{case}"))
-            job["make"].append({**item, "save_dtype": save_dtype, "max_shard_size": max_shard_size,
-                                "folder": str(root / f"hf_{case}_{save_dtype}"),
-                                "out": str(root / f"{case}_{save_dtype}.hf_logits.npy")})
+            job["make"].append(
+                {
+                    **item,
+                    "save_dtype": save_dtype,
+                    "max_shard_size": max_shard_size,
+                    "folder": str(root / f"hf_{case}_{save_dtype}"),
+                    "out": str(root / f"{case}_{save_dtype}.hf_logits.npy"),
+                }
+            )
         (root / "job.json").write_text(json.dumps(job, indent=1))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-        subprocess.run([args.transformers_python, str(Path(__file__).resolve()), "--hf-side", str(root / "job.json")],
-                       env=env, check=True)
+        subprocess.run([args.transformers_python, str(Path(__file__).resolve()), "--hf-side", str(root / "job.json")], env=env, check=True)
         versions = json.loads((root / "versions.json").read_text())
-        print(f"transformers {versions['transformers']}, torch {versions['torch']}; float32 logits, "
-              f"tokens [{BATCH}, {SEQ}]")
+        print(f"transformers {versions['transformers']}, torch {versions['torch']}; float32 logits, tokens [{BATCH}, {SEQ}]")
         rows = []
         for name in CASES:
             theirs = np.load(root / f"{name}.hf_logits_of_jaxeff.npy")
@@ -230,8 +327,7 @@ def main() -> int:
             folder = root / f"hf_{case}_{save_dtype}"
             model, params = load_pretrained(folder, dtype="float32")  # widening the stored values is exact
             ours = _jaxeff_logits(model, params, np.load(root / f"{case}.tokens.npy"))
-            rows.append((name, "transformers save -> jaxeff load", ours,
-                         np.load(root / f"{case}_{save_dtype}.hf_logits.npy")))
+            rows.append((name, "transformers save -> jaxeff load", ours, np.load(root / f"{case}_{save_dtype}.hf_logits.npy")))
             shards = len(list(folder.glob("*.safetensors")))
             assert shards > 1 or "sharded" not in name, f"{folder}: expected several shards, found {shards}"
         failed = 0
@@ -241,8 +337,7 @@ def main() -> int:
             diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("nan")
             bad = not diff <= TOLERANCE
             failed += bad
-            print(f"| {name:30} | {direction:34} | {diff:12.2e} | {float(np.max(np.abs(b))):13.2f} |"
-                  + ("  FAIL" if bad else ""))
+            print(f"| {name:30} | {direction:34} | {diff:12.2e} | {float(np.max(np.abs(b))):13.2f} |" + ("  FAIL" if bad else ""))
         print(f"{len(rows) - failed}/{len(rows)} within {TOLERANCE:g}")
         return 1 if failed else 0
 

@@ -31,8 +31,7 @@ from jaxeff.config import load_config
 from jaxeff.train.loop import run_training
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distill"
-QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "data.docs_per_domain=300",
-         "data.eval_docs_per_domain=16", "train.eval_batches=2"]
+QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_domain=16", "train.eval_batches=2"]
 
 
 def median_tokens_per_sec(run_path: Path) -> float:
@@ -52,9 +51,16 @@ def run(name: str, yaml_name: str, overrides: list[str]) -> dict:
     out = run_training(cfg)
     wall = time.perf_counter() - t0
     domains = list(cfg.data.domains)
-    return {"name": name, "params": cfg.model.param_count(), "layers": cfg.model.n_layers, "steps": cfg.train.steps,
-            "eval": {d: out[f"eval/loss/{d}"] for d in domains}, "mean": out["eval/loss"],
-            "tok_s": median_tokens_per_sec(cfg.run_path), "wall_s": wall}
+    return {
+        "name": name,
+        "params": cfg.model.param_count(),
+        "layers": cfg.model.n_layers,
+        "steps": cfg.train.steps,
+        "eval": {d: out[f"eval/loss/{d}"] for d in domains},
+        "mean": out["eval/loss"],
+        "tok_s": median_tokens_per_sec(cfg.run_path),
+        "wall_s": wall,
+    }
 
 
 def main(argv=None):
@@ -73,10 +79,8 @@ def main(argv=None):
     common = [f"logging.run_dir={study}", "logging.progress=false", *size]
     teacher_dir = study / "teacher"
     every = max(t_steps // 4, 1)
-    rows = [run("teacher", "teacher.yaml", [*common, f"train.steps={t_steps}", f"train.eval_every={every}",
-                                             f"checkpoint.every={t_steps}"])]
-    s_common = [*common, f"train.steps={s_steps}", f"train.eval_every={max(s_steps // 4, 1)}",
-                f"checkpoint.every={s_steps}"]
+    rows = [run("teacher", "teacher.yaml", [*common, f"train.steps={t_steps}", f"train.eval_every={every}", f"checkpoint.every={t_steps}"])]
+    s_common = [*common, f"train.steps={s_steps}", f"train.eval_every={max(s_steps // 4, 1)}", f"checkpoint.every={s_steps}"]
     kd = [*s_common, f"distill.teacher_checkpoint={teacher_dir}"]
     pairs = []  # (alone, kd) per seed
     for seed in range(args.seeds):
@@ -90,22 +94,30 @@ def main(argv=None):
 
     domains = list(rows[0]["eval"])
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
-          f"runs in {study}")
+    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); runs in {study}")
     print("| run | layers | params | steps | " + " | ".join(domains) + " | mean eval loss | train tokens/s | wall (s) |")
     print("|---" * (len(domains) + 7) + "|")
     for r in rows:
-        cells = [r["name"], str(r["layers"]), f"{r['params']:,}", str(r["steps"]),
-                 *(f"{r['eval'][d]:.3f}" for d in domains), f"**{r['mean']:.3f}**", f"{r['tok_s']:,.0f}",
-                 f"{r['wall_s']:.0f}"]
+        cells = [
+            r["name"],
+            str(r["layers"]),
+            f"{r['params']:,}",
+            str(r["steps"]),
+            *(f"{r['eval'][d]:.3f}" for d in domains),
+            f"**{r['mean']:.3f}**",
+            f"{r['tok_s']:,.0f}",
+            f"{r['wall_s']:.0f}",
+        ]
         print("| " + " | ".join(cells) + " |")
     print()
     print("claim: the distilled student reaches a lower mean eval loss than the student trained alone")
     for seed, (alone, kd_row) in enumerate(pairs):
         held = kd_row["mean"] < alone["mean"]
         wins = sum(kd_row["eval"][d] < alone["eval"][d] for d in domains)
-        print(f"  seed {seed}: {'HELD' if held else 'DID NOT HOLD'} — {kd_row['mean']:.3f} vs {alone['mean']:.3f} "
-              f"({kd_row['mean'] - alone['mean']:+.3f}); lower on {wins} of {len(domains)} domains")
+        print(
+            f"  seed {seed}: {'HELD' if held else 'DID NOT HOLD'} — {kd_row['mean']:.3f} vs {alone['mean']:.3f} "
+            f"({kd_row['mean'] - alone['mean']:+.3f}); lower on {wins} of {len(domains)} domains"
+        )
     return rows
 
 

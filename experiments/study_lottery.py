@@ -36,8 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
-         "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
 
 
 def run_one(study: Path, name: str, seed: int, args, extra: list[str]) -> dict:
@@ -47,16 +46,32 @@ def run_one(study: Path, name: str, seed: int, args, extra: list[str]) -> dict:
     from jaxeff.train.loop import run_training
 
     per = args.steps_per_round
-    cfg = load_config(REPO / "configs" / "prune" / "lottery.yaml", (QUICK if args.quick else []) + [
-        f"name={name}", f"seed={seed}", f"logging.run_dir={study}", "logging.progress=false",
-        f"lottery.rounds={args.rounds}", f"lottery.prune_fraction={args.prune_fraction}", f"lottery.steps_per_round={per}",
-        f"train.steps={per * (args.rounds + 1)}", f"train.eval_every={per}", f"checkpoint.every={per}", "checkpoint.keep=1",
-        *extra])
+    cfg = load_config(
+        REPO / "configs" / "prune" / "lottery.yaml",
+        (QUICK if args.quick else [])
+        + [
+            f"name={name}",
+            f"seed={seed}",
+            f"logging.run_dir={study}",
+            "logging.progress=false",
+            f"lottery.rounds={args.rounds}",
+            f"lottery.prune_fraction={args.prune_fraction}",
+            f"lottery.steps_per_round={per}",
+            f"train.steps={per * (args.rounds + 1)}",
+            f"train.eval_every={per}",
+            f"checkpoint.every={per}",
+            "checkpoint.keep=1",
+            *extra,
+        ],
+    )
     t0 = time.perf_counter()
     run_training(cfg)
     rows = read_record(cfg.run_path)["rounds"]
-    print(f"  {name}: {cfg.train.steps} steps in {time.perf_counter() - t0:.0f} s; eval loss by phase "
-          + ", ".join(f"{1 - r['sparsity']:.1%} kept {r['eval_loss']:.4f}" for r in rows), flush=True)
+    print(
+        f"  {name}: {cfg.train.steps} steps in {time.perf_counter() - t0:.0f} s; eval loss by phase "
+        + ", ".join(f"{1 - r['sparsity']:.1%} kept {r['eval_loss']:.4f}" for r in rows),
+        flush=True,
+    )
     return {r["round"]: r for r in rows}
 
 
@@ -84,8 +99,7 @@ def main(argv=None):
     tickets, randoms = [], []
     for s in range(args.seeds):
         tickets.append(run_one(study, f"ticket_s{s}", s, args, []))
-        randoms.append(run_one(study, f"random_s{s}", 1000 + s, args,
-                               ["lottery.reinit=random", f"lottery.masks_from={study / f'ticket_s{s}'}"]))
+        randoms.append(run_one(study, f"random_s{s}", 1000 + s, args, ["lottery.reinit=random", f"lottery.masks_from={study / f'ticket_s{s}'}"]))
 
     rounds = range(args.rounds + 1)
     kept = [1 - tickets[0][r]["sparsity"] for r in rounds]
@@ -106,37 +120,45 @@ def main(argv=None):
                 w.add_scalar("lottery/kept_pct", 100 * kept[r], r)
 
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
-          f"{'quick' if args.quick else 'quickstart'} model; {args.rounds} rounds of p={args.prune_fraction}, "
-          f"{args.steps_per_round} steps per phase, rewind to initialisation, per-layer magnitude; "
-          f"{args.seeds} seed(s); {time.perf_counter() - t_start:.0f} s")
-    print("| round | prunable weights kept | winning ticket | random re-init (same masks) | ticket - dense (per seed) | "
-          "ticket - random (per seed) |")
+    print(
+        f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
+        f"{'quick' if args.quick else 'quickstart'} model; {args.rounds} rounds of p={args.prune_fraction}, "
+        f"{args.steps_per_round} steps per phase, rewind to initialisation, per-layer magnitude; "
+        f"{args.seeds} seed(s); {time.perf_counter() - t_start:.0f} s"
+    )
+    print("| round | prunable weights kept | winning ticket | random re-init (same masks) | ticket - dense (per seed) | ticket - random (per seed) |")
     print("|---|---|---|---|---|---|")
     for r in rounds:
-        print(f"| {r} | {kept[r]:.1%} | {ticket[r]:.4f} | {random[r]:.4f} | {np.mean(d_dense[r]):+.4f} "
-              f"({', '.join(f'{v:+.3f}' for v in d_dense[r])}) | {np.mean(d_random[r]):+.4f} "
-              f"({', '.join(f'{v:+.3f}' for v in d_random[r])}) |")
+        print(
+            f"| {r} | {kept[r]:.1%} | {ticket[r]:.4f} | {random[r]:.4f} | {np.mean(d_dense[r]):+.4f} "
+            f"({', '.join(f'{v:+.3f}' for v in d_dense[r])}) | {np.mean(d_random[r]):+.4f} "
+            f"({', '.join(f'{v:+.3f}' for v in d_random[r])}) |"
+        )
     print()
-    print(f"dense = round 0 of the ticket runs, mean {dense:.4f}; the {len(dense_all)} dense phases (ticket and control "
-          f"runs, {len(dense_all)} initialisations): {', '.join(f'{v:.4f}' for v in dense_all)}, sd {noise:.4f}; "
-          f"margin = max(--tolerance {args.tolerance}, sd) = {margin:.4f} nats")
+    print(
+        f"dense = round 0 of the ticket runs, mean {dense:.4f}; the {len(dense_all)} dense phases (ticket and control "
+        f"runs, {len(dense_all)} initialisations): {', '.join(f'{v:.4f}' for v in dense_all)}, sd {noise:.4f}; "
+        f"margin = max(--tolerance {args.tolerance}, sd) = {margin:.4f} nats"
+    )
     band = [r for r in rounds if 0.10 <= kept[r] <= 0.20 + 1e-9]
     if not band:
         print("claims: no round keeps 10-20% of the weights with these settings (change --rounds / --prune-fraction)")
         return {"kept": kept, "ticket": ticket, "random": random}
     for r in band:
         dd, dr = float(np.mean(d_dense[r])), float(np.mean(d_random[r]))
-        print(f"claim (a) tickets at {kept[r]:.1%} of the weights match the dense model: "
-              f"{'HELD' if dd <= margin else 'DID NOT HOLD'} -- ticket {ticket[r]:.4f} vs dense {dense:.4f} "
-              f"(paired {dd:+.4f}; margin {margin:.4f})")
-        print(f"claim (b) tickets at {kept[r]:.1%} beat the same masks randomly re-initialised: "
-              f"{'HELD' if dr < -margin else 'DID NOT HOLD'} -- ticket {ticket[r]:.4f} vs random {random[r]:.4f} "
-              f"(paired {dr:+.4f}; margin {margin:.4f})")
+        print(
+            f"claim (a) tickets at {kept[r]:.1%} of the weights match the dense model: "
+            f"{'HELD' if dd <= margin else 'DID NOT HOLD'} -- ticket {ticket[r]:.4f} vs dense {dense:.4f} "
+            f"(paired {dd:+.4f}; margin {margin:.4f})"
+        )
+        print(
+            f"claim (b) tickets at {kept[r]:.1%} beat the same masks randomly re-initialised: "
+            f"{'HELD' if dr < -margin else 'DID NOT HOLD'} -- ticket {ticket[r]:.4f} vs random {random[r]:.4f} "
+            f"(paired {dr:+.4f}; margin {margin:.4f})"
+        )
     wins = sum(ticket[r] < random[r] for r in rounds[1:])
     print(f"over all pruned rounds the ticket is lower than random re-init in {wins} of {args.rounds}")
-    return {"kept": kept, "ticket": ticket, "random": random, "dense": dense, "noise": noise, "d_dense": d_dense,
-            "d_random": d_random}
+    return {"kept": kept, "ticket": ticket, "random": random, "dense": dense, "noise": noise, "d_dense": d_dense, "d_random": d_random}
 
 
 if __name__ == "__main__":

@@ -42,21 +42,34 @@ def train_medusa(common, study, extra, steps: int, mode: str, lr: float):
     from jaxeff.config import load_config
     from jaxeff.train.loop import run_training
 
-    cfg = load_config(MEDUSA_YAML, [*common, *extra, f"name={mode}", f"medusa.mode={mode}", f"train.steps={steps}",
-                                    f"train.eval_every={steps}", f"checkpoint.every={steps}", f"optim.lr={lr}",
-                                    f"train.init_from={study / 'target'}"])
+    cfg = load_config(
+        MEDUSA_YAML,
+        [
+            *common,
+            *extra,
+            f"name={mode}",
+            f"medusa.mode={mode}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"checkpoint.every={steps}",
+            f"optim.lr={lr}",
+            f"train.init_from={study / 'target'}",
+        ],
+    )
     shutil.rmtree(cfg.run_path, ignore_errors=True)
     t0 = time.perf_counter()
     out = run_training(cfg)
-    print(f"  {cfg.name}: {cfg.medusa.n_heads} heads, {steps} steps, eval loss (base) {out['eval/loss']:.3f}, "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"  {cfg.name}: {cfg.medusa.n_heads} heads, {steps} steps, eval loss (base) {out['eval/loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short training, fewer prompts and settings")
-    ap.add_argument("--size", choices=("small", "large"), default="small",
-                    help="small: the configs' 4-layer d_model-128 target; large: study_speculative's 25M target")
+    ap.add_argument(
+        "--size", choices=("small", "large"), default="small", help="small: the configs' 4-layer d_model-128 target; large: study_speculative's 25M target"
+    )
     ap.add_argument("--run-dir", default=str(REPO / "runs"))
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
@@ -96,8 +109,7 @@ def main(argv=None):
         new_tokens = args.new_tokens or 48
     trees = [tuple(int(k) for k in t.split(",")) for t in (args.trees or "1,1,1;2,2,1;4,2,2").split(";")]
     gammas = [int(g) for g in (args.gammas or "2,4").split(",")]
-    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1",
-              *(spec.LARGE_DATA if large else spec.QUICK if args.quick else [])]
+    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(spec.LARGE_DATA if large else spec.QUICK if args.quick else [])]
     t_extra = spec.LARGE_TARGET if large else []
     m_extra = [*t_extra, "data.batch_size=8"] if large else t_extra
     modes = ["medusa1", *(["medusa2"] if args.medusa2 else [])]
@@ -122,19 +134,27 @@ def main(argv=None):
     print(f"{len(cases)} prompts of {args.prompt_len} tokens, {new_tokens} new tokens each", flush=True)
 
     def plain(params, prompt, temperature, seed=0):
-        return generate(target, params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens,
-                        temperature=temperature)
+        return generate(target, params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens, temperature=temperature)
 
     def medusa(mode, prompt, tree, temperature, seed=0):
         m_cfg, base, heads = runs[mode]
-        return medusa_generate(target, base, heads, prompt, jax.random.PRNGKey(seed), tree=tree,
-                               max_new_tokens=new_tokens, temperature=temperature,
-                               posterior_threshold=m_cfg.medusa.posterior_threshold,
-                               posterior_alpha=m_cfg.medusa.posterior_alpha)
+        return medusa_generate(
+            target,
+            base,
+            heads,
+            prompt,
+            jax.random.PRNGKey(seed),
+            tree=tree,
+            max_new_tokens=new_tokens,
+            temperature=temperature,
+            posterior_threshold=m_cfg.medusa.posterior_threshold,
+            posterior_alpha=m_cfg.medusa.posterior_alpha,
+        )
 
     def speculative(prompt, gamma, temperature, seed=0):
-        return speculative_generate(target, t_params, draft, d_params, prompt, jax.random.PRNGKey(seed),
-                                    max_new_tokens=new_tokens, gamma=gamma, temperature=temperature)
+        return speculative_generate(
+            target, t_params, draft, d_params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens, gamma=gamma, temperature=temperature
+        )
 
     # 4. correctness first: greedy Medusa == greedy decoding of the model the heads sit on
     for mode in modes:
@@ -145,15 +165,14 @@ def main(argv=None):
                 out = np.asarray(medusa(mode, prompt, Tree.cartesian(top_k), 0.0)[0])
                 if not (out == ref).all():
                     first = int(np.argmax(out[0] != ref[0]))
-                    raise SystemExit(f"correctness check FAILED: greedy {mode} (tree {top_k}) differs from greedy "
-                                     f"decoding on a {dom} prompt at new token {first}")
-    print(f"correctness: greedy Medusa == greedy decoding on all {len(cases)} prompts, trees {trees}, {modes}",
-          flush=True)
+                    raise SystemExit(
+                        f"correctness check FAILED: greedy {mode} (tree {top_k}) differs from greedy decoding on a {dom} prompt at new token {first}"
+                    )
+    print(f"correctness: greedy Medusa == greedy decoding on all {len(cases)} prompts, trees {trees}, {modes}", flush=True)
 
     # cost v of one pass over N tree nodes relative to a one-token step (the target alone)
     sizes = sorted({Tree.cartesian(t).n_nodes for t in trees} | {g + 1 for g in gammas})
-    v = spec.verify_cost(target, t_params, t_cfg.model, args.prompt_len, new_tokens, [n - 1 for n in sizes],
-                         args.repeats)
+    v = spec.verify_cost(target, t_params, t_cfg.model, args.prompt_len, new_tokens, [n - 1 for n in sizes], args.repeats)
     v = {n: v[n - 1] for n in sizes}
     print("pass over N tokens / one-token step: " + ", ".join(f"N={n}: {v[n]:.2f}" for n in sizes), flush=True)
 
@@ -170,62 +189,103 @@ def main(argv=None):
             calls += int(st["calls"] if "calls" in st else st["target_calls"])
         pw, sw = sum(x[0] for x in plain_t), sum(x[0] for x in fast_t)
         n_tok = len(cases) * new_tokens
-        row = {"decoding": label, "method": method, "setting": setting, "nodes": nodes,
-               "acceptance_length": generated / calls, "plain_ms_tok": 1e3 * pw / n_tok, "ms_tok": 1e3 * sw / n_tok,
-               "speedup": pw / sw, "with_v": (generated / calls) / v[nodes] if nodes in v else float("nan")}
+        row = {
+            "decoding": label,
+            "method": method,
+            "setting": setting,
+            "nodes": nodes,
+            "acceptance_length": generated / calls,
+            "plain_ms_tok": 1e3 * pw / n_tok,
+            "ms_tok": 1e3 * sw / n_tok,
+            "speedup": pw / sw,
+            "with_v": (generated / calls) / v[nodes] if nodes in v else float("nan"),
+        }
         rows.append(row)
         with SummaryWriter(str(study / "decode" / f"{label}_{method}_{setting}".replace(",", "-"))) as w:
             for k in ("acceptance_length", "plain_ms_tok", "ms_tok", "speedup"):
                 w.add_scalar(f"decode/{k}", row[k], 0)
-        print(f"  {label:7s} {method:11s} {setting:10s}: {row['acceptance_length']:.2f} tokens/pass, "
-              f"{row['ms_tok']:.2f} vs {row['plain_ms_tok']:.2f} ms/token, speed-up {row['speedup']:.2f}x", flush=True)
+        print(
+            f"  {label:7s} {method:11s} {setting:10s}: {row['acceptance_length']:.2f} tokens/pass, "
+            f"{row['ms_tok']:.2f} vs {row['plain_ms_tok']:.2f} ms/token, speed-up {row['speedup']:.2f}x",
+            flush=True,
+        )
 
     for label, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         for mode in modes:
             base = runs[mode][1]
             for top_k in trees:
                 tree = Tree.cartesian(top_k)
-                measure(label, mode, "x".join(map(str, top_k)), tree.n_nodes, temperature,
-                        lambda p, i, b=base: plain(b, p, temperature, i),
-                        lambda p, i, m=mode, t=tree: medusa(m, p, t, temperature, i))
+                measure(
+                    label,
+                    mode,
+                    "x".join(map(str, top_k)),
+                    tree.n_nodes,
+                    temperature,
+                    lambda p, i, b=base: plain(b, p, temperature, i),
+                    lambda p, i, m=mode, t=tree: medusa(m, p, t, temperature, i),
+                )
         for g in gammas:
-            measure(label, "speculative", f"gamma {g}", g + 1, temperature, lambda p, i: plain(t_params, p, temperature, i),
-                    lambda p, i, g=g: speculative(p, g, temperature, i))
+            measure(
+                label,
+                "speculative",
+                f"gamma {g}",
+                g + 1,
+                temperature,
+                lambda p, i: plain(t_params, p, temperature, i),
+                lambda p, i, g=g: speculative(p, g, temperature, i),
+            )
 
     dev = jax.devices()[0]
     print()
-    print(f"{datetime.date.today()}, {dev.device_kind} ({dev.platform}); target {t_cfg.model.n_layers} layers "
-          f"{t_cfg.model.param_count():,} params; draft {d_cfg.model.param_count():,} params; Medusa "
-          f"{runs['medusa1'][0].medusa.n_heads} heads; {len(cases)} prompts x {new_tokens} new tokens; median of "
-          f"{args.repeats} runs; total {time.perf_counter() - t_wall:.0f} s")
-    print("| decoding | method | tree / gamma | nodes per pass | acceptance length (tokens / pass) | plain ms/token "
-          "| ms/token | speed-up (wall) | expected: length / v |")
+    print(
+        f"{datetime.date.today()}, {dev.device_kind} ({dev.platform}); target {t_cfg.model.n_layers} layers "
+        f"{t_cfg.model.param_count():,} params; draft {d_cfg.model.param_count():,} params; Medusa "
+        f"{runs['medusa1'][0].medusa.n_heads} heads; {len(cases)} prompts x {new_tokens} new tokens; median of "
+        f"{args.repeats} runs; total {time.perf_counter() - t_wall:.0f} s"
+    )
+    print(
+        "| decoding | method | tree / gamma | nodes per pass | acceptance length (tokens / pass) | plain ms/token "
+        "| ms/token | speed-up (wall) | expected: length / v |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['decoding']} | {r['method']} | {r['setting']} | {r['nodes']} | {r['acceptance_length']:.2f} | "
-              f"{r['plain_ms_tok']:.2f} | {r['ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['with_v']:.2f}x |")
+        print(
+            f"| {r['decoding']} | {r['method']} | {r['setting']} | {r['nodes']} | {r['acceptance_length']:.2f} | "
+            f"{r['plain_ms_tok']:.2f} | {r['ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['with_v']:.2f}x |"
+        )
     print("v = one target pass over N tokens / one over 1 token: " + ", ".join(f"N={n}: {v[n]:.2f}" for n in sizes))
     print()
     for label in ("greedy", "sampled"):
         med = [r for r in rows if r["decoding"] == label and r["method"] == "medusa1"]
         spc = [r for r in rows if r["decoding"] == label and r["method"] == "speculative"]
         bm, bs = max(med, key=lambda r: r["speedup"]), max(spc, key=lambda r: r["speedup"])
-        print(f"claim ({label}): Medusa-1 decodes faster than plain decoding -- "
-              f"{'HELD' if bm['speedup'] > 1 else 'DID NOT HOLD'} on {dev.platform} (best {bm['speedup']:.2f}x, tree "
-              f"{bm['setting']}, {bm['acceptance_length']:.2f} tokens/pass; {sum(r['speedup'] > 1 for r in med)} of "
-              f"{len(med)} trees faster)")
-        print(f"claim ({label}): Medusa-1 is faster than speculative decoding with the distilled draft -- "
-              f"{'HELD' if bm['speedup'] > bs['speedup'] else 'DID NOT HOLD'} (best Medusa {bm['speedup']:.2f}x vs "
-              f"best speculative {bs['speedup']:.2f}x at {bs['setting']}; acceptance length "
-              f"{bm['acceptance_length']:.2f} vs {bs['acceptance_length']:.2f})")
+        print(
+            f"claim ({label}): Medusa-1 decodes faster than plain decoding -- "
+            f"{'HELD' if bm['speedup'] > 1 else 'DID NOT HOLD'} on {dev.platform} (best {bm['speedup']:.2f}x, tree "
+            f"{bm['setting']}, {bm['acceptance_length']:.2f} tokens/pass; {sum(r['speedup'] > 1 for r in med)} of "
+            f"{len(med)} trees faster)"
+        )
+        print(
+            f"claim ({label}): Medusa-1 is faster than speculative decoding with the distilled draft -- "
+            f"{'HELD' if bm['speedup'] > bs['speedup'] else 'DID NOT HOLD'} (best Medusa {bm['speedup']:.2f}x vs "
+            f"best speculative {bs['speedup']:.2f}x at {bs['setting']}; acceptance length "
+            f"{bm['acceptance_length']:.2f} vs {bs['acceptance_length']:.2f})"
+        )
     if "medusa2" in runs:
-        pairs = [(a, b) for a in rows if a["method"] == "medusa1" for b in rows
-                 if b["method"] == "medusa2" and (b["decoding"], b["setting"]) == (a["decoding"], a["setting"])]
+        pairs = [
+            (a, b)
+            for a in rows
+            if a["method"] == "medusa1"
+            for b in rows
+            if b["method"] == "medusa2" and (b["decoding"], b["setting"]) == (a["decoding"], a["setting"])
+        ]
         more = sum(b["acceptance_length"] > a["acceptance_length"] for a, b in pairs)
-        print(f"claim: Medusa-2 (heads + backbone) accepts more tokens per pass than Medusa-1 -- "
-              f"{'HELD' if more == len(pairs) else 'DID NOT HOLD'} in {more} of {len(pairs)} settings ("
-              + ", ".join(f"{a['decoding']} {a['setting']}: {a['acceptance_length']:.2f} -> {b['acceptance_length']:.2f}"
-                          for a, b in pairs) + "); note that its backbone also trained further")
+        print(
+            f"claim: Medusa-2 (heads + backbone) accepts more tokens per pass than Medusa-1 -- "
+            f"{'HELD' if more == len(pairs) else 'DID NOT HOLD'} in {more} of {len(pairs)} settings ("
+            + ", ".join(f"{a['decoding']} {a['setting']}: {a['acceptance_length']:.2f} -> {b['acceptance_length']:.2f}" for a, b in pairs)
+            + "); note that its backbone also trained further"
+        )
     return rows
 
 

@@ -39,19 +39,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("arithmetic", "records", "prose", "code")
 A, C = "arithmetic", "code"
-QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
-         "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.d_ff=192",
+    "model.max_seq_len=128",
+    "data.seq_len=64",
+    "data.docs_per_domain=200",
+    "data.eval_docs_per_domain=16",
+]
 
 
 def config(args, name: str, steps: int, weights: dict[str, float], extra: list[str]):
     from jaxeff.config import load_config
 
     w = {d: weights.get(d, 0.0) for d in DOMAINS}
-    return load_config(REPO / "configs" / "quickstart.yaml", (QUICK if args.quick else []) + [
-        f"name={name}", f"logging.run_dir={args.run_dir}", "logging.progress=false",
-        f"data.domains=[{','.join(DOMAINS)}]", "data.weights={" + ", ".join(f"{k}: {v}" for k, v in w.items()) + "}",
-        f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}", "train.eval_batches=4",
-        "optim.weight_decay=0.0", "optim.warmup_steps=10"] + extra)
+    return load_config(
+        REPO / "configs" / "quickstart.yaml",
+        (QUICK if args.quick else [])
+        + [
+            f"name={name}",
+            f"logging.run_dir={args.run_dir}",
+            "logging.progress=false",
+            f"data.domains=[{','.join(DOMAINS)}]",
+            "data.weights={" + ", ".join(f"{k}: {v}" for k, v in w.items()) + "}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"checkpoint.every={steps}",
+            "train.eval_batches=4",
+            "optim.weight_decay=0.0",
+            "optim.warmup_steps=10",
+        ]
+        + extra,
+    )
 
 
 def train(args, name, steps, weights, extra):
@@ -71,11 +91,11 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=None)
     p.add_argument("--ft-steps", type=int, default=None)
     p.add_argument("--ft-lr", type=float, default=3e-4, help="learning rate of the experts and the multi-task run")
-    p.add_argument("--replay", type=float, default=0.0,
-                   help="mixture weight of each other domain while fine-tuning (target domains weigh 1): replay")
+    p.add_argument("--replay", type=float, default=0.0, help="mixture weight of each other domain while fine-tuning (target domains weigh 1): replay")
     args = p.parse_args()
-    args.run_dir = args.run_dir or str(REPO / "runs" / (("merge_study_quick" if args.quick else "merge_study")
-                                                        + (f"_replay{args.replay:g}" if args.replay else "")))
+    args.run_dir = args.run_dir or str(
+        REPO / "runs" / (("merge_study_quick" if args.quick else "merge_study") + (f"_replay{args.replay:g}" if args.replay else ""))
+    )
     args.base_steps = args.base_steps or (300 if args.quick else 800)
     args.ft_steps = args.ft_steps or (80 if args.quick else 300)
     lams_ta = (0.3, 0.5, 0.8, 1.0)
@@ -92,8 +112,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rd = Path(args.run_dir)
-    print(f"merge study ({'quick' if args.quick else 'full'}): base {args.base_steps} steps on {', '.join(DOMAINS)}; "
-          f"experts / multi-task {args.ft_steps} steps; runs in {rd}", flush=True)
+    print(
+        f"merge study ({'quick' if args.quick else 'full'}): base {args.base_steps} steps on {', '.join(DOMAINS)}; "
+        f"experts / multi-task {args.ft_steps} steps; runs in {rd}",
+        flush=True,
+    )
     ft = [f"optim.lr={args.ft_lr}", f"train.init_from={rd / 'base'}"]
     train(args, "base", args.base_steps, {d: 1.0 for d in DOMAINS}, ["optim.lr=3e-3"])
     rest = {d: args.replay for d in DOMAINS}
@@ -108,18 +131,19 @@ def main() -> None:
 
     merged = []
     for lam in lams_ta:
-        merged.append((f"task arithmetic lam={lam:g}", merge(f"ta_{lam:g}", {"models": {
-            A: {"path": str(rd / "ft_arith"), "scale": lam}, C: {"path": str(rd / "ft_code"), "scale": lam}}})))
+        merged.append(
+            (
+                f"task arithmetic lam={lam:g}",
+                merge(f"ta_{lam:g}", {"models": {A: {"path": str(rd / "ft_arith"), "scale": lam}, C: {"path": str(rd / "ft_code"), "scale": lam}}}),
+            )
+        )
     for lam in lams_ties:
         experts = {A: {"path": str(rd / "ft_arith")}, C: {"path": str(rd / "ft_code")}}
-        merged.append((f"TIES k=0.2 lam={lam:g}", merge(f"ties_{lam:g}", {
-            "method": "ties", "ties": {"k": 0.2, "lam": lam}, "models": experts})))
+        merged.append((f"TIES k=0.2 lam={lam:g}", merge(f"ties_{lam:g}", {"method": "ties", "ties": {"k": 0.2, "lam": lam}, "models": experts})))
     negs = []
     for lam in lams_neg:
-        negs.append((f"base - {lam:g} tau_arith", merge(f"neg_arith_{lam:g}", {"models": {
-            A: {"path": str(rd / "ft_arith"), "scale": -lam}}})))
-    negs.append(("base - 1 tau_code", merge("neg_code_1", {"models": {
-        C: {"path": str(rd / "ft_code"), "scale": -1.0}}})))
+        negs.append((f"base - {lam:g} tau_arith", merge(f"neg_arith_{lam:g}", {"models": {A: {"path": str(rd / "ft_arith"), "scale": -lam}}})))
+    negs.append(("base - 1 tau_code", merge("neg_code_1", {"models": {C: {"path": str(rd / "ft_code"), "scale": -1.0}}})))
     print(f"  merged {len(merged) + len(negs)} models", flush=True)
 
     # evaluate everything with one trainer (same architecture, same eval documents)
@@ -145,8 +169,9 @@ def main() -> None:
     control = apply_vectors(base_p, [rand], [-norm(tau) / norm(rand)])
     ev = trainer.evaluate(control, eval_sets, cfg.train.eval_batches)
     control_row = {"run": "(not saved)", **{d: ev[f"eval/loss/{d}"] for d in DOMAINS}}
-    for label, name in ([("base", "base"), ("expert arithmetic", "ft_arith"), ("expert code", "ft_code"),
-                         ("multi-task (arith+code)", "multi")] + merged + negs):
+    for label, name in (
+        [("base", "base"), ("expert arithmetic", "ft_arith"), ("expert code", "ft_code"), ("multi-task (arith+code)", "multi")] + merged + negs
+    ):
         rows[label] = {"run": name, **evaluate(name)}
         if name not in ("base", "ft_arith", "ft_code", "multi"):
             with SummaryWriter(str(rd / name)) as w:
@@ -161,8 +186,9 @@ def main() -> None:
 
     lines = ["| model | arithmetic | code | records | prose | mean(arith, code) | mean(4) |", "|" + "---|" * 7]
     for label, r in rows.items():
-        lines.append(f"| {label} | {r[A]:.4f} | {r[C]:.4f} | {r['records']:.4f} | {r['prose']:.4f} | "
-                     f"{pair(r):.4f} | {sum(r[d] for d in DOMAINS) / 4:.4f} |")
+        lines.append(
+            f"| {label} | {r[A]:.4f} | {r[C]:.4f} | {r['records']:.4f} | {r['prose']:.4f} | {pair(r):.4f} | {sum(r[d] for d in DOMAINS) / 4:.4f} |"
+        )
     table = "\n".join(lines)
 
     best_label = min((lab for lab, _ in merged if lab.startswith("task")), key=lambda lab: pair(rows[lab]))
@@ -183,15 +209,21 @@ def main() -> None:
         rise = rows[label][target] - base[target]
         others = {d: rows[label][d] - base[d] for d in DOMAINS if d != target}
         held = rise >= 0.05 and all(abs(v) < rise / 4 for v in others.values())
-        claims.append(f"negation {label}: {target} {rise:+.4f} nats, others "
-                      + ", ".join(f"{d} {v:+.4f}" for d, v in others.items())
-                      + f": {'held' if held else 'did NOT hold'} (target rises >= 0.05, others move < 1/4 of it)")
-    cmd = "python experiments/study_merge.py" + (" --quick" if args.quick else "") + \
-        f" --base-steps {args.base_steps} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr:g}" + \
-        (f" --replay {args.replay:g}" if args.replay else "")
-    text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
-            f"eval loss per domain (nats/token), {cfg.train.eval_batches} eval batches per domain\n\n{table}\n\n"
-            + "\n".join(f"- {c}" for c in claims) + "\n")
+        claims.append(
+            f"negation {label}: {target} {rise:+.4f} nats, others "
+            + ", ".join(f"{d} {v:+.4f}" for d, v in others.items())
+            + f": {'held' if held else 'did NOT hold'} (target rises >= 0.05, others move < 1/4 of it)"
+        )
+    cmd = (
+        "python experiments/study_merge.py"
+        + (" --quick" if args.quick else "")
+        + f" --base-steps {args.base_steps} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr:g}"
+        + (f" --replay {args.replay:g}" if args.replay else "")
+    )
+    text = (
+        f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
+        f"eval loss per domain (nats/token), {cfg.train.eval_batches} eval batches per domain\n\n{table}\n\n" + "\n".join(f"- {c}" for c in claims) + "\n"
+    )
     print("\n" + text)
     (rd / "results.md").write_text(text)
     (rd / "results.json").write_text(json.dumps({"rows": rows, "claims": claims}, indent=1))

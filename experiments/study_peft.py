@@ -40,8 +40,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OLD = ("arithmetic", "records", "prose", "code")
 NEW = "recall"
-QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
-         "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.d_ff=192",
+    "model.max_seq_len=128",
+    "data.seq_len=64",
+    "data.docs_per_domain=200",
+    "data.eval_docs_per_domain=16",
+]
 # name -> (method, overrides)
 VARIANTS = {
     "full": ("lm", ["optim.lr=1e-3"]),
@@ -56,12 +63,26 @@ def config(args, name: str, method: str, steps: int, extra: list[str]):
     from jaxeff.config import load_config
 
     weights = {d: (1.0 if (d == NEW) == (name != "base") else 0.0) for d in OLD + (NEW,)}
-    return load_config(REPO / "configs" / "quickstart.yaml", (QUICK if args.quick else []) + [
-        f"name={name}", f"method={method}", f"logging.run_dir={args.run_dir}", "logging.progress=false",
-        "model.use_bias=true", f"data.domains=[{','.join(OLD + (NEW,))}]",
-        "data.weights={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}",
-        f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}", "train.eval_batches=2",
-        "optim.weight_decay=0.0", "optim.warmup_steps=10"] + extra)
+    return load_config(
+        REPO / "configs" / "quickstart.yaml",
+        (QUICK if args.quick else [])
+        + [
+            f"name={name}",
+            f"method={method}",
+            f"logging.run_dir={args.run_dir}",
+            "logging.progress=false",
+            "model.use_bias=true",
+            f"data.domains=[{','.join(OLD + (NEW,))}]",
+            "data.weights={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"checkpoint.every={steps}",
+            "train.eval_batches=2",
+            "optim.weight_decay=0.0",
+            "optim.warmup_steps=10",
+        ]
+        + extra,
+    )
 
 
 def tree_bytes(tree) -> int:
@@ -87,14 +108,19 @@ def worker(args) -> None:
     wall = time.perf_counter() - t0
     trainer = Trainer(cfg)  # for the byte counts (no step is compiled)
     frozen = trainer.method.frozen
-    row = {"name": name, "method": cfg.method, "wall_s": wall,
-           "new": out[f"eval/loss/{NEW}"], "old": sum(out[f"eval/loss/{d}"] for d in OLD) / len(OLD),
-           "trainable": out["params/trainable"], "trainable_pct": out["params/trainable_pct"],
-           "opt_state_bytes": out["params/opt_state_bytes"],
-           "state_bytes": tree_bytes(trainer.abstract_state.params) + out["params/opt_state_bytes"]
-           + (tree_bytes(frozen) if frozen is not None else 0),
-           "step_time_s": out["perf/step_time_s"],
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {
+        "name": name,
+        "method": cfg.method,
+        "wall_s": wall,
+        "new": out[f"eval/loss/{NEW}"],
+        "old": sum(out[f"eval/loss/{d}"] for d in OLD) / len(OLD),
+        "trainable": out["params/trainable"],
+        "trainable_pct": out["params/trainable_pct"],
+        "opt_state_bytes": out["params/opt_state_bytes"],
+        "state_bytes": tree_bytes(trainer.abstract_state.params) + out["params/opt_state_bytes"] + (tree_bytes(frozen) if frozen is not None else 0),
+        "step_time_s": out["perf/step_time_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if cfg.method == "qlora":
         from jaxeff.peft.qlora import qbase_stats
 
@@ -103,22 +129,34 @@ def worker(args) -> None:
 
 
 def run_child(args, name: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--run-dir", str(args.run_dir),
-           "--base-steps", str(args.base_steps), "--ft-steps", str(args.ft_steps)] + (["--quick"] if args.quick else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--run-dir",
+        str(args.run_dir),
+        "--base-steps",
+        str(args.base_steps),
+        "--ft-steps",
+        str(args.ft_steps),
+    ] + (["--quick"] if args.quick else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{name}: run failed (exit {proc.returncode})")
-    row = json.loads(lines[-1][len("RESULT "):])
+    row = json.loads(lines[-1][len("RESULT ") :])
     print(f"  {name:9s} {time.perf_counter() - t0:5.0f}s  new {row['new']:.4f}  old {row['old']:.4f}", flush=True)
     return row
 
 
 def table(rows: list[dict], base: dict) -> str:
-    head = ("| run | method | eval loss new (recall) | eval loss old (4 domains) | trainable | trainable % | "
-            "optimizer state | train state (params+opt+frozen) | peak RSS | step time |")
+    head = (
+        "| run | method | eval loss new (recall) | eval loss old (4 domains) | trainable | trainable % | "
+        "optimizer state | train state (params+opt+frozen) | peak RSS | step time |"
+    )
     lines = [head, "|" + "---|" * 10]
     lines.append(f"| base (no fine-tune) | lm | {base['new']:.4f} | {base['old']:.4f} | - | - | - | - | - | - |")
     for r in rows:
@@ -129,7 +167,8 @@ def table(rows: list[dict], base: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['method']} | {r['new']:.4f} | {r['old']:.4f} | {r['trainable']:,} | "
             f"{r['trainable_pct']:.2f} | {r['opt_state_bytes'] / 1e3:.1f} KB | {r['state_bytes'] / 1e3:.1f} KB{extra} | "
-            f"{r['peak_rss_mb']:.0f} MB | {1e3 * r['step_time_s']:.1f} ms |")
+            f"{r['peak_rss_mb']:.0f} MB | {1e3 * r['step_time_s']:.1f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -148,13 +187,16 @@ def main() -> None:
         worker(args)
         return
     t0 = time.perf_counter()
-    print(f"PEFT study ({'quick' if args.quick else 'full'}): base {args.base_steps} steps on {', '.join(OLD)}; "
-          f"fine-tunes {args.ft_steps} steps on {NEW}; runs in {args.run_dir}", flush=True)
+    print(
+        f"PEFT study ({'quick' if args.quick else 'full'}): base {args.base_steps} steps on {', '.join(OLD)}; "
+        f"fine-tunes {args.ft_steps} steps on {NEW}; runs in {args.run_dir}",
+        flush=True,
+    )
     base = run_child(args, "base")
     rows = [run_child(args, name) for name in VARIANTS]
     out = table(rows, base)
     cmd = "python experiments/study_peft.py" + (" --quick" if args.quick else "")
-    text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s)\n\n{out}\n")
+    text = f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s)\n\n{out}\n"
     print("\n" + text)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "results.md").write_text(text)

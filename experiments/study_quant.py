@@ -44,19 +44,35 @@ from jaxeff.train.inputs import build_data
 from jaxeff.train.loop import Trainer, load_params, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "data.seq_len=64", "data.docs_per_domain=200",
-         "data.eval_docs_per_domain=16", "train.eval_batches=2"]
+QUICK = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.d_ff=192",
+    "data.seq_len=64",
+    "data.docs_per_domain=200",
+    "data.eval_docs_per_domain=16",
+    "train.eval_batches=2",
+]
 PROJ = r"^layers_\d+/(attn|mlp)/"
 
 
 def train(base: list[str], name: str, steps: int, extra: list[str], run_dir: Path) -> Path:
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", base + [
-        f"name={name}", f"logging.run_dir={run_dir}", f"train.steps={steps}", f"train.eval_every={steps}",
-        f"checkpoint.every={steps}", "logging.progress=false"] + extra)
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        base
+        + [
+            f"name={name}",
+            f"logging.run_dir={run_dir}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"checkpoint.every={steps}",
+            "logging.progress=false",
+        ]
+        + extra,
+    )
     t0 = time.perf_counter()
     out = run_training(cfg)
-    print(f"  trained {name}: {steps} steps in {time.perf_counter() - t0:.0f}s, eval loss {out['eval/loss']:.4f}",
-          flush=True)
+    print(f"  trained {name}: {steps} steps in {time.perf_counter() - t0:.0f}s, eval loss {out['eval/loss']:.4f}", flush=True)
     return cfg.run_path
 
 
@@ -87,13 +103,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min on 2 CPU cores)")
     p.add_argument("--run-dir", default="runs")
-    p.add_argument("--seed", type=int, default=0,
-                   help="model initialisation seed of the whole pipeline (same data and eval set); run folders get "
-                        "a _seedN suffix when not 0")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model initialisation seed of the whole pipeline (same data and eval set); run folders get a _seedN suffix when not 0",
+    )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    run_dir = Path(args.run_dir) / (("quant_study_quick" if args.quick else "quant_study")
-                                    + (f"_seed{args.seed}" if args.seed else ""))
+    run_dir = Path(args.run_dir) / (("quant_study_quick" if args.quick else "quant_study") + (f"_seed{args.seed}" if args.seed else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
     base = (list(QUICK) if args.quick else []) + [f"seed={args.seed}"]
     float_steps, ft_steps = (200, 60) if args.quick else (300, 100)
@@ -154,8 +172,7 @@ def main(argv=None) -> int:
     # W8A8 static: per-tensor activation scales calibrated (min/max) on 8 training batches, fake quant
     from jaxeff.quant.ptq import calibrate
 
-    st_cfg = load_config(REPO / "configs" / "quickstart.yaml", base + [
-        "method=qat", "quant.activation.bits=8", "quant.weight.bits=8"])
+    st_cfg = load_config(REPO / "configs" / "quickstart.yaml", base + ["method=qat", "quant.activation.bits=8", "quant.weight.bits=8"])
     st_trainer = Trainer(st_cfg)
     ranges = calibrate(st_trainer.model, float_p, calib, st_cfg.quant)
     from jaxeff.quant.qat import fake_quant_apply
@@ -163,8 +180,9 @@ def main(argv=None) -> int:
 
     @jax.jit
     def static_loss(params, batch):
-        out = fake_quant_apply(st_trainer.model, params, batch["inputs"], st_cfg.quant, act_ranges=ranges,
-                               positions=batch["positions"], segment_ids=batch["segment_ids"])
+        out = fake_quant_apply(
+            st_trainer.model, params, batch["inputs"], st_cfg.quant, act_ranges=ranges, positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
         return cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
     from jaxeff.data.loader import eval_batches
@@ -184,9 +202,11 @@ def main(argv=None) -> int:
     f_loss = results[0][2]
     f_proj = results[0][3]
     date = datetime.date.today().isoformat()
-    print(f"\nQuantization study ({'quick' if args.quick else 'full'}), {date}, device: "
-          f"{jax.devices()[0].platform.upper()} x{jax.device_count()}, matmul backend: reference; "
-          f"total {time.perf_counter() - t_start:.0f}s")
+    print(
+        f"\nQuantization study ({'quick' if args.quick else 'full'}), {date}, device: "
+        f"{jax.devices()[0].platform.upper()} x{jax.device_count()}, matmul backend: reference; "
+        f"total {time.perf_counter() - t_start:.0f}s"
+    )
     print("| model | runs as | eval loss | vs float | projection bytes | model bytes |")
     print("|---|---|---|---|---|---|")
     for name, how, loss, proj, total in results:
@@ -197,10 +217,12 @@ def main(argv=None) -> int:
     ptq4, qat4 = by["PTQ int4 (group 64)"], by[f"QAT int4 ({ft_steps} steps)"]
     ctrl = by[f"float +{ft_steps} steps (control)"]
     ptq4c = by[f"PTQ int4 of float +{ft_steps}"]
-    print(f"\nClaim 'QAT int4 beats PTQ int4': vs PTQ int4 of the float model: {'HELD' if qat4 < ptq4 else 'DID NOT HOLD'} "
-          f"({qat4:.4f} vs {ptq4:.4f}); at equal training steps (PTQ int4 of the float control): "
-          f"{'HELD' if qat4 < ptq4c else 'DID NOT HOLD'} ({qat4:.4f} vs {ptq4c:.4f}, difference {ptq4c - qat4:+.4f}; "
-          f"float control {ctrl:.4f}; differences of ~0.01 or less are within the noise of this short eval)")
+    print(
+        f"\nClaim 'QAT int4 beats PTQ int4': vs PTQ int4 of the float model: {'HELD' if qat4 < ptq4 else 'DID NOT HOLD'} "
+        f"({qat4:.4f} vs {ptq4:.4f}); at equal training steps (PTQ int4 of the float control): "
+        f"{'HELD' if qat4 < ptq4c else 'DID NOT HOLD'} ({qat4:.4f} vs {ptq4c:.4f}, difference {ptq4c - qat4:+.4f}; "
+        f"float control {ctrl:.4f}; differences of ~0.01 or less are within the noise of this short eval)"
+    )
     return 0
 
 

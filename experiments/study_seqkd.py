@@ -40,8 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "distill"
-QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "model.max_seq_len=128",
-         "train.eval_batches=2"]
+QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "model.max_seq_len=128", "train.eval_batches=2"]
 QUICK_DATA = ["data.docs_per_domain=300", "data.eval_docs_per_domain=16"]
 
 
@@ -52,15 +51,18 @@ def held_out(data_cfg, tokenizer, n: int, prompt_tokens: int, new: int, seed: in
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.train.inputs import EVAL_SEED_OFFSET
 
-    docs = [d for name in data_cfg.domains for d in generate_documents(
-        name, data_cfg.eval_docs_per_domain, data_cfg.seed + EVAL_SEED_OFFSET, doc_len=data_cfg.doc_len)]
+    docs = [
+        d
+        for name in data_cfg.domains
+        for d in generate_documents(name, data_cfg.eval_docs_per_domain, data_cfg.seed + EVAL_SEED_OFFSET, doc_len=data_cfg.doc_len)
+    ]
     rng = np.random.default_rng(seed)
     prompts, refs = [], []
     for i in range(n):
         ids = [tokenizer.bos_id] + tokenizer.encode(docs[i % len(docs)])
         s = int(rng.integers(0, len(ids) - prompt_tokens - new + 1))
-        prompts.append(ids[s:s + prompt_tokens])
-        refs.append(ids[s + prompt_tokens:s + prompt_tokens + new])
+        prompts.append(ids[s : s + prompt_tokens])
+        refs.append(ids[s + prompt_tokens : s + prompt_tokens + new])
     return np.asarray(prompts, np.int32), np.asarray(refs, np.int32)
 
 
@@ -73,18 +75,17 @@ def arithmetic_problems(data_cfg, tokenizer, n: int, context: int):
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.train.inputs import EVAL_SEED_OFFSET
 
-    docs = generate_documents("arithmetic", data_cfg.eval_docs_per_domain, data_cfg.seed + EVAL_SEED_OFFSET,
-                              doc_len=data_cfg.doc_len)
+    docs = generate_documents("arithmetic", data_cfg.eval_docs_per_domain, data_cfg.seed + EVAL_SEED_OFFSET, doc_len=data_cfg.doc_len)
     spots = [(d, e) for d in docs for e in range(context, len(d)) if d[e] == "=" and "\n" in d[e:]]
     order = np.random.default_rng(0).permutation(len(spots))[:n]
     prompts, answers = [], []
     for i in order:
         d, e = spots[i]
-        ids = tokenizer.encode(d[e - context + 1:e + 1])
+        ids = tokenizer.encode(d[e - context + 1 : e + 1])
         if len(ids) != context:
             raise SystemExit("arithmetic accuracy needs the byte tokenizer (one token per character)")
         prompts.append(ids)
-        answers.append(d[e + 1:d.index("\n", e)])
+        answers.append(d[e + 1 : d.index("\n", e)])
     return np.asarray(prompts, np.int32), answers
 
 
@@ -143,8 +144,7 @@ def main(argv=None):
         run_training(cfg)
         return cfg, time.perf_counter() - t0
 
-    t_cfg, t_wall = train("teacher", "teacher.yaml", [*real, f"train.steps={t_steps}",
-                                                      f"train.eval_every={t_steps}", f"checkpoint.every={t_steps}"])
+    t_cfg, t_wall = train("teacher", "teacher.yaml", [*real, f"train.steps={t_steps}", f"train.eval_every={t_steps}", f"checkpoint.every={t_steps}"])
     print(f"teacher: {t_steps} steps in {t_wall:.0f} s", flush=True)
     data = study / "data" / "teacher_greedy.jsonl"
     t0 = time.perf_counter()
@@ -156,9 +156,12 @@ def main(argv=None):
     on_gen = ["data.source=files", f"data.paths=[{data}]", "data.eval_fraction=0.05"]
     kd = [f"distill.teacher_checkpoint={t_cfg.run_path}"]
     students = {}
-    for name, yaml_name, extra in (("alone", "student_alone.yaml", real), ("word_kd", "student_kd.yaml", [*real, *kd]),
-                                   ("seq_kd", "student_seqkd.yaml", on_gen),
-                                   ("seq_word_kd", "student_kd.yaml", [*on_gen, *kd])):
+    for name, yaml_name, extra in (
+        ("alone", "student_alone.yaml", real),
+        ("word_kd", "student_kd.yaml", [*real, *kd]),
+        ("seq_kd", "student_seqkd.yaml", on_gen),
+        ("seq_word_kd", "student_kd.yaml", [*on_gen, *kd]),
+    ):
         cfg, wall = train(name, yaml_name, [*s_common, *extra])
         students[name] = (cfg, wall)
         print(f"{name}: {s_steps} steps in {wall:.0f} s", flush=True)
@@ -172,8 +175,7 @@ def main(argv=None):
     def greedy(cfg, params, x=None, new=None):
         model = Transformer(cfg.model)
         x = prompts if x is None else x
-        return np.asarray(jax.jit(lambda p, x: generate(model, p, x, jax.random.PRNGKey(0),
-                                                        max_new_tokens=new or args.eval_new))(params, x))
+        return np.asarray(jax.jit(lambda p, x: generate(model, p, x, jax.random.PRNGKey(0), max_new_tokens=new or args.eval_new))(params, x))
 
     def accuracy(cfg, params):
         out = greedy(cfg, params, problems, 8)
@@ -182,8 +184,7 @@ def main(argv=None):
 
     def real_eval(run):
         cfg, params = load_model_params(run)
-        ev_cfg = load_config(CONFIGS / "student_alone.yaml", [*common, *real, f"logging.run_dir={study / '_eval'}",
-                                                                   "mesh.data=1"]).to_dict()
+        ev_cfg = load_config(CONFIGS / "student_alone.yaml", [*common, *real, f"logging.run_dir={study / '_eval'}", "mesh.data=1"]).to_dict()
         ev_cfg["model"] = cfg.to_dict()["model"]
         from jaxeff.config import from_dict
 
@@ -192,15 +193,34 @@ def main(argv=None):
 
     t_model_cfg, t_params, t_eval = real_eval(t_cfg.run_path)
     t_out = greedy(t_model_cfg, t_params)
-    rows = [{"name": "teacher", "layers": t_cfg.model.n_layers, "eval": t_eval, "ref": prefix_match(t_out, refs),
-             "teacher": 1.0, "acc": accuracy(t_model_cfg, t_params), "wall": t_wall, "steps": t_steps, "data": "real"}]
+    rows = [
+        {
+            "name": "teacher",
+            "layers": t_cfg.model.n_layers,
+            "eval": t_eval,
+            "ref": prefix_match(t_out, refs),
+            "teacher": 1.0,
+            "acc": accuracy(t_model_cfg, t_params),
+            "wall": t_wall,
+            "steps": t_steps,
+            "data": "real",
+        }
+    ]
     for name, (cfg, wall) in students.items():
         m_cfg, params, ev = real_eval(cfg.run_path)
         out = greedy(m_cfg, params)
-        row = {"name": name, "layers": cfg.model.n_layers, "eval": ev, "ref": prefix_match(out, refs),
-               "ref_rows": prefix_rows(out, refs),
-               "teacher": prefix_match(out, t_out), "acc": accuracy(m_cfg, params), "wall": wall, "steps": s_steps,
-               "data": "teacher's" if cfg.data.source == "files" else "real"}
+        row = {
+            "name": name,
+            "layers": cfg.model.n_layers,
+            "eval": ev,
+            "ref": prefix_match(out, refs),
+            "ref_rows": prefix_rows(out, refs),
+            "teacher": prefix_match(out, t_out),
+            "acc": accuracy(m_cfg, params),
+            "wall": wall,
+            "steps": s_steps,
+            "data": "teacher's" if cfg.data.source == "files" else "real",
+        }
         rows.append(row)
         with SummaryWriter(str(cfg.run_path)) as w:
             w.add_scalar("seqkd/ref_match", row["ref"], s_steps)
@@ -211,39 +231,49 @@ def main(argv=None):
 
     domains = sorted(k.split("/")[-1] for k in t_eval if k.startswith("eval/loss/"))
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind}; runs in {study}; teacher data: {gen['samples']} "
-          f"greedy continuations ({args.prompt_tokens}-token prompts + {new_tokens} new tokens, "
-          f"{gen['tokens']} tokens; generated in {gen_wall:.0f} s); students: {s_steps} steps x "
-          f"{t_cfg.data.batch_size} x {t_cfg.data.seq_len} tokens each; greedy eval: {args.eval_prompts} held-out "
-          f"{args.prompt_tokens}-token prompts, {args.eval_new} new tokens")
-    print("| run | data | layers | steps | " + " | ".join(domains) + " | real eval loss | arithmetic accuracy | ref match | "
-          "teacher match | wall (s) |")
+    print(
+        f"{datetime.date.today()}, {jax.devices()[0].device_kind}; runs in {study}; teacher data: {gen['samples']} "
+        f"greedy continuations ({args.prompt_tokens}-token prompts + {new_tokens} new tokens, "
+        f"{gen['tokens']} tokens; generated in {gen_wall:.0f} s); students: {s_steps} steps x "
+        f"{t_cfg.data.batch_size} x {t_cfg.data.seq_len} tokens each; greedy eval: {args.eval_prompts} held-out "
+        f"{args.prompt_tokens}-token prompts, {args.eval_new} new tokens"
+    )
+    print("| run | data | layers | steps | " + " | ".join(domains) + " | real eval loss | arithmetic accuracy | ref match | teacher match | wall (s) |")
     print("|---" * (len(domains) + 9) + "|")
     for r in rows:
-        print(f"| {r['name']} | {r['data']} | {r['layers']} | {r['steps']} | "
-              + " | ".join(f"{r['eval'][f'eval/loss/{d}']:.3f}" for d in domains)
-              + f" | **{r['eval']['eval/loss']:.3f}** | {r['acc']:.3f} | {r['ref']:.3f} | {r['teacher']:.3f} | "
-              f"{r['wall']:.0f} |")
+        print(
+            f"| {r['name']} | {r['data']} | {r['layers']} | {r['steps']} | "
+            + " | ".join(f"{r['eval'][f'eval/loss/{d}']:.3f}" for d in domains)
+            + f" | **{r['eval']['eval/loss']:.3f}** | {r['acc']:.3f} | {r['ref']:.3f} | {r['teacher']:.3f} | "
+            f"{r['wall']:.0f} |"
+        )
     by = {r["name"]: r for r in rows}
     s, w, a = by["seq_kd"], by["word_kd"], by["alone"]
     print()
-    print("ref match: share of the true continuation reproduced by greedy decoding before the first wrong token; "
-          "teacher match: the same against the teacher's greedy continuation")
+    print(
+        "ref match: share of the true continuation reproduced by greedy decoding before the first wrong token; "
+        "teacher match: the same against the teacher's greedy continuation"
+    )
     d_rows = s["ref_rows"] - w["ref_rows"]  # paired over the same held-out prompts
     diff, se = float(d_rows.mean()), float(d_rows.std(ddof=1) / np.sqrt(len(d_rows)))
     verdict = "HELD" if diff > 2 * se else "DID NOT HOLD" if diff < -2 * se else "NOT RESOLVED (within 2 standard errors)"
-    print(f"arithmetic accuracy: the greedy answer after '=' equals the true result, {len(answers)} held-out problems "
-          f"with 32 characters of context")
-    print(f"claim (Kim & Rush): at equal student compute, sequence-level KD gives better greedy output than "
-          f"word-level KD (judged on ref match, paired over {len(d_rows)} prompts): {verdict} -- ref match "
-          f"{s['ref']:.4f} (seq_kd) vs {w['ref']:.4f} (word_kd), difference {diff:+.4f} +- {se:.4f} (1 s.e.); alone "
-          f"{a['ref']:.4f}, seq + word {by['seq_word_kd']['ref']:.4f}, teacher {by['teacher']['ref']:.4f}; arithmetic "
-          f"accuracy {s['acc']:.3f} vs {w['acc']:.3f} (teacher {by['teacher']['acc']:.3f})")
-    print(f"  the seq-KD student imitates the teacher's mode: teacher match {s['teacher']:.3f} (seq_kd) vs "
-          f"{w['teacher']:.3f} (word_kd), {a['teacher']:.3f} (alone), {by['seq_word_kd']['teacher']:.3f} (seq + word)")
-    print(f"  real-data eval loss (the paper: seq-KD's perplexity is worse): seq_kd {s['eval']['eval/loss']:.3f}, "
-          f"word_kd {w['eval']['eval/loss']:.3f}, alone {a['eval']['eval/loss']:.3f}, seq + word "
-          f"{by['seq_word_kd']['eval']['eval/loss']:.3f}")
+    print(f"arithmetic accuracy: the greedy answer after '=' equals the true result, {len(answers)} held-out problems with 32 characters of context")
+    print(
+        f"claim (Kim & Rush): at equal student compute, sequence-level KD gives better greedy output than "
+        f"word-level KD (judged on ref match, paired over {len(d_rows)} prompts): {verdict} -- ref match "
+        f"{s['ref']:.4f} (seq_kd) vs {w['ref']:.4f} (word_kd), difference {diff:+.4f} +- {se:.4f} (1 s.e.); alone "
+        f"{a['ref']:.4f}, seq + word {by['seq_word_kd']['ref']:.4f}, teacher {by['teacher']['ref']:.4f}; arithmetic "
+        f"accuracy {s['acc']:.3f} vs {w['acc']:.3f} (teacher {by['teacher']['acc']:.3f})"
+    )
+    print(
+        f"  the seq-KD student imitates the teacher's mode: teacher match {s['teacher']:.3f} (seq_kd) vs "
+        f"{w['teacher']:.3f} (word_kd), {a['teacher']:.3f} (alone), {by['seq_word_kd']['teacher']:.3f} (seq + word)"
+    )
+    print(
+        f"  real-data eval loss (the paper: seq-KD's perplexity is worse): seq_kd {s['eval']['eval/loss']:.3f}, "
+        f"word_kd {w['eval']['eval/loss']:.3f}, alone {a['eval']['eval/loss']:.3f}, seq + word "
+        f"{by['seq_word_kd']['eval']['eval/loss']:.3f}"
+    )
     return rows
 
 

@@ -48,22 +48,23 @@ DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 TEST_DOCS = 32
 TEST_SEED_OFFSET = 2_000_003  # eval docs use data.seed + 1_000_003 (jaxeff.train.inputs); tests another seed
 # --quick: a 4-layer d=64 source pruned to 3 layers, d=48, 1 of 2 kv groups, 128 of 192 units
-QUICK_SOURCE = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-                "model.d_ff=192", "model.max_seq_len=128"]
-QUICK_TARGET = ["prune.target.d_model=48", "prune.target.n_heads=2", "prune.target.n_layers=3",
-                "prune.target.d_ff=128"]
+QUICK_SOURCE = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=192", "model.max_seq_len=128"]
+QUICK_TARGET = ["prune.target.d_model=48", "prune.target.n_heads=2", "prune.target.n_layers=3", "prune.target.d_ff=128"]
 QUICK_DATA = ["data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
 
 
 def roles(args) -> list[str]:
-    return (["source", "prune", "extract", "continue_fixed"] + [f"continue_dynamic_u{n}" for n in args.updates]
-            + ["scratch"])
+    return ["source", "prune", "extract", "continue_fixed"] + [f"continue_dynamic_u{n}" for n in args.updates] + ["scratch"]
 
 
 def common(args, name: str) -> list[str]:
     return (QUICK_DATA if args.quick else []) + [
-        f"name={name}", f"logging.run_dir={args.run_dir}", "logging.progress=false",
-        f"data.domains=[{','.join(DOMAINS)}]", "data.weights=null"]
+        f"name={name}",
+        f"logging.run_dir={args.run_dir}",
+        "logging.progress=false",
+        f"data.domains=[{','.join(DOMAINS)}]",
+        "data.weights=null",
+    ]
 
 
 def model_of(run: Path) -> dict:
@@ -87,17 +88,21 @@ def config(args, role: str):
         every = max(args.continue_steps // int(role.removeprefix("continue_dynamic_u")), 1)
     if role == "source":
         overrides = (QUICK_SOURCE if args.quick else []) + [
-            f"train.steps={args.source_steps}", f"train.eval_every={args.source_steps}",
-            f"checkpoint.every={args.source_steps}"]
+            f"train.steps={args.source_steps}",
+            f"train.eval_every={args.source_steps}",
+            f"checkpoint.every={args.source_steps}",
+        ]
         return load_config(REPO / "configs" / "quickstart.yaml", common(args, role) + overrides)
     if role == "prune":
         overrides = (QUICK_SOURCE + QUICK_TARGET if args.quick else []) + [
-            f"train.init_from={run / 'source'}", f"train.steps={args.prune_steps}",
-            f"train.eval_every={args.prune_steps}", f"checkpoint.every={args.prune_steps}"]
+            f"train.init_from={run / 'source'}",
+            f"train.steps={args.prune_steps}",
+            f"train.eval_every={args.prune_steps}",
+            f"checkpoint.every={args.prune_steps}",
+        ]
         return load_config(REPO / "configs" / "prune" / "shear.yaml", common(args, role) + overrides)
     steps = args.prune_steps + args.continue_steps if role == "scratch" else args.continue_steps
-    overrides = [f"train.steps={steps}", f"train.eval_every={every}", f"checkpoint.every={steps}",
-                 "train.eval_batches=4"]
+    overrides = [f"train.steps={steps}", f"train.eval_every={every}", f"checkpoint.every={steps}", "train.eval_batches=4"]
     if role == "scratch":
         overrides.append(f"optim.warmup_steps={max(steps // 15, 1)}")  # quickstart: 20 of 300
     else:
@@ -119,8 +124,9 @@ def test_losses(cfg) -> dict[str, float]:
     from jaxeff.train.loop import load_params
 
     tok = load_tokenizer(cfg.data.tokenizer)
-    sets = {d: pack_texts(generate_documents(d, TEST_DOCS, cfg.data.seed + TEST_SEED_OFFSET, doc_len=cfg.data.doc_len),
-                          tok, cfg.data.seq_len) for d in DOMAINS}
+    sets = {
+        d: pack_texts(generate_documents(d, TEST_DOCS, cfg.data.seed + TEST_SEED_OFFSET, doc_len=cfg.data.doc_len), tok, cfg.data.seq_len) for d in DOMAINS
+    }
     trainer, params = load_params(cfg, cfg.checkpoint_path)
     ev = trainer.evaluate(params, sets, max_batches=10**6)
     return {d: ev[f"eval/loss/{d}"] for d in DOMAINS}
@@ -137,8 +143,7 @@ def worker(args) -> None:
         shutil.rmtree(run / "pruned", ignore_errors=True)
         extract_run(run / "prune", run / "pruned")
         cfg = config(args, "continue_fixed")  # the extracted model with the study's data settings
-        cfg = type(cfg).model_validate({**cfg.to_dict(), "name": "pruned", "train": {**cfg.to_dict()["train"],
-                                                                                      "init_from": None}})
+        cfg = type(cfg).model_validate({**cfg.to_dict(), "name": "pruned", "train": {**cfg.to_dict()["train"], "init_from": None}})
         row = {"name": "pruned", "tokens": 0, "model": model_of(run / "pruned")}
     else:
         from jaxeff.train.loop import run_training
@@ -147,11 +152,14 @@ def worker(args) -> None:
         dynamic = cfg.data.dynamic.enabled
         shutil.rmtree(cfg.run_path, ignore_errors=True)
         out = run_training(cfg)
-        row = {"name": role, "steps": cfg.train.steps,
-               "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
-               "params": cfg.model.param_count(),
-               "weights": {d: out.get(f"data/weight/{d}") for d in DOMAINS} if dynamic else None,
-               "updates": cfg.train.steps // cfg.train.eval_every if dynamic else 0}
+        row = {
+            "name": role,
+            "steps": cfg.train.steps,
+            "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len,
+            "params": cfg.model.param_count(),
+            "weights": {d: out.get(f"data/weight/{d}") for d in DOMAINS} if dynamic else None,
+            "updates": cfg.train.steps // cfg.train.eval_every if dynamic else 0,
+        }
     row["test"] = test_losses(cfg)
     row["mean"] = sum(row["test"].values()) / len(DOMAINS)
     row["wall_s"] = time.perf_counter() - t0
@@ -159,32 +167,53 @@ def worker(args) -> None:
 
 
 def run_child(args, role: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", role, "--run-dir", str(args.run_dir),
-           "--source-steps", str(args.source_steps), "--prune-steps", str(args.prune_steps),
-           "--continue-steps", str(args.continue_steps), "--updates", ",".join(map(str, args.updates))] + (["--quick"] if args.quick else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        role,
+        "--run-dir",
+        str(args.run_dir),
+        "--source-steps",
+        str(args.source_steps),
+        "--prune-steps",
+        str(args.prune_steps),
+        "--continue-steps",
+        str(args.continue_steps),
+        "--updates",
+        ",".join(map(str, args.updates)),
+    ] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{role}: run failed (exit {proc.returncode})")
-    row = json.loads(lines[-1][len("RESULT "):])
+    row = json.loads(lines[-1][len("RESULT ") :])
     print(f"  {role:17s} {row['wall_s']:5.0f}s  mean test loss {row['mean']:.4f}", flush=True)
     return row
 
 
 def table(rows: dict[str, dict], args) -> str:
     updates = sorted({int(k.removeprefix("continue_dynamic_u")) for k in rows if k.startswith("continue_dynamic_u")})
-    label = {"source": f"source ({args.source_steps} steps, not counted)",
-             "prune": f"shear-pruned, masks applied ({args.prune_steps} steps)",
-             "pruned": "extracted (= prune row, dense)",
-             "continue_fixed": f"pruned + {args.continue_steps} steps, fixed uniform mix",
-             **{f"continue_dynamic_u{n}": f"pruned + {args.continue_steps} steps, dynamic batch loading, "
-                f"{rows[f'continue_dynamic_u{n}']['updates']} updates" for n in updates},
-             "scratch": f"from scratch, {args.prune_steps + args.continue_steps} steps"}
-    tokens = {"source": args.source_steps, "prune": args.prune_steps, "pruned": args.prune_steps,
-              "continue_fixed": args.prune_steps + args.continue_steps,
-              **{f"continue_dynamic_u{n}": args.prune_steps + args.continue_steps for n in updates},
-              "scratch": args.prune_steps + args.continue_steps}
+    label = {
+        "source": f"source ({args.source_steps} steps, not counted)",
+        "prune": f"shear-pruned, masks applied ({args.prune_steps} steps)",
+        "pruned": "extracted (= prune row, dense)",
+        "continue_fixed": f"pruned + {args.continue_steps} steps, fixed uniform mix",
+        **{
+            f"continue_dynamic_u{n}": f"pruned + {args.continue_steps} steps, dynamic batch loading, {rows[f'continue_dynamic_u{n}']['updates']} updates"
+            for n in updates
+        },
+        "scratch": f"from scratch, {args.prune_steps + args.continue_steps} steps",
+    }
+    tokens = {
+        "source": args.source_steps,
+        "prune": args.prune_steps,
+        "pruned": args.prune_steps,
+        "continue_fixed": args.prune_steps + args.continue_steps,
+        **{f"continue_dynamic_u{n}": args.prune_steps + args.continue_steps for n in updates},
+        "scratch": args.prune_steps + args.continue_steps,
+    }
     tok_per_step = rows["scratch"]["tokens"] // (args.prune_steps + args.continue_steps)
     lines = ["| run | target-shape tokens | " + " | ".join(DOMAINS) + " | mean |", "|---" * (len(DOMAINS) + 3) + "|"]
     for name in label:
@@ -192,8 +221,7 @@ def table(rows: dict[str, dict], args) -> str:
             continue
         r = rows[name]
         n_tok = "-" if name == "source" else f"{tokens[name] * tok_per_step / 1e3:.0f}k"
-        lines.append(f"| {label[name]} | {n_tok} | " + " | ".join(f"{r['test'][d]:.4f}" for d in DOMAINS)
-                     + f" | {r['mean']:.4f} |")
+        lines.append(f"| {label[name]} | {n_tok} | " + " | ".join(f"{r['test'][d]:.4f}" for d in DOMAINS) + f" | {r['mean']:.4f} |")
     return "\n".join(lines)
 
 
@@ -201,15 +229,16 @@ def verdict(rows: dict[str, dict]) -> str:
     dyn = [k for k in rows if k.startswith("continue_dynamic_u")]
     s, f = rows["scratch"]["mean"], rows["continue_fixed"]["mean"]
     best = min([f] + [rows[k]["mean"] for k in dyn])
-    out = [f"pruned-and-continued beats from-scratch: {'YES' if best < s else 'NO'} "
-           f"(best continued {best:.4f} vs scratch {s:.4f}, {s - best:+.4f} nats)"]
+    out = [f"pruned-and-continued beats from-scratch: {'YES' if best < s else 'NO'} (best continued {best:.4f} vs scratch {s:.4f}, {s - best:+.4f} nats)"]
     src, fix = rows["source"]["test"], rows["continue_fixed"]["test"]
     worst = max(DOMAINS, key=lambda x: fix[x] - src[x])
     for k in dyn:
         d = rows[k]["mean"]
         gap = max(rows[k]["test"][x] - src[x] for x in DOMAINS)
-        out.append(f"{k} beats the fixed mix: {'YES' if d < f else 'NO'} (mean {d:.4f} vs {f:.4f}, {f - d:+.4f} nats; "
-                   f"largest gap to the source {gap:+.4f} vs the fixed mix's {fix[worst] - src[worst]:+.4f} on {worst})")
+        out.append(
+            f"{k} beats the fixed mix: {'YES' if d < f else 'NO'} (mean {d:.4f} vs {f:.4f}, {f - d:+.4f} nats; "
+            f"largest gap to the source {gap:+.4f} vs the fixed mix's {fix[worst] - src[worst]:+.4f} on {worst})"
+        )
         w = rows[k].get("weights") or {}
         if w and all(v is not None for v in w.values()):
             out.append(f"  final weights of {k}: " + ", ".join(f"{n} {v:.3f}" for n, v in w.items()))
@@ -227,8 +256,7 @@ def main() -> None:
     p.add_argument("--roles", default=None, help="run only these (comma-separated), merging into results.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.run_dir = str(Path(args.run_dir or REPO / "runs" / ("shear_study_quick" if args.quick else "shear_study"))
-                       .absolute())
+    args.run_dir = str(Path(args.run_dir or REPO / "runs" / ("shear_study_quick" if args.quick else "shear_study")).absolute())
     args.source_steps = args.source_steps or (200 if args.quick else 400)
     args.prune_steps = args.prune_steps or (40 if args.quick else 100)
     args.continue_steps = args.continue_steps or (80 if args.quick else 200)
@@ -237,9 +265,12 @@ def main() -> None:
         worker(args)
         return
     t0 = time.perf_counter()
-    print(f"Sheared-LLaMA study ({'quick' if args.quick else 'full'}): source {args.source_steps} steps, prune "
-          f"{args.prune_steps}, continue {args.continue_steps}, scratch {args.prune_steps + args.continue_steps}; "
-          f"runs in {args.run_dir}", flush=True)
+    print(
+        f"Sheared-LLaMA study ({'quick' if args.quick else 'full'}): source {args.source_steps} steps, prune "
+        f"{args.prune_steps}, continue {args.continue_steps}, scratch {args.prune_steps + args.continue_steps}; "
+        f"runs in {args.run_dir}",
+        flush=True,
+    )
     results = Path(args.run_dir) / "results.json"
     todo = roles(args) if args.roles is None else args.roles.split(",")
     rows = json.loads(results.read_text()) if args.roles is not None and results.exists() else {}
@@ -247,9 +278,11 @@ def main() -> None:
         row = run_child(args, role)
         rows[row["name"]] = row
     cmd = "python experiments/study_shear.py" + (" --quick" if args.quick else "")
-    text = (f"{cmd}  ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU, 2 shared cores, "
-            f"{time.perf_counter() - t0:.0f} s)\n\ntest loss (nats/token) on {TEST_DOCS} unseen documents per domain\n\n"
-            f"{table(rows, args)}\n\n{verdict(rows)}\n")
+    text = (
+        f"{cmd}  ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, CPU, 2 shared cores, "
+        f"{time.perf_counter() - t0:.0f} s)\n\ntest loss (nats/token) on {TEST_DOCS} unseen documents per domain\n\n"
+        f"{table(rows, args)}\n\n{verdict(rows)}\n"
+    )
     print("\n" + text)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "results.md").write_text(text)

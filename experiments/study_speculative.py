@@ -46,9 +46,16 @@ QUICK = ["data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_doma
 # parameters, ~100 MB float32) and a 1-layer d_model-128 draft (~0.2M parameters) distilled from it, on the
 # predictable domains; short training at small batch / sequence (the target need not be good, the draft must
 # predict it).
-LARGE_DATA = ["data.domains=[arithmetic,records,code]", "data.seq_len=64", "data.batch_size=4",
-              "data.docs_per_domain=200", "data.eval_docs_per_domain=16", "train.eval_batches=1", "optim.lr=1e-3",
-              "optim.warmup_steps=10"]
+LARGE_DATA = [
+    "data.domains=[arithmetic,records,code]",
+    "data.seq_len=64",
+    "data.batch_size=4",
+    "data.docs_per_domain=200",
+    "data.eval_docs_per_domain=16",
+    "train.eval_batches=1",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=10",
+]
 LARGE_TARGET = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=4", "model.d_ff=1536"]
 LARGE_DRAFT = ["data.batch_size=8", "optim.lr=3e-3"]
 
@@ -61,17 +68,29 @@ def train(yaml_name: str, overrides: list[str]):
     shutil.rmtree(cfg.run_path, ignore_errors=True)
     t0 = time.perf_counter()
     out = run_training(cfg)
-    print(f"  {cfg.name}: {cfg.model.n_layers} layers, {cfg.model.param_count():,} params, {cfg.train.steps} steps, "
-          f"eval loss {out['eval/loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"  {cfg.name}: {cfg.model.n_layers} layers, {cfg.model.param_count():,} params, {cfg.train.steps} steps, "
+        f"eval loss {out['eval/loss']:.3f}, {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     return cfg, out
 
 
 def _train_both(common, study, t_steps, d_steps, draft_layers, t_extra=(), d_extra=()):
-    train("teacher.yaml", [*common, *t_extra, "name=target", f"train.steps={t_steps}", f"train.eval_every={t_steps}",
-                           f"checkpoint.every={t_steps}"])
-    train("student_kd.yaml", [*common, *d_extra, "name=draft_kd", f"model.n_layers={draft_layers}",
-                              f"distill.teacher_checkpoint={study / 'target'}", f"train.steps={d_steps}",
-                              f"train.eval_every={d_steps}", f"checkpoint.every={d_steps}"])
+    train("teacher.yaml", [*common, *t_extra, "name=target", f"train.steps={t_steps}", f"train.eval_every={t_steps}", f"checkpoint.every={t_steps}"])
+    train(
+        "student_kd.yaml",
+        [
+            *common,
+            *d_extra,
+            "name=draft_kd",
+            f"model.n_layers={draft_layers}",
+            f"distill.teacher_checkpoint={study / 'target'}",
+            f"train.steps={d_steps}",
+            f"train.eval_every={d_steps}",
+            f"checkpoint.every={d_steps}",
+        ],
+    )
 
 
 def prompts(cfg, per_domain: int, length: int):
@@ -83,10 +102,9 @@ def prompts(cfg, per_domain: int, length: int):
     _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     out = []
     for dom, arrays in eval_sets.items():
-        rows = [r for r in range(arrays["inputs"].shape[0])
-                if arrays["positions"][r, 0] == 0 and (arrays["segment_ids"][r, :length] == 1).all()]
+        rows = [r for r in range(arrays["inputs"].shape[0]) if arrays["positions"][r, 0] == 0 and (arrays["segment_ids"][r, :length] == 1).all()]
         for r in rows[:per_domain]:
-            out.append((dom, np.asarray(arrays["inputs"][r:r + 1, :length], np.int32)))
+            out.append((dom, np.asarray(arrays["inputs"][r : r + 1, :length], np.int32)))
     return out
 
 
@@ -143,9 +161,13 @@ def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[flo
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short training, fewer prompts and gammas (<= 5 min CPU)")
-    ap.add_argument("--size", choices=("small", "large"), default="small",
-                    help="small: the configs' 4-layer d_model-128 target; large: d_model 512, 8 layers (~25M "
-                         "parameters), a 1-layer d_model-128 draft, domains arithmetic/records/code (~15 min CPU)")
+    ap.add_argument(
+        "--size",
+        choices=("small", "large"),
+        default="small",
+        help="small: the configs' 4-layer d_model-128 target; large: d_model 512, 8 layers (~25M "
+        "parameters), a 1-layer d_model-128 draft, domains arithmetic/records/code (~15 min CPU)",
+    )
     ap.add_argument("--run-dir", default=str(REPO / "runs"))
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
@@ -181,8 +203,7 @@ def main(argv=None):
         per_domain = args.prompts or (1 if args.quick else 2)
         new_tokens = args.new_tokens or (48 if args.quick else 96)
     repeats = args.repeats or (3 if large else 5)
-    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1",
-              *(LARGE_DATA if large else QUICK if args.quick else [])]
+    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(LARGE_DATA if large else QUICK if args.quick else [])]
     t_wall = time.perf_counter()
     shutil.rmtree(study / "decode", ignore_errors=True)
     if not (args.reuse and (study / "draft_kd" / "checkpoints").is_dir()):
@@ -197,12 +218,12 @@ def main(argv=None):
     print(f"{len(cases)} prompts of {args.prompt_len} tokens, {new_tokens} new tokens each", flush=True)
 
     def plain(prompt, temperature, seed=0):
-        return generate(target, t_params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens,
-                        temperature=temperature)
+        return generate(target, t_params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens, temperature=temperature)
 
     def spec(prompt, gamma, temperature, seed=0):
-        return speculative_generate(target, t_params, draft, d_params, prompt, jax.random.PRNGKey(seed),
-                                    max_new_tokens=new_tokens, gamma=gamma, temperature=temperature)
+        return speculative_generate(
+            target, t_params, draft, d_params, prompt, jax.random.PRNGKey(seed), max_new_tokens=new_tokens, gamma=gamma, temperature=temperature
+        )
 
     # 4. correctness first
     for dom, prompt in cases:
@@ -211,8 +232,10 @@ def main(argv=None):
             out = np.asarray(spec(prompt, g, 0.0)[0])
             if not (out == ref).all():
                 first = int(np.argmax(out[0] != ref[0]))
-                raise SystemExit(f"correctness check FAILED: greedy speculative (gamma {g}) differs from the target's "
-                                 f"greedy output on a {dom} prompt at new token {first}")
+                raise SystemExit(
+                    f"correctness check FAILED: greedy speculative (gamma {g}) differs from the target's "
+                    f"greedy output on a {dom} prompt at new token {first}"
+                )
     print(f"correctness: greedy speculative == target greedy on all {len(cases)} prompts, gammas {gammas}", flush=True)
 
     # cost of one draft step relative to one target step, from plain decoding with each model
@@ -223,13 +246,14 @@ def main(argv=None):
     cost_ratio = sum(b[0] for _, b in pairs) / sum(a[0] for a, _ in pairs)
     t_ms = 1e3 * sum(a[0] for a, _ in pairs) / (len(cases) * new_tokens)
     d_ms = 1e3 * sum(b[0] for _, b in pairs) / (len(cases) * new_tokens)
-    print(f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; "
-          f"draft step / target step (wall-clock): c = {cost_ratio:.3f}", flush=True)
+    print(
+        f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; draft step / target step (wall-clock): c = {cost_ratio:.3f}",
+        flush=True,
+    )
 
     # cost v of a verification pass (gamma + 1 new tokens) relative to a decoding step (1 token), target alone
     verify = verify_cost(target, t_params, t_cfg.model, args.prompt_len, new_tokens, gammas, repeats)
-    print("verification pass / decoding step (target, wall-clock): "
-          + ", ".join(f"gamma {g}: {verify[g]:.2f}" for g in gammas), flush=True)
+    print("verification pass / decoding step (target, wall-clock): " + ", ".join(f"gamma {g}: {verify[g]:.2f}" for g in gammas), flush=True)
 
     # 5. acceptance and speed
     rows = []
@@ -237,8 +261,7 @@ def main(argv=None):
         for g in gammas:
             plain_t, spec_t, acc, drafted, calls, generated, rejected = [], [], 0, 0, 0, 0, 0
             for i, (_, p) in enumerate(cases):
-                a, b = timed_pair(lambda p=p, i=i: plain(p, temperature, i),
-                                  lambda p=p, i=i: spec(p, g, temperature, i), repeats)
+                a, b = timed_pair(lambda p=p, i=i: plain(p, temperature, i), lambda p=p, i=i: spec(p, g, temperature, i), repeats)
                 plain_t.append(a)
                 spec_t.append(b)
                 st = jax.device_get(spec(p, g, temperature, i)[1])
@@ -248,49 +271,79 @@ def main(argv=None):
             pw, pc = (sum(x[k] for x in plain_t) for k in (0, 1))
             sw, sc = (sum(x[k] for x in spec_t) for k in (0, 1))
             n_tok = len(cases) * new_tokens
-            row = {"mode": mode, "gamma": g, "acceptance_rate": acc / drafted, "tokens_per_call": generated / calls,
-                   "target_calls": calls, "plain_ms_tok": 1e3 * pw / n_tok, "spec_ms_tok": 1e3 * sw / n_tok,
-                   "speedup": pw / sw, "speedup_cpu": pc / sc,
-                   "predicted": (generated / calls) / (g * cost_ratio + 1),
-                   "alpha": acc / max(acc + rejected, 1),
-                   "leviathan": leviathan(acc / max(acc + rejected, 1), g, cost_ratio),
-                   "with_verify": (generated / calls) / (g * cost_ratio + verify[g])}
+            row = {
+                "mode": mode,
+                "gamma": g,
+                "acceptance_rate": acc / drafted,
+                "tokens_per_call": generated / calls,
+                "target_calls": calls,
+                "plain_ms_tok": 1e3 * pw / n_tok,
+                "spec_ms_tok": 1e3 * sw / n_tok,
+                "speedup": pw / sw,
+                "speedup_cpu": pc / sc,
+                "predicted": (generated / calls) / (g * cost_ratio + 1),
+                "alpha": acc / max(acc + rejected, 1),
+                "leviathan": leviathan(acc / max(acc + rejected, 1), g, cost_ratio),
+                "with_verify": (generated / calls) / (g * cost_ratio + verify[g]),
+            }
             rows.append(row)
             with SummaryWriter(str(study / "decode" / f"{mode}_gamma{g}")) as w:
-                for k in ("acceptance_rate", "tokens_per_call", "plain_ms_tok", "spec_ms_tok", "speedup", "speedup_cpu",
-                          "predicted", "leviathan", "alpha", "with_verify"):
+                for k in (
+                    "acceptance_rate",
+                    "tokens_per_call",
+                    "plain_ms_tok",
+                    "spec_ms_tok",
+                    "speedup",
+                    "speedup_cpu",
+                    "predicted",
+                    "leviathan",
+                    "alpha",
+                    "with_verify",
+                ):
                     w.add_scalar(f"decode/{k}", row[k], g)
-            print(f"  {mode:7s} gamma {g}: acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_call']:.2f} "
-                  f"tokens/target call, speed-up {row['speedup']:.2f}x wall, {row['speedup_cpu']:.2f}x CPU time, "
-                  f"expected {row['leviathan']:.2f}x (Leviathan)",
-                  flush=True)
+            print(
+                f"  {mode:7s} gamma {g}: acceptance {row['acceptance_rate']:.3f}, {row['tokens_per_call']:.2f} "
+                f"tokens/target call, speed-up {row['speedup']:.2f}x wall, {row['speedup_cpu']:.2f}x CPU time, "
+                f"expected {row['leviathan']:.2f}x (Leviathan)",
+                flush=True,
+            )
 
     dev = jax.devices()[0]
     print()
-    print(f"{datetime.date.today()}, {dev.device_kind} ({dev.platform}); target {t_cfg.model.n_layers} layers "
-          f"{t_cfg.model.param_count():,} params, draft (distilled) {d_cfg.model.n_layers} layer(s) "
-          f"{d_cfg.model.param_count():,} params; {len(cases)} prompts x {new_tokens} new tokens; "
-          f"median of {repeats} runs; total {time.perf_counter() - t_wall:.0f} s")
-    print("| decoding | gamma | acceptance rate | new tokens / target call | plain ms/token | speculative ms/token "
-          "| speed-up (wall) | speed-up (CPU time) | alpha | expected (Leviathan) | expected from cost ratio "
-          "| expected with verify cost |")
+    print(
+        f"{datetime.date.today()}, {dev.device_kind} ({dev.platform}); target {t_cfg.model.n_layers} layers "
+        f"{t_cfg.model.param_count():,} params, draft (distilled) {d_cfg.model.n_layers} layer(s) "
+        f"{d_cfg.model.param_count():,} params; {len(cases)} prompts x {new_tokens} new tokens; "
+        f"median of {repeats} runs; total {time.perf_counter() - t_wall:.0f} s"
+    )
+    print(
+        "| decoding | gamma | acceptance rate | new tokens / target call | plain ms/token | speculative ms/token "
+        "| speed-up (wall) | speed-up (CPU time) | alpha | expected (Leviathan) | expected from cost ratio "
+        "| expected with verify cost |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tokens_per_call']:.2f} | "
-              f"{r['plain_ms_tok']:.2f} | {r['spec_ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['speedup_cpu']:.2f}x | "
-              f"{r['alpha']:.3f} | {r['leviathan']:.2f}x | {r['predicted']:.2f}x | {r['with_verify']:.2f}x |")
-    print(f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; cost ratio c = draft step / "
-          f"target step = {cost_ratio:.3f} (wall-clock); expected from cost ratio = (new tokens per target call) / "
-          "(gamma c + 1); Leviathan = (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) with a = alpha, the per-position "
-          "acceptance (accepted / (accepted + rejections)); both count a verification pass as one target step; "
-          "expected with verify cost = (new tokens per target call) / (gamma c + v), v = one target pass over "
-          f"gamma + 1 tokens / one over 1 token: {', '.join(f'{g}: {verify[g]:.2f}' for g in gammas)}")
+        print(
+            f"| {r['mode']} | {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tokens_per_call']:.2f} | "
+            f"{r['plain_ms_tok']:.2f} | {r['spec_ms_tok']:.2f} | **{r['speedup']:.2f}x** | {r['speedup_cpu']:.2f}x | "
+            f"{r['alpha']:.3f} | {r['leviathan']:.2f}x | {r['predicted']:.2f}x | {r['with_verify']:.2f}x |"
+        )
+    print(
+        f"plain greedy decoding: target {t_ms:.2f} ms/token, draft {d_ms:.2f} ms/token; cost ratio c = draft step / "
+        f"target step = {cost_ratio:.3f} (wall-clock); expected from cost ratio = (new tokens per target call) / "
+        "(gamma c + 1); Leviathan = (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) with a = alpha, the per-position "
+        "acceptance (accepted / (accepted + rejections)); both count a verification pass as one target step; "
+        "expected with verify cost = (new tokens per target call) / (gamma c + v), v = one target pass over "
+        f"gamma + 1 tokens / one over 1 token: {', '.join(f'{g}: {verify[g]:.2f}' for g in gammas)}"
+    )
     best = max(rows, key=lambda r: r["speedup"])
     print()
-    print(f"claim: speculative decoding with the distilled draft is faster than plain decoding -- "
-          f"{'HELD' if best['speedup'] > 1 else 'DID NOT HOLD'} on {dev.platform} "
-          f"(best {best['speedup']:.2f}x: {best['mode']}, gamma {best['gamma']}; "
-          f"{sum(r['speedup'] > 1 for r in rows)} of {len(rows)} settings faster)")
+    print(
+        f"claim: speculative decoding with the distilled draft is faster than plain decoding -- "
+        f"{'HELD' if best['speedup'] > 1 else 'DID NOT HOLD'} on {dev.platform} "
+        f"(best {best['speedup']:.2f}x: {best['mode']}, gamma {best['gamma']}; "
+        f"{sum(r['speedup'] > 1 for r in rows)} of {len(rows)} settings faster)"
+    )
     return rows
 
 

@@ -42,8 +42,15 @@ from _common import token_nll
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("arithmetic", "records", "prose", "code")
 POS, NEG = "code", "prose"
-QUICK = ["model.d_model=64", "model.n_layers=2", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
-         "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.d_ff=192",
+    "model.max_seq_len=128",
+    "data.seq_len=64",
+    "data.docs_per_domain=200",
+    "data.eval_docs_per_domain=16",
+]
 SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # multiples of the recorded vector (its norm is printed)
 N_SAMPLES, NEW_TOKENS, PROMPT_CHARS = 32, 48, 48
 
@@ -55,7 +62,7 @@ class TrigramNB:
         self.counts, self.totals = {}, {}
         vocab = set()
         for d, texts in texts_by_domain.items():
-            c = collections.Counter(t[i:i + 3] for t in texts for i in range(len(t) - 2))
+            c = collections.Counter(t[i : i + 3] for t in texts for i in range(len(t) - 2))
             self.counts[d], self.totals[d] = c, sum(c.values())
             vocab |= set(c)
         self.v = len(vocab) + 1
@@ -63,11 +70,10 @@ class TrigramNB:
     def classify(self, text: str) -> str:
         if any(not (32 <= ord(ch) < 127 or ch == "\n") for ch in text) or re.search(r"(.)\1{16,}", text):
             return "invalid"  # the corpus is printable ASCII, and no 48-char chunk of it repeats a character 17 times
-        grams = [text[i:i + 3] for i in range(len(text) - 2)]
+        grams = [text[i : i + 3] for i in range(len(text) - 2)]
         if not grams:
             return "empty"
-        score = {d: sum(math.log((self.counts[d][g] + 1) / (self.totals[d] + self.v)) for g in grams)
-                 for d in self.counts}
+        score = {d: sum(math.log((self.counts[d][g] + 1) / (self.totals[d] + self.v)) for g in grams) for d in self.counts}
         return max(score, key=score.get)
 
 
@@ -100,9 +106,19 @@ def main() -> None:
     if args.base:
         run = Path(args.base)
     else:
-        cfg = load_config(REPO / "configs" / "quickstart.yaml", (QUICK if args.quick else []) + [
-            "name=model", f"logging.run_dir={rd}", "logging.progress=false", f"data.domains=[{','.join(DOMAINS)}]",
-            f"train.steps={args.steps}", f"train.eval_every={args.steps}", f"checkpoint.every={args.steps}"])
+        cfg = load_config(
+            REPO / "configs" / "quickstart.yaml",
+            (QUICK if args.quick else [])
+            + [
+                "name=model",
+                f"logging.run_dir={rd}",
+                "logging.progress=false",
+                f"data.domains=[{','.join(DOMAINS)}]",
+                f"train.steps={args.steps}",
+                f"train.eval_every={args.steps}",
+                f"checkpoint.every={args.steps}",
+            ],
+        )
         shutil.rmtree(cfg.run_path, ignore_errors=True)
         run_training(cfg)
         run = cfg.run_path
@@ -125,8 +141,7 @@ def main() -> None:
 
     def loss_of(texts, vector, layer, scale):
         ids = np.asarray([[tok.bos_id] + tok.encode(t) for t in texts], np.int32)
-        logits = steered_forward(model, params, ids, vector=vector, layer=layer, scale=scale,
-                                 apply_fn=trainer.method.run).logits
+        logits = steered_forward(model, params, ids, vector=vector, layer=layer, scale=scale, apply_fn=trainer.method.run).logits
         return float(jnp.mean(token_nll(logits[:, :-1], ids[:, 1:])))
 
     prompt = np.full((N_SAMPLES, 1), tok.bos_id, np.int32)
@@ -136,9 +151,20 @@ def main() -> None:
             v = record_text(model, params, tok, pos, neg, layer, trainer.method.run)
             with SummaryWriter(str(rd / f"steer_{source}_L{layer}")) as w:
                 for scale in SCALES:
-                    new = np.asarray(steer_generate(model, params, prompt, jax.random.PRNGKey(0), vector=v, layer=layer,
-                                                    scale=scale, max_new_tokens=NEW_TOKENS, temperature=1.0,
-                                                    apply_fn=trainer.method.run))
+                    new = np.asarray(
+                        steer_generate(
+                            model,
+                            params,
+                            prompt,
+                            jax.random.PRNGKey(0),
+                            vector=v,
+                            layer=layer,
+                            scale=scale,
+                            max_new_tokens=NEW_TOKENS,
+                            temperature=1.0,
+                            apply_fn=trainer.method.run,
+                        )
+                    )
                     texts = []
                     for row in new.tolist():
                         row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
@@ -146,25 +172,41 @@ def main() -> None:
                     labels = collections.Counter(clf.classify(t) for t in texts)
                     share = {d: labels[d] / N_SAMPLES for d in DOMAINS + ("invalid",)}
                     losses = {d: loss_of(lm_texts[d], v, layer, scale) for d in (POS, NEG)}
-                    rows.append({"source": source, "layer": layer, "scale": scale, "norm": float(jnp.linalg.norm(v)),
-                                 "share": share, "loss": losses, "example": texts[0]})
+                    rows.append(
+                        {
+                            "source": source,
+                            "layer": layer,
+                            "scale": scale,
+                            "norm": float(jnp.linalg.norm(v)),
+                            "share": share,
+                            "loss": losses,
+                            "example": texts[0],
+                        }
+                    )
                     step = int(round(100 * scale))  # TensorBoard steps are integers: step = 100 x scale
                     for d, val in share.items():
                         w.add_scalar(f"steer/share_{d}", val, step)
                     for d, val in losses.items():
                         w.add_scalar(f"steer/loss_{d}", val, step)
-            print(f"  {source} layer {layer}: code share " + " ".join(
-                f"{r['share'][POS]:.2f}" for r in rows if r["source"] == source and r["layer"] == layer), flush=True)
+            print(
+                f"  {source} layer {layer}: code share "
+                + " ".join(f"{r['share'][POS]:.2f}" for r in rows if r["source"] == source and r["layer"] == layer),
+                flush=True,
+            )
 
-    lines = ["| vector | layer | scale | code | prose | arithmetic | records | invalid | loss code | loss prose | "
-             "sample (first 40 chars) |", "|" + "---|" * 11]
+    lines = [
+        "| vector | layer | scale | code | prose | arithmetic | records | invalid | loss code | loss prose | sample (first 40 chars) |",
+        "|" + "---|" * 11,
+    ]
     for r in rows:
         s, lo = r["share"], r["loss"]
         sample = r["example"][:40].replace("\n", "\\n").replace("|", "/")
-        lines.append(f"| {r['source']} (norm {r['norm']:.2f}) | {r['layer']} | {r['scale']} | {s['code']:.2f} | "
-                     f"{s['prose']:.2f} | {s['arithmetic']:.2f} | {s['records']:.2f} | {s['invalid']:.2f} | "
-                     f"{lo[POS]:.4f} | {lo[NEG]:.4f} | "
-                     f"`{sample}` |")
+        lines.append(
+            f"| {r['source']} (norm {r['norm']:.2f}) | {r['layer']} | {r['scale']} | {s['code']:.2f} | "
+            f"{s['prose']:.2f} | {s['arithmetic']:.2f} | {s['records']:.2f} | {s['invalid']:.2f} | "
+            f"{lo[POS]:.4f} | {lo[NEG]:.4f} | "
+            f"`{sample}` |"
+        )
     table = "\n".join(lines)
 
     base = {(r["source"], r["layer"]): r for r in rows if r["scale"] == 0}
@@ -185,29 +227,40 @@ def main() -> None:
             f"{best['layer']} scale {best['scale']:g}: {contrast(b0):+.2f} -> {contrast(best):+.2f} ({gain:+.2f}; code "
             f"{b0['share'][POS]:.2f} -> {best['share'][POS]:.2f}, "
             f"prose {b0['share'][NEG]:.2f} -> {best['share'][NEG]:.2f}): "
-            f"{'held' if gain >= 0.25 else 'did NOT hold'} (rise >= 0.25)")
+            f"{'held' if gain >= 0.25 else 'did NOT hold'} (rise >= 0.25)"
+        )
         best_pos = max(valid, key=lambda r: r["share"][POS] - base[r["source"], r["layer"]]["share"][POS])
         g = best_pos["share"][POS] - base[best_pos["source"], best_pos["layer"]]["share"][POS]
-        claims.append(f"toward code alone (share code, valid text >= 90%): best {best_pos['source']} layer "
-                      f"{best_pos['layer']} scale {best_pos['scale']:g}: {g:+.2f}: "
-                      f"{'held' if g >= 0.25 else 'did NOT hold'} "
-                      "(rise >= 0.25)")
-    rel = {id(r): (r["loss"][POS] - base[r["source"], r["layer"]]["loss"][POS])
-           - (r["loss"][NEG] - base[r["source"], r["layer"]]["loss"][NEG]) for r in rows if r["scale"] > 0}
+        claims.append(
+            f"toward code alone (share code, valid text >= 90%): best {best_pos['source']} layer "
+            f"{best_pos['layer']} scale {best_pos['scale']:g}: {g:+.2f}: "
+            f"{'held' if g >= 0.25 else 'did NOT hold'} "
+            "(rise >= 0.25)"
+        )
+    rel = {
+        id(r): (r["loss"][POS] - base[r["source"], r["layer"]]["loss"][POS]) - (r["loss"][NEG] - base[r["source"], r["layer"]]["loss"][NEG])
+        for r in rows
+        if r["scale"] > 0
+    }
     small = [r for r in rows if r["scale"] == SCALES[1]]
     drops = [r["loss"][POS] - base[r["source"], r["layer"]]["loss"][POS] for r in small]
-    claims.append(f"teacher-forced, smallest scale {SCALES[1]:g}: code loss changes "
-                  + ", ".join(f"{r['source']} L{r['layer']} {d:+.4f}" for r, d in zip(small, drops))
-                  + "; code-minus-prose change " + ", ".join(f"{rel[id(r)]:+.4f}" for r in small)
-                  + f": code loss falls in absolute terms: {'held' if any(d < 0 for d in drops) else 'did NOT hold'}")
+    claims.append(
+        f"teacher-forced, smallest scale {SCALES[1]:g}: code loss changes "
+        + ", ".join(f"{r['source']} L{r['layer']} {d:+.4f}" for r, d in zip(small, drops))
+        + "; code-minus-prose change "
+        + ", ".join(f"{rel[id(r)]:+.4f}" for r in small)
+        + f": code loss falls in absolute terms: {'held' if any(d < 0 for d in drops) else 'did NOT hold'}"
+    )
     claim = "\n- ".join(claims)
-    cmd = ("python experiments/study_steer.py" + (" --quick" if args.quick else "")
-           + (f" --base {args.base}" if args.base else ""))
-    text = (f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
-            f"classifier accuracy on held-out 48-char chunks: " + ", ".join(f"{d} {a:.2f}" for d, a in acc.items())
-            + f"\n\nshare of {N_SAMPLES} continuations of BOS ({NEW_TOKENS} tokens, temperature 1) classified per "
-            "domain; teacher-forced loss (nats/token) of held-out code / prose text under the same steering"
-            f"\n\n{table}\n\n- {claim}\n")
+    cmd = "python experiments/study_steer.py" + (" --quick" if args.quick else "") + (f" --base {args.base}" if args.base else "")
+    text = (
+        f"{cmd}  ({datetime.date.today()}, {time.perf_counter() - t0:.0f} s, CPU)\n\n"
+        f"classifier accuracy on held-out 48-char chunks: "
+        + ", ".join(f"{d} {a:.2f}" for d, a in acc.items())
+        + f"\n\nshare of {N_SAMPLES} continuations of BOS ({NEW_TOKENS} tokens, temperature 1) classified per "
+        "domain; teacher-forced loss (nats/token) of held-out code / prose text under the same steering"
+        f"\n\n{table}\n\n- {claim}\n"
+    )
     print("\n" + text)
     (rd / "results.md").write_text(text)
     (rd / "results.json").write_text(json.dumps({"classifier_accuracy": acc, "rows": rows, "claim": claim}, indent=1))

@@ -40,26 +40,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "distill" / "step_by_step.yaml"
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.n_layers=3", "model.max_seq_len=128", "data.seq_len=64",
-         "train.eval_batches=1"]
+QUICK = ["model.d_model=64", "model.d_ff=192", "model.n_layers=3", "model.max_seq_len=128", "data.seq_len=64", "train.eval_batches=1"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 sizes, few steps")
     ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/step_by_step_study[_quick]/")
-    ap.add_argument("--sizes", default=None, help="training-set sizes, comma separated (default 250,1000,4000,16000; "
-                                                  "--quick 300,3000)")
+    ap.add_argument("--sizes", default=None, help="training-set sizes, comma separated (default 250,1000,4000,16000; --quick 300,3000)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; --quick 400)")
     ap.add_argument("--problems", type=int, default=500, help="fresh problems for the accuracy")
     ap.add_argument("--weight", type=float, default=1.0, help="λ, the rationale loss weight")
     ap.add_argument("--seed", type=int, default=0, help="the runs' seed (initialisation); problems and batch order stay")
     ap.add_argument("--digits", type=int, default=None, help="operand digits (default 3; --quick 2)")
     ap.add_argument("--teacher", action="store_true", help="add the teacher-written-rationales variant")
-    ap.add_argument("--control", action="store_true", help="add λ = 0 on the step-by-step data (the label lines of "
-                                                            "step-by-step at the same rate, no rationale gradient)")
-    ap.add_argument("--only", default=None, help="run only these variants, comma separated (none, generator, "
-                                                 "control, teacher): e.g. to add a variant in another process")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="add λ = 0 on the step-by-step data (the label lines of step-by-step at the same rate, no rationale gradient)",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only these variants, comma separated (none, generator, control, teacher): e.g. to add a variant in another process",
+    )
     ap.add_argument("--teacher-problems", type=int, default=None, help="the teacher's training set (default: the largest size)")
     args = ap.parse_args(argv)
 
@@ -75,14 +79,29 @@ def main(argv=None):
     shutil.rmtree(study, ignore_errors=True)
     sizes = [int(s) for s in (args.sizes or ("300,3000" if args.quick else "250,1000,4000,16000")).split(",")]
     steps = args.steps or (400 if args.quick else 1500)
-    common = [f"logging.run_dir={study}", "logging.progress=false", f"seed={args.seed}", f"train.steps={steps}", f"train.eval_every={steps}",
-              f"checkpoint.every={steps}", f"step_by_step.rationale_weight={args.weight}",
-              f"step_by_step.digits={args.digits or (2 if args.quick else 3)}", *(QUICK if args.quick else [])]
+    common = [
+        f"logging.run_dir={study}",
+        "logging.progress=false",
+        f"seed={args.seed}",
+        f"train.steps={steps}",
+        f"train.eval_every={steps}",
+        f"checkpoint.every={steps}",
+        f"step_by_step.rationale_weight={args.weight}",
+        f"step_by_step.digits={args.digits or (2 if args.quick else 3)}",
+        *(QUICK if args.quick else []),
+    ]
 
     def run(name, n, source, extra=(), variant=None):
         data = study / "data" / name
-        overrides = [f"name={name}", *common, f"step_by_step.problems={n}", f"step_by_step.rationale_source={source}",
-                     f"data.paths=[{data / 'train.jsonl'}]", f"data.eval_paths=[{data / 'eval.jsonl'}]", *extra]
+        overrides = [
+            f"name={name}",
+            *common,
+            f"step_by_step.problems={n}",
+            f"step_by_step.rationale_source={source}",
+            f"data.paths=[{data / 'train.jsonl'}]",
+            f"data.eval_paths=[{data / 'eval.jsonl'}]",
+            *extra,
+        ]
         cfg = load_config(CONFIG, overrides)
         t0 = time.perf_counter()
         rec = write_data(cfg)
@@ -91,18 +110,27 @@ def main(argv=None):
         result = run_training(cfg)
         wall = time.perf_counter() - t0
         acc = evaluate_run(cfg.run_path, ["arithmetic_accuracy"], losses=False, examples=args.problems)
-        row = {"name": name, "n": n, "variant": variant or source, "acc": acc["arithmetic_accuracy"],
-               "problems": acc["arithmetic_problems"], "eval_loss": result.get("eval/loss", float("nan")),
-               "label_ce": result.get("train/label_ce", float("nan")),
-               "rationale_ce": result.get("train/rationale_ce", float("nan")), "wall": wall, "data_wall": t_data,
-               "teacher_exact": rec.get("teacher_rationales_exact")}
+        row = {
+            "name": name,
+            "n": n,
+            "variant": variant or source,
+            "acc": acc["arithmetic_accuracy"],
+            "problems": acc["arithmetic_problems"],
+            "eval_loss": result.get("eval/loss", float("nan")),
+            "label_ce": result.get("train/label_ce", float("nan")),
+            "rationale_ce": result.get("train/rationale_ce", float("nan")),
+            "wall": wall,
+            "data_wall": t_data,
+            "teacher_exact": rec.get("teacher_rationales_exact"),
+        }
         with SummaryWriter(str(cfg.run_path)) as w:
             w.add_scalar("sbs/arithmetic_accuracy", row["acc"], steps)
         print(f"{name}: {steps} steps in {wall:.0f} s, accuracy {row['acc']:.3f}", flush=True)
         return row
 
-    wanted = set(args.only.split(",")) if args.only else \
-        {"none", "generator", *(["control"] if args.control else []), *(["teacher"] if args.teacher else [])}
+    wanted = (
+        set(args.only.split(",")) if args.only else {"none", "generator", *(["control"] if args.control else []), *(["teacher"] if args.teacher else [])}
+    )
     teacher_extra = []
     rows = []
     if "teacher" in wanted:
@@ -124,33 +152,43 @@ def main(argv=None):
     from jaxeff.data.synthetic import arithmetic_additions
     from jaxeff.evals import FRESH_SEED_OFFSET
 
-    test = {p["question"] for p in arithmetic_additions(args.problems, cfg.data.seed + FRESH_SEED_OFFSET,
-                                                        digits=cfg.step_by_step.digits)}  # what the metric asks (seed 0)
+    test = {
+        p["question"] for p in arithmetic_additions(args.problems, cfg.data.seed + FRESH_SEED_OFFSET, digits=cfg.step_by_step.digits)
+    }  # what the metric asks (seed 0)
     for n in sorted({r["n"] for r in rows}):
         train = {p["question"] for p in arithmetic_additions(n, cfg.data.seed, digits=cfg.step_by_step.digits)}
-        print(f"N = {n}: {len(train)} distinct problems; {len(train & test)} of the {len(test)} distinct test problems "
-              "are among them (memorisation counts there)")
+        print(
+            f"N = {n}: {len(train)} distinct problems; {len(train & test)} of the {len(test)} distinct test problems "
+            "are among them (memorisation counts there)"
+        )
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind}; runs in {study}; model d_model={cfg.model.d_model} "
-          f"x {cfg.model.n_layers} layers; every run {steps} steps x {cfg.data.batch_size} rows x {cfg.data.seq_len} tokens "
-          f"(equal compute); λ = {args.weight}; accuracy: greedy exact answers to {args.problems} fresh problems "
-          f"(1-{cfg.step_by_step.digits} digit operands), no rationale at test time")
-    print("| training problems | variant | answer accuracy | ± s.e. | train label CE | train rationale CE | "
-          "eval loss | wall (s) |")
+    print(
+        f"{datetime.date.today()}, {jax.devices()[0].device_kind}; runs in {study}; model d_model={cfg.model.d_model} "
+        f"x {cfg.model.n_layers} layers; every run {steps} steps x {cfg.data.batch_size} rows x {cfg.data.seq_len} tokens "
+        f"(equal compute); λ = {args.weight}; accuracy: greedy exact answers to {args.problems} fresh problems "
+        f"(1-{cfg.step_by_step.digits} digit operands), no rationale at test time"
+    )
+    print("| training problems | variant | answer accuracy | ± s.e. | train label CE | train rationale CE | eval loss | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
 
     def se(p, k):
         return math.sqrt(max(p * (1 - p), 1e-12) / k)
 
     for r in rows:
-        variant = {"none": "label-only", "generator": "step-by-step (generator rationales)",
-                   "control": "λ = 0 on the step-by-step data",
-                   "teacher": f"step-by-step (teacher rationales, {r['teacher_exact']:.0%} exact)"
-                   if r["teacher_exact"] is not None else "step-by-step (teacher)"}[r["variant"]]
+        variant = {
+            "none": "label-only",
+            "generator": "step-by-step (generator rationales)",
+            "control": "λ = 0 on the step-by-step data",
+            "teacher": f"step-by-step (teacher rationales, {r['teacher_exact']:.0%} exact)"
+            if r["teacher_exact"] is not None
+            else "step-by-step (teacher)",
+        }[r["variant"]]
         if r["name"] == "teacher":
             variant = "teacher (step-by-step)"
-        print(f"| {r['n']} | {variant} | **{r['acc']:.3f}** | {se(r['acc'], r['problems']):.3f} | {r['label_ce']:.3f} | "
-              f"{r['rationale_ce']:.3f} | {r['eval_loss']:.3f} | {r['wall']:.0f} |")
+        print(
+            f"| {r['n']} | {variant} | **{r['acc']:.3f}** | {se(r['acc'], r['problems']):.3f} | {r['label_ce']:.3f} | "
+            f"{r['rationale_ce']:.3f} | {r['eval_loss']:.3f} | {r['wall']:.0f} |"
+        )
 
     by = {(r["n"], r["variant"]): r for r in rows if r["name"] != "teacher"}
     print()
@@ -166,21 +204,27 @@ def main(argv=None):
     best_label = max(by[(n, "none")]["acc"] for n in sizes)
     reach = {v: next((n for n in sizes if by[(n, v)]["acc"] >= best_label), None) for v in ("none", "generator")}
     verdict = "DID NOT HOLD" if losses else "HELD" if wins else "NOT RESOLVED (every size within 2 s.e.)"
-    print(f"claim (Hsieh et al.): step-by-step needs less training data than label-only training for the same answer "
-          f"accuracy: {verdict} -- better beyond 2 s.e. at N = {wins or 'none'}, worse at N = {losses or 'none'}, "
-          f"within 2 s.e. at N = {ties or 'none'}; the label-only best accuracy {best_label:.3f} is reached at N = "
-          f"{reach['none']} by label-only and at N = {reach['generator'] or 'none of the sizes'} by step-by-step")
+    print(
+        f"claim (Hsieh et al.): step-by-step needs less training data than label-only training for the same answer "
+        f"accuracy: {verdict} -- better beyond 2 s.e. at N = {wins or 'none'}, worse at N = {losses or 'none'}, "
+        f"within 2 s.e. at N = {ties or 'none'}; the label-only best accuracy {best_label:.3f} is reached at N = "
+        f"{reach['none']} by label-only and at N = {reach['generator'] or 'none of the sizes'} by step-by-step"
+    )
     if "control" in wanted:
         for n in sizes:
             a, c = by[(n, "generator")], by[(n, "control")]
             s = math.sqrt(se(a["acc"], a["problems"]) ** 2 + se(c["acc"], c["problems"]) ** 2)
-            print(f"  equal label lines per step (N = {n}): step-by-step {a['acc']:.3f} vs λ = 0 {c['acc']:.3f}: "
-                  f"{a['acc'] - c['acc']:+.3f} ± {s:.3f} -- what the rationale loss itself adds")
+            print(
+                f"  equal label lines per step (N = {n}): step-by-step {a['acc']:.3f} vs λ = 0 {c['acc']:.3f}: "
+                f"{a['acc'] - c['acc']:+.3f} ± {s:.3f} -- what the rationale loss itself adds"
+            )
     if "teacher" in wanted:
         for n in sizes:
             t = by[(n, "teacher")]
-            print(f"  teacher rationales (N = {n}, {t['teacher_exact']:.0%} exactly right): accuracy {t['acc']:.3f} vs "
-                  f"generator rationales {by[(n, 'generator')]['acc']:.3f}, label-only {by[(n, 'none')]['acc']:.3f}")
+            print(
+                f"  teacher rationales (N = {n}, {t['teacher_exact']:.0%} exactly right): accuracy {t['acc']:.3f} vs "
+                f"generator rationales {by[(n, 'generator')]['acc']:.3f}, label-only {by[(n, 'none')]['acc']:.3f}"
+            )
     print("  one seed per cell: the s.e. is over the test problems only, not over training runs")
     return rows
 

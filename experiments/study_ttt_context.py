@@ -83,16 +83,21 @@ def chunks_of(files: list[Path], n_chars: int) -> list[str]:
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
         text = "".join(c if ord(c) < 128 else "?" for c in text)
-        out.extend(text[i:i + n_chars] for i in range(0, len(text) - n_chars + 1, n_chars))
+        out.extend(text[i : i + n_chars] for i in range(0, len(text) - n_chars + 1, n_chars))
     return out
 
 
-def configs(size: dict, study: Path, seed: int, steps: dict[str, int], train_file: Path,
-            match_params: bool = False) -> dict:
+def configs(size: dict, study: Path, seed: int, steps: dict[str, int], train_file: Path, match_params: bool = False) -> dict:
     """The recall study's three configs on the stdlib chunks of ``train_file``."""
-    return long_configs(size, study, seed, steps, max_seq_len=2 * size["T"],
-                        data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02),
-                        ttt=dict(match_params=True) if match_params else None)
+    return long_configs(
+        size,
+        study,
+        seed,
+        steps,
+        max_seq_len=2 * size["T"],
+        data=dict(source="files", paths=[str(train_file)], format="json", eval_fraction=0.02),
+        ttt=dict(match_params=True) if match_params else None,
+    )
 
 
 def eval_tokens(chunks: list[str], length: int) -> np.ndarray:
@@ -117,16 +122,25 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="TTT-E2E's training steps (the others: equal compute)")
     ap.add_argument("--equal-tokens", action="store_true", help="every model trains --steps (not equal compute)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                    help="train and evaluate only these (steps still set by the three models' FLOPs; the claim check "
-                         "needs all three)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODEL_NAMES,
+        default=list(MODEL_NAMES),
+        help="train and evaluate only these (steps still set by the three models' FLOPs; the claim check needs all three)",
+    )
     ap.add_argument("--report", metavar="RESULTS_JSON")
-    ap.add_argument("--match-params", action="store_true",
-                    help="TTT-E2E with ttt.match_params (its fast blocks' MLPs narrowed to the baselines' parameter "
-                         "count); the FLOPs estimate (and so the others' equal-compute steps) stays the unmatched one")
-    ap.add_argument("--eval-only", action="store_true",
-                    help="evaluate the models a finished study in --run-dir trained (its results.json: steps, "
-                         "training info) again, without training")
+    ap.add_argument(
+        "--match-params",
+        action="store_true",
+        help="TTT-E2E with ttt.match_params (its fast blocks' MLPs narrowed to the baselines' parameter "
+        "count); the FLOPs estimate (and so the others' equal-compute steps) stays the unmatched one",
+    )
+    ap.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the models a finished study in --run-dir trained (its results.json: steps, training info) again, without training",
+    )
     args = ap.parse_args(argv)
     if args.report:
         d = json.loads(Path(args.report).read_text())
@@ -152,23 +166,23 @@ def main(argv=None):
         same = {m: size["steps"] for m in MODEL_NAMES}
         probe = configs(size, study, args.seed, same, train_file)
         flops = {m: train_flops_per_token(c) for m, c in probe.items()}
-        steps = same if args.equal_tokens else {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f))
-                                                for m, f in flops.items()}
+        steps = same if args.equal_tokens else {m: max(1, round(size["steps"] * flops["ttt_e2e"] / f)) for m, f in flops.items()}
         need = int(max(steps.values()) * size["batch"] * 1.03) + 1  # + the 2 % eval split
         if len(train_chunks) < need:
             raise SystemExit(f"only {len(train_chunks)} training chunks of {T - 2} characters; need {need}")
         with train_file.open("w") as f:
             for c in train_chunks[:need]:
                 f.write(json.dumps({"text": c}) + "\n")
-        print(f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
-              f"{need} used), {len(test_files)} test files; steps {steps}", flush=True)
+        print(
+            f"stdlib {root}: {len(train_files)} train files ({len(train_chunks)} chunks of {T - 2} chars, "
+            f"{need} used), {len(test_files)} test files; steps {steps}",
+            flush=True,
+        )
     else:  # the finished study's models, as they were trained
         steps, args.models = previous["steps"], list(previous["info"])
         args.match_params = previous.get("match_params", False)
-        print(f"re-evaluating {', '.join(args.models)} in {study} on {len(test_files)} test files of {root}",
-              flush=True)
-    cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file, args.match_params).items()
-            if m in args.models}
+        print(f"re-evaluating {', '.join(args.models)} in {study} on {len(test_files)} test files of {root}", flush=True)
+    cfgs = {m: c for m, c in configs(size, study, args.seed, steps, train_file, args.match_params).items() if m in args.models}
 
     trained, info = {}, {}
     for name, cfg in cfgs.items():
@@ -181,11 +195,15 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         trainer, params = load_params(cfg, cfg.checkpoint_path)
         trained[name] = params
-        info[name] = {"params": trainer.n_params, "steps": cfg.train.steps, "wall_s": wall,
-                      "eval_loss": out["eval/loss"], "flops_tok": flops[name],
-                      "step_s": median_step_time(cfg.run_path)}
-        print(f"trained {name}: {trainer.n_params:,} params, {cfg.train.steps} steps, {wall:.0f} s, "
-              f"eval loss {out['eval/loss']:.3f}", flush=True)
+        info[name] = {
+            "params": trainer.n_params,
+            "steps": cfg.train.steps,
+            "wall_s": wall,
+            "eval_loss": out["eval/loss"],
+            "flops_tok": flops[name],
+            "step_s": median_step_time(cfg.run_path),
+        }
+        print(f"trained {name}: {trainer.n_params:,} params, {cfg.train.steps} steps, {wall:.0f} s, eval loss {out['eval/loss']:.3f}", flush=True)
 
     if "ttt_e2e" in cfgs:
         no_update = cfgs["ttt_e2e"].to_dict()
@@ -205,7 +223,8 @@ def main(argv=None):
             results.setdefault(m, {})[L] = {
                 "all": float(ls.mean()),
                 "buckets": {f"{lo}-{hi}": float(ls[:, lo:hi].mean()) for lo, hi in buckets(L, k)},
-                "per_chunk": {f"{lo}-{hi}": ls[:, lo:hi].mean(axis=1).tolist() for lo, hi in buckets(L, k)}}
+                "per_chunk": {f"{lo}-{hi}": ls[:, lo:hi].mean(axis=1).tolist() for lo, hi in buckets(L, k)},
+            }
         print(f"evaluated L={L} on {len(pick)} test chunks", flush=True)
 
     from tensorboardX import SummaryWriter
@@ -217,11 +236,20 @@ def main(argv=None):
                 writer.add_scalar(f"loss_by_position_L{L}/{m}", v, global_step=int(key.split("-")[1]))
     writer.close()
     budget = previous["budget"] if previous else "equal tokens" if args.equal_tokens else "equal compute"
-    d = {"size": size, "steps": steps, "budget": budget, "match_params": args.match_params,
-         "info": info, "results": results,
-         "wall_s": previous["wall_s"] if previous else time.perf_counter() - t_start,  # of training + eval
-         "date": str(datetime.date.today()), "device": jax.devices()[0].device_kind,
-         "stdlib": str(root), "n_train_files": len(train_files), "n_test_files": len(test_files)}
+    d = {
+        "size": size,
+        "steps": steps,
+        "budget": budget,
+        "match_params": args.match_params,
+        "info": info,
+        "results": results,
+        "wall_s": previous["wall_s"] if previous else time.perf_counter() - t_start,  # of training + eval
+        "date": str(datetime.date.today()),
+        "device": jax.devices()[0].device_kind,
+        "stdlib": str(root),
+        "n_train_files": len(train_files),
+        "n_test_files": len(test_files),
+    }
     (study / "results.json").write_text(json.dumps(d, indent=1))
     return report(json.loads(json.dumps(d)), study)
 
@@ -230,29 +258,34 @@ def report(d: dict, study: Path):
     size, info, results = d["size"], d["info"], d["results"]
     T, k, b = size["T"], size["k"], size["b"]
     matched = ", parameter-matched" if d.get("match_params") else ""
-    names = {"full": "full attention", "window": f"sliding window k={k}",
-             "ttt_e2e": f"TTT-E2E (k={k}, b={b}{matched})",
-             "ttt_e2e_no_update": f"TTT-E2E{matched} without updates (inner lr 0)"}
+    names = {
+        "full": "full attention",
+        "window": f"sliding window k={k}",
+        "ttt_e2e": f"TTT-E2E (k={k}, b={b}{matched})",
+        "ttt_e2e_no_update": f"TTT-E2E{matched} without updates (inner lr 0)",
+    }
     print()
     print(f"{d['date']}, {d['device']}; runs in {study}; study wall {d['wall_s'] / 60:.1f} min")
-    print(f"model d={size['d_model']}, {size['n_layers']} layers, byte vocabulary; Python stdlib source "
-          f"({d['n_train_files']} train / {d['n_test_files']} test files); T={T}, {size['batch']} rows per step, "
-          f"{d['budget']}")
+    print(
+        f"model d={size['d_model']}, {size['n_layers']} layers, byte vocabulary; Python stdlib source "
+        f"({d['n_train_files']} train / {d['n_test_files']} test files); T={T}, {size['batch']} rows per step, "
+        f"{d['budget']}"
+    )
     print()
-    print("| training run | params | steps | train FLOPs/token | train FLOPs (total) | step (s, median) | wall (s) | "
-          "final eval loss |")
+    print("| training run | params | steps | train FLOPs/token | train FLOPs (total) | step (s, median) | wall (s) | final eval loss |")
     print("|---|---|---|---|---|---|---|---|")
     for m, r in info.items():
         est = " (est.)" if m == "ttt_e2e" else ""
         total = r["flops_tok"] * r["steps"] * size["batch"] * T
-        print(f"| {names[m]} | {r['params']:,} | {r['steps']} | {r['flops_tok'] / 1e6:.2f}M{est} | {total:.3g} | "
-              f"{r['step_s']:.3f} | {r['wall_s']:.0f} | {r['eval_loss']:.3f} |")
+        print(
+            f"| {names[m]} | {r['params']:,} | {r['steps']} | {r['flops_tok'] / 1e6:.2f}M{est} | {total:.3g} | "
+            f"{r['step_s']:.3f} | {r['wall_s']:.0f} | {r['eval_loss']:.3f} |"
+        )
     first = next(iter(results.values()))
     for L in first:
         keys = list(first[L]["buckets"])
         print()
-        print(f"test loss (nats/token) by position = context length, L={L}" + (" (beyond the training context T)"
-                                                                                 if int(L) > T else ""))
+        print(f"test loss (nats/token) by position = context length, L={L}" + (" (beyond the training context T)" if int(L) > T else ""))
         print("| model | mean | " + " | ".join(keys) + " |")
         print("|---" * (len(keys) + 2) + "|")
         for m, by_len in results.items():
@@ -262,8 +295,10 @@ def report(d: dict, study: Path):
         for L in first:
             keys = list(first[L]["buckets"])
             print()
-            print(f"difference to the sliding window on the same test chunks, L={L}: mean +- standard error over "
-                  f"the chunks (negative = lower loss than the window)")
+            print(
+                f"difference to the sliding window on the same test chunks, L={L}: mean +- standard error over "
+                f"the chunks (negative = lower loss than the window)"
+            )
             print("| model | " + " | ".join(keys) + " |")
             print("|---" * (len(keys) + 1) + "|")
             for m, by_len in results.items():
@@ -275,26 +310,28 @@ def report(d: dict, study: Path):
                     cells.append(f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
                 print(f"| {names[m]} | " + " | ".join(cells) + " |")
         print()
-        print("does a model gain more from context beyond the window than the window model does? change of its "
-              "difference to the window from the first bucket beyond the window to the last, per chunk "
-              "(mean +- standard error; YES when below zero by more than two standard errors)")
+        print(
+            "does a model gain more from context beyond the window than the window model does? change of its "
+            "difference to the window from the first bucket beyond the window to the last, per chunk "
+            "(mean +- standard error; YES when below zero by more than two standard errors)"
+        )
         for L in first:
             keys = [q for q in first[L]["buckets"] if int(q.split("-")[0]) >= k]
             for m, by_len in results.items():
                 if m == "window" or len(keys) < 2:
                     continue
-                d = [np.asarray(by_len[L]["per_chunk"][q]) - np.asarray(results["window"][L]["per_chunk"][q])
-                     for q in (keys[0], keys[-1])]
+                d = [np.asarray(by_len[L]["per_chunk"][q]) - np.asarray(results["window"][L]["per_chunk"][q]) for q in (keys[0], keys[-1])]
                 change = d[1] - d[0]
                 mean, se = change.mean(), change.std(ddof=1) / np.sqrt(len(change))
-                print(f"  L={L} {names[m]}: positions {keys[0]} -> {keys[-1]}: {mean:+.3f} +- {se:.3f} -> "
-                      f"{'YES' if mean < -2 * se else 'NO'}")
+                print(f"  L={L} {names[m]}: positions {keys[0]} -> {keys[-1]}: {mean:+.3f} +- {se:.3f} -> {'YES' if mean < -2 * se else 'NO'}")
     if not all(m in results for m in MODEL_NAMES):
         print("(the claim check needs all three models: not run)")
         return results
     print()
-    print("claim: TTT-E2E scales with context like full attention: at every position bucket beyond the window "
-          "where full attention beats the window by >= 0.02 nats, TTT-E2E recovers at least half of that gap")
+    print(
+        "claim: TTT-E2E scales with context like full attention: at every position bucket beyond the window "
+        "where full attention beats the window by >= 0.02 nats, TTT-E2E recovers at least half of that gap"
+    )
     held = []
     for L in results["full"]:
         for q in results["full"][L]["buckets"]:
@@ -309,8 +346,7 @@ def report(d: dict, study: Path):
                 continue
             held.append(rec >= 0.5)
             print(line + f"TTT-E2E recovers {rec * 100:.0f}% of the gap -> {'HELD' if rec >= 0.5 else 'DID NOT HOLD'}")
-    print(f"  overall: {'held' if held and all(held) else 'did not hold' if held else 'not testable'} "
-          f"({sum(held)} of {len(held)} testable buckets)")
+    print(f"  overall: {'held' if held and all(held) else 'did not hold' if held else 'not testable'} ({sum(held)} of {len(held)} testable buckets)")
     return results
 
 

@@ -52,41 +52,70 @@ VAL_SEED, TEST_SEED = 77_001, 99_001  # documents the models never trained on (t
 
 SIZES = {
     # T = training context (tokens), k = sliding window, b = TTT mini-batch, lengths = eval contexts
-    "quick": dict(d_model=64, n_layers=4, n_heads=4, d_ff=192, T=128, k=32, b=16, batch=8, steps=100,
-                  lengths=(128, 512), n_eval=8, naive_lrs=(0.3,)),
-    "full": dict(d_model=64, n_layers=4, n_heads=4, d_ff=192, T=128, k=32, b=16, batch=16, steps=600,
-                 lengths=(128, 256, 512, 1024), n_eval=16, naive_lrs=(0.01, 0.03, 0.1, 0.3)),
+    "quick": dict(d_model=64, n_layers=4, n_heads=4, d_ff=192, T=128, k=32, b=16, batch=8, steps=100, lengths=(128, 512), n_eval=8, naive_lrs=(0.3,)),
+    "full": dict(
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        d_ff=192,
+        T=128,
+        k=32,
+        b=16,
+        batch=16,
+        steps=600,
+        lengths=(128, 256, 512, 1024),
+        n_eval=16,
+        naive_lrs=(0.01, 0.03, 0.1, 0.3),
+    ),
 }
 
 
-def configs(size: dict, study: Path, seed: int, steps: dict[str, int] | None = None, *,
-            data: dict | None = None, max_seq_len: int | None = None, ttt: dict | None = None) -> dict:
+def configs(
+    size: dict,
+    study: Path,
+    seed: int,
+    steps: dict[str, int] | None = None,
+    *,
+    data: dict | None = None,
+    max_seq_len: int | None = None,
+    ttt: dict | None = None,
+) -> dict:
     """The three training configs: same data, optimizer and seed; only the attention and the method
     differ. ``steps`` gives a model its own number of training steps (equal compute); by default
     every model trains ``size["steps"]`` (equal tokens). The training set (recall documents, or
     ``data``: a ``data`` section without seq_len/batch_size), warm-up and eval/log intervals follow
     each model's steps. ``ttt``: more fields of TTT-E2E's ``ttt`` section."""
     T, k = size["T"], size["k"]
-    model = dict(vocab_size=264, d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
-                 d_ff=size["d_ff"], max_seq_len=max_seq_len or max(size["lengths"] + (T,)), attention_impl="xla")
+    model = dict(
+        vocab_size=264,
+        d_model=size["d_model"],
+        n_layers=size["n_layers"],
+        n_heads=size["n_heads"],
+        d_ff=size["d_ff"],
+        max_seq_len=max_seq_len or max(size["lengths"] + (T,)),
+        attention_impl="xla",
+    )
 
     def base(name: str) -> dict:
         n = (steps or {}).get(name, size["steps"])
-        source = data or dict(domains=["recall"], doc_len=T - 2, docs_per_domain=size["batch"] * n // 2,
-                              eval_docs_per_domain=16)
-        return dict(seed=seed, model=model,
-                    data=dict(source, seq_len=T, batch_size=size["batch"]),
-                    optim=dict(lr=3e-3, warmup_steps=n // 10, schedule="cosine"),
-                    train=dict(steps=n, eval_every=max(n // 4, 1), eval_batches=2, log_every=max(n // 15, 1)),
-                    checkpoint=dict(every=n, keep=1),
-                    logging=dict(run_dir=str(study), progress=False))
+        source = data or dict(domains=["recall"], doc_len=T - 2, docs_per_domain=size["batch"] * n // 2, eval_docs_per_domain=16)
+        return dict(
+            seed=seed,
+            model=model,
+            data=dict(source, seq_len=T, batch_size=size["batch"]),
+            optim=dict(lr=3e-3, warmup_steps=n // 10, schedule="cosine"),
+            train=dict(steps=n, eval_every=max(n // 4, 1), eval_batches=2, log_every=max(n // 15, 1)),
+            checkpoint=dict(every=n, keep=1),
+            logging=dict(run_dir=str(study), progress=False),
+        )
 
     window = {**model, "sliding_window": k}
     return {
         "full": from_dict({**base("full"), "name": "full", "method": "lm"}),
         "window": from_dict({**base("window"), "name": "window", "method": "lm", "model": window}),
-        "ttt_e2e": from_dict({**base("ttt_e2e"), "name": "ttt_e2e", "method": "ttt_e2e", "model": window,
-                              "ttt": dict(mini_batch=size["b"], **(ttt or {}))}),
+        "ttt_e2e": from_dict(
+            {**base("ttt_e2e"), "name": "ttt_e2e", "method": "ttt_e2e", "model": window, "ttt": dict(mini_batch=size["b"], **(ttt or {}))}
+        ),
     }
 
 
@@ -158,12 +187,12 @@ def recall_eval_set(length: int, n: int, seed: int) -> dict[str, np.ndarray]:
     value = np.zeros((n, length - 1), np.float32)
     for r, doc in enumerate(docs):
         ids = [tok.bos_id, *tok.encode(doc), tok.eos_id]
-        tokens[r, :len(ids)] = ids
-        valid[r, :len(ids) - 1] = 1.0
+        tokens[r, : len(ids)] = ids
+        valid[r, : len(ids) - 1] = 1.0
         q = doc.index("queries:\n") + len("queries:\n")
         for line_start in _line_starts(doc, q):
             mark = doc.index("?", line_start)
-            value[r, mark + 1:mark + 7] = 1.0  # prediction j is of token j + 1 = character j
+            value[r, mark + 1 : mark + 7] = 1.0  # prediction j is of token j + 1 = character j
     return {"tokens": tokens, "valid": valid, "value": value}
 
 
@@ -187,14 +216,15 @@ def losses_of(kind: str, cfg, params, tokens, naive_lr=None, rows=4):
     """Per-token losses ``[n, L - 1]`` of one model (in groups of ``rows`` sequences)."""
     out = []
     for s in range(0, tokens.shape[0], rows):
-        t = jnp.asarray(tokens[s:s + rows])
+        t = jnp.asarray(tokens[s : s + rows])
         if kind == "ttt_e2e":
             from jaxeff.ttt import token_losses
 
             out.append(token_losses(cfg, params, t))
         elif kind == "ttt_naive":
-            out.append(naive_token_losses(Transformer(cfg.model), params, t, chunk=cfg.ttt.mini_batch, lr=naive_lr,
-                                          clip=1.0, trainable="mlp_last_quarter"))
+            out.append(
+                naive_token_losses(Transformer(cfg.model), params, t, chunk=cfg.ttt.mini_batch, lr=naive_lr, clip=1.0, trainable="mlp_last_quarter")
+            )
         else:
             out.append(_plain_losses(Transformer(cfg.model), params, t))
     return np.concatenate([np.asarray(x) for x in out])
@@ -217,22 +247,36 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps (< 5 min on 2 CPU cores)")
     ap.add_argument("--run-dir", default="runs", help="runs go to <run-dir>/ttt_long[_quick]/")
-    ap.add_argument("--steps", type=int, default=None, help="training steps of every model (with --equal-compute: of "
-                    "TTT-E2E)")
-    ap.add_argument("--equal-compute", action="store_true",
-                    help="train every model for the same training FLOPs as TTT-E2E's --steps (more steps, and so more "
-                         "tokens, for the cheaper models) instead of the same tokens")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of every model (with --equal-compute: of TTT-E2E)")
+    ap.add_argument(
+        "--equal-compute",
+        action="store_true",
+        help="train every model for the same training FLOPs as TTT-E2E's --steps (more steps, and so more "
+        "tokens, for the cheaper models) instead of the same tokens",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                    help="train and evaluate only these models (default: all three; TTT-naive needs 'window', the "
-                         "no-update ablation 'ttt_e2e', the claim check all three)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODEL_NAMES,
+        default=list(MODEL_NAMES),
+        help="train and evaluate only these models (default: all three; TTT-naive needs 'window', the "
+        "no-update ablation 'ttt_e2e', the claim check all three)",
+    )
     ap.add_argument("--report", metavar="RESULTS_JSON", help="only print the tables of a finished study's results.json")
     args = ap.parse_args(argv)
     if args.report:
         d = json.loads(Path(args.report).read_text())
         results = {m: {int(L): v for L, v in r.items()} for m, r in d["results"].items()}
-        report(d["size"], d["info"], results, {float(k): v for k, v in d["naive_lr_sweep"].items()}, d["naive_lr"],
-               Path(args.report).parent, d.get("wall_s", float("nan")))
+        report(
+            d["size"],
+            d["info"],
+            results,
+            {float(k): v for k, v in d["naive_lr_sweep"].items()},
+            d["naive_lr"],
+            Path(args.report).parent,
+            d.get("wall_s", float("nan")),
+        )
         return results
 
     size = dict(SIZES["quick" if args.quick else "full"])
@@ -254,9 +298,15 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         trainer, params = load_params(cfg, cfg.checkpoint_path)
         trained[name] = params
-        info[name] = {"params": trainer.n_params, "wall_s": wall, "train_loss": out["train/loss"], "steps": cfg.train.steps,
-                      "eval_loss": out["eval/loss"],
-                      "flops_tok": train_flops_per_token(cfg), "step_s": median_step_time(cfg.run_path)}
+        info[name] = {
+            "params": trainer.n_params,
+            "wall_s": wall,
+            "train_loss": out["train/loss"],
+            "steps": cfg.train.steps,
+            "eval_loss": out["eval/loss"],
+            "flops_tok": train_flops_per_token(cfg),
+            "step_s": median_step_time(cfg.run_path),
+        }
         print(f"trained {name}: {trainer.n_params:,} params, {wall:.0f} s, eval loss {out['eval/loss']:.3f}", flush=True)
 
     # TTT-naive: pick the learning rate on validation documents at the training length
@@ -269,8 +319,7 @@ def main(argv=None):
         for lr in size["naive_lrs"]:
             sweep[lr] = summarize(losses_of("ttt_naive", naive_cfg, trained["window"], val["tokens"], lr), val)["all"]
         naive_lr = min(sweep, key=sweep.get)
-        print("TTT-naive lr sweep (validation loss at T): " + ", ".join(f"{k:g}: {v:.4f}" for k, v in sweep.items()),
-              flush=True)
+        print("TTT-naive lr sweep (validation loss at T): " + ", ".join(f"{k:g}: {v:.4f}" for k, v in sweep.items()), flush=True)
 
     # ablation: the trained TTT-E2E model evaluated without test-time updates (inner lr 0): what its
     # recall owes to the fast weights rather than to attention relayed through the stacked windows
@@ -302,9 +351,9 @@ def main(argv=None):
                 writer.add_scalar(f"{key}/{m}", v, global_step=L)
     writer.close()
     wall = time.perf_counter() - t_start
-    (study / "results.json").write_text(json.dumps({"size": size, "info": info, "naive_lr_sweep": sweep,
-                                                    "naive_lr": naive_lr, "results": results, "wall_s": wall},
-                                                   indent=1, default=str))
+    (study / "results.json").write_text(
+        json.dumps({"size": size, "info": info, "naive_lr_sweep": sweep, "naive_lr": naive_lr, "results": results, "wall_s": wall}, indent=1, default=str)
+    )
     report(size, info, results, sweep, naive_lr, study, wall)
     return results
 
@@ -312,17 +361,24 @@ def main(argv=None):
 def report(size, info, results, sweep, naive_lr, study, wall):
     T, k, b = size["T"], size["k"], size["b"]
     lengths = list(next(iter(results.values())))
-    names = {"full": "full attention", "window": f"sliding window k={k}", "ttt_e2e": f"TTT-E2E (k={k}, b={b})",
-             "ttt_e2e_no_update": "TTT-E2E evaluated without updates (inner lr 0)",
-             "ttt_naive": f"TTT-naive on the window model (b={b}, lr={naive_lr:g}, last-quarter MLPs)"}
+    names = {
+        "full": "full attention",
+        "window": f"sliding window k={k}",
+        "ttt_e2e": f"TTT-E2E (k={k}, b={b})",
+        "ttt_e2e_no_update": "TTT-E2E evaluated without updates (inner lr 0)",
+        "ttt_naive": f"TTT-naive on the window model (b={b}, lr={naive_lr:g}, last-quarter MLPs)",
+    }
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); runs in {study}; "
-          f"study wall {wall / 60:.1f} min")
-    print(f"model d={size['d_model']}, {size['n_layers']} layers; recall domain; trained at T={T} tokens, "
-          f"{size['batch']} rows per step, {size.get('budget', 'equal tokens')}")
+    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); runs in {study}; study wall {wall / 60:.1f} min")
+    print(
+        f"model d={size['d_model']}, {size['n_layers']} layers; recall domain; trained at T={T} tokens, "
+        f"{size['batch']} rows per step, {size.get('budget', 'equal tokens')}"
+    )
     print()
-    print("| training run | params | steps | train FLOPs/token | vs full | train FLOPs (total) | step (s, median) | "
-          "vs full | wall (s) | final eval loss (T) |")
+    print(
+        "| training run | params | steps | train FLOPs/token | vs full | train FLOPs (total) | step (s, median) | "
+        "vs full | wall (s) | final eval loss (T) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     ref = info.get("full")
     for m in info:
@@ -332,10 +388,11 @@ def report(size, info, results, sweep, naive_lr, study, wall):
         vs_s = f"{r['step_s'] / ref['step_s']:.2f}x" if ref else "-"
         n = r.get("steps", size["steps"])
         total = r["flops_tok"] * n * size["batch"] * T
-        print(f"| {names[m]} | {r['params']:,} | {n} | {r['flops_tok'] / 1e6:.2f}M{est} | {vs_f} | {total:.3g} | "
-              f"{r['step_s']:.3f} | {vs_s} | {r['wall_s']:.0f} | {r['eval_loss']:.3f} |")
-    for title, key in (("mean loss over the document (nats/token)", "all"),
-                       ("loss on the recalled values only (nats/token)", "values")):
+        print(
+            f"| {names[m]} | {r['params']:,} | {n} | {r['flops_tok'] / 1e6:.2f}M{est} | {vs_f} | {total:.3g} | "
+            f"{r['step_s']:.3f} | {vs_s} | {r['wall_s']:.0f} | {r['eval_loss']:.3f} |"
+        )
+    for title, key in (("mean loss over the document (nats/token)", "all"), ("loss on the recalled values only (nats/token)", "values")):
         print()
         print(f"{title}, by eval context length L (tokens; T={T}):")
         print("| model | " + " | ".join(f"L={L}" for L in lengths) + " |")
@@ -351,17 +408,21 @@ def report(size, info, results, sweep, naive_lr, study, wall):
         r = by_len[Lmax]
         print(f"| {names[m]} | " + " | ".join(f"{r[f'q{i}']:.3f}" for i in range(1, 5)) + " |")
     print()
-    print(f"reference: a uniform guess over the 36 value characters costs ln 36 = {np.log(36):.3f} nats per value "
-          "character; a model below it recalls (or narrows down) values")
+    print(
+        f"reference: a uniform guess over the 36 value characters costs ln 36 = {np.log(36):.3f} nats per value "
+        "character; a model below it recalls (or narrows down) values"
+    )
     if sweep:
         print("TTT-naive lr sweep (validation, L=T): " + ", ".join(f"lr {k:g}: {v:.4f}" for k, v in sweep.items()))
     if not all(m in results for m in MODEL_NAMES):
         print("(the claim check needs all three models: not run)")
         return
     print()
-    print("claim: TTT-E2E tracks full attention as the context grows: on the recalled values it recovers at least "
-          "half of the gap between the sliding window and full attention, at every L (inconclusive at an L where "
-          "full attention is not at least 0.05 nats better than the window: no long-range recall learned there)")
+    print(
+        "claim: TTT-E2E tracks full attention as the context grows: on the recalled values it recovers at least "
+        "half of the gap between the sliding window and full attention, at every L (inconclusive at an L where "
+        "full attention is not at least 0.05 nats better than the window: no long-range recall learned there)"
+    )
     held = []
     for L in lengths:
         f, w, e = (results[m][L]["values"] for m in ("full", "window", "ttt_e2e"))
@@ -372,14 +433,18 @@ def report(size, info, results, sweep, naive_lr, study, wall):
             print(line + f"INCONCLUSIVE (window - full = {w - f:+.3f})")
             continue
         held.append(rec >= 0.5)
-        print(line + f"TTT-E2E recovers {rec * 100:.0f}% of the gap (TTT-naive {gap_recovered(f, w, nv, 0.05) * 100:.0f}%)"
-              f" -> {'HELD' if rec >= 0.5 else 'DID NOT HOLD'}")
-    verdict = ("no length where full attention beat the window: the claim could not be tested at this scale"
-               if not held else f"held at {sum(held)} of {len(held)} testable lengths")
+        print(
+            line + f"TTT-E2E recovers {rec * 100:.0f}% of the gap (TTT-naive {gap_recovered(f, w, nv, 0.05) * 100:.0f}%)"
+            f" -> {'HELD' if rec >= 0.5 else 'DID NOT HOLD'}"
+        )
+    verdict = (
+        "no length where full attention beat the window: the claim could not be tested at this scale"
+        if not held
+        else f"held at {sum(held)} of {len(held)} testable lengths"
+    )
     print(f"  overall: {verdict}")
     below = [L for L in lengths if results["ttt_e2e"][L]["values"] < min(results[m][L]["values"] for m in ("full", "window"))]
-    print(f"  TTT-E2E has the lowest recalled-value loss of the three trained models at L = "
-          f"{', '.join(map(str, below)) or 'none'}")
+    print(f"  TTT-E2E has the lowest recalled-value loss of the three trained models at L = {', '.join(map(str, below)) or 'none'}")
 
 
 if __name__ == "__main__":

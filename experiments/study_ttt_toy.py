@@ -62,9 +62,13 @@ def rows_of(docs, tok, seq_len):
         valid[r, : len(ids)] = True
     inputs, targets = full[:, :-1], full[:, 1:]
     seg = valid[:, :-1].astype(np.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": seg,
-            "positions": np.tile(np.arange(seq_len, dtype=np.int32), (n, 1)) * seg,
-            "loss_mask": (valid[:, :-1] & valid[:, 1:]).astype(np.float32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": seg,
+        "positions": np.tile(np.arange(seq_len, dtype=np.int32), (n, 1)) * seg,
+        "loss_mask": (valid[:, :-1] & valid[:, 1:]).astype(np.float32),
+    }
 
 
 def query_mask(docs, tok, seq_len):
@@ -76,16 +80,16 @@ def query_mask(docs, tok, seq_len):
             continue
         first = 1 + start + len("queries:\n")  # index of the first query token in [bos] + doc
         last = min(1 + len(d), seq_len + 1)  # the eos target included
-        m[r, first - 1: last - 1] = 1.0
+        m[r, first - 1 : last - 1] = 1.0
     return m
 
 
 def position_losses(name, trainer, params, batch):
     """Per-token test loss ``[rows, seq]`` (0 where masked)."""
     if name == "full_attention":
-        out = trainer.method.run(trainer.model, params, jnp.asarray(batch["inputs"]),
-                                 positions=jnp.asarray(batch["positions"]),
-                                 segment_ids=jnp.asarray(batch["segment_ids"]))
+        out = trainer.method.run(
+            trainer.model, params, jnp.asarray(batch["inputs"]), positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(batch["segment_ids"])
+        )
         nll = token_nll(out.logits, batch["targets"])
     else:
         import jaxeff.ttt as ttt
@@ -105,7 +109,7 @@ def train_one(name, yaml_name, overrides, run_root, train_docs, test_docs, log_e
     bs, t0 = cfg.data.batch_size, time.perf_counter()
     t_first = None
     for step in range(cfg.train.steps):
-        batch = rows_of(train_docs[step * bs: (step + 1) * bs], tok, cfg.data.seq_len)
+        batch = rows_of(train_docs[step * bs : (step + 1) * bs], tok, cfg.data.seq_len)
         state, metrics = trainer.train_step(state, batch)
         if step == 0:
             jax.block_until_ready(metrics["loss"])
@@ -116,17 +120,24 @@ def train_one(name, yaml_name, overrides, run_root, train_docs, test_docs, log_e
     train_s = time.perf_counter() - t0
     test = rows_of(test_docs, tok, cfg.data.seq_len)
     params = jax.device_get(state.params)
-    nll = np.concatenate([position_losses(name, trainer, params, {k: v[i:i + 64] for k, v in test.items()})
-                          for i in range(0, len(test_docs), 64)])
+    nll = np.concatenate([position_losses(name, trainer, params, {k: v[i : i + 64] for k, v in test.items()}) for i in range(0, len(test_docs), 64)])
     mask = test["loss_mask"]
     qmask = query_mask(test_docs, tok, cfg.data.seq_len) * mask
     curve = nll.sum(0) / np.maximum(mask.sum(0), 1.0)
     for pos in range(len(curve)):
         if mask[:, pos].sum() >= len(test_docs) // 2:
             logger.scalars(pos, {"test/loss_vs_position": float(curve[pos])})
-    result = {"name": name, "mean": float(nll.sum() / mask.sum()), "query": float((nll * qmask).sum() / qmask.sum()),
-              "curve": curve.tolist(), "counts": mask.sum(0).tolist(), "train_s": train_s, "first_step_s": t_first,
-              "steps": cfg.train.steps, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))}
+    result = {
+        "name": name,
+        "mean": float(nll.sum() / mask.sum()),
+        "query": float((nll * qmask).sum() / qmask.sum()),
+        "curve": curve.tolist(),
+        "counts": mask.sum(0).tolist(),
+        "train_s": train_s,
+        "first_step_s": t_first,
+        "steps": cfg.train.steps,
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+    }
     logger.scalars(cfg.train.steps, {"test/loss": result["mean"], "test/loss_queries": result["query"]})
     logger.close()
     return result
@@ -187,8 +198,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the configs' / quick)")
     p.add_argument("--test-docs", type=int, default=None)
     p.add_argument("--run-dir", default="runs")
-    p.add_argument("--inner-lr", type=float, default=None,
-                   help="inner learning rate of ttt_b1 (default: toy_ttt.yaml's)")
+    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate of ttt_b1 (default: toy_ttt.yaml's)")
     p.add_argument("--models", default=",".join(m for m, _ in MODELS), help="subset to train (comma-separated)")
     args = p.parse_args(argv)
     seq = 128 if args.quick else 256
@@ -214,9 +224,11 @@ def main(argv=None):
             continue
         r = train_one(name, yaml_name, overrides[name], root, train_docs, test_docs, log_every=10)
         results.append(r)
-        print(f"{name:15s} test loss {r['mean']:.4f} (queries {r['query']:.4f})  {r['steps']} steps in "
-              f"{r['train_s']:.0f} s (first step incl. compile {r['first_step_s']:.0f} s)  {r['params']:,} params",
-              flush=True)
+        print(
+            f"{name:15s} test loss {r['mean']:.4f} (queries {r['query']:.4f})  {r['steps']} steps in "
+            f"{r['train_s']:.0f} s (first step incl. compile {r['first_step_s']:.0f} s)  {r['params']:,} params",
+            flush=True,
+        )
     by = {r["name"]: r for r in results}
     if len(by) < len(MODELS):
         return
@@ -232,19 +244,24 @@ def main(argv=None):
     how = plot_png(root / "loss_vs_position.png", results, n_min=n_test // 2)
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python experiments/study_ttt_toy.py" + (" --quick" if args.quick else "") +
-                   (f" --steps {args.steps}" if args.steps else ""),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "seq_len": seq, "steps": n_steps,
-        "test_docs": n_test, "wall_s": round(time.perf_counter() - started, 1),
+        "command": "python experiments/study_ttt_toy.py" + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps else ""),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "seq_len": seq,
+        "steps": n_steps,
+        "test_docs": n_test,
+        "wall_s": round(time.perf_counter() - started, 1),
         "test_loss": {r["name"]: round(r["mean"], 4) for r in results},
         "test_loss_queries": {r["name"]: round(r["query"], 4) for r in results},
-        "gap_closed_by_ttt": round(closed, 3), "gap_closed_by_ttt_queries": round(closed_q, 3),
+        "gap_closed_by_ttt": round(closed, 3),
+        "gap_closed_by_ttt_queries": round(closed_q, 3),
         "png": how,
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     verdict = "closes most of the gap" if closed > 0.5 else "does NOT close most of the gap"
-    print(f"\nTTT-E2E (b=1) {verdict} between the bigram model and full attention: {100 * closed:.0f}% of "
-          f"{gap:.3f} nats overall, {100 * closed_q:.0f}% of {gap_q:.3f} nats on the query section")
+    print(
+        f"\nTTT-E2E (b=1) {verdict} between the bigram model and full attention: {100 * closed:.0f}% of "
+        f"{gap:.3f} nats overall, {100 * closed_q:.0f}% of {gap_q:.3f} nats on the query section"
+    )
     print(f"curve: {root / 'loss_vs_position.csv'}, {root / 'loss_vs_position.png'} ({how}); TensorBoard: {root}")
     print(json.dumps(summary))
 

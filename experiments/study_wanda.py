@@ -27,17 +27,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64",
-         "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
 
 
 def variants(quick: bool) -> list[tuple[str, dict]]:
-    out = [("magnitude_50", {"method": "magnitude", "sparsity": 0.5}), ("wanda_50", {"method": "wanda", "sparsity": 0.5}),
-           ("magnitude_2of4", {"method": "magnitude", "nm": "2:4"}), ("wanda_2of4", {"method": "wanda", "nm": "2:4"})]
+    out = [
+        ("magnitude_50", {"method": "magnitude", "sparsity": 0.5}),
+        ("wanda_50", {"method": "wanda", "sparsity": 0.5}),
+        ("magnitude_2of4", {"method": "magnitude", "nm": "2:4"}),
+        ("wanda_2of4", {"method": "wanda", "nm": "2:4"}),
+    ]
     if not quick:
         for s in (0.6, 0.7):
-            out += [(f"magnitude_{int(s * 100)}", {"method": "magnitude", "sparsity": s}),
-                    (f"wanda_{int(s * 100)}", {"method": "wanda", "sparsity": s})]
+            out += [(f"magnitude_{int(s * 100)}", {"method": "magnitude", "sparsity": s}), (f"wanda_{int(s * 100)}", {"method": "wanda", "sparsity": s})]
         out += [("magnitude_4of8", {"method": "magnitude", "nm": "4:8"}), ("wanda_4of8", {"method": "wanda", "nm": "4:8"})]
     return out
 
@@ -93,9 +95,19 @@ def main(argv=None):
     if args.base is None:
         shutil.rmtree(study, ignore_errors=True)
         steps = args.steps or (200 if args.quick else 300)
-        cfg = load_config(REPO / "configs" / "quickstart.yaml", (QUICK if args.quick else []) + [
-            "name=base", f"logging.run_dir={study}", "logging.progress=false", f"train.steps={steps}",
-            f"train.eval_every={steps}", f"checkpoint.every={steps}", "checkpoint.keep=1"])
+        cfg = load_config(
+            REPO / "configs" / "quickstart.yaml",
+            (QUICK if args.quick else [])
+            + [
+                "name=base",
+                f"logging.run_dir={study}",
+                "logging.progress=false",
+                f"train.steps={steps}",
+                f"train.eval_every={steps}",
+                f"checkpoint.every={steps}",
+                "checkpoint.keep=1",
+            ],
+        )
         t0 = time.perf_counter()
         run_training(cfg)
         print(f"base: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -108,8 +120,7 @@ def main(argv=None):
     for name, kw in variants(args.quick):
         shutil.rmtree(study / name, ignore_errors=True)
         t0 = time.perf_counter()
-        rec, dense_params, pruned = sparsify_run(base, study / name, calib_batches=args.calib_batches,
-                                                 return_params=True, **kw)
+        rec, dense_params, pruned = sparsify_run(base, study / name, calib_batches=args.calib_batches, return_params=True, **kw)
         rec["name"], rec["wall_s"] = name, time.perf_counter() - t0
         if held_out is None:
             held_out, model = _held_out(base), None
@@ -122,39 +133,48 @@ def main(argv=None):
             w.add_scalar("sparsity/pruned_kernels", rec["pruned_sparsity"], 0)
             w.add_scalar("sparsity/model", rec["model_sparsity"], 0)
             w.add_scalar("prune/relative_output_error", rec["output_error"], 0)
-        print(f"  {name:15s} {rec['wall_s']:5.0f}s  sparsity {rec['pruned_sparsity']:.3f}  "
-              f"output error {rec['output_error']:.4f}  eval loss {rec['eval_after']['eval/loss']:.4f}", flush=True)
+        print(
+            f"  {name:15s} {rec['wall_s']:5.0f}s  sparsity {rec['pruned_sparsity']:.3f}  "
+            f"output error {rec['output_error']:.4f}  eval loss {rec['eval_after']['eval/loss']:.4f}",
+            flush=True,
+        )
         rows.append(rec)
 
     domains = sorted(k.split("/")[-1] for k in dense if k.startswith("eval/loss/"))
     print()
-    print(f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); base {base}; "
-          f"Wanda calibration: {args.calib_batches} training batches")
-    print("| run | pattern | sparsity (pruned kernels) | sparsity (whole model) | rel. output error | "
-          + " | ".join(domains) + " | mean eval loss |")
+    print(
+        f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); base {base}; "
+        f"Wanda calibration: {args.calib_batches} training batches"
+    )
+    print("| run | pattern | sparsity (pruned kernels) | sparsity (whole model) | rel. output error | " + " | ".join(domains) + " | mean eval loss |")
     print("|---" * (len(domains) + 6) + "|")
-    print("| dense | - | 0 | 0 | 0 | " + " | ".join(f"{dense[f'eval/loss/{d}']:.3f}" for d in domains)
-          + f" | **{dense['eval/loss']:.3f}** |")
+    print("| dense | - | 0 | 0 | 0 | " + " | ".join(f"{dense[f'eval/loss/{d}']:.3f}" for d in domains) + f" | **{dense['eval/loss']:.3f}** |")
     for r in rows:
         pattern = r["nm"] or f"{r['sparsity']:.0%}"
-        print(f"| {r['name']} | {pattern} | {r['pruned_sparsity']:.3f} | {r['model_sparsity']:.3f} | "
-              f"{r['output_error']:.3f} | "
-              + " | ".join(f"{r['eval_after'][f'eval/loss/{d}']:.3f}" for d in domains)
-              + f" | **{r['eval_after']['eval/loss']:.3f}** |")
+        print(
+            f"| {r['name']} | {pattern} | {r['pruned_sparsity']:.3f} | {r['model_sparsity']:.3f} | "
+            f"{r['output_error']:.3f} | "
+            + " | ".join(f"{r['eval_after'][f'eval/loss/{d}']:.3f}" for d in domains)
+            + f" | **{r['eval_after']['eval/loss']:.3f}** |"
+        )
     print()
-    print("rel. output error: ||X (W - W_pruned)|| / ||X W|| of each pruned layer on its dense-model inputs X for one "
-          "held-out batch per domain, averaged over the layers")
+    print(
+        "rel. output error: ||X (W - W_pruned)|| / ||X W|| of each pruned layer on its dense-model inputs X for one "
+        "held-out batch per domain, averaged over the layers"
+    )
     print("claim: Wanda reaches a lower mean eval loss than magnitude pruning at the same pattern")
     by = {r["name"]: r for r in rows}
     for name in by:
         if not name.startswith("wanda_"):
             continue
-        w, m = by[name], by["magnitude_" + name[len("wanda_"):]]
+        w, m = by[name], by["magnitude_" + name[len("wanda_") :]]
         lw, lm = w["eval_after"]["eval/loss"], m["eval_after"]["eval/loss"]
         wins = sum(w["eval_after"][f"eval/loss/{d}"] < m["eval_after"][f"eval/loss/{d}"] for d in domains)
         verdict = "NO DIFFERENCE (|diff| < 0.005)" if abs(lw - lm) < 0.005 else "HELD" if lw < lm else "DID NOT HOLD"
-        print(f"  {name[len('wanda_'):]:6s}: {verdict} -- wanda {lw:.3f} vs magnitude "
-              f"{lm:.3f} ({lw - lm:+.3f}; dense {dense['eval/loss']:.3f}); lower on {wins} of {len(domains)} domains")
+        print(
+            f"  {name[len('wanda_') :]:6s}: {verdict} -- wanda {lw:.3f} vs magnitude "
+            f"{lm:.3f} ({lw - lm:+.3f}; dense {dense['eval/loss']:.3f}); lower on {wins} of {len(domains)} domains"
+        )
     return rows
 
 

@@ -49,11 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--step", type=int, default=None)
     g.add_argument("--attention-impl", default=None, choices=["auto", "xla", "cudnn", "pallas"])
-    g.add_argument("--steer-pos", action="append", default=[], metavar="TEXT",
-                   help="activation addition: prompt to steer toward (repeatable; with --steer-neg, --steer-layer)")
+    g.add_argument(
+        "--steer-pos",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="activation addition: prompt to steer toward (repeatable; with --steer-neg, --steer-layer)",
+    )
     g.add_argument("--steer-neg", action="append", default=[], metavar="TEXT", help="prompt to steer away from")
-    g.add_argument("--steer-layer", type=int, default=None, metavar="L",
-                   help="add the vector to the residual stream after block L (0-based)")
+    g.add_argument("--steer-layer", type=int, default=None, metavar="L", help="add the vector to the residual stream after block L (0-based)")
     g.add_argument("--steer-scale", type=float, default=1.0, metavar="S", help="multiplier of the vector (default 1)")
     g.add_argument("--steer-vector", default=None, metavar="FILE", help="a vector saved by 'jaxeff steer-vector'")
     from jaxeff.decode.medusa_cli import add_generate_args
@@ -84,9 +88,16 @@ def _parser() -> argparse.ArgumentParser:
 # Verbs of the method families, each in its family's own module: ``register(sub)`` adds its parsers
 # and sets ``handler`` (``handler(args) -> exit code``) with ``set_defaults``. Keep these modules
 # light to import (no jax at module level): they load for every command.
-FAMILY_CLIS = ("jaxeff.evals", "jaxeff.peft.cli", "jaxeff.quant.cli", "jaxeff.prune.cli",
-               "jaxeff.distill.cli", "jaxeff.edit.cli", "jaxeff.steer.cli",
-               "jaxeff.decode.cli")
+FAMILY_CLIS = (
+    "jaxeff.evals",
+    "jaxeff.peft.cli",
+    "jaxeff.quant.cli",
+    "jaxeff.prune.cli",
+    "jaxeff.distill.cli",
+    "jaxeff.edit.cli",
+    "jaxeff.steer.cli",
+    "jaxeff.decode.cli",
+)
 
 
 def cmd_train(args) -> int:
@@ -97,8 +108,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
     setup_distributed(cfg)
     result = run_training(cfg)
-    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()
-               if k.startswith("eval/loss") or k in ("train/loss", "step")}
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items() if k.startswith("eval/loss") or k in ("train/loss", "step")}
     print(json.dumps(summary))
     if result.get("halted"):
         print(f"error: {result['halted']}", file=sys.stderr)
@@ -130,9 +140,11 @@ def eval_config(saved: dict, yaml_path=None, overrides=()) -> "ExperimentConfig"
         given = given or key.startswith("data.")
     prov = provenance_of(saved)
     if prov.get("data") == "unknown" and not given:
-        raise JaxeffError(f"eval: the run records no data of its own ({prov.get('command', 'converted')} from "
-                          f"{prov.get('source', '?')}); give a YAML whose data section to evaluate, "
-                          "e.g. jaxeff eval configs/quickstart.yaml --checkpoint RUN")
+        raise JaxeffError(
+            f"eval: the run records no data of its own ({prov.get('command', 'converted')} from "
+            f"{prov.get('source', '?')}); give a YAML whose data section to evaluate, "
+            "e.g. jaxeff eval configs/quickstart.yaml --checkpoint RUN"
+        )
     return one_device_config(saved, **changes)
 
 
@@ -200,20 +212,38 @@ def cmd_generate(args) -> int:
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     total = len(ids) + args.max_new_tokens
     if total > cfg.model.max_seq_len:
-        raise JaxeffError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed "
-                          f"the model's max_seq_len={cfg.model.max_seq_len}")
+        raise JaxeffError(
+            f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.model.max_seq_len}"
+        )
     trainer, params = load_params(cfg, ckpt_dir, args.step, devices=jax.devices()[:1])
     if steering:
         from jaxeff.steer import steer_generate
 
         vector, layer = steer_cli.from_args(args, trainer.model, params, tokenizer, trainer.method.run)
-        new = steer_generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
-                             vector=vector, layer=layer, scale=args.steer_scale, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, apply_fn=trainer.method.run)
+        new = steer_generate(
+            trainer.model,
+            params,
+            np.asarray([ids], np.int32),
+            jax.random.PRNGKey(args.seed),
+            vector=vector,
+            layer=layer,
+            scale=args.steer_scale,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            apply_fn=trainer.method.run,
+        )
     else:
-        new = generate(trainer.model, params, np.asarray([ids], np.int32), jax.random.PRNGKey(args.seed),
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       apply_fn=trainer.method.run)
+        new = generate(
+            trainer.model,
+            params,
+            np.asarray([ids], np.int32),
+            jax.random.PRNGKey(args.seed),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            apply_fn=trainer.method.run,
+        )
     new = [int(t) for t in np.asarray(new)[0]]
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
@@ -269,8 +299,7 @@ def _run(argv: list[str] | None) -> int:
             verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
             verbs[args.command].error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides) + extra
-    handler = getattr(args, "handler", None) or {"train": cmd_train, "generate": cmd_generate,
-                                                      "convert": cmd_convert}[args.command]
+    handler = getattr(args, "handler", None) or {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}[args.command]
     try:
         return handler(args)
     except JaxeffError as e:

@@ -334,8 +334,7 @@ def compose_file(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict
         value = raw.pop(key)
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(x, str) and x for x in items):
-            raise ConfigError(f"config file '{p}': {key}: expected a relative path to a YAML file"
-                              + (" or a list of them" if key == "defaults" else ""))
+            raise ConfigError(f"config file '{p}': {key}: expected a relative path to a YAML file" + (" or a list of them" if key == "defaults" else ""))
         bases += items
     merged: dict[str, Any] = {}
     for item in bases:
@@ -370,8 +369,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ex
 # integers end up in numpy / JAX: every one must fit int64, and sizes that become array dimensions int32
 INT64_MAX = 2**63 - 1
 DIM_MAX = 2**31 - 1
-DIMENSIONS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-              "model.head_dim", "model.d_ff", "model.max_seq_len", "data.seq_len", "data.batch_size")
+DIMENSIONS = (
+    "model.vocab_size",
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.head_dim",
+    "model.d_ff",
+    "model.max_seq_len",
+    "data.seq_len",
+    "data.batch_size",
+)
 
 
 def _check_int_ranges(tree: Any, path: str = "") -> None:
@@ -393,13 +402,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     _check_int_ranges(cfg.to_dict())
     m, d = cfg.model, cfg.data
     if d.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len: {d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}"
-        )
+        raise ConfigError(f"data.seq_len: {d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}")
     if d.batch_size % cfg.optim.grad_accum:
-        raise ConfigError(
-            f"optim.grad_accum: {cfg.optim.grad_accum} must divide data.batch_size={d.batch_size}"
-        )
+        raise ConfigError(f"optim.grad_accum: {cfg.optim.grad_accum} must divide data.batch_size={d.batch_size}")
     if d.source == "files" and not d.paths:
         raise ConfigError("data.paths: data.source is 'files' but no paths are given")
     if d.source == "synthetic":

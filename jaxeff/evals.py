@@ -65,11 +65,9 @@ def load_metrics() -> None:
         for module in METRIC_MODULES:
             importlib.import_module(module)
 
+
 # options every metric reads, with their defaults (the named flags --examples, --seed, --teacher)
-COMMON_OPTIONS = {
-    "examples": Option(int, 256, "prompts / problems evaluated"),
-    "seed": Option(int, 0, "which prompts / problems (fresh ones per seed)"),
-}
+COMMON_OPTIONS = {"examples": Option(int, 256, "prompts / problems evaluated"), "seed": Option(int, 0, "which prompts / problems (fresh ones per seed)")}
 
 
 def register_metric(name: str, *, help: str = "", options: dict[str, Option] | None = None):
@@ -102,8 +100,9 @@ def check_metrics(names, args: dict[str, str]) -> dict[str, dict[str, Any]]:
     typed = {}
     for key, raw in args.items():
         if key not in accepted:
-            raise ConfigError(f"--metric-arg: '{key}' is not an option of {', '.join(names) or 'any metric chosen'} "
-                              f"(expected one of {', '.join(sorted(accepted))})")
+            raise ConfigError(
+                f"--metric-arg: '{key}' is not an option of {', '.join(names) or 'any metric chosen'} (expected one of {', '.join(sorted(accepted))})"
+            )
         opt = accepted[key]
         try:
             typed[key] = opt.type(raw) if raw is not None else None
@@ -157,8 +156,14 @@ class EvalContext:
         """Greedy continuations (token id lists, ``new_tokens`` each) of ``prompts`` (token id lists of
         any lengths: grouped by length, run ``batch`` at a time). ``model/params/apply`` default to the
         run's; pass another run's (e.g. a teacher's) to decode with it."""
-        return greedy_tokens(model or self.model, self.params if params is None else params,
-                             prompts, new_tokens, apply=apply or (self.apply if model is None else None), batch=batch)
+        return greedy_tokens(
+            model or self.model,
+            self.params if params is None else params,
+            prompts,
+            new_tokens,
+            apply=apply or (self.apply if model is None else None),
+            batch=batch,
+        )
 
 
 def greedy_tokens(model, params, prompts, new_tokens: int, *, apply=None, batch: int = 64) -> list[list[int]]:
@@ -172,19 +177,16 @@ def greedy_tokens(model, params, prompts, new_tokens: int, *, apply=None, batch:
 
     longest = max((len(p) for p in prompts), default=0)
     if longest + new_tokens > model.config.max_seq_len:
-        raise JaxeffError(f"eval: a prompt of {longest} tokens + {new_tokens} new tokens exceed the model's "
-                          f"max_seq_len={model.config.max_seq_len}")
+        raise JaxeffError(f"eval: a prompt of {longest} tokens + {new_tokens} new tokens exceed the model's max_seq_len={model.config.max_seq_len}")
     out: list[list[int] | None] = [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     for _, idx in sorted(by_len.items()):
         for s in range(0, len(idx), batch):
-            rows = idx[s:s + batch]
-            x = np.asarray([prompts[i] for i in rows] + [prompts[rows[0]]] * (min(batch, len(idx)) - len(rows)),
-                           np.int32)
-            new = np.asarray(generate(model, params, x, jax.random.PRNGKey(0), max_new_tokens=new_tokens,
-                                      apply_fn=apply))
+            rows = idx[s : s + batch]
+            x = np.asarray([prompts[i] for i in rows] + [prompts[rows[0]]] * (min(batch, len(idx)) - len(rows)), np.int32)
+            new = np.asarray(generate(model, params, x, jax.random.PRNGKey(0), max_new_tokens=new_tokens, apply_fn=apply))
             for j, i in enumerate(rows):
                 out[i] = [int(t) for t in new[j]]
     return out  # type: ignore[return-value]
@@ -227,13 +229,18 @@ def arithmetic_prompts(cfg, tokenizer, n: int, seed: int, context: int) -> list[
     out = []
     for i in order:
         d, e = spots[int(i)]
-        out.append((tokenizer.encode(d[e - context + 1:e + 1]), d[e + 1:d.index("\n", e)]))
+        out.append((tokenizer.encode(d[e - context + 1 : e + 1]), d[e + 1 : d.index("\n", e)]))
     return out
 
 
-@register_metric("arithmetic_accuracy", help="exact greedy answers to fresh arithmetic problems from the generator",
-                 options={"context": Option(int, 32, "characters of preceding text per problem (not for step_by_step runs)"),
-                          "new_tokens": Option(int, 12, "greedy tokens decoded per answer")})
+@register_metric(
+    "arithmetic_accuracy",
+    help="exact greedy answers to fresh arithmetic problems from the generator",
+    options={
+        "context": Option(int, 32, "characters of preceding text per problem (not for step_by_step runs)"),
+        "new_tokens": Option(int, 12, "greedy tokens decoded per answer"),
+    },
+)
 def arithmetic_accuracy(ctx: EvalContext) -> dict[str, float]:
     """The share of fresh problems whose greedy answer (up to the newline or eos) is exactly right."""
     o = ctx.options
@@ -254,23 +261,29 @@ def reference_windows(eval_sets: dict, n: int, prompt_tokens: int, new_tokens: i
     width = prompt_tokens + new_tokens
     seq_len = min(int(np.asarray(a["inputs"]).shape[1]) for a in eval_sets.values()) if eval_sets else 0
     if width > seq_len:
-        raise ConfigError(f"eval: prompt_tokens + new_tokens = {width} tokens do not fit in one eval row of "
-                          f"data.seq_len={seq_len}; lower them (--metric-arg prompt_tokens=8 new_tokens=8)")
+        raise ConfigError(
+            f"eval: prompt_tokens + new_tokens = {width} tokens do not fit in one eval row of "
+            f"data.seq_len={seq_len}; lower them (--metric-arg prompt_tokens=8 new_tokens=8)"
+        )
     spots = []
     for name in sorted(eval_sets):
         seg = np.asarray(eval_sets[name]["segment_ids"])
         inputs = np.asarray(eval_sets[name]["inputs"])
-        ok = (seg[:, :seg.shape[1] - width + 1] > 0)
+        ok = seg[:, : seg.shape[1] - width + 1] > 0
         for k in range(1, width):  # the whole window within one segment
-            ok &= seg[:, k:seg.shape[1] - width + 1 + k] == seg[:, :seg.shape[1] - width + 1]
+            ok &= seg[:, k : seg.shape[1] - width + 1 + k] == seg[:, : seg.shape[1] - width + 1]
         rows, starts = np.nonzero(ok)
         spots += [(inputs, int(r), int(s)) for r, s in zip(rows, starts)]
     if not spots:
-        raise ConfigError(f"eval: no eval document segment holds {width} tokens (prompt_tokens + new_tokens); "
-                          "lower them or raise data.seq_len")
+        raise ConfigError(f"eval: no eval document segment holds {width} tokens (prompt_tokens + new_tokens); lower them or raise data.seq_len")
     pick = np.random.default_rng(seed).choice(len(spots), size=n, replace=len(spots) < n)
-    return [(spots[i][0][spots[i][1], spots[i][2]:spots[i][2] + prompt_tokens].tolist(),
-             spots[i][0][spots[i][1], spots[i][2] + prompt_tokens:spots[i][2] + width].tolist()) for i in pick]
+    return [
+        (
+            spots[i][0][spots[i][1], spots[i][2] : spots[i][2] + prompt_tokens].tolist(),
+            spots[i][0][spots[i][1], spots[i][2] + prompt_tokens : spots[i][2] + width].tolist(),
+        )
+        for i in pick
+    ]
 
 
 def _match(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -281,8 +294,7 @@ def _match(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return float(eq.mean()), float(np.cumprod(eq, axis=1).sum(1).mean() / eq.shape[1])
 
 
-_WINDOW = {"prompt_tokens": Option(int, 16, "prompt tokens per eval window"),
-           "new_tokens": Option(int, 24, "greedy tokens compared per window")}
+_WINDOW = {"prompt_tokens": Option(int, 16, "prompt tokens per eval window"), "new_tokens": Option(int, 24, "greedy tokens compared per window")}
 
 
 @register_metric("greedy_ref_match", options=_WINDOW)
@@ -308,8 +320,9 @@ def teacher_match(ctx: EvalContext) -> dict[str, float]:
         raise ConfigError("--teacher: teacher_match needs the teacher's run folder, e.g. --teacher runs/teacher")
     t_cfg, t_params = load_model_params(o["teacher"])
     if t_cfg.model.vocab_size != ctx.cfg.model.vocab_size:
-        raise ConfigError(f"--teacher: its vocab_size is {t_cfg.model.vocab_size}, the run's is "
-                          f"{ctx.cfg.model.vocab_size}; greedy outputs are compared token by token")
+        raise ConfigError(
+            f"--teacher: its vocab_size is {t_cfg.model.vocab_size}, the run's is {ctx.cfg.model.vocab_size}; greedy outputs are compared token by token"
+        )
     windows = reference_windows(ctx.eval_sets, o["examples"], o["prompt_tokens"], o["new_tokens"], o["seed"])
     prompts = [p for p, _ in windows]
     out = ctx.greedy(prompts, o["new_tokens"])
@@ -321,8 +334,7 @@ def teacher_match(ctx: EvalContext) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ running them
 
 
-def evaluate_run(checkpoint, metrics=(), *, step: int | None = None, config=None, overrides=(), losses: bool = True,
-                 **options) -> dict[str, float]:
+def evaluate_run(checkpoint, metrics=(), *, step: int | None = None, config=None, overrides=(), losses: bool = True, **options) -> dict[str, float]:
     """Per-domain eval losses (``losses``) and the named ``metrics`` of a run folder, as one dict:
     what ``jaxeff eval`` prints. ``options`` are the metrics' options (``examples=64, teacher=...``)."""
     opts = check_metrics(list(metrics), {k: None if v is None else str(v) for k, v in options.items()})
@@ -349,28 +361,37 @@ def _load(checkpoint, step, config, overrides):
     cfg = eval_config(read_run_config(ckpt_dir, step), config, list(overrides))
     _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     trainer, params = load_params(cfg, ckpt_dir, step)
-    ctx = EvalContext(cfg=cfg, run=Path(ckpt_dir), step=step, model=trainer.model, params=params,
-                      apply=trainer.method.run, method=trainer.method, tokenizer=load_tokenizer(cfg.data.tokenizer),
-                      eval_sets=eval_sets, options={})
+    ctx = EvalContext(
+        cfg=cfg,
+        run=Path(ckpt_dir),
+        step=step,
+        model=trainer.model,
+        params=params,
+        apply=trainer.method.run,
+        method=trainer.method,
+        tokenizer=load_tokenizer(cfg.data.tokenizer),
+        eval_sets=eval_sets,
+        options={},
+    )
     return ctx, lambda: trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
 
 
 def register(sub) -> None:
     e = sub.add_parser("eval", help="per-domain eval loss of a checkpoint, and named metrics (--metric)")
-    e.add_argument("config", nargs="?", default=None,
-                   help="optional YAML file whose data section (and train.eval_batches) replace the run's own")
+    e.add_argument("config", nargs="?", default=None, help="optional YAML file whose data section (and train.eval_batches) replace the run's own")
     e.add_argument("overrides", nargs="*", default=[], help="dotted overrides of data/eval settings, e.g. data.seq_len=64")
     e.add_argument("--checkpoint", required=True, help="run folder or its checkpoints folder")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    e.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="a named metric, printed after the losses (repeatable): " + ", ".join(metric_names()))
-    e.add_argument("--metric-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the chosen metrics, e.g. new_tokens=16 (repeatable)")
+    e.add_argument(
+        "--metric", action="append", default=[], metavar="NAME", help="a named metric, printed after the losses (repeatable): " + ", ".join(metric_names())
+    )
+    e.add_argument(
+        "--metric-arg", action="append", default=[], metavar="KEY=VALUE", help="an option of the chosen metrics, e.g. new_tokens=16 (repeatable)"
+    )
     e.add_argument("--examples", type=int, default=None, help="prompts / problems per metric (default 256)")
     e.add_argument("--seed", type=int, default=None, help="which prompts / problems (default 0)")
     e.add_argument("--teacher", default=None, metavar="RUN", help="the other run of teacher_match")
-    e.add_argument("--no-losses", dest="losses", action="store_false",
-                   help="print only the metrics, not the per-domain losses")
+    e.add_argument("--no-losses", dest="losses", action="store_false", help="print only the metrics, not the per-domain losses")
     e.set_defaults(handler=cmd_eval)
 
 
@@ -393,5 +414,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-__all__ = ["register_metric", "metric_names", "check_metrics", "EvalContext", "Option", "evaluate_run",
-           "run_metric", "greedy_tokens", "arithmetic_prompts", "reference_windows", "FRESH_SEED_OFFSET"]
+__all__ = [
+    "register_metric",
+    "metric_names",
+    "check_metrics",
+    "EvalContext",
+    "Option",
+    "evaluate_run",
+    "run_metric",
+    "greedy_tokens",
+    "arithmetic_prompts",
+    "reference_windows",
+    "FRESH_SEED_OFFSET",
+]

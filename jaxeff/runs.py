@@ -18,8 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run,
-                                     one_device_config)
+from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, new_lm_run, one_device_config
 
 
 def read_config(run, step: int | None = None) -> dict:
@@ -41,8 +40,7 @@ def load_model_params(run, step: int | None = None):
         if cfg.method == "lm":  # the saved params are the model's: no trainer needed
             abstract = abstract_model_params(cfg.to_dict())
             one = SingleDeviceSharding(jax.devices()[0])
-            return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)),
-                                            step)
+            return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)), step)
     cfg, trainer, params = load_run(run, step)
     return cfg, trainer.method.model_params(params)
 

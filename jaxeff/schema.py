@@ -46,8 +46,7 @@ def read_yaml(path, what: str) -> Any:
     except OSError as e:
         raise ConfigError(f"{what} '{p}': cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} '{p}': not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                          "expected a YAML file") from None
+        raise ConfigError(f"{what} '{p}': not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -71,13 +71,15 @@ def select(params, rules: str | Iterable[str], key: str, *, required: bool = Fal
             shown = rules if isinstance(rules, str) else list(rules)
             if (key, str(shown)) not in _warned:
                 _warned.add((key, str(shown)))
-                print(f"warning: {key}: {shown!r} matches no whole module path and is read as a search "
-                      f"(deprecated); rules match the whole path now, e.g. {BLOCK_LAYERS!r}", file=sys.stderr)
+                print(
+                    f"warning: {key}: {shown!r} matches no whole module path and is read as a search "
+                    f"(deprecated); rules match the whole path now, e.g. {BLOCK_LAYERS!r}",
+                    file=sys.stderr,
+                )
             chosen = searched
     if required and not chosen:
         shown = ", ".join(candidates[:8])
-        raise ConfigError(f"{key}: {rules if isinstance(rules, str) else list(rules)} match no Dense layer "
-                          f"(module paths look like: {shown})")
+        raise ConfigError(f"{key}: {rules if isinstance(rules, str) else list(rules)} match no Dense layer (module paths look like: {shown})")
     return chosen
 
 

@@ -16,6 +16,13 @@ from pallas_kernels.attention import attention_reference, flash_attention, flash
 from pallas_kernels.quant import NF4_CODEBOOK, QuantizedWeight, dequantize, int8_matmul, quantize, quantized_matmul
 
 __all__ = [
-    "flash_attention", "flash_decode", "attention_reference",
-    "QuantizedWeight", "quantize", "dequantize", "quantized_matmul", "int8_matmul", "NF4_CODEBOOK",
+    "flash_attention",
+    "flash_decode",
+    "attention_reference",
+    "QuantizedWeight",
+    "quantize",
+    "dequantize",
+    "quantized_matmul",
+    "int8_matmul",
+    "NF4_CODEBOOK",
 ]

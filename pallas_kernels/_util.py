@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-next_pow2 = pl.next_power_of_2     # smallest power of two >= x (1 for 0)
+next_pow2 = pl.next_power_of_2  # smallest power of two >= x (1 for 0)
 cdiv = pl.cdiv
 
 
@@ -36,6 +36,7 @@ def gpu_arch(default: int = 90) -> int:
     """
     try:
         from jax._src.pallas.triton import gpu_info
+
         cc = gpu_info.get_gpu_info().compute_capability
     except Exception:  # no GPU, a ROCm device, or jax moved the private module
         return default

@@ -72,7 +72,7 @@ def setup_tail(cmd: str) -> str:
     if "pip install" in cmd and "&&" in cmd:
         parts = [p.strip() for p in cmd.split("&&")]
         last = max(i for i, p in enumerate(parts) if "pip install" in p)
-        return " && ".join(parts[last + 1:])
+        return " && ".join(parts[last + 1 :])
     return cmd
 
 
@@ -88,8 +88,7 @@ def skip_reason(cmd: str, quick: bool) -> str | None:
 def quicken(cmd: str) -> str:
     """Append the short-run overrides to each ``jaxeff train`` of a command line."""
     parts = re.split(r"(&&|;)", cmd)
-    return "".join(p.rstrip() + " " + " ".join(QUICK_TRAIN) + " " if re.search(r"jaxeff train\b", p) else p
-                   for p in parts).strip()
+    return "".join(p.rstrip() + " " + " ".join(QUICK_TRAIN) + " " if re.search(r"jaxeff train\b", p) else p for p in parts).strip()
 
 
 def scratch_copy() -> Path:
@@ -130,15 +129,15 @@ def main(argv=None) -> int:
                 run = quicken(cmd) if args.quick else cmd
                 start = time.time()
                 try:
-                    r = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True,
-                                       timeout=args.timeout)
+                    r = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
                     code, tail = r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
                 except subprocess.TimeoutExpired:
                     code, tail = "timeout", ""
                 ran += 1
                 status = "ok   " if code == 0 else "FAIL "
-                print(f"{status} {rel}: {cmd[:100]}  [{time.time() - start:.0f} s]" +
-                      ("" if code == 0 else f"\n      exit {code}: {tail[:300]}"), flush=True)
+                print(
+                    f"{status} {rel}: {cmd[:100]}  [{time.time() - start:.0f} s]" + ("" if code == 0 else f"\n      exit {code}: {tail[:300]}"), flush=True
+                )
                 if code != 0:
                     failed.append(f"{rel}: {cmd}")
         finally:

@@ -24,10 +24,8 @@ def pytest_collection_modifyitems(config, items):
 
 TINY = {
     "name": "tiny",
-    "model": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
-              "max_seq_len": 64},
-    "data": {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4, "seq_len": 32,
-             "batch_size": 8},
+    "model": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64},
+    "data": {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4, "seq_len": 32, "batch_size": 8},
     "optim": {"lr": 3e-3, "warmup_steps": 2},
     "train": {"steps": 6, "eval_every": 3, "eval_batches": 1, "log_every": 2},
     "checkpoint": {"every": 3, "keep": 5},

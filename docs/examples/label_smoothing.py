@@ -26,8 +26,14 @@ def label_smoothing_method(cfg, model) -> Method:
     eps = cfg.label_smoothing.epsilon
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+        out = model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
         logits = out.logits.astype(jnp.float32)
         labels = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1]), eps)
         per_token = optax.softmax_cross_entropy(logits, labels)

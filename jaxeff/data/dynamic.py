@@ -32,8 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
 
-__all__ = ["DynamicBatchConfig", "update_weights", "deltas", "check_reference_domains", "reference_losses",
-           "update_mixture"]
+__all__ = ["DynamicBatchConfig", "update_weights", "deltas", "check_reference_domains", "reference_losses", "update_mixture"]
 
 
 class DynamicBatchConfig(Section):
@@ -62,9 +61,10 @@ class DynamicBatchConfig(Section):
     @model_validator(mode="after")
     def _one_reference(self):
         if self.enabled and (self.reference_losses is None) == (self.reference_run is None):
-            raise ValueError("enabled: needs exactly one of reference_losses (per domain) or reference_run "
-                             "(a run folder to measure them from), got " +
-                             ("both" if self.reference_losses is not None else "neither"))
+            raise ValueError(
+                "enabled: needs exactly one of reference_losses (per domain) or reference_run "
+                "(a run folder to measure them from), got " + ("both" if self.reference_losses is not None else "neither")
+            )
         return self
 
 
@@ -72,12 +72,10 @@ def check_reference_domains(reference: Mapping[str, float], domains: Sequence[st
     """One ConfigError naming ``field`` unless ``reference`` has exactly the run's ``domains``."""
     unknown = [k for k in reference if k not in domains]
     if unknown:
-        raise ConfigError(f"{field}: unknown domain(s) {', '.join(map(repr, unknown))} "
-                          f"(this run's domains: {', '.join(domains)})")
+        raise ConfigError(f"{field}: unknown domain(s) {', '.join(map(repr, unknown))} (this run's domains: {', '.join(domains)})")
     missing = [d for d in domains if d not in reference]
     if missing:
-        raise ConfigError(f"{field}: no reference loss for domain(s) {', '.join(map(repr, missing))} "
-                          f"(every domain of the run needs one)")
+        raise ConfigError(f"{field}: no reference loss for domain(s) {', '.join(map(repr, missing))} (every domain of the run needs one)")
 
 
 def _deltas(losses: np.ndarray, reference: np.ndarray, clamp: bool) -> np.ndarray:
@@ -94,8 +92,7 @@ def update_weights(weights, losses, reference, *, clamp: bool = True, smoothing:
     stays zero unless ``smoothing`` > 0."""
     if isinstance(weights, Mapping):
         names = list(weights)
-        new = update_weights([weights[n] for n in names], [losses[n] for n in names],
-                             [reference[n] for n in names], clamp=clamp, smoothing=smoothing)
+        new = update_weights([weights[n] for n in names], [losses[n] for n in names], [reference[n] for n in names], clamp=clamp, smoothing=smoothing)
         return {n: float(x) for n, x in zip(names, new)}
     w = np.asarray(weights, np.float64)
     d = _deltas(np.asarray(losses, np.float64), np.asarray(reference, np.float64), clamp)
@@ -132,8 +129,9 @@ def reference_losses(cfg, domains: list[str], eval_sets: dict, *, devices=None) 
         return None
     no_eval = [n for n in domains if n not in eval_sets]
     if no_eval:
-        raise ConfigError(f"data.dynamic.enabled: domain(s) {', '.join(map(repr, no_eval))} have no eval data "
-                          "(the weight update needs a per-domain eval loss)")
+        raise ConfigError(
+            f"data.dynamic.enabled: domain(s) {', '.join(map(repr, no_eval))} have no eval data (the weight update needs a per-domain eval loss)"
+        )
     if d.reference_losses is not None:
         check_reference_domains(d.reference_losses, domains, "data.dynamic.reference_losses")
         return {n: float(d.reference_losses[n]) for n in domains}
@@ -153,18 +151,20 @@ def reference_losses(cfg, domains: list[str], eval_sets: dict, *, devices=None) 
     finally:
         ckpt.close()
     if saved.get("method", "lm") != "lm":
-        raise ConfigError(f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "
-                          "the reference must be an 'lm' run (plain model parameters, e.g. jaxeff extract's)")
+        raise ConfigError(
+            f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "
+            "the reference must be an 'lm' run (plain model parameters, e.g. jaxeff extract's)"
+        )
     raw = cfg.to_dict()
     raw.update(model=saved["model"], method="lm")
     raw["train"]["init_from"] = None
     ref_cfg = type(cfg).model_validate(raw)
     if ref_cfg.model.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"{field}: the reference model has model.vocab_size={ref_cfg.model.vocab_size}, "
-                          f"this run {cfg.model.vocab_size} (it must read the same tokens)")
+        raise ConfigError(
+            f"{field}: the reference model has model.vocab_size={ref_cfg.model.vocab_size}, this run {cfg.model.vocab_size} (it must read the same tokens)"
+        )
     ref = Trainer(ref_cfg, devices=devices)
-    ev = ref.evaluate(ref.load_base_params(d.reference_run), {n: eval_sets[n] for n in domains},
-                      cfg.train.eval_batches)
+    ev = ref.evaluate(ref.load_base_params(d.reference_run), {n: eval_sets[n] for n in domains}, cfg.train.eval_batches)
     return {n: ev[f"eval/loss/{n}"] for n in domains}
 
 
@@ -175,5 +175,4 @@ def update_mixture(loader, ev: dict[str, float], reference: dict[str, float], d)
     new = update_weights(loader.weights, losses, reference, clamp=d.clamp, smoothing=d.smoothing)
     loader.set_weights(new)
     delta = deltas(losses, reference, clamp=d.clamp)
-    return {**{f"data/weight/{n}": w for n, w in loader.weights.items()},
-            **{f"data/delta/{n}": v for n, v in delta.items()}}
+    return {**{f"data/weight/{n}": w for n, w in loader.weights.items()}, **{f"data/delta/{n}": v for n, v in delta.items()}}

@@ -28,15 +28,7 @@ from jaxeff.errors import DataError
 __all__ = ["load_text_documents", "FORMATS", "EXTENSIONS"]
 
 FORMATS = ("auto", "text", "json", "parquet")
-EXTENSIONS: dict[str, str] = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-}
+EXTENSIONS: dict[str, str] = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 _FORMAT_ALIASES = {"txt": "text", "jsonl": "json"}
 
 
@@ -64,8 +56,9 @@ def _check_utf8(path: str, where: str, chunk: int = 1 << 20) -> None:
                 try:
                     decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:  # e.object = pending bytes + block
-                    raise DataError(f"{where}: {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                                    f"{offset - pending + e.start})") from None
+                    raise DataError(
+                        f"{where}: {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {offset - pending + e.start})"
+                    ) from None
                 if not block:
                     return
                 offset += len(block)
@@ -73,9 +66,7 @@ def _check_utf8(path: str, where: str, chunk: int = 1 << 20) -> None:
         raise DataError(f"{where}: cannot read {path!r} ({e.strerror})") from None
 
 
-def load_text_documents(
-    paths: list[str], *, format: str = "auto", text_field: str = "text", field_name: str = "data.paths"
-) -> list[str]:
+def load_text_documents(paths: list[str], *, format: str = "auto", text_field: str = "text", field_name: str = "data.paths") -> list[str]:
     """Read the documents of local text/json/jsonl/parquet files; see the module docstring.
 
     ``field_name`` is the config field the paths came from, used in error messages
@@ -140,16 +131,10 @@ def _load_into(docs: list[str], paths: list[str], formats: list[str], text_field
                 raise DataError(f"{where}: cannot read {p!r} as {fmt}: {_one_line(e)}") from None
             field = "text" if fmt == "text" else text_field
             if field not in ds.column_names:
-                raise DataError(
-                    f"data.text_field: {where} ({p!r}) has no column {field!r} "
-                    f"(columns found: {', '.join(ds.column_names) or 'none'})"
-                )
+                raise DataError(f"data.text_field: {where} ({p!r}) has no column {field!r} (columns found: {', '.join(ds.column_names) or 'none'})")
             for j, t in enumerate(ds[field]):
                 if t is None or t == "":
                     continue
                 if not isinstance(t, str):
-                    raise DataError(
-                        f"data.text_field: {where} ({p!r}) row {j}: column {field!r} holds "
-                        f"{type(t).__name__}, expected a string"
-                    )
+                    raise DataError(f"data.text_field: {where} ({p!r}) row {j}: column {field!r} holds {type(t).__name__}, expected a string")
                 docs.append(t)

@@ -61,13 +61,7 @@ def _check_batch_size(batch_size: object) -> int:
 class MixtureLoader:
     """Global batches drawn from a weighted mixture of packed domains; see the module docstring."""
 
-    def __init__(
-        self,
-        domains: dict[str, dict[str, np.ndarray]],
-        batch_size: int,
-        weights: dict[str, float] | None = None,
-        seed: int = 0,
-    ):
+    def __init__(self, domains: dict[str, dict[str, np.ndarray]], batch_size: int, weights: dict[str, float] | None = None, seed: int = 0):
         if not isinstance(domains, Mapping) or not domains:
             raise DataError("data.domains: the mixture needs at least one domain")
         self.batch_size = _check_batch_size(batch_size)
@@ -86,9 +80,7 @@ class MixtureLoader:
             if seq_len is None:
                 seq_len = s
             elif s != seq_len:
-                raise DataError(
-                    f"data.domains[{name!r}]: seq_len {s} differs from {seq_len} of {self.domain_names[0]!r}"
-                )
+                raise DataError(f"data.domains[{name!r}]: seq_len {s} differs from {seq_len} of {self.domain_names[0]!r}")
             self._arrays.append({k: np.asarray(arrays[k]) for k in PACKED_KEYS})
             self._n_rows.append(n)
         assert seq_len is not None
@@ -112,15 +104,10 @@ class MixtureLoader:
         domains left out get weight 0; values must be finite and >= 0 with a positive sum; they are
         normalised to sum to 1."""
         if not isinstance(weights, Mapping):
-            raise DataError(
-                f"data.weights: expected a mapping from domain name to weight, got {type(weights).__name__}"
-            )
+            raise DataError(f"data.weights: expected a mapping from domain name to weight, got {type(weights).__name__}")
         unknown = [k for k in weights if k not in self.domain_names]
         if unknown:
-            raise DataError(
-                f"data.weights: unknown domain(s) {', '.join(map(repr, unknown))} "
-                f"(known: {', '.join(self.domain_names)})"
-            )
+            raise DataError(f"data.weights: unknown domain(s) {', '.join(map(repr, unknown))} (known: {', '.join(self.domain_names)})")
         w = np.zeros(len(self.domain_names))
         for k, v in weights.items():
             try:
@@ -179,10 +166,7 @@ class MixtureLoader:
             "seed": self.seed,
             "step": self.step,
             "weights": self.weights,
-            "domains": {
-                n: {"cursor": self._cursor[i], "epoch": self._epoch[i], "n_rows": self._n_rows[i]}
-                for i, n in enumerate(self.domain_names)
-            },
+            "domains": {n: {"cursor": self._cursor[i], "epoch": self._epoch[i], "n_rows": self._n_rows[i]} for i, n in enumerate(self.domain_names)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -199,16 +183,13 @@ class MixtureLoader:
         if seed != self.seed:
             raise DataError(f"{where}: was saved with seed {seed}, but this loader has seed {self.seed}")
         if list(doms) != self.domain_names:
-            raise DataError(
-                f"{where}: was saved for domains {', '.join(doms)}, but this loader has {', '.join(self.domain_names)}"
-            )
+            raise DataError(f"{where}: was saved for domains {', '.join(doms)}, but this loader has {', '.join(self.domain_names)}")
         cursors, epochs = [], []
         for i, n in enumerate(self.domain_names):
             ds = doms[n]
             if ds.get("n_rows") != self._n_rows[i]:
                 raise DataError(
-                    f"{where}: domain {n!r} had {ds.get('n_rows')} rows when saved but has {self._n_rows[i]} now "
-                    "(the data or seq_len changed)"
+                    f"{where}: domain {n!r} had {ds.get('n_rows')} rows when saved but has {self._n_rows[i]} now (the data or seq_len changed)"
                 )
             c, e = ds.get("cursor"), ds.get("epoch")
             if not (isinstance(c, int) and 0 <= c < self._n_rows[i] and isinstance(e, int) and e >= 0):
@@ -224,9 +205,7 @@ class MixtureLoader:
         self._epoch = epochs
 
 
-def eval_batches(
-    domain_arrays: Mapping[str, np.ndarray], batch_size: int, *, pad_id: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(domain_arrays: Mapping[str, np.ndarray], batch_size: int, *, pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Fixed, in-order batches over one domain's packed eval arrays (no shuffling, no repetition): rows
     ``[0, B)``, ``[B, 2B)``, ... The last batch is completed with padding rows (``inputs``/``targets`` =
     ``pad_id``, all other arrays 0, so ``loss_mask`` 0); every batch has exactly ``batch_size`` rows.
@@ -255,11 +234,7 @@ def process_slice(batch: Mapping[str, np.ndarray], process_index: int, process_c
     axis 0). The batch size must be divisible by ``process_count``."""
     if isinstance(process_count, bool) or not isinstance(process_count, (int, np.integer)) or process_count < 1:
         raise DataError(f"process_count must be a positive integer, got {process_count!r}")
-    if (
-        isinstance(process_index, bool)
-        or not isinstance(process_index, (int, np.integer))
-        or not 0 <= process_index < process_count
-    ):
+    if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
         raise DataError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
     sizes = {k: np.shape(v)[0] for k, v in batch.items()}
     if not sizes:
@@ -269,8 +244,7 @@ def process_slice(batch: Mapping[str, np.ndarray], process_index: int, process_c
     (b,) = set(sizes.values())
     if b % process_count:
         raise DataError(
-            f"data.batch_size: {b} is not divisible by the number of processes {process_count} "
-            "(each process must feed the same number of rows)"
+            f"data.batch_size: {b} is not divisible by the number of processes {process_count} (each process must feed the same number of rows)"
         )
     per = b // process_count
     return {k: v[process_index * per : (process_index + 1) * per] for k, v in batch.items()}

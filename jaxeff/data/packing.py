@@ -36,13 +36,7 @@ def _check_int(name: str, v: object, lo: int) -> int:
 
 
 def pack_documents(
-    docs: Iterable[Sequence[int] | np.ndarray],
-    seq_len: int,
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    drop_remainder: bool = False,
+    docs: Iterable[Sequence[int] | np.ndarray], seq_len: int, *, bos_id: int, eos_id: int, pad_id: int, drop_remainder: bool = False
 ) -> dict[str, np.ndarray]:
     """Pack token-id documents into rows of ``seq_len``; see the module docstring for the layout.
 
@@ -58,9 +52,7 @@ def pack_documents(
     for d in docs:
         a = np.asarray(d)
         if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-            raise DataError(
-                f"packing: every document must be a 1-D sequence of integer token ids, got {a.dtype} {a.shape}"
-            )
+            raise DataError(f"packing: every document must be a 1-D sequence of integer token ids, got {a.dtype} {a.shape}")
         toks.append(np.concatenate([[bos_id], a.astype(np.int64, copy=False), [eos_id]]))
     if not toks:
         empty = np.zeros((0, seq_len), np.int32)

@@ -29,8 +29,7 @@ import numpy as np
 
 from jaxeff.errors import DataError
 
-__all__ = ["DOMAINS", "DOMAIN_DESCRIPTIONS", "DEFAULT_DOC_LEN", "MIN_DOC_LEN", "generate_documents", "carry_steps",
-           "arithmetic_additions"]
+__all__ = ["DOMAINS", "DOMAIN_DESCRIPTIONS", "DEFAULT_DOC_LEN", "MIN_DOC_LEN", "generate_documents", "carry_steps", "arithmetic_additions"]
 
 DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 
@@ -86,7 +85,7 @@ def _arithmetic_units(rng: np.random.Generator) -> Iterator[tuple[str, str]]:
         m = 256
         kind = rng.integers(0, 6, size=m)
         digits = rng.integers(1, 4, size=(m, 2))  # 1..3 digits per operand
-        hi = 10 ** digits
+        hi = 10**digits
         a = rng.integers(0, hi[:, 0])
         b = rng.integers(0, hi[:, 1])
         c = rng.integers(1, 10, size=m)
@@ -163,14 +162,36 @@ _LAST = (
     "Becker Castro Dahl Eriksen Ferreira Gomez Hahn Ito Jovanovic Klein"
 ).split()
 _CITIES = (
-    ("Lisbon", "Portugal"), ("Porto", "Portugal"), ("Madrid", "Spain"), ("Seville", "Spain"),
-    ("Paris", "France"), ("Lyon", "France"), ("Berlin", "Germany"), ("Munich", "Germany"),
-    ("Rome", "Italy"), ("Milan", "Italy"), ("Vienna", "Austria"), ("Prague", "Czechia"),
-    ("Warsaw", "Poland"), ("Krakow", "Poland"), ("Oslo", "Norway"), ("Bergen", "Norway"),
-    ("Stockholm", "Sweden"), ("Helsinki", "Finland"), ("Dublin", "Ireland"), ("Cork", "Ireland"),
-    ("Tokyo", "Japan"), ("Osaka", "Japan"), ("Lagos", "Nigeria"), ("Nairobi", "Kenya"),
-    ("Lima", "Peru"), ("Quito", "Ecuador"), ("Toronto", "Canada"), ("Denver", "USA"),
-    ("Boston", "USA"), ("Budapest", "Hungary"),
+    ("Lisbon", "Portugal"),
+    ("Porto", "Portugal"),
+    ("Madrid", "Spain"),
+    ("Seville", "Spain"),
+    ("Paris", "France"),
+    ("Lyon", "France"),
+    ("Berlin", "Germany"),
+    ("Munich", "Germany"),
+    ("Rome", "Italy"),
+    ("Milan", "Italy"),
+    ("Vienna", "Austria"),
+    ("Prague", "Czechia"),
+    ("Warsaw", "Poland"),
+    ("Krakow", "Poland"),
+    ("Oslo", "Norway"),
+    ("Bergen", "Norway"),
+    ("Stockholm", "Sweden"),
+    ("Helsinki", "Finland"),
+    ("Dublin", "Ireland"),
+    ("Cork", "Ireland"),
+    ("Tokyo", "Japan"),
+    ("Osaka", "Japan"),
+    ("Lagos", "Nigeria"),
+    ("Nairobi", "Kenya"),
+    ("Lima", "Peru"),
+    ("Quito", "Ecuador"),
+    ("Toronto", "Canada"),
+    ("Denver", "USA"),
+    ("Boston", "USA"),
+    ("Budapest", "Hungary"),
 )
 _JOBS = (
     "baker teacher nurse engineer farmer pilot chemist plumber writer painter lawyer dentist carpenter "
@@ -209,10 +230,7 @@ def _records_units(rng: np.random.Generator) -> Iterator[tuple[str, str]]:
             elif fmt == 1:
                 line = f"{rid},{first} {last},{age},{city},{country},{job},{email}"
             else:
-                line = (
-                    f"id: {rid} | name: {first} {last} | age: {age} | city: {city} | country: {country} | "
-                    f"job: {job} | email: {email}"
-                )
+                line = f"id: {rid} | name: {first} {last} | age: {age} | city: {city} | country: {country} | job: {job} | email: {email}"
             yield "\n", line
 
 
@@ -249,8 +267,7 @@ _WORDS: dict[str, str] = {
         "lit stirred wrapped polished"
     ),
     "ADV": (
-        "quietly slowly quickly carefully suddenly finally gently often rarely always never soon later "
-        "again together alone almost nearly still already"
+        "quietly slowly quickly carefully suddenly finally gently often rarely always never soon later again together alone almost nearly still already"
     ),
     "PREP": "in on under near beside behind across through over with from into toward after before around along",
     "CONJ": "and but while because so yet although when",
@@ -396,10 +413,7 @@ def _code_snippet(rng: np.random.Generator) -> str:
     if t == 2:
         acc = ("out", "result", "acc", "seen")[int(rng.integers(4))]
         d = int(rng.integers(1, 4))
-        return (
-            f"def {verb}_{noun}(n):\n    {acc} = []\n    while n > {k}:\n        {acc}.append(n * {m})\n"
-            f"        n -= {d}\n    return {acc}"
-        )
+        return f"def {verb}_{noun}(n):\n    {acc} = []\n    while n > {k}:\n        {acc}.append(n * {m})\n        n -= {d}\n    return {acc}"
     if t == 3:
         cls = _CODE_CLASSES[int(rng.integers(len(_CODE_CLASSES)))]
         i, j = rng.choice(len(_CODE_ATTRS), size=2, replace=False)
@@ -410,18 +424,12 @@ def _code_snippet(rng: np.random.Generator) -> str:
             f"    def {verb}(self):\n        return self.{a} {op} self.{b}"
         )
     if t == 4:
-        return (
-            f"def count_{noun}({noun}):\n    counts = {{}}\n    for {s} in {noun}:\n"
-            f"        counts[{s}] = counts.get({s}, 0) + 1\n    return counts"
-        )
+        return f"def count_{noun}({noun}):\n    counts = {{}}\n    for {s} in {noun}:\n        counts[{s}] = counts.get({s}, 0) + 1\n    return counts"
     op = ("+", "-", "*")[int(rng.integers(3))]
     x = int(rng.integers(0, 50))
     y = x + k if op == "+" else x - k if op == "-" else x * k
     result = y - m if y > m else y
-    return (
-        f"def {verb}_{s}(x):\n    y = x {op} {k}\n    if y > {m}:\n        return y - {m}\n    return y\n\n"
-        f"assert {verb}_{s}({x}) == {result}"
-    )
+    return f"def {verb}_{s}(x):\n    y = x {op} {k}\n    if y > {m}:\n        return y - {m}\n    return y\n\nassert {verb}_{s}({x}) == {result}"
 
 
 def _code_units(rng: np.random.Generator) -> Iterator[tuple[str, str]]:

@@ -26,7 +26,7 @@ def check_text(text: str, field: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raw = text[e.start:e.end].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" else b""
+        raw = text[e.start : e.end].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" else b""
         what = f"byte 0x{raw[0]:02x}" if raw else f"character U+{ord(text[e.start]):04X}"
         raise DataError(f"{field}: not valid UTF-8 text ({what} at character {e.start})") from None
     return text
@@ -94,15 +94,11 @@ class HFTokenizer:
             inner = os.path.join(path, "tokenizer.json")
             if not os.path.isfile(inner):
                 raise DataError(
-                    f"data.tokenizer: {path!r} is a directory without a tokenizer.json "
-                    "(expected 'byte' or a path to a Hugging Face tokenizer.json file)"
+                    f"data.tokenizer: {path!r} is a directory without a tokenizer.json (expected 'byte' or a path to a Hugging Face tokenizer.json file)"
                 )
             path = inner
         if not os.path.isfile(path):
-            raise DataError(
-                f"data.tokenizer: file {path!r} does not exist "
-                "(expected 'byte' or a path to a Hugging Face tokenizer.json)"
-            )
+            raise DataError(f"data.tokenizer: file {path!r} does not exist (expected 'byte' or a path to a Hugging Face tokenizer.json)")
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises plain Exception subclasses with multi-line messages
@@ -152,7 +148,5 @@ def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
     if spec is None or spec == "byte":
         return ByteTokenizer()
     if not isinstance(spec, str) or not spec:
-        raise DataError(
-            f"data.tokenizer: got {spec!r} (expected 'byte' or a path to a Hugging Face tokenizer.json)"
-        )
+        raise DataError(f"data.tokenizer: got {spec!r} (expected 'byte' or a path to a Hugging Face tokenizer.json)")
     return HFTokenizer(spec)

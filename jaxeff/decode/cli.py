@@ -34,8 +34,7 @@ def load_run(path, step=None):
     import jax
 
     from jaxeff.runs import load_run as load_prepared, read_config
-    from jaxeff.train.checkpoint import (Checkpointer, abstract_with_shardings, find_checkpoint_dir,
-                                         one_device_config)
+    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
     from jaxeff.train.runtime import Trainer
 
     saved = read_config(path, step)
@@ -77,15 +76,26 @@ def cmd_speculate(args) -> int:
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     for cfg, which in ((t_cfg, "target"), (d_cfg, "draft")):
         if len(ids) + args.max_new_tokens + args.gamma > cfg.model.max_seq_len:
-            raise ConfigError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new + "
-                              f"{args.gamma} drafted tokens exceed the {which}'s max_seq_len={cfg.model.max_seq_len}")
+            raise ConfigError(
+                f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new + "
+                f"{args.gamma} drafted tokens exceed the {which}'s max_seq_len={cfg.model.max_seq_len}"
+            )
     prompt = np.asarray([ids], np.int32)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     def spec():
-        return speculative_generate(t_trainer.model, t_params, d_trainer.model, d_params, prompt,
-                                    jax.random.PRNGKey(args.seed), gamma=args.gamma, target_apply=t_trainer.method.run,
-                                    draft_apply=d_trainer.method.run, **kw)
+        return speculative_generate(
+            t_trainer.model,
+            t_params,
+            d_trainer.model,
+            d_params,
+            prompt,
+            jax.random.PRNGKey(args.seed),
+            gamma=args.gamma,
+            target_apply=t_trainer.method.run,
+            draft_apply=d_trainer.method.run,
+            **kw,
+        )
 
     toks, stats = jax.block_until_ready(spec())  # compiles
     t0 = time.perf_counter()
@@ -95,14 +105,13 @@ def cmd_speculate(args) -> int:
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     print(args.prompt + tokenizer.decode(new))
-    report = {k: (round(float(v), 4) if k in ("acceptance_rate", "alpha", "tokens_per_target_call") else int(v))
-              for k, v in stats.items()}
+    report = {k: (round(float(v), 4) if k in ("acceptance_rate", "alpha", "tokens_per_target_call") else int(v)) for k, v in stats.items()}
     report["gamma"] = args.gamma
     report["wall_s"] = round(spec_s, 4)
     if args.compare:
+
         def plain():
-            return generate(t_trainer.model, t_params, prompt, jax.random.PRNGKey(args.seed),
-                            apply_fn=t_trainer.method.run, **kw)
+            return generate(t_trainer.model, t_params, prompt, jax.random.PRNGKey(args.seed), apply_fn=t_trainer.method.run, **kw)
 
         jax.block_until_ready(plain())
         t0 = time.perf_counter()

@@ -90,8 +90,7 @@ class MedusaConfig(Section):
         tree = Tree.from_choices(self.tree, "medusa.tree") if self.tree is not None else Tree.cartesian(self.top_k)
         if tree.max_depth > self.n_heads:
             key = "medusa.tree" if self.tree is not None else "medusa.top_k"
-            raise ConfigError(f"{key}: the tree is {tree.max_depth} deep but there are only medusa.n_heads="
-                              f"{self.n_heads} heads (one per depth)")
+            raise ConfigError(f"{key}: the tree is {tree.max_depth} deep but there are only medusa.n_heads={self.n_heads} heads (one per depth)")
         return tree
 
 
@@ -179,8 +178,11 @@ def init_heads(model_cfg, base_params, n_heads: int, n_layers: int = 1) -> dict[
     """Fresh heads: residual blocks zero-initialised (identity), projections = copies of the LM head."""
     d = model_cfg.d_model
     proj, bias = lm_head_weights(model_cfg, base_params)
-    heads = {"w": jnp.zeros((n_heads, n_layers, d, d), proj.dtype), "b": jnp.zeros((n_heads, n_layers, d), proj.dtype),
-             "proj": jnp.broadcast_to(proj, (n_heads, *proj.shape)).astype(proj.dtype)}
+    heads = {
+        "w": jnp.zeros((n_heads, n_layers, d, d), proj.dtype),
+        "b": jnp.zeros((n_heads, n_layers, d), proj.dtype),
+        "proj": jnp.broadcast_to(proj, (n_heads, *proj.shape)).astype(proj.dtype),
+    }
     if bias is not None:
         heads["proj_bias"] = jnp.broadcast_to(bias, (n_heads, bias.shape[0])).astype(bias.dtype)
     return heads
@@ -202,8 +204,7 @@ def head_hidden(heads, h: jax.Array) -> jax.Array:
     x = jnp.broadcast_to(h.astype(jnp.float32), (n_heads, *h.shape))
     for layer in range(n_layers):
         w, b = heads["w"][:, layer], heads["b"][:, layer]  # [K, d, d], [K, d]
-        y = jnp.einsum("k...d,kde->k...e", x, w.astype(jnp.float32)) + b.astype(jnp.float32).reshape(
-            (n_heads,) + (1,) * (x.ndim - 2) + (b.shape[-1],))
+        y = jnp.einsum("k...d,kde->k...e", x, w.astype(jnp.float32)) + b.astype(jnp.float32).reshape((n_heads,) + (1,) * (x.ndim - 2) + (b.shape[-1],))
         x = x + jax.nn.silu(y)
     return x
 
@@ -250,7 +251,7 @@ def heads_loss(heads, h, targets, valid, segment_ids, decay: float):
         n = jnp.maximum(m.sum(), 1.0)
         ce = (nll * m).sum() / n
         top1 = ((jnp.argmax(lg, -1) == tgt) * m).sum() / n
-        total = total + decay ** k * ce
+        total = total + decay**k * ce
         metrics[f"medusa/ce_{k}"] = ce
         metrics[f"medusa/top1_{k}"] = top1
     return total, metrics
@@ -273,19 +274,23 @@ def medusa_method(cfg, model) -> Method:
 
     def loss(params, batch, rng, *, frozen, deterministic):
         base = params["model"] if joint else jax.lax.stop_gradient(params["model"])
-        out = model.apply({"params": base}, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
-                          return_hidden=True)
+        out = model.apply(
+            {"params": base},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+            return_hidden=True,
+        )
         lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         h = final_hidden(model, base, out.hidden_states)
-        hl, metrics = heads_loss(params["medusa"], h, batch["targets"], batch["loss_mask"].astype(jnp.float32),
-                                 batch["segment_ids"], c.decay)
+        hl, metrics = heads_loss(params["medusa"], h, batch["targets"], batch["loss_mask"].astype(jnp.float32), batch["segment_ids"], c.decay)
         value = c.lm_weight * lm + c.heads_weight * hl if joint else hl
         return value, {"ce": lm, "medusa/heads_loss": hl, **metrics}
 
     def trainable(params):
-        return {"model": jax.tree.map(lambda _: joint, params["model"]),
-                "medusa": jax.tree.map(lambda _: True, params["medusa"])}
+        return {"model": jax.tree.map(lambda _: joint, params["model"]), "medusa": jax.tree.map(lambda _: True, params["medusa"])}
 
     def optimizer(optim_cfg, total_steps, trainable_tree):
         """The run's optimizer for the backbone, the same at ``heads_lr_multiplier`` x the rate for
@@ -293,18 +298,25 @@ def medusa_method(cfg, model) -> Method:
         from jaxeff.train.optim import make_optimizer
 
         heads_cfg = optim_cfg.model_copy(update={"lr": optim_cfg.lr * c.heads_lr_multiplier})
-        labels = {"model": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["model"]),
-                  "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"])}
-        return optax.multi_transform({"heads": make_optimizer(heads_cfg, total_steps),
-                                      "base": make_optimizer(optim_cfg, total_steps),
-                                      "frozen": optax.set_to_zero()}, labels)
+        labels = {
+            "model": jax.tree.map(lambda t: "base" if t else "frozen", trainable_tree["model"]),
+            "medusa": jax.tree.map(lambda _: "heads", trainable_tree["medusa"]),
+        }
+        return optax.multi_transform(
+            {"heads": make_optimizer(heads_cfg, total_steps), "base": make_optimizer(optim_cfg, total_steps), "frozen": optax.set_to_zero()}, labels
+        )
 
     like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
-    return Method("medusa", loss, trainable=trainable, prepare_params=prepare_params,
-                  logical_axes=lambda axes: {"model": axes, "medusa": heads_axes(heads_like)},
-                  model_params=lambda params: params["model"],
-                  optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None)
+    return Method(
+        "medusa",
+        loss,
+        trainable=trainable,
+        prepare_params=prepare_params,
+        logical_axes=lambda axes: {"model": axes, "medusa": heads_axes(heads_like)},
+        model_params=lambda params: params["model"],
+        optimizer=optimizer if c.heads_lr_multiplier != 1.0 else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,8 +329,16 @@ def _probs(logits, temperature, top_k):
     return probs(logits, temperature=temperature, top_k=top_k)
 
 
-def accept_tree(tokens, logits, tree: Tree, *, temperature: float = 0.0, top_k: int = 0,
-                posterior_threshold: float = POSTERIOR_THRESHOLD, posterior_alpha: float = POSTERIOR_ALPHA):
+def accept_tree(
+    tokens,
+    logits,
+    tree: Tree,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    posterior_threshold: float = POSTERIOR_THRESHOLD,
+    posterior_alpha: float = POSTERIOR_ALPHA,
+):
     """The accepted node of one verification: ``tokens [N]`` the tree's tokens, ``logits [N, vocab]``
     the base's logits at each node. Returns ``(node, depth)``: the deepest node whose path from the
     root is accepted (greedy: each token is the argmax at its parent; sampling: typical acceptance)."""
@@ -348,17 +368,28 @@ def _compact(cache, index, path):
     """Move the cache entries of the accepted path's nodes (slots ``index + path``) to the slots
     ``index .. index + len(path) - 1`` (nodes are numbered parents first, so no entry is overwritten
     before it is read)."""
+
     def move(arr):  # [1, max_len, kv_heads, head_dim]
         return jax.lax.dynamic_update_slice_in_dim(arr, jnp.take(arr, index + path, axis=1), index, axis=1)
 
     return {"index": cache["index"], "layers": tuple({k: move(v) for k, v in layer.items()} for layer in cache["layers"])}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tree", "max_new_tokens", "temperature", "top_k",
-                                             "posterior_threshold", "posterior_alpha"))
-def medusa_generate(model, base_params, heads, prompt: jax.Array, rng, *, tree: Tree, max_new_tokens: int,
-                    temperature: float = 0.0, top_k: int = 0, posterior_threshold: float = POSTERIOR_THRESHOLD,
-                    posterior_alpha: float = POSTERIOR_ALPHA):
+@functools.partial(jax.jit, static_argnames=("model", "tree", "max_new_tokens", "temperature", "top_k", "posterior_threshold", "posterior_alpha"))
+def medusa_generate(
+    model,
+    base_params,
+    heads,
+    prompt: jax.Array,
+    rng,
+    *,
+    tree: Tree,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    posterior_threshold: float = POSTERIOR_THRESHOLD,
+    posterior_alpha: float = POSTERIOR_ALPHA,
+):
     """``prompt [1, prompt_len]`` -> ``(tokens [1, max_new_tokens], stats)`` decoded with Medusa heads.
 
     ``stats``: ``calls`` (verification passes; the prefill not counted), ``generated`` (tokens produced,
@@ -395,11 +426,11 @@ def medusa_generate(model, base_params, heads, prompt: jax.Array, rng, *, tree: 
         top = jax.lax.top_k(mlogits[:dmax], k)[1].astype(jnp.int32)  # [depth, k]
         tokens = jnp.concatenate([root[None], top.reshape(-1)])[cand]  # [N]
         index = cache["index"]
-        o = model.apply({"params": base_params}, tokens[None], positions=(index + depth)[None], cache=cache,
-                        tree_mask=mask, return_hidden=True)
+        o = model.apply({"params": base_params}, tokens[None], positions=(index + depth)[None], cache=cache, tree_mask=mask, return_hidden=True)
         logits = o.logits[0]  # [N, V]
-        node, n_acc = accept_tree(tokens, logits, tree, temperature=temperature, top_k=top_k,
-                                  posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha)
+        node, n_acc = accept_tree(
+            tokens, logits, tree, temperature=temperature, top_k=top_k, posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha
+        )
         path = paths[node]  # [dmax + 1]
         new = jnp.where(jnp.arange(dmax + 1) <= n_acc, tokens[path], 0)
         buf = jax.lax.dynamic_update_slice(buf, new, (n,))
@@ -409,11 +440,9 @@ def medusa_generate(model, base_params, heads, prompt: jax.Array, rng, *, tree: 
         return buf, n + n_acc + 1, logits[node], head_logits(heads, hn), cache, rng, calls + 1, accepted + n_acc
 
     zero = jnp.zeros((), jnp.int32)
-    state = (jnp.zeros((max_new_tokens + dmax + 1,), jnp.int32), zero, out.logits[0, -1], head_logits(heads, h),
-             out.cache, rng, zero, zero)
+    state = (jnp.zeros((max_new_tokens + dmax + 1,), jnp.int32), zero, out.logits[0, -1], head_logits(heads, h), out.cache, rng, zero, zero)
     buf, n, _, _, _, _, calls, accepted = jax.lax.while_loop(lambda s: s[1] < max_new_tokens, iteration, state)
-    stats = {"calls": calls, "generated": n, "accepted": accepted,
-             "acceptance_length": n.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32)}
+    stats = {"calls": calls, "generated": n, "accepted": accepted, "acceptance_length": n.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32)}
     return buf[None, :max_new_tokens], stats
 
 
@@ -422,5 +451,15 @@ def acceptance_length(stats) -> float:
     return float(stats["generated"]) / max(int(stats["calls"]), 1)
 
 
-__all__ = ["MedusaConfig", "Tree", "init_heads", "head_logits", "heads_loss", "final_hidden", "accept_tree",
-           "medusa_generate", "acceptance_length", "medusa_method"]
+__all__ = [
+    "MedusaConfig",
+    "Tree",
+    "init_heads",
+    "head_logits",
+    "heads_loss",
+    "final_hidden",
+    "accept_tree",
+    "medusa_generate",
+    "acceptance_length",
+    "medusa_method",
+]

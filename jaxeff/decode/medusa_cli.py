@@ -19,12 +19,11 @@ from jaxeff.evals import EvalContext, Option, reference_windows, register_metric
 
 def add_generate_args(g) -> None:
     """The ``--medusa`` options of ``jaxeff generate``."""
-    g.add_argument("--medusa", default=None, metavar="RUN",
-                   help="decode with the Medusa heads of RUN (a method: medusa run; replaces --checkpoint)")
-    g.add_argument("--medusa-top-k", default=None, metavar="K1,K2,...",
-                   help="candidates per head (a cartesian tree; default: the run's medusa.top_k / medusa.tree)")
-    g.add_argument("--compare", action="store_true",
-                   help="with --medusa: print statistics and also time plain decoding (speed-up)")
+    g.add_argument("--medusa", default=None, metavar="RUN", help="decode with the Medusa heads of RUN (a method: medusa run; replaces --checkpoint)")
+    g.add_argument(
+        "--medusa-top-k", default=None, metavar="K1,K2,...", help="candidates per head (a cartesian tree; default: the run's medusa.top_k / medusa.tree)"
+    )
+    g.add_argument("--compare", action="store_true", help="with --medusa: print statistics and also time plain decoding (speed-up)")
 
 
 def parse_top_k(text: str, key: str = "--medusa-top-k") -> tuple[int, ...]:
@@ -43,8 +42,7 @@ def load_medusa_run(path, step=None):
 
     method = read_config(path, step).get("method")
     if method != "medusa":
-        raise ConfigError(f"--medusa: '{path}' is a method: {method} run; expected a method: medusa run "
-                          "(train one with configs/decode/medusa.yaml)")
+        raise ConfigError(f"--medusa: '{path}' is a method: {method} run; expected a method: medusa run (train one with configs/decode/medusa.yaml)")
     cfg, trainer, params = load_run(path, step)
     return cfg, trainer.model, params["model"], params["medusa"]
 
@@ -82,20 +80,29 @@ def cmd_generate_medusa(args) -> int:
     check_sampling(args.temperature, args.top_k, cfg.model.vocab_size)
     tree = tree_of(cfg, top_k)
     if tree.max_depth > cfg.medusa.n_heads:
-        raise ConfigError(f"--medusa-top-k: {tree.max_depth} heads' candidates asked for; the run has "
-                          f"medusa.n_heads={cfg.medusa.n_heads}")
+        raise ConfigError(f"--medusa-top-k: {tree.max_depth} heads' candidates asked for; the run has medusa.n_heads={cfg.medusa.n_heads}")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     if len(ids) + args.max_new_tokens + tree.n_nodes > cfg.model.max_seq_len:
-        raise ConfigError(f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new + {tree.n_nodes} "
-                          f"tree tokens exceed the model's max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(
+            f"--prompt/--max-new-tokens: {len(ids)} prompt + {args.max_new_tokens} new + {tree.n_nodes} "
+            f"tree tokens exceed the model's max_seq_len={cfg.model.max_seq_len}"
+        )
     prompt = np.asarray([ids], np.int32)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     def medusa():
-        return medusa_generate(model, base, heads, prompt, jax.random.PRNGKey(args.seed), tree=tree,
-                               posterior_threshold=cfg.medusa.posterior_threshold,
-                               posterior_alpha=cfg.medusa.posterior_alpha, **kw)
+        return medusa_generate(
+            model,
+            base,
+            heads,
+            prompt,
+            jax.random.PRNGKey(args.seed),
+            tree=tree,
+            posterior_threshold=cfg.medusa.posterior_threshold,
+            posterior_alpha=cfg.medusa.posterior_alpha,
+            **kw,
+        )
 
     toks, stats = jax.block_until_ready(medusa())  # compiles
     new = [int(t) for t in np.asarray(toks)[0]]
@@ -115,15 +122,16 @@ def cmd_generate_medusa(args) -> int:
         jax.block_until_ready(plain())
         plain_s = time.perf_counter() - t0
         report = {k: (round(float(v), 4) if k == "acceptance_length" else int(v)) for k, v in stats.items()}
-        report.update(tree_nodes=tree.n_nodes, wall_s=round(medusa_s, 4), plain_wall_s=round(plain_s, 4),
-                      speedup=round(plain_s / medusa_s, 3))
+        report.update(tree_nodes=tree.n_nodes, wall_s=round(medusa_s, 4), plain_wall_s=round(plain_s, 4), speedup=round(plain_s / medusa_s, 3))
         print(json.dumps(report))
     return 0
 
 
-_OPTIONS = {"prompt_tokens": Option(int, 16, "prompt tokens per eval window"),
-            "new_tokens": Option(int, 32, "tokens decoded per window"),
-            "top_k": Option(str, "", "candidates per head, e.g. 4,2,2 (default: the run's tree)")}
+_OPTIONS = {
+    "prompt_tokens": Option(int, 16, "prompt tokens per eval window"),
+    "new_tokens": Option(int, 32, "tokens decoded per window"),
+    "top_k": Option(str, "", "candidates per head, e.g. 4,2,2 (default: the run's tree)"),
+}
 
 
 @register_metric("acceptance_length", options=_OPTIONS)
@@ -139,13 +147,19 @@ def acceptance_length_metric(ctx: EvalContext) -> dict[str, float]:
     o = ctx.options
     tree = tree_of(ctx.cfg, parse_top_k(o["top_k"], "--metric-arg top_k") if o["top_k"] else None)
     if tree.max_depth > ctx.cfg.medusa.n_heads:
-        raise ConfigError(f"--metric-arg top_k: {tree.max_depth} heads asked for; the run has "
-                          f"medusa.n_heads={ctx.cfg.medusa.n_heads}")
+        raise ConfigError(f"--metric-arg top_k: {tree.max_depth} heads asked for; the run has medusa.n_heads={ctx.cfg.medusa.n_heads}")
     windows = reference_windows(ctx.eval_sets, o["examples"], o["prompt_tokens"], 1, o["seed"])
     generated = calls = 0
     for prompt, _ in windows:
-        _, st = medusa_generate(ctx.model, ctx.params["model"], ctx.params["medusa"], np.asarray([prompt], np.int32),
-                                jax.random.PRNGKey(0), tree=tree, max_new_tokens=o["new_tokens"])
+        _, st = medusa_generate(
+            ctx.model,
+            ctx.params["model"],
+            ctx.params["medusa"],
+            np.asarray([prompt], np.int32),
+            jax.random.PRNGKey(0),
+            tree=tree,
+            max_new_tokens=o["new_tokens"],
+        )
         generated, calls = generated + int(st["generated"]), calls + int(st["calls"])
     return {"acceptance_length": generated / max(calls, 1), "medusa_tree_nodes": tree.n_nodes}
 

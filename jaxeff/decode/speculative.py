@@ -47,8 +47,9 @@ def _plain_apply(model, params, tokens, **kwargs):
 def check_pair(target_cfg, draft_cfg) -> None:
     """A draft must share the target's vocabulary (same token ids, same logits width)."""
     if target_cfg.vocab_size != draft_cfg.vocab_size:
-        raise ConfigError(f"draft: vocab_size {draft_cfg.vocab_size} differs from the target's "
-                          f"{target_cfg.vocab_size} (the draft must use the target's vocabulary)")
+        raise ConfigError(
+            f"draft: vocab_size {draft_cfg.vocab_size} differs from the target's {target_cfg.vocab_size} (the draft must use the target's vocabulary)"
+        )
 
 
 def probs(logits: jax.Array, *, temperature: float, top_k: int = 0) -> jax.Array:
@@ -98,11 +99,22 @@ def accept_greedy(target_logits: jax.Array, drafts: jax.Array) -> tuple[jax.Arra
     return n_acc, best[n_acc]
 
 
-@functools.partial(jax.jit, static_argnames=("target", "draft", "max_new_tokens", "gamma", "temperature", "top_k",
-                                             "target_apply", "draft_apply"))
-def speculative_generate(target, target_params, draft, draft_params, prompt: jax.Array, rng, *,
-                         max_new_tokens: int, gamma: int = 4, temperature: float = 0.0, top_k: int = 0,
-                         target_apply=None, draft_apply=None):
+@functools.partial(jax.jit, static_argnames=("target", "draft", "max_new_tokens", "gamma", "temperature", "top_k", "target_apply", "draft_apply"))
+def speculative_generate(
+    target,
+    target_params,
+    draft,
+    draft_params,
+    prompt: jax.Array,
+    rng,
+    *,
+    max_new_tokens: int,
+    gamma: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    target_apply=None,
+    draft_apply=None,
+):
     """``prompt [1, prompt_len]`` -> ``(tokens [1, max_new_tokens], stats)``.
 
     ``stats``: ``target_calls`` (verification passes, the prefill not counted), ``draft_calls``
@@ -163,22 +175,28 @@ def speculative_generate(target, target_params, draft, draft_params, prompt: jax
         d_cache = jax.lax.cond(
             n_acc == gamma,
             lambda c: d_apply(draft, draft_params, drafts[-1:][None], cache=_rewind(c, start + gamma)).cache,
-            lambda c: _rewind(c, start + 1 + n_acc), d_cache)
+            lambda c: _rewind(c, start + 1 + n_acc),
+            d_cache,
+        )
         d_calls = d_calls + gamma + (n_acc == gamma).astype(jnp.int32)
         rejected = rejected + (n_acc < gamma).astype(jnp.int32)
         return out_buf, n + n_acc + 1, nxt, t_cache, d_cache, rng, calls + 1, accepted + n_acc, d_calls, rejected
 
     zero = jnp.zeros((), jnp.int32)
-    state = (jnp.zeros((buf_len,), jnp.int32), zero, prompt[0, -1].astype(jnp.int32), t_cache, d_cache, rng,
-             zero, zero, zero, zero)
-    out_buf, n, _, _, _, _, calls, accepted, d_calls, rejected = jax.lax.while_loop(
-        lambda s: s[1] < max_new_tokens, iteration, state)
+    state = (jnp.zeros((buf_len,), jnp.int32), zero, prompt[0, -1].astype(jnp.int32), t_cache, d_cache, rng, zero, zero, zero, zero)
+    out_buf, n, _, _, _, _, calls, accepted, d_calls, rejected = jax.lax.while_loop(lambda s: s[1] < max_new_tokens, iteration, state)
     drafted = calls * gamma
-    stats = {"target_calls": calls, "draft_calls": d_calls, "drafted": drafted, "accepted": accepted,
-             "acceptance_rate": accepted.astype(jnp.float32) / jnp.maximum(drafted, 1).astype(jnp.float32),
-             "generated": n, "rejected": rejected,
-             "alpha": accepted.astype(jnp.float32) / jnp.maximum(accepted + rejected, 1).astype(jnp.float32),
-             "tokens_per_target_call": n.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32)}
+    stats = {
+        "target_calls": calls,
+        "draft_calls": d_calls,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance_rate": accepted.astype(jnp.float32) / jnp.maximum(drafted, 1).astype(jnp.float32),
+        "generated": n,
+        "rejected": rejected,
+        "alpha": accepted.astype(jnp.float32) / jnp.maximum(accepted + rejected, 1).astype(jnp.float32),
+        "tokens_per_target_call": n.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32),
+    }
     return out_buf[None, :max_new_tokens], stats
 
 

@@ -10,9 +10,19 @@ from jaxeff._lazy import lazy_getattr
 
 _EXPORTS = {
     "DistillConfig": "jaxeff.distill.config",
-    **{name: "jaxeff.distill.losses" for name in ("cosine_loss", "cosine_similarity", "distillation_loss",
-                                                  "generalized_jsd", "kd_loss", "kl_divergence", "masked_mean",
-                                                  "token_divergence")},
+    **{
+        name: "jaxeff.distill.losses"
+        for name in (
+            "cosine_loss",
+            "cosine_similarity",
+            "distillation_loss",
+            "generalized_jsd",
+            "kd_loss",
+            "kl_divergence",
+            "masked_mean",
+            "token_divergence",
+        )
+    },
     **{name: "jaxeff.distill.method" for name in ("distill_method", "every_other_layer_params", "layer_pairs")},
     **{name: "jaxeff.distill.teacher" for name in ("Teacher", "load_teacher")},
 }

@@ -41,16 +41,18 @@ def cmd_distill_topk(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # distill-generate (sequence-level KD, Kim & Rush 2016)
 
+
 def _register_seqkd(sub) -> None:
-    p = sub.add_parser("distill-generate", help="sample a teacher run's continuations into a dataset file "
-                                                "(sequence-level distillation)")
+    p = sub.add_parser("distill-generate", help="sample a teacher run's continuations into a dataset file (sequence-level distillation)")
     p.add_argument("teacher", help="teacher run folder (or its checkpoints folder); any method")
     p.add_argument("--out", required=True, help="new .jsonl or .parquet file (records with a 'text' field)")
-    p.add_argument("--prompts", default=None, help="a .txt (one prompt per line) or .jsonl ('text' field) file; "
-                                                  "default: windows of the teacher's own training documents")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="a .txt (one prompt per line) or .jsonl ('text' field) file; default: windows of the teacher's own training documents",
+    )
     p.add_argument("--num", type=int, default=None, help="samples (default: one per training document / prompt line)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt window cut from the training "
-                                                                  "documents (default 16)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt window cut from the training documents (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=112, help="teacher tokens per sample (default 112)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
@@ -63,11 +65,23 @@ def _register_seqkd(sub) -> None:
 def cmd_distill_generate(args) -> int:
     from jaxeff.distill.seqkd import generate_dataset
 
-    rec = generate_dataset(args.teacher, args.out, num=args.num, prompt_tokens=args.prompt_tokens,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           seed=args.seed, batch_size=args.batch_size, prompts=args.prompts, step=args.step)
-    print(f"{rec['samples']} samples ({rec['tokens']} tokens, {rec['mean_new_tokens']:.1f} teacher tokens each on "
-          f"average) written to {rec['path']}; train a student on it with data.source=files data.paths=[{rec['path']}]")
+    rec = generate_dataset(
+        args.teacher,
+        args.out,
+        num=args.num,
+        prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        prompts=args.prompts,
+        step=args.step,
+    )
+    print(
+        f"{rec['samples']} samples ({rec['tokens']} tokens, {rec['mean_new_tokens']:.1f} teacher tokens each on "
+        f"average) written to {rec['path']}; train a student on it with data.source=files data.paths=[{rec['path']}]"
+    )
     print(json.dumps(rec))
     return 0
 
@@ -75,12 +89,11 @@ def cmd_distill_generate(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # distill-rationales (distilling step-by-step, Hsieh et al. 2023)
 
+
 def _register_step_by_step(sub) -> None:
-    p = sub.add_parser("distill-rationales", help="write a step_by_step run's label and rationale data "
-                                                  "(rationales from the generator or a teacher run)")
+    p = sub.add_parser("distill-rationales", help="write a step_by_step run's label and rationale data (rationales from the generator or a teacher run)")
     p.add_argument("config", help="the step_by_step run's YAML, e.g. configs/distill/step_by_step.yaml")
-    p.add_argument("overrides", nargs="*", default=[], help="e.g. step_by_step.problems=500 "
-                                                              "step_by_step.rationale_source=teacher")
+    p.add_argument("overrides", nargs="*", default=[], help="e.g. step_by_step.problems=500 step_by_step.rationale_source=teacher")
     p.add_argument("--force", action="store_true", help="overwrite existing data files")
     p.set_defaults(handler=cmd_distill_rationales)
 
@@ -94,7 +107,9 @@ def cmd_distill_rationales(args) -> int:
     if cfg.method != "step_by_step":
         raise ConfigError(f"method: distill-rationales writes the data of a step_by_step run (got method {cfg.method})")
     rec = write_data(cfg, force=args.force)
-    print(f"{rec['train_records']} training records ({rec['problems']} problems, rationales: {rec['rationale_source']}) "
-          f"written to {rec['train']}, {rec['eval_records']} eval records to {rec['eval']}")
+    print(
+        f"{rec['train_records']} training records ({rec['problems']} problems, rationales: {rec['rationale_source']}) "
+        f"written to {rec['train']}, {rec['eval_records']} eval records to {rec['eval']}"
+    )
     print(json.dumps(rec))
     return 0

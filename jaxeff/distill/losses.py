@@ -43,8 +43,7 @@ def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, temperature: float =
     return _kl_from_logp(logp, logq)
 
 
-def generalized_jsd(p_logits: jax.Array, q_logits: jax.Array, beta: float = 0.5,
-                    temperature: float = 1.0) -> jax.Array:
+def generalized_jsd(p_logits: jax.Array, q_logits: jax.Array, beta: float = 0.5, temperature: float = 1.0) -> jax.Array:
     """Per-position generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024):
     β·KL(P ‖ M) + (1−β)·KL(Q ‖ M) with M = β·P + (1−β)·Q; β = 0.5 is the usual JSD (≤ ln 2)."""
     if not 0.0 < beta < 1.0:
@@ -55,8 +54,9 @@ def generalized_jsd(p_logits: jax.Array, q_logits: jax.Array, beta: float = 0.5,
     return beta * _kl_from_logp(logp, logm) + (1.0 - beta) * _kl_from_logp(logq, logm)
 
 
-def token_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0,
-                     divergence: Divergence = "forward_kl", beta: float = 0.5) -> jax.Array:
+def token_divergence(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0, divergence: Divergence = "forward_kl", beta: float = 0.5
+) -> jax.Array:
     """Per-position divergence between teacher and student soft targets (not yet × T²)."""
     if divergence == "forward_kl":
         return kl_divergence(teacher_logits, student_logits, temperature)
@@ -67,12 +67,19 @@ def token_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *, te
     raise ValueError(f"divergence: expected forward_kl, reverse_kl or jsd (got {divergence!r})")
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array | None = None, *,
-            temperature: float = 1.0, divergence: Divergence = "forward_kl", beta: float = 0.5) -> jax.Array:
+def kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    temperature: float = 1.0,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+) -> jax.Array:
     """Soft-target loss T² · D(teacher ‖ student) at temperature T, averaged over real tokens.
     (Hinton et al.: the T² keeps gradient magnitudes comparable across temperatures.)"""
     d = token_divergence(student_logits, teacher_logits, temperature=temperature, divergence=divergence, beta=beta)
-    return temperature ** 2 * masked_mean(d, mask)
+    return temperature**2 * masked_mean(d, mask)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -87,16 +94,27 @@ def cosine_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.
     """Mean over real tokens of 1 − cos(h_s, h_t) (DistilBERT's hidden-state alignment); the two
     widths must match (project the student first when they do not)."""
     if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
-        raise ValueError(f"cosine_loss: student width {student_hidden.shape[-1]} != teacher width "
-                         f"{teacher_hidden.shape[-1]}; project the student's hidden states first")
+        raise ValueError(
+            f"cosine_loss: student width {student_hidden.shape[-1]} != teacher width {teacher_hidden.shape[-1]}; project the student's hidden states first"
+        )
     return masked_mean(1.0 - cosine_similarity(student_hidden, teacher_hidden), mask)
 
 
-def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array,
-                      mask: jax.Array | None = None, *, ce_weight: float = 0.5, kd_weight: float = 0.5,
-                      cos_weight: float = 0.0, student_hidden: Sequence[jax.Array] = (),
-                      teacher_hidden: Sequence[jax.Array] = (), temperature: float = 1.0,
-                      divergence: Divergence = "forward_kl", beta: float = 0.5):
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    ce_weight: float = 0.5,
+    kd_weight: float = 0.5,
+    cos_weight: float = 0.0,
+    student_hidden: Sequence[jax.Array] = (),
+    teacher_hidden: Sequence[jax.Array] = (),
+    temperature: float = 1.0,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+):
     """``ce_weight·CE + kd_weight·T²·D + cos_weight·mean_pairs(1 − cos)`` and its parts.
 
     ``student_hidden`` / ``teacher_hidden``: matching sequences of hidden states (already projected
@@ -105,13 +123,17 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, targ
     """
     zero = jnp.zeros((), jnp.float32)
     ce = cross_entropy(student_logits, targets, mask)[0] if ce_weight else zero
-    kd = kd_loss(student_logits, jax.lax.stop_gradient(teacher_logits), mask, temperature=temperature,
-                 divergence=divergence, beta=beta) if kd_weight else zero
+    kd = (
+        kd_loss(student_logits, jax.lax.stop_gradient(teacher_logits), mask, temperature=temperature, divergence=divergence, beta=beta)
+        if kd_weight
+        else zero
+    )
     cos = zero
     if cos_weight:
         if len(student_hidden) != len(teacher_hidden) or not student_hidden:
-            raise ValueError(f"distillation_loss: {len(student_hidden)} student vs {len(teacher_hidden)} teacher "
-                             "hidden states; expected the same non-zero number")
+            raise ValueError(
+                f"distillation_loss: {len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states; expected the same non-zero number"
+            )
         cos = sum(cosine_loss(s, jax.lax.stop_gradient(t), mask) for s, t in zip(student_hidden, teacher_hidden))
         cos = cos / len(student_hidden)
     loss = ce_weight * ce + kd_weight * kd + cos_weight * cos

@@ -33,13 +33,14 @@ def layer_pairs(layer_map, n_student: int, n_teacher: int) -> tuple[tuple[int, i
         return ((n_student, n_teacher),)
     if layer_map == "every_other":
         if 2 * n_student > n_teacher:
-            raise ConfigError(f"distill.layer_map: every_other pairs student layer i with teacher layer 2i, which "
-                              f"needs a teacher of >= {2 * n_student} layers (it has {n_teacher})")
+            raise ConfigError(
+                f"distill.layer_map: every_other pairs student layer i with teacher layer 2i, which "
+                f"needs a teacher of >= {2 * n_student} layers (it has {n_teacher})"
+            )
         return tuple((i, 2 * i) for i in range(1, n_student + 1))
     for s, t in layer_map:
         if s > n_student or t > n_teacher:
-            raise ConfigError(f"distill.layer_map: pair [{s}, {t}] is out of range (student has hidden states "
-                              f"0..{n_student}, teacher 0..{n_teacher})")
+            raise ConfigError(f"distill.layer_map: pair [{s}, {t}] is out of range (student has hidden states 0..{n_student}, teacher 0..{n_teacher})")
     return tuple(tuple(p) for p in layer_map)
 
 
@@ -51,12 +52,13 @@ def every_other_layer_params(teacher_params, teacher_cfg: TransformerConfig, stu
     b = {k: v for k, v in dataclasses.asdict(student_cfg).items() if k not in ignore}
     diff = first_difference(a, b)
     if diff:
-        raise ConfigError(f"distill.student_init: every_other_layer needs the teacher's layer shapes, but model.{diff} "
-                          f"is {b[diff]!r} here and {a[diff]!r} in the teacher")
+        raise ConfigError(
+            f"distill.student_init: every_other_layer needs the teacher's layer shapes, but model.{diff} "
+            f"is {b[diff]!r} here and {a[diff]!r} in the teacher"
+        )
     n_s, n_t = student_cfg.n_layers, teacher_cfg.n_layers
     if 2 * (n_s - 1) >= n_t:
-        raise ConfigError(f"distill.student_init: every_other_layer takes teacher layers 0, 2, ..., {2 * (n_s - 1)} "
-                          f"but the teacher has {n_t} layers")
+        raise ConfigError(f"distill.student_init: every_other_layer takes teacher layers 0, 2, ..., {2 * (n_s - 1)} but the teacher has {n_t} layers")
     out = {k: v for k, v in teacher_params.items() if not k.startswith("layers_")}
     for i in range(n_s):
         out[f"layers_{i}"] = teacher_params[f"layers_{2 * i}"]
@@ -72,8 +74,7 @@ def distill_method(cfg, model: Transformer) -> Method:
     if d.offline_topk:
         return _offline_method(cfg, model)
     if d.student_init == "every_other_layer" and cfg.train.init_from:
-        raise ConfigError("distill.student_init: every_other_layer and train.init_from both initialise the "
-                          "student; use one")
+        raise ConfigError("distill.student_init: every_other_layer and train.init_from both initialise the student; use one")
     teacher = load_teacher(d.teacher_checkpoint, d.teacher_step, model.config, seq, dtype=d.teacher_dtype)
     teacher_model = Transformer(teacher.config)
     s_cfg, t_cfg = model.config, teacher.config
@@ -89,11 +90,11 @@ def distill_method(cfg, model: Transformer) -> Method:
             params = jax.tree.map(lambda p, t: jnp.asarray(t, p.dtype), params, init_tree)
         out = {"model": params}
         if project:
-            std = s_cfg.d_model ** -0.5
+            std = s_cfg.d_model**-0.5
             keys = jax.random.split(rng, len(pairs))
-            out["proj"] = {f"pair_{k}": {"kernel": std * jax.random.normal(keys[k], (s_cfg.d_model, t_cfg.d_model),
-                                                                          jnp.float32)}
-                           for k in range(len(pairs))}
+            out["proj"] = {
+                f"pair_{k}": {"kernel": std * jax.random.normal(keys[k], (s_cfg.d_model, t_cfg.d_model), jnp.float32)} for k in range(len(pairs))
+            }
         return out
 
     def axes(model_axes):
@@ -104,10 +105,8 @@ def distill_method(cfg, model: Transformer) -> Method:
 
     def loss(params, batch, rng, *, frozen, deterministic):
         kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(pairs))
-        s_out = model.apply({"params": params["model"]}, batch["inputs"], deterministic=deterministic,
-                            rngs={"dropout": rng}, **kw)
-        t_out = jax.lax.stop_gradient(teacher_model.apply({"params": frozen}, batch["inputs"], deterministic=True,
-                                                          **kw))
+        s_out = model.apply({"params": params["model"]}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}, **kw)
+        t_out = jax.lax.stop_gradient(teacher_model.apply({"params": frozen}, batch["inputs"], deterministic=True, **kw))
         s_hidden, t_hidden = [], []
         for k, (si, ti) in enumerate(pairs):
             h = s_out.hidden_states[si].astype(jnp.float32)
@@ -116,13 +115,29 @@ def distill_method(cfg, model: Transformer) -> Method:
             s_hidden.append(h)
             t_hidden.append(t_out.hidden_states[ti])
         return distillation_loss(
-            s_out.logits, t_out.logits, batch["targets"], batch["loss_mask"], ce_weight=d.ce_weight,
-            kd_weight=d.kd_weight, cos_weight=d.cos_weight, student_hidden=s_hidden, teacher_hidden=t_hidden,
-            temperature=d.temperature, divergence=d.divergence, beta=d.jsd_beta)
+            s_out.logits,
+            t_out.logits,
+            batch["targets"],
+            batch["loss_mask"],
+            ce_weight=d.ce_weight,
+            kd_weight=d.kd_weight,
+            cos_weight=d.cos_weight,
+            student_hidden=s_hidden,
+            teacher_hidden=t_hidden,
+            temperature=d.temperature,
+            divergence=d.divergence,
+            beta=d.jsd_beta,
+        )
 
-    return Method("distill", loss, prepare_params=prepare_params, logical_axes=axes,
-                  model_params=lambda p: p["model"], frozen=frozen,
-                  frozen_logical_axes=logical_axes(teacher_model, (1, seq)))
+    return Method(
+        "distill",
+        loss,
+        prepare_params=prepare_params,
+        logical_axes=axes,
+        model_params=lambda p: p["model"],
+        frozen=frozen,
+        frozen_logical_axes=logical_axes(teacher_model, (1, seq)),
+    )
 
 
 def _offline_method(cfg, model: Transformer) -> Method:
@@ -131,23 +146,38 @@ def _offline_method(cfg, model: Transformer) -> Method:
     from jaxeff.train.losses import cross_entropy
 
     d = cfg.distill
-    for bad, why in [(d.cos_weight > 0, "distill.cos_weight: the hidden-state loss needs the online teacher"),
-                     (d.divergence != "forward_kl", "distill.divergence: offline top-k supports forward_kl only"),
-                     (d.student_init != "random", "distill.student_init: every_other_layer needs the teacher checkpoint")]:
+    for bad, why in [
+        (d.cos_weight > 0, "distill.cos_weight: the hidden-state loss needs the online teacher"),
+        (d.divergence != "forward_kl", "distill.divergence: offline top-k supports forward_kl only"),
+        (d.student_init != "random", "distill.student_init: every_other_layer needs the teacher checkpoint"),
+    ]:
         if bad:
             raise ConfigError(f"{why} (distill.offline_topk is set)")
     table = load_topk(d.offline_topk, cfg.data.seq_len, model.config.vocab_size)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply({"params": params["model"]}, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+        out = model.apply(
+            {"params": params["model"]},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
         mask = batch["loss_mask"].astype(jnp.float32)
         ce = cross_entropy(out.logits, batch["targets"], mask)[0]
         idx, found = lookup(frozen["fingerprints"], batch["inputs"], batch["segment_ids"])
-        kd = topk_kd_loss(out.logits, frozen["topk_logits"][idx], frozen["topk_ids"][idx],
-                          mask * found[:, None].astype(jnp.float32), temperature=d.temperature)
+        kd = topk_kd_loss(
+            out.logits, frozen["topk_logits"][idx], frozen["topk_ids"][idx], mask * found[:, None].astype(jnp.float32), temperature=d.temperature
+        )
         total = d.ce_weight * ce + d.kd_weight * kd
         return total, {"ce": ce, "kd": kd, "offline_miss": 1.0 - found.astype(jnp.float32).mean()}
 
-    return Method("distill", loss, prepare_params=lambda p, rng: {"model": p},
-                  logical_axes=lambda axes: {"model": axes}, model_params=lambda p: p["model"], frozen=table)
+    return Method(
+        "distill",
+        loss,
+        prepare_params=lambda p, rng: {"model": p},
+        logical_axes=lambda axes: {"model": axes},
+        model_params=lambda p: p["model"],
+        frozen=table,
+    )

@@ -56,7 +56,7 @@ def topk_kd_loss(student_logits, topk_logits, topk_ids, mask=None, *, temperatur
     logp_s_k = jnp.take_along_axis(logp_s, topk_ids.astype(jnp.int32), axis=-1)
     logp_t = jax.nn.log_softmax(topk_logits.astype(jnp.float32) / temperature, axis=-1)
     kl = (jnp.exp(logp_t) * (logp_t - logp_s_k)).sum(-1)
-    return temperature ** 2 * masked_mean(kl, mask)
+    return temperature**2 * masked_mean(kl, mask)
 
 
 def lookup(table_fp, batch_inputs, batch_segments):
@@ -93,10 +93,9 @@ def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64, progr
     n_rows = rows["inputs"].shape[0]
     from tqdm import tqdm
 
-    with tqdm(total=n_rows, desc=f"teacher top-{k}", unit="row", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=n_rows, desc=f"teacher top-{k}", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for i in range(0, n_rows, batch_rows):
-            v, j = top(params, *(rows[key][i:i + batch_rows] for key in ("inputs", "positions", "segment_ids")))
+            v, j = top(params, *(rows[key][i : i + batch_rows] for key in ("inputs", "positions", "segment_ids")))
             values.append(np.asarray(v, np.float32))
             ids.append(np.asarray(j, np.int32))
             bar.update(min(batch_rows, n_rows - i))
@@ -113,8 +112,15 @@ def precompute_topk(cfg, k: int, out: str | Path, *, batch_rows: int = 64, progr
     keep = ~clash
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, fingerprints=fp[keep], topk_logits=values[keep], topk_ids=ids[keep], k=np.int32(k),
-             seq_len=np.int32(cfg.data.seq_len), vocab_size=np.int32(teacher.config.vocab_size))
+    np.savez(
+        out,
+        fingerprints=fp[keep],
+        topk_logits=values[keep],
+        topk_ids=ids[keep],
+        k=np.int32(k),
+        seq_len=np.int32(cfg.data.seq_len),
+        vocab_size=np.int32(teacher.config.vocab_size),
+    )
     return out
 
 
@@ -125,9 +131,11 @@ def load_topk(path: str | Path, seq_len: int, vocab_size: int) -> dict[str, np.n
     with np.load(p) as f:
         table = {key: f[key] for key in ("fingerprints", "topk_logits", "topk_ids")}
         if int(f["seq_len"]) != seq_len or int(f["vocab_size"]) != vocab_size:
-            raise ConfigError(f"distill.offline_topk: '{path}' was written for seq_len={int(f['seq_len'])}, "
-                              f"vocab_size={int(f['vocab_size'])}; this run has data.seq_len={seq_len}, "
-                              f"model.vocab_size={vocab_size}")
+            raise ConfigError(
+                f"distill.offline_topk: '{path}' was written for seq_len={int(f['seq_len'])}, "
+                f"vocab_size={int(f['vocab_size'])}; this run has data.seq_len={seq_len}, "
+                f"model.vocab_size={vocab_size}"
+            )
     return table
 
 

@@ -62,12 +62,12 @@ def training_documents(data_cfg) -> list[tuple[str, str]]:
     if data_cfg.source == "synthetic":
         from jaxeff.data.synthetic import generate_documents
 
-        return [(name, d) for name in data_cfg.domains
-                for d in generate_documents(name, data_cfg.docs_per_domain, data_cfg.seed, doc_len=data_cfg.doc_len)]
+        return [
+            (name, d) for name in data_cfg.domains for d in generate_documents(name, data_cfg.docs_per_domain, data_cfg.seed, doc_len=data_cfg.doc_len)
+        ]
     from jaxeff.data.files import load_text_documents
 
-    docs = load_text_documents(list(data_cfg.paths), format=data_cfg.format, text_field=data_cfg.text_field,
-                               field_name="data.paths")
+    docs = load_text_documents(list(data_cfg.paths), format=data_cfg.format, text_field=data_cfg.text_field, field_name="data.paths")
     if not data_cfg.eval_paths:
         order = np.random.default_rng(data_cfg.seed).permutation(len(docs))
         n_eval = int(round(len(docs) * data_cfg.eval_fraction)) if len(docs) > 1 else 0
@@ -84,10 +84,9 @@ def run_prompts(docs: list[tuple[str, str]], tokenizer, *, num: int, prompt_toke
         domain, text = docs[order[i % len(docs)]]
         ids = [tokenizer.bos_id] + tokenizer.encode(text)
         if len(ids) < prompt_tokens:
-            raise DataError(f"--prompt-tokens: {prompt_tokens} is longer than a training document "
-                            f"({len(ids)} tokens with bos)")
+            raise DataError(f"--prompt-tokens: {prompt_tokens} is longer than a training document ({len(ids)} tokens with bos)")
         start = int(rng.integers(0, len(ids) - prompt_tokens + 1))
-        out.append((domain, ids[start:start + prompt_tokens]))
+        out.append((domain, ids[start : start + prompt_tokens]))
     return out
 
 
@@ -120,9 +119,20 @@ def file_prompts(path, tokenizer, num: int | None) -> list[tuple[str, list[int]]
     return [("prompts", [tokenizer.bos_id] + tokenizer.encode(t)) for t in texts]
 
 
-def generate_dataset(teacher, out, *, num: int | None = None, prompt_tokens: int = 16, max_new_tokens: int = 112,
-                     temperature: float = 0.0, top_k: int = 0, seed: int = 0, batch_size: int = 64,
-                     prompts=None, step: int | None = None) -> dict:
+def generate_dataset(
+    teacher,
+    out,
+    *,
+    num: int | None = None,
+    prompt_tokens: int = 16,
+    max_new_tokens: int = 112,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+    prompts=None,
+    step: int | None = None,
+) -> dict:
     """Write the teacher's continuations of the prompts to ``out`` (.jsonl / .parquet); returns a
     summary ``{"samples", "tokens", "path", ...}``. ``num`` defaults to the number of training
     documents (run prompts) or of prompt lines (``prompts`` file)."""
@@ -153,11 +163,11 @@ def generate_dataset(teacher, out, *, num: int | None = None, prompt_tokens: int
         items = run_prompts(docs, tokenizer, num=num or len(docs), prompt_tokens=prompt_tokens, seed=seed)
     longest = max(len(ids) for _, ids in items)
     if longest + max_new_tokens > cfg.model.max_seq_len:
-        raise ConfigError(f"--prompt-tokens/--max-new-tokens: {longest} prompt + {max_new_tokens} new tokens exceed "
-                          f"the teacher's max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(
+            f"--prompt-tokens/--max-new-tokens: {longest} prompt + {max_new_tokens} new tokens exceed the teacher's max_seq_len={cfg.model.max_seq_len}"
+        )
     model = Transformer(cfg.model)
-    gen = jax.jit(lambda p, ids, key: generate(model, p, ids, key, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k))
+    gen = jax.jit(lambda p, ids, key: generate(model, p, ids, key, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
     # same-length prompts go together (generate takes one prompt length per batch)
     by_len: dict[int, list[int]] = {}
     for i, (_, ids) in enumerate(items):
@@ -168,13 +178,13 @@ def generate_dataset(teacher, out, *, num: int | None = None, prompt_tokens: int
     for length in sorted(by_len):
         idx = by_len[length]
         for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
+            part = idx[s : s + batch_size]
             rows = np.asarray([items[i][1] for i in part] + [items[part[0]][1]] * (batch_size - len(part)), np.int32)
             toks = np.asarray(gen(params, rows, jax.random.fold_in(base_key, batch_no)))
             batch_no += 1
             for r, i in enumerate(part):
                 t = [int(x) for x in toks[r]]
-                new_ids[i] = t[:t.index(tokenizer.eos_id)] if tokenizer.eos_id in t else t
+                new_ids[i] = t[: t.index(tokenizer.eos_id)] if tokenizer.eos_id in t else t
     records, n_tokens = [], 0
     for i, (domain, ids) in enumerate(items):
         prompt = tokenizer.decode(ids)
@@ -193,10 +203,18 @@ def generate_dataset(teacher, out, *, num: int | None = None, prompt_tokens: int
 
         pq.write_table(pa.Table.from_pylist(records), tmp)
     tmp.replace(out)
-    return {"path": str(out), "samples": len(records), "tokens": n_tokens, "teacher": str(teacher),
-            "prompt_tokens": prompt_tokens if prompts is None else None, "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "top_k": top_k, "seed": seed,
-            "mean_new_tokens": float(np.mean([len(v) for v in new_ids.values()])) if new_ids else math.nan}
+    return {
+        "path": str(out),
+        "samples": len(records),
+        "tokens": n_tokens,
+        "teacher": str(teacher),
+        "prompt_tokens": prompt_tokens if prompts is None else None,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "seed": seed,
+        "mean_new_tokens": float(np.mean([len(v) for v in new_ids.values()])) if new_ids else math.nan,
+    }
 
 
 __all__ = ["generate_dataset", "training_documents", "run_prompts", "file_prompts", "check_out"]

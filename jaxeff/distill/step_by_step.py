@@ -62,11 +62,9 @@ class StepByStepConfig(Section):
         if not a or not b:
             raise ValueError("label_prefix and rationale_prefix must not be empty")
         if a.startswith(b) or b.startswith(a):
-            raise ValueError(f"label_prefix {a!r} and rationale_prefix {b!r}: neither may start the other "
-                             "(the loss tells the tasks apart by them)")
+            raise ValueError(f"label_prefix {a!r} and rationale_prefix {b!r}: neither may start the other (the loss tells the tasks apart by them)")
         if not m or m in a or m in b or "\n" in a + b:
-            raise ValueError(f"answer_marker {m!r}: expected a non-empty string found in neither prefix "
-                             "(and prefixes without newlines)")
+            raise ValueError(f"answer_marker {m!r}: expected a non-empty string found in neither prefix (and prefixes without newlines)")
         if self.rationale_source == "teacher" and not self.teacher_checkpoint:
             raise ValueError("teacher_checkpoint: rationale_source=teacher needs the teacher's run folder")
         return self
@@ -81,13 +79,14 @@ def task_ids(section: StepByStepConfig, tokenizer) -> tuple[list[int], list[int]
     label, rationale = tokenizer.encode(section.label_prefix), tokenizer.encode(section.rationale_prefix)
     marker = tokenizer.encode(section.answer_marker)
     if len(marker) != 1:
-        raise ConfigError(f"{KEY}.answer_marker: {section.answer_marker!r} is {len(marker)} tokens with this "
-                          "tokenizer (expected one)")
+        raise ConfigError(f"{KEY}.answer_marker: {section.answer_marker!r} is {len(marker)} tokens with this tokenizer (expected one)")
     for prefix, ids in ((section.label_prefix, label), (section.rationale_prefix, rationale)):
         line = tokenizer.encode(prefix + "1+2" + section.answer_marker)
-        if line[:len(ids)] != ids or line[-1] != marker[0]:
-            raise ConfigError(f"{KEY}: the prefix {prefix!r} or the marker tokenizes differently inside a line with "
-                              f"this tokenizer ({tokenizer!r}); use the byte tokenizer")
+        if line[: len(ids)] != ids or line[-1] != marker[0]:
+            raise ConfigError(
+                f"{KEY}: the prefix {prefix!r} or the marker tokenizes differently inside a line with "
+                f"this tokenizer ({tokenizer!r}); use the byte tokenizer"
+            )
     return label, rationale, marker[0]
 
 
@@ -97,8 +96,10 @@ def label_prompts(section: StepByStepConfig, tokenizer, n: int, seed: int) -> li
     from jaxeff.data.synthetic import arithmetic_additions
 
     task_ids(section, tokenizer)
-    return [([tokenizer.bos_id] + tokenizer.encode(f"{section.label_prefix}{p['question']}{section.answer_marker}"),
-             p["answer"]) for p in arithmetic_additions(n, seed, digits=section.digits)]
+    return [
+        ([tokenizer.bos_id] + tokenizer.encode(f"{section.label_prefix}{p['question']}{section.answer_marker}"), p["answer"])
+        for p in arithmetic_additions(n, seed, digits=section.digits)
+    ]
 
 
 def teacher_rationales(section: StepByStepConfig, problems, tokenizer, tokenizer_spec: str, batch: int = 128) -> list[str]:
@@ -110,10 +111,11 @@ def teacher_rationales(section: StepByStepConfig, problems, tokenizer, tokenizer
 
     t_cfg, params = load_model_params(section.teacher_checkpoint, section.teacher_step)
     if t_cfg.data.tokenizer != tokenizer_spec:
-        raise ConfigError(f"{KEY}.teacher_checkpoint: the teacher reads tokenizer {t_cfg.data.tokenizer!r}, this run "
-                          f"data.tokenizer={tokenizer_spec!r}; they must be the same")
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(f"{section.rationale_prefix}{p['question']}{section.answer_marker}")
-               for p in problems]
+        raise ConfigError(
+            f"{KEY}.teacher_checkpoint: the teacher reads tokenizer {t_cfg.data.tokenizer!r}, this run "
+            f"data.tokenizer={tokenizer_spec!r}; they must be the same"
+        )
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(f"{section.rationale_prefix}{p['question']}{section.answer_marker}") for p in problems]
     outs = greedy_tokens(Transformer(t_cfg.model), params, prompts, section.max_rationale_tokens, batch=batch)
     stop = {tokenizer.eos_id, *tokenizer.encode("\n")}
     return [tokenizer.decode(until(o, stop)) for o in outs]
@@ -125,8 +127,7 @@ def _records(section: StepByStepConfig, problems, rationales) -> list[dict]:
     for i, p in enumerate(problems):
         out.append({"text": f"{section.label_prefix}{p['question']}{m}{p['answer']}", "task": "label", "problem": i})
         if rationales is not None:
-            out.append({"text": f"{section.rationale_prefix}{p['question']}{m}{rationales[i]}", "task": "rationale",
-                        "problem": i})
+            out.append({"text": f"{section.rationale_prefix}{p['question']}{m}{rationales[i]}", "task": "rationale", "problem": i})
     return out
 
 
@@ -168,8 +169,14 @@ def write_data(cfg, *, force: bool = False) -> dict:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
         tmp.replace(path)
-    summary = {"train": str(train_path), "eval": str(eval_path), "problems": len(train), "train_records": len(train_recs),
-               "eval_records": len(eval_recs), "rationale_source": s.rationale_source}
+    summary = {
+        "train": str(train_path),
+        "eval": str(eval_path),
+        "problems": len(train),
+        "train_records": len(train_recs),
+        "eval_records": len(eval_recs),
+        "rationale_source": s.rationale_source,
+    }
     if rationales is not None and s.rationale_source == "teacher":
         summary["teacher_rationales_exact"] = sum(r == p["rationale"] for r, p in zip(rationales, train)) / len(train)
     return summary
@@ -220,20 +227,25 @@ def step_by_step_method(cfg, model) -> Method:
     lam = float(s.rationale_weight)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+        out = model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
         nll = token_nll(out.logits, batch["targets"])
-        m_label, m_rat = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=tokenizer.bos_id,
-                                    marker_id=marker, prefixes=(label_ids, rationale_ids))
+        m_label, m_rat = task_masks(
+            batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=tokenizer.bos_id, marker_id=marker, prefixes=(label_ids, rationale_ids)
+        )
         n_label, n_rat = m_label.sum(), m_rat.sum()
         l_label = (nll * m_label).sum() / jnp.maximum(n_label, 1.0)
         l_rat = (nll * m_rat).sum() / jnp.maximum(n_rat, 1.0)
         ce = (nll * (m_label + m_rat)).sum() / jnp.maximum(n_label + n_rat, 1.0)  # over both tasks' outputs
-        return l_label + lam * l_rat, {"ce": ce, "label_ce": l_label, "rationale_ce": l_rat, "label_tokens": n_label,
-                                       "rationale_tokens": n_rat}
+        return l_label + lam * l_rat, {"ce": ce, "label_ce": l_label, "rationale_ce": l_rat, "label_tokens": n_label, "rationale_tokens": n_rat}
 
     return Method(KEY, loss)
 
 
-__all__ = ["StepByStepConfig", "task_ids", "label_prompts", "teacher_rationales", "write_data", "task_masks",
-           "step_by_step_method"]
+__all__ = ["StepByStepConfig", "task_ids", "label_prompts", "teacher_rationales", "write_data", "task_masks", "step_by_step_method"]

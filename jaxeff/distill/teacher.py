@@ -26,8 +26,7 @@ class Teacher:
     params: Any  # numpy tree, float32 as saved
 
 
-def load_teacher(path: str | None, step: int | None, student: TransformerConfig, seq_len: int, *,
-                 dtype: str = "float32") -> Teacher:
+def load_teacher(path: str | None, step: int | None, student: TransformerConfig, seq_len: int, *, dtype: str = "float32") -> Teacher:
     """Parameters and architecture of a teacher run's checkpoint, as host (numpy) arrays.
 
     Accepts a checkpoint written by any method whose ``params`` are the model's, or by ``distill``
@@ -46,8 +45,10 @@ def load_teacher(path: str | None, step: int | None, student: TransformerConfig,
         except Exception as e:  # noqa: BLE001 - any malformed saved config is the user's input
             raise CheckpointError(f"{KEY}: '{path}' holds no readable model config ({type(e).__name__})") from None
         if cfg.vocab_size != student.vocab_size:
-            raise ConfigError(f"{KEY}: the teacher's vocab_size is {cfg.vocab_size} but model.vocab_size is "
-                              f"{student.vocab_size}; teacher and student must share the vocabulary")
+            raise ConfigError(
+                f"{KEY}: the teacher's vocab_size is {cfg.vocab_size} but model.vocab_size is "
+                f"{student.vocab_size}; teacher and student must share the vocabulary"
+            )
         if seq_len > cfg.max_seq_len:
             raise ConfigError(f"{KEY}: data.seq_len={seq_len} is above the teacher's max_seq_len={cfg.max_seq_len}")
         abstract = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.PRNGKey(0), (1, 8)))
@@ -60,6 +61,5 @@ def load_teacher(path: str | None, step: int | None, student: TransformerConfig,
     finally:
         ckpt.close()
     params = params["model"] if nested else params
-    run_cfg = dataclasses.replace(cfg, dropout=0.0, remat=student.remat, attention_impl=student.attention_impl,
-                                  dtype=dtype, param_dtype=dtype)
+    run_cfg = dataclasses.replace(cfg, dropout=0.0, remat=student.remat, attention_impl=student.attention_impl, dtype=dtype, param_dtype=dtype)
     return Teacher(run_cfg, jax.tree.map(np.asarray, params))

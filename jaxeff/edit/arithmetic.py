@@ -64,8 +64,7 @@ def check_compatible(a: Tree, b: Tree, what: str = "parameter trees") -> None:
 def _combine(fn, first: Tree, *others: Tree) -> Tree:
     for i, o in enumerate(others):
         check_compatible(first, o, f"parameter trees 1 and {i + 2}")
-    return jax.tree.map(lambda x, *ys: fn(x.astype(jnp.float32), *(y.astype(jnp.float32) for y in ys)).astype(x.dtype),
-                        first, *others)
+    return jax.tree.map(lambda x, *ys: fn(x.astype(jnp.float32), *(y.astype(jnp.float32) for y in ys)).astype(x.dtype), first, *others)
 
 
 @jax.jit
@@ -101,6 +100,7 @@ def apply_vectors(base: Tree, vectors: Sequence[Tree], scales: Sequence[float] |
         check_compatible(base, v, f"base and task vector {i + 1}")
     if not vectors:
         return base
+
     def combine(b, *vs):
         return (b.astype(jnp.float32) + sum(s * v.astype(jnp.float32) for s, v in zip(scales, vs))).astype(b.dtype)
 
@@ -108,7 +108,7 @@ def apply_vectors(base: Tree, vectors: Sequence[Tree], scales: Sequence[float] |
 
 
 def analogy(tau_a: Tree, tau_b: Tree, tau_c: Tree) -> Tree:
-    """"A is to B as C is to D": tau_D = tau_C + (tau_B - tau_A)."""
+    """ "A is to B as C is to D": tau_D = tau_C + (tau_B - tau_A)."""
     return _combine(lambda a, b, c: c + (b - a), tau_a, tau_b, tau_c)
 
 
@@ -148,8 +148,7 @@ def trim(tau: Tree, k: float, scope: str = "global") -> Tree:
     if scope == "global":
         t = threshold(jnp.abs(_flat_f32(tau)))
         return jax.tree.map(lambda x: jnp.where(jnp.abs(x.astype(jnp.float32)) >= t, x, jnp.zeros_like(x)), tau)
-    return jax.tree.map(lambda x: jnp.where(jnp.abs(x.astype(jnp.float32)) >= threshold(jnp.abs(x.astype(jnp.float32))),
-                                            x, jnp.zeros_like(x)), tau)
+    return jax.tree.map(lambda x: jnp.where(jnp.abs(x.astype(jnp.float32)) >= threshold(jnp.abs(x.astype(jnp.float32))), x, jnp.zeros_like(x)), tau)
 
 
 @jax.jit
@@ -168,6 +167,7 @@ def elect_sign(trimmed: Sequence[Tree]) -> Tree:
 def disjoint_mean(trimmed: Sequence[Tree], signs: Tree) -> Tree:
     """Per parameter, the mean of the trimmed values whose sign agrees with the elected sign (zeros
     and disagreeing values are left out; no agreeing value gives 0)."""
+
     def merge(s, *xs):
         xs = [x.astype(jnp.float32) for x in xs]
         agree = [jnp.where(s > 0, x > 0, x < 0) for x in xs]
@@ -198,5 +198,19 @@ def sign_conflicts(vectors: Sequence[Tree]) -> float:
     return float(np.mean((pos > 0) & (neg > 0)))
 
 
-__all__ = ["first_difference", "check_compatible", "task_vector", "add", "scale", "negate", "apply_vectors", "analogy",
-           "transfer", "trim", "elect_sign", "disjoint_mean", "ties_merge", "sign_conflicts"]
+__all__ = [
+    "first_difference",
+    "check_compatible",
+    "task_vector",
+    "add",
+    "scale",
+    "negate",
+    "apply_vectors",
+    "analogy",
+    "transfer",
+    "trim",
+    "elect_sign",
+    "disjoint_mean",
+    "ties_merge",
+    "sign_conflicts",
+]

@@ -21,7 +21,6 @@ def cmd_merge(args) -> int:
 
     summary = merge_runs(recipe)
     parts = ", ".join(f"{n} x{e.scale:g}" + (f" (from {e.base})" if e.base else "") for n, e in recipe.models.items())
-    how = recipe.method if recipe.method == "task_arithmetic" else \
-        f"ties k={recipe.ties.k:g} lam={recipe.ties.lam:g}"
+    how = recipe.method if recipe.method == "task_arithmetic" else f"ties k={recipe.ties.k:g} lam={recipe.ties.lam:g}"
     print(f"merged model saved as run {summary['out']} ({how}: {recipe.base} + {parts})")
     return 0

@@ -60,8 +60,7 @@ def check_same_architecture(base_cfg: dict, other_cfg: dict, base_name: str, oth
     diff = first_difference(abstract_model_params(base_cfg), abstract_model_params(other_cfg))
     if diff is not None:
         what = diff[1].replace("the first", base_name).replace("the second", other_name)
-        raise CheckpointError(f"'{other_name}' has a different architecture from '{base_name}': parameter "
-                              f"'{diff[0]}' differs ({what})")
+        raise CheckpointError(f"'{other_name}' has a different architecture from '{base_name}': parameter '{diff[0]}' differs ({what})")
     check_same_model(other_cfg, base_cfg["model"], Path(other_name))
 
 
@@ -110,9 +109,13 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
         vectors.append(ta.task_vector(params_of(e.path, e.step), own_base))
         names.append(name)
         scales.append(e.scale)
-    summary: dict[str, Any] = {"method": recipe.method, "base": str(recipe.base), "out": str(out),
-                               "recipe": recipe.model_dump(mode="json"),
-                               "vector_norms": {n: _norm(v) for n, v in zip(names, vectors)}}
+    summary: dict[str, Any] = {
+        "method": recipe.method,
+        "base": str(recipe.base),
+        "out": str(out),
+        "recipe": recipe.model_dump(mode="json"),
+        "vector_norms": {n: _norm(v) for n, v in zip(names, vectors)},
+    }
     if recipe.method == "task_arithmetic":
         merged = ta.apply_vectors(base, vectors, scales)
     else:
@@ -132,9 +135,13 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     from jaxeff.runs import save_model_run
 
     cfg = from_dict(with_overrides(base_cfg, new_lm_run(out)))  # the base's config (mesh, batch) as a plain lm run
-    provenance = {"command": "jaxeff merge", "method": recipe.method, "base": str(Path(recipe.base).absolute()),
-                  "models": {n: str(Path(e.path).absolute()) for n, e in recipe.models.items()},
-                  "data": "as the base run"}
+    provenance = {
+        "command": "jaxeff merge",
+        "method": recipe.method,
+        "base": str(Path(recipe.base).absolute()),
+        "models": {n: str(Path(e.path).absolute()) for n, e in recipe.models.items()},
+        "data": "as the base run",
+    }
     save_model_run(jax.device_put(merged, jax.devices()[0]), cfg, provenance=provenance, key="out")
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary

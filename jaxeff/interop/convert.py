@@ -92,8 +92,7 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
         if raw["data"].get("tokenizer", "byte") != "byte" and tokenizer.is_file():
             raw["data"] = {**raw["data"], "tokenizer": str(tokenizer.absolute())}
     else:
-        raw["data"] = {"tokenizer": str(tokenizer.absolute()) if tokenizer.is_file() else "byte",
-                       "seq_len": min(128, model["max_seq_len"])}
+        raw["data"] = {"tokenizer": str(tokenizer.absolute()) if tokenizer.is_file() else "byte", "seq_len": min(128, model["max_seq_len"])}
         provenance["data"] = "unknown"
     cfg = from_dict(raw)
     # Everything is checked before the first folder is made: the destination, then every tensor.
@@ -132,12 +131,18 @@ def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
         with Checkpointer(ckpt_dir, create=False) as ckpt:
             step = ckpt.latest_step()
     data = dict(saved.get("data", {}))
-    record = {"run": str(Path(run).absolute()), "step": int(step), "method": saved.get("method", "lm"),
-              "provenance": saved.get("provenance"), "data": data,
-              "eval_batches": saved.get("train", {}).get("eval_batches")}
-    (out / RUN_FILE).write_text("# the jaxeff run this folder was exported from (jaxeff convert --to-hf);"
-                                " convert --from-hf reads its data section back\n"
-                                + yaml.safe_dump({k: v for k, v in record.items() if v is not None}, sort_keys=False))
+    record = {
+        "run": str(Path(run).absolute()),
+        "step": int(step),
+        "method": saved.get("method", "lm"),
+        "provenance": saved.get("provenance"),
+        "data": data,
+        "eval_batches": saved.get("train", {}).get("eval_batches"),
+    }
+    (out / RUN_FILE).write_text(
+        "# the jaxeff run this folder was exported from (jaxeff convert --to-hf);"
+        " convert --from-hf reads its data section back\n" + yaml.safe_dump({k: v for k, v in record.items() if v is not None}, sort_keys=False)
+    )
     return out
 
 

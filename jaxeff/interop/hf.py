@@ -47,9 +47,17 @@ DEVICE_TRANSPOSE_MIN = 2**20  # elements: larger sharded kernels are transposed 
 READ_THREADS = 4  # at most: whole tensors read and transposed on the host in parallel
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints carry
 
-_LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-          "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 
 
@@ -69,8 +77,7 @@ def hf_name(path: tuple[str, ...]) -> tuple[str | None, bool]:
     m = re.fullmatch(r"layers_(\d+)", path[0])
     if m and len(path) >= 3 and path[-2] in _LAYER and path[-1] in _LEAF:
         return f"model.layers.{m.group(1)}.{_LAYER[path[-2]]}.{_LEAF[path[-1]]}", path[-1] == "kernel"
-    raise CheckpointError(f"parameter {'/'.join(path)} has no Hugging Face counterpart "
-                          "(merge adapters / convert extra parameters into the model first)")
+    raise CheckpointError(f"parameter {'/'.join(path)} has no Hugging Face counterpart (merge adapters / convert extra parameters into the model first)")
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -96,8 +103,7 @@ def _place(sl, shape: tuple[int, ...], transpose: bool, dtype, sharding) -> jax.
     Large transposed tensors are placed in HF layout (the transposed sharding) and transposed by
     XLA on the devices, which is several times faster than numpy's strided copy."""
     if transpose and math.prod(shape) >= DEVICE_TRANSPOSE_MIN:
-        hf_layout = jax.make_array_from_callback(tuple(reversed(shape)), _transposed(sharding),
-                                                 lambda index: np.asarray(sl[tuple(index)], dtype=dtype))
+        hf_layout = jax.make_array_from_callback(tuple(reversed(shape)), _transposed(sharding), lambda index: np.asarray(sl[tuple(index)], dtype=dtype))
         return _transposer(sharding)(hf_layout)
 
     def read(index):
@@ -133,11 +139,9 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
     shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     names = [hf_name(_keys(path)) for path, _ in flat]
     wanted = {name for name, _ in names}
-    extra = sorted(n for n in files.where if n not in wanted and not IGNORED.search(n)
-                   and not (tied and n == "lm_head.weight"))
+    extra = sorted(n for n in files.where if n not in wanted and not IGNORED.search(n) and not (tied and n == "lm_head.weight"))
     if extra:
-        raise CheckpointError(f"'{folder}': tensor {extra[0]} is not part of the model config.json describes"
-                              f" ({len(extra)} unexpected tensors)")
+        raise CheckpointError(f"'{folder}': tensor {extra[0]} is not part of the model config.json describes ({len(extra)} unexpected tensors)")
     total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for _, x in flat)
     bar = _bar(total, total >= PROGRESS_MIN_BYTES if progress is None else progress, f"loading {folder.name}")
     out: list[Any] = [None] * len(flat)
@@ -157,8 +161,7 @@ def load_weights(folder, abstract, shardings, *, tied: bool, progress: bool | No
             got = tuple(tensor.get_shape())
             want = tuple(reversed(x.shape)) if transpose else tuple(x.shape)
             if got != want:
-                raise CheckpointError(f"'{folder}': tensor {name} has shape {list(got)}, expected {list(want)} "
-                                      "from config.json")
+                raise CheckpointError(f"'{folder}': tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
             if len(sharding.device_set) == 1 and sharding.is_fully_addressable:  # whole, by a worker thread
                 pending.append((i, pool.submit(tensor.read, transpose=transpose, dtype=x.dtype)))
                 while len(pending) > workers:  # at most this many tensors wait on the host
@@ -227,8 +230,10 @@ def check_matches(path, cfg: TransformerConfig, where: str = "train.init_from") 
     hf = json.loads(json.dumps(hf))
     for key in hf:
         if key not in _FREE and hf[key] != mine[key]:
-            raise ConfigError(f"{where}: model.{key} is {mine[key]!r} but config.json of '{path}' gives {hf[key]!r} "
-                              f"(`jaxeff convert --from-hf {path}` prints the matching model section)")
+            raise ConfigError(
+                f"{where}: model.{key} is {mine[key]!r} but config.json of '{path}' gives {hf[key]!r} "
+                f"(`jaxeff convert --from-hf {path}` prints the matching model section)"
+            )
 
 
 def load_for_run(path, cfg: TransformerConfig, abstract, shardings):
@@ -257,8 +262,9 @@ def _dequantized(leaf, path: str, dequantize: bool):
     if not isinstance(leaf, QuantizedWeight):
         return leaf
     if not dequantize:
-        raise CheckpointError(f"parameter {path} is quantized ({leaf.fmt}); Hugging Face safetensors hold float "
-                              "weights: pass dequantize=True or save the float model")
+        raise CheckpointError(
+            f"parameter {path} is quantized ({leaf.fmt}); Hugging Face safetensors hold float weights: pass dequantize=True or save the float model"
+        )
     return deq(leaf, jnp.float32)
 
 
@@ -268,8 +274,7 @@ def _tensors(model_cfg: TransformerConfig, params, dequantize: bool) -> Iterator
 
     expected = {_keys(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(model_cfg))[0]}
     seen = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-            params, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]:
         keys = _keys(path)
         where = "/".join(keys)
         leaf = _dequantized(leaf, where, dequantize)
@@ -277,8 +282,7 @@ def _tensors(model_cfg: TransformerConfig, params, dequantize: bool) -> Iterator
         if keys not in expected:
             raise CheckpointError(f"parameter {where} is not part of the model's config")
         if tuple(leaf.shape) != tuple(expected[keys]):
-            raise CheckpointError(f"parameter {where} has shape {list(leaf.shape)}, the model config says "
-                                  f"{list(expected[keys])}")
+            raise CheckpointError(f"parameter {where} has shape {list(leaf.shape)}, the model config says {list(expected[keys])}")
         seen.add(keys)
         if name is None:
             if np.any(_host(leaf) != 0):
@@ -290,8 +294,9 @@ def _tensors(model_cfg: TransformerConfig, params, dequantize: bool) -> Iterator
         raise CheckpointError(f"parameter {'/'.join(missing[0])} is missing from the parameters to save")
 
 
-def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    dequantize: bool = True, progress: bool | None = None) -> Path:
+def save_pretrained(
+    model, params, path, *, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dequantize: bool = True, progress: bool | None = None
+) -> Path:
     """Write ``params`` as a Hugging Face folder: ``config.json`` and ``model.safetensors`` (or
     shards of at most ``max_shard_bytes`` with ``model.safetensors.index.json``).
 
@@ -323,8 +328,7 @@ def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = D
         folder.mkdir(parents=True, exist_ok=True)
     show = (total >= PROGRESS_MIN_BYTES if progress is None else progress) and write
     bar = _bar(total, show, f"saving {folder.name}")
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                 for i in range(len(shards))]
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
 
     def producer(leaf, transpose):
@@ -336,11 +340,11 @@ def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = D
                 a = (a.T if transpose else a).astype(out_dtype)
             bar.update(a.size * itemsize)
             return a
+
         return produce
 
     for file, shard in zip(names, shards):
-        entries = [(name, tuple(reversed(leaf.shape)) if tr else tuple(leaf.shape), out_dtype, producer(leaf, tr))
-                   for name, leaf, tr in shard]
+        entries = [(name, tuple(reversed(leaf.shape)) if tr else tuple(leaf.shape), out_dtype, producer(leaf, tr)) for name, leaf, tr in shard]
         if write:
             write_safetensors(folder / file, entries)
         else:  # other processes take part in the gathers
@@ -350,11 +354,9 @@ def save_pretrained(model, params, path, *, dtype=None, max_shard_bytes: int = D
     bar.close()
     if write:
         if len(shards) > 1:
-            (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2) + "\n")
+            (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return folder
 
 
-__all__ = ["load_pretrained", "save_pretrained", "model_config", "load_weights", "load_for_run", "check_matches",
-           "hf_name"]
+__all__ = ["load_pretrained", "save_pretrained", "model_config", "load_weights", "load_for_run", "check_matches", "hf_name"]

@@ -18,14 +18,30 @@ from jaxeff.models.config import RopeScaling, TransformerConfig
 
 # architecture -> (model_type, defaults of the transformers config class for keys a file may omit)
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "LlamaForCausalLM": ("llama", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-                                   "tie_word_embeddings": False}),
-    "MistralForCausalLM": ("mistral", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                                       "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False,
-                                       "num_key_value_heads": 8, "sliding_window": 4096}),
-    "Qwen2ForCausalLM": ("qwen2", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
-                                   "tie_word_embeddings": False, "use_sliding_window": False,
-                                   "sliding_window": 4096, "max_window_layers": 28}),
+    "LlamaForCausalLM": ("llama", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False}),
+    "MistralForCausalLM": (
+        "mistral",
+        {
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 4096 * 32,
+            "tie_word_embeddings": False,
+            "num_key_value_heads": 8,
+            "sliding_window": 4096,
+        },
+    ),
+    "Qwen2ForCausalLM": (
+        "qwen2",
+        {
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": False,
+            "use_sliding_window": False,
+            "sliding_window": 4096,
+            "max_window_layers": 28,
+        },
+    ),
 }
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -86,9 +102,12 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if kind == "llama3":
         try:
             return float(theta), RopeScaling(
-                type="llama3", factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+                type="llama3",
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
                 high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            )
         except KeyError as e:
             raise ConfigError(f"config.json: llama3 RoPE scaling lacks {e.args[0]}") from None
     raise ConfigError(f"config.json: RoPE type {kind!r} is not supported (supported: default, linear, llama3)")
@@ -139,25 +158,34 @@ def config_from_hf(raw: dict[str, Any], param_dtype: str = "float32") -> Transfo
             raise ConfigError("config.json: Qwen2 with attention_bias/mlp_bias is not supported")
         qkv_bias, use_bias = True, False
     elif attn_bias != mlp_bias:
-        raise ConfigError(f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
-                          "(jaxeff has biases on every projection or on none, or on q/k/v only as in Qwen2)")
+        raise ConfigError(
+            f"config.json: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+            "(jaxeff has biases on every projection or on none, or on q/k/v only as in Qwen2)"
+        )
     else:
         qkv_bias, use_bias = False, attn_bias
     theta, scaling = _rope(raw)
     n_layers = int(raw["num_hidden_layers"])
     try:
         return TransformerConfig(
-            vocab_size=int(raw["vocab_size"]), d_model=int(raw["hidden_size"]), n_layers=n_layers,
+            vocab_size=int(raw["vocab_size"]),
+            d_model=int(raw["hidden_size"]),
+            n_layers=n_layers,
             n_heads=int(raw["num_attention_heads"]),
-            n_kv_heads=int(raw.get("num_key_value_heads") or defaults.get("num_key_value_heads")
-                           or raw["num_attention_heads"]),
-            head_dim=_head_dim(raw), d_ff=int(raw["intermediate_size"]),
+            n_kv_heads=int(raw.get("num_key_value_heads") or defaults.get("num_key_value_heads") or raw["num_attention_heads"]),
+            head_dim=_head_dim(raw),
+            d_ff=int(raw["intermediate_size"]),
             max_seq_len=int(raw.get("max_position_embeddings") or defaults["max_position_embeddings"]),
-            rope_theta=theta, rope_scaling=scaling,
+            rope_theta=theta,
+            rope_scaling=scaling,
             norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
-            use_bias=use_bias, qkv_bias=qkv_bias,
+            use_bias=use_bias,
+            qkv_bias=qkv_bias,
             tie_embeddings=bool(raw.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
-            sliding_window=_windows(raw, arch, n_layers), param_dtype=param_dtype, dtype=param_dtype)
+            sliding_window=_windows(raw, arch, n_layers),
+            param_dtype=param_dtype,
+            dtype=param_dtype,
+        )
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"config.json: {str(e).splitlines()[-1].strip()}") from None
 
@@ -172,8 +200,7 @@ def architecture_for(cfg: TransformerConfig) -> str:
         raise ConfigError("model.sliding_window: per-layer windows export only as Qwen2 (a model with qkv_bias)")
     if windows[0] is not None:
         if cfg.use_bias:
-            raise ConfigError("model: sliding_window with use_bias has no Hugging Face equivalent "
-                              "(Mistral has no biases)")
+            raise ConfigError("model: sliding_window with use_bias has no Hugging Face equivalent (Mistral has no biases)")
         return "MistralForCausalLM"
     return "LlamaForCausalLM"
 
@@ -183,20 +210,40 @@ def config_to_hf(cfg: TransformerConfig, dtype: str) -> dict[str, Any]:
     arch = architecture_for(cfg)
     model_type = ARCHITECTURES[arch][0]
     out: dict[str, Any] = {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ff,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.hd, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
-        "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.hd,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
     s = cfg.rope_scaling
     if s is not None:
-        out["rope_scaling"] = ({"rope_type": "linear", "factor": s.factor} if s.type == "linear" else {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings})
+        out["rope_scaling"] = (
+            {"rope_type": "linear", "factor": s.factor}
+            if s.type == "linear"
+            else {
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            }
+        )
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias, pretraining_tp=1)
     elif arch == "MistralForCausalLM":
@@ -207,11 +254,13 @@ def config_to_hf(cfg: TransformerConfig, dtype: str) -> dict[str, Any]:
         if len(sizes) > 1:
             raise ConfigError(f"model.sliding_window: Qwen2 has one window size, got {sorted(sizes)}")
         window = sizes.pop() if sizes else None
-        out.update(use_sliding_window=window is not None, sliding_window=window,
-                   max_window_layers=next((i for i, w in enumerate(windows) if w is not None), cfg.n_layers),
-                   layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows])
+        out.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=next((i for i, w in enumerate(windows) if w is not None), cfg.n_layers),
+            layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
+        )
     return out
 
 
-__all__ = ["ARCHITECTURES", "read_config_json", "architecture_of", "config_from_hf", "config_to_hf",
-           "architecture_for"]
+__all__ = ["ARCHITECTURES", "read_config_json", "architecture_of", "config_from_hf", "config_to_hf", "architecture_for"]

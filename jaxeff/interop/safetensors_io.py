@@ -98,8 +98,7 @@ class Tensor:
         self.dtype = np.dtype(getattr(ml_dtypes, ST_DTYPES[code], None) or ST_DTYPES[code])
         self.nbytes = math.prod(shape) * self.dtype.itemsize
         if end - begin != self.nbytes:
-            raise CheckpointError(f"'{file}': tensor {name} has {end - begin} bytes, expected "
-                                  f"{self.nbytes} for {code} {list(shape)}")
+            raise CheckpointError(f"'{file}': tensor {name} has {end - begin} bytes, expected {self.nbytes} for {code} {list(shape)}")
         self.offset = data_start + begin  # bytes from the start of the file
         self._view: np.ndarray | None = None
 
@@ -116,8 +115,7 @@ class Tensor:
         page = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         try:
             with open(self.file, "rb") as f:
-                how = (dict(flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) if populate and _POPULATE
-                       else dict(access=mmap.ACCESS_READ))
+                how = dict(flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) if populate and _POPULATE else dict(access=mmap.ACCESS_READ)
                 m = mmap.mmap(f.fileno(), self.offset - page + self.nbytes, offset=page, **how)
         except (OSError, ValueError, OverflowError) as e:  # e.g. a truncated file: the mapping would pass its end
             raise CheckpointError(f"'{self.file}': tensor {self.name} is listed but cannot be read ({e})") from None
@@ -149,7 +147,7 @@ class Tensor:
             np.copyto(out_view, src, casting="unsafe")
         else:
             for i in range(0, src.shape[0], TRANSPOSE_ROWS):
-                out_view[:, i:i + TRANSPOSE_ROWS] = src[i:i + TRANSPOSE_ROWS].T
+                out_view[:, i : i + TRANSPOSE_ROWS] = src[i : i + TRANSPOSE_ROWS].T
         return out
 
 
@@ -162,7 +160,7 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     if n == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         raw = np.empty(n + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
-        return raw[start:start + n].view(dtype).reshape(shape)
+        return raw[start : start + n].view(dtype).reshape(shape)
     buffer = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
     return np.frombuffer(buffer, dtype).reshape(shape)
 
@@ -187,5 +185,4 @@ def write_safetensors(file: Path, entries: list[tuple[str, tuple[int, ...], str,
             f.write(a.reshape(-1).view(np.uint8))
 
 
-__all__ = ["Files", "Tensor", "read_header", "write_safetensors", "aligned_empty", "SINGLE", "INDEX", "ST_DTYPES",
-           "NP_TO_ST"]
+__all__ = ["Files", "Tensor", "read_header", "write_safetensors", "aligned_empty", "SINGLE", "INDEX", "ST_DTYPES", "NP_TO_ST"]

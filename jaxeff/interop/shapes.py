@@ -30,14 +30,19 @@ def _layout(cfg: TransformerConfig) -> dict:
         return {"scale": ((d,), ("norm",))}
 
     layer = {
-        "attn_norm": norm(), "mlp_norm": norm(),
-        "attn": {"q": dense(d, h * hd, ("embed", "heads"), qkv_bias),
-                 "k": dense(d, kvh * hd, ("embed", "kv_heads"), qkv_bias),
-                 "v": dense(d, kvh * hd, ("embed", "kv_heads"), qkv_bias),
-                 "o": dense(h * hd, d, ("heads", "embed"), cfg.use_bias)},
-        "mlp": {"gate": dense(d, ff, ("embed", "mlp"), cfg.use_bias),
-                "up": dense(d, ff, ("embed", "mlp"), cfg.use_bias),
-                "down": dense(ff, d, ("mlp", "embed"), cfg.use_bias)},
+        "attn_norm": norm(),
+        "mlp_norm": norm(),
+        "attn": {
+            "q": dense(d, h * hd, ("embed", "heads"), qkv_bias),
+            "k": dense(d, kvh * hd, ("embed", "kv_heads"), qkv_bias),
+            "v": dense(d, kvh * hd, ("embed", "kv_heads"), qkv_bias),
+            "o": dense(h * hd, d, ("heads", "embed"), cfg.use_bias),
+        },
+        "mlp": {
+            "gate": dense(d, ff, ("embed", "mlp"), cfg.use_bias),
+            "up": dense(d, ff, ("embed", "mlp"), cfg.use_bias),
+            "down": dense(ff, d, ("mlp", "embed"), cfg.use_bias),
+        },
     }
     tree = {"embed": {"embedding": ((cfg.vocab_size, d), ("vocab", "embed"))}, "final_norm": norm()}
     tree.update({f"layers_{i}": layer for i in range(cfg.n_layers)})

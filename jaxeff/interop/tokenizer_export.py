@@ -34,15 +34,31 @@ def byte_symbols() -> list[str]:
 def byte_tokenizer_json() -> dict:
     """The ``tokenizer.json`` document of jaxeff's byte tokenizer."""
     vocab = {sym: i for i, sym in enumerate(byte_symbols())}
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for tok, i in BYTE_SPECIALS]
+    added = [
+        {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for tok, i in BYTE_SPECIALS
+    ]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": []},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
     }
 
 
@@ -65,8 +81,7 @@ def write_tokenizer_files(out: Path, tokenizer_spec: str, max_seq_len: int) -> l
             written.append("tokenizer.json")
         tok = load_tokenizer(tokenizer_spec)
         bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False,
-           "max_length": max_seq_len}
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False, "max_length": max_seq_len}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     written.append("generation_config.json")
     return written

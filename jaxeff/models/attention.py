@@ -47,20 +47,36 @@ def _mask(q_len, kv_len, *, q_offset, causal, window, q_segment_ids, kv_segment_
 BANDED_MIN_RATIO = 4  # banded sliding-window attention once the sequence is this many windows long
 
 
-def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
-                  q_offset=0, kv_valid=None, scale=None, mask=None):
+def xla_attention(q, k, v, *, causal=True, window=None, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_valid=None, scale=None, mask=None):
     """Reference-quality attention in plain jnp (softmax in float32). Rows with no visible key
     return zeros. K/V heads are shared across query groups by reshaping, not by repeating.
 
     Causal sliding-window self-attention over a sequence at least ``BANDED_MIN_RATIO`` windows
     long runs banded (:func:`banded_window_attention`): O(seq · window) work and memory instead of
     O(seq²), so its cost per token stays flat as the context grows."""
-    if (causal and window is not None and kv_valid is None and q_offset == 0 and q.shape[1] == k.shape[1]
-            and q.shape[1] >= BANDED_MIN_RATIO * window and mask is None):
-        return banded_window_attention(q, k, v, window=window, q_segment_ids=q_segment_ids,
-                                       kv_segment_ids=kv_segment_ids, scale=scale)
-    return _dense_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale, mask=mask)
+    if (
+        causal
+        and window is not None
+        and kv_valid is None
+        and q_offset == 0
+        and q.shape[1] == k.shape[1]
+        and q.shape[1] >= BANDED_MIN_RATIO * window
+        and mask is None
+    ):
+        return banded_window_attention(q, k, v, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+    return _dense_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset,
+        kv_valid=kv_valid,
+        scale=scale,
+        mask=mask,
+    )
 
 
 def banded_window_attention(q, k, v, *, window, q_segment_ids=None, kv_segment_ids=None, scale=None):
@@ -74,7 +90,7 @@ def banded_window_attention(q, k, v, *, window, q_segment_ids=None, kv_segment_i
     c = window
     n = -(-t // c)
     pad = n * c - t
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
 
     def blocks(x, fill=0):  # [b, t, ...] -> [b, n, c, ...], padded at the end
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
@@ -106,11 +122,12 @@ def _dense_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, 
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, kvh, g, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = _mask(t, s, q_offset=q_offset, causal=causal, window=window, q_segment_ids=q_segment_ids,
-                 kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, mask=mask)
+    mask = _mask(
+        t, s, q_offset=q_offset, causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, mask=mask
+    )
     logits = jnp.where(mask, logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
@@ -125,8 +142,7 @@ def _cudnn_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids, 
     if q_segment_ids is not None:
         mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
     lws = None if window is None else (window - 1, 0 if causal else window - 1)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                        local_window_size=lws, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, local_window_size=lws, implementation="cudnn")
 
 
 @functools.cache
@@ -148,8 +164,7 @@ def _pallas_attention(q, k, v, *, causal, window, q_segment_ids, kv_segment_ids,
         raise ValueError("attention impl 'pallas': queries must be the last q_len positions")
 
     def kernel(q, k, v, qs, ks):
-        return pk.flash_attention(q, k, v, causal=causal, local_window_size=lws, q_segment_ids=qs,
-                                  kv_segment_ids=ks, scale=scale)
+        return pk.flash_attention(q, k, v, causal=causal, local_window_size=lws, q_segment_ids=qs, kv_segment_ids=ks, scale=scale)
 
     return _per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
 
@@ -174,9 +189,13 @@ def _per_shard(kernel, q, k, v, q_seg, kv_seg):
     b = tuple(batch_axes) or None
     qkv = P(b, None, head_axis, None)
     seg = P(b, None)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg if q_seg is not None else None,
-                                                      seg if kv_seg is not None else None),
-                         out_specs=qkv, check_vma=False)(q, k, v, q_seg, kv_seg)
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, seg if q_seg is not None else None, seg if kv_seg is not None else None),
+        out_specs=qkv,
+        check_vma=False,
+    )(q, k, v, q_seg, kv_seg)
 
 
 def resolve_impl(impl: str) -> str:
@@ -189,21 +208,42 @@ def resolve_impl(impl: str) -> str:
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
-def attention(q, k, v, *, impl="auto", causal=True, window=None, q_segment_ids=None, kv_segment_ids=None,
-              q_offset=0, kv_valid=None, scale=None, mask=None):
+def attention(
+    q, k, v, *, impl="auto", causal=True, window=None, q_segment_ids=None, kv_segment_ids=None, q_offset=0, kv_valid=None, scale=None, mask=None
+):
     """Dispatch to the chosen implementation; all take the same arguments. An explicit ``mask``
     (``[q_len, kv_len]`` or ``[batch, q_len, kv_len]``, True = visible) always runs on XLA."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}")
     if mask is not None:
         if mask.shape[-2:] != (q.shape[1], k.shape[1]):
-            raise ValueError(f"attention: mask shape {tuple(mask.shape)} does not end in (q_len, kv_len) = "
-                             f"({q.shape[1]}, {k.shape[1]})")
-        return xla_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
-                             kv_segment_ids=kv_segment_ids, q_offset=q_offset, kv_valid=kv_valid, scale=scale, mask=mask)
+            raise ValueError(f"attention: mask shape {tuple(mask.shape)} does not end in (q_len, kv_len) = ({q.shape[1]}, {k.shape[1]})")
+        return xla_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            window=window,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_offset=q_offset,
+            kv_valid=kv_valid,
+            scale=scale,
+            mask=mask,
+        )
     impl = resolve_impl(impl)
     if impl == "cudnn" and kv_valid is not None:
         impl = "xla"  # decode steps: cuDNN's fused kernel wants full sequences
     fn = {"xla": xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention}[impl]
-    return fn(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-              q_offset=q_offset, kv_valid=kv_valid, scale=scale)
+    return fn(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset,
+        kv_valid=kv_valid,
+        scale=scale,
+    )

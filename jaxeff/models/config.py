@@ -60,9 +60,7 @@ class TransformerConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
         if isinstance(self.sliding_window, tuple) and len(self.sliding_window) != self.n_layers:
-            raise ValueError(
-                f"sliding_window has {len(self.sliding_window)} entries, expected one per layer (n_layers={self.n_layers})"
-            )
+            raise ValueError(f"sliding_window has {len(self.sliding_window)} entries, expected one per layer (n_layers={self.n_layers})")
         for w in self.windows:
             if w is not None and w < 1:
                 raise ValueError(f"sliding_window entries must be >= 1 (got {w})")

@@ -19,19 +19,17 @@ def check_sampling(temperature, top_k, vocab_size: int | None, names=("--tempera
     ``top_k`` an integer in ``[0, vocab_size]`` (0 = no filter), whether sampling or greedy
     (``vocab_size=None``: not known yet, only the lower bound). ``names`` are how the message
     calls the two settings (command-line options by default)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-            not math.isfinite(temperature) or temperature < 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
         raise ConfigError(f"{names[0]}: expected >= 0 and finite, 0 = greedy (got {temperature!r})")
     top = vocab_size if vocab_size is not None else math.inf
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= top:
         size = f" {vocab_size}" if vocab_size is not None else ""
-        raise ConfigError(f"{names[1]}: expected an integer from 0 (no filter) to the vocabulary size{size} "
-                          f"(got {top_k!r})")
+        raise ConfigError(f"{names[1]}: expected an integer from 0 (no filter) to the vocabulary size{size} (got {top_k!r})")
 
 
 def check_seed(seed, name: str = "--seed") -> None:
     """``jax.random.PRNGKey`` takes a 64-bit seed; a larger one is a one-line error, not an OverflowError."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
         raise ConfigError(f"{name}: expected an integer from -2**63 to 2**63-1 (got {seed!r})")
 
 
@@ -51,8 +49,9 @@ def _plain_apply(model, params, tokens, **kwargs):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "apply_fn"))
-def generate(model: Transformer, params, prompt: jax.Array, rng, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, apply_fn=None) -> jax.Array:
+def generate(
+    model: Transformer, params, prompt: jax.Array, rng, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, apply_fn=None
+) -> jax.Array:
     """``prompt [batch, prompt_len]`` (all rows the same length) -> new tokens ``[batch, max_new_tokens]``.
 
     The prompt is run once through the model filling the cache (prefill); each new token then

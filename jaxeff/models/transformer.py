@@ -78,8 +78,7 @@ class RMSNorm(nn.Module):
         """``mask [features]`` (optional, pruning): the mean square is taken over the features whose
         mask is non-zero only (``sum(x² · [mask≠0]) / count(mask≠0)``, whatever the non-zero
         values are), and the output is multiplied by ``mask``; see :mod:`jaxeff.prune.shear`."""
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         if mask is None:
             y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -91,8 +90,7 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32) * m).astype(self.dtype)
 
 
-def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None,
-           bias: bool | None = None):
+def _dense(cfg: TransformerConfig, features: int, axes: tuple[str, str], name: str, std: float | None = None, bias: bool | None = None):
     init = nn.initializers.normal(std or cfg.init_std)
     return nn.Dense(
         features,
@@ -126,8 +124,7 @@ class Attention(nn.Module):
         k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         new_cache = None
         if cache is None:
-            y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=self.window,
-                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=self.window, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         else:
             index = cache["index"]
             ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
@@ -135,18 +132,24 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
 
             def against_cache():
-                return attention(q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True,
-                                 window=self.window, q_offset=index, kv_valid=index + t)
+                return attention(
+                    q, ck.astype(q.dtype), cv.astype(q.dtype), impl=cfg.attention_impl, causal=True, window=self.window, q_offset=index, kv_valid=index + t
+                )
 
             if tree_mask is not None:
-                y = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=False, q_offset=index,
-                              kv_valid=index + t, mask=tree_attention_mask(tree_mask, index, ck.shape[1]))
-            elif (self.window is not None and t >= BANDED_MIN_RATIO * self.window
-                    and resolve_impl(cfg.attention_impl) == "xla"):
+                y = attention(
+                    q,
+                    ck.astype(q.dtype),
+                    cv.astype(q.dtype),
+                    causal=False,
+                    q_offset=index,
+                    kv_valid=index + t,
+                    mask=tree_attention_mask(tree_mask, index, ck.shape[1]),
+                )
+            elif self.window is not None and t >= BANDED_MIN_RATIO * self.window and resolve_impl(cfg.attention_impl) == "xla":
                 # a long prompt into an empty cache sees only itself: banded window attention,
                 # O(t * window) instead of scores against the whole cache
-                y = jax.lax.cond(index == 0, lambda: attention(q, k, v, impl="xla", causal=True, window=self.window),
-                                 against_cache)
+                y = jax.lax.cond(index == 0, lambda: attention(q, k, v, impl="xla", causal=True, window=self.window), against_cache)
             else:
                 y = against_cache()
         if head_mask is not None:
@@ -197,18 +200,17 @@ class Block(nn.Module):
         norm = dict(eps=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype])
         if masks is None:
             y, new_cache = Attention(cfg, self.window, name="attn")(
-                RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic,
-                tree_mask=tree_mask)
+                RMSNorm(**norm, name="attn_norm")(x), positions, segment_ids, cache, deterministic, tree_mask=tree_mask
+            )
             x = x + y
             x = x + MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x), deterministic)
         else:
             hidden = masks.get("hidden")
             y, new_cache = Attention(cfg, self.window, name="attn")(
-                RMSNorm(**norm, name="attn_norm")(x, hidden), positions, segment_ids, cache, deterministic,
-                masks.get("head"), tree_mask)
+                RMSNorm(**norm, name="attn_norm")(x, hidden), positions, segment_ids, cache, deterministic, masks.get("head"), tree_mask
+            )
             x = x + _scale_output(y, masks.get("attn"), hidden)
-            y = MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x, hidden), deterministic,
-                                     masks.get("intermediate"))
+            y = MLP(cfg, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x, hidden), deterministic, masks.get("intermediate"))
             x = x + _scale_output(y, masks.get("mlp"), hidden)
         x = nn.with_logical_constraint(x, ("batch", None, None))
         return x, new_cache
@@ -248,8 +250,7 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True,
-                 return_hidden=False, masks=None, tree_mask=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True, return_hidden=False, masks=None, tree_mask=None):
         cfg = self.config
         b, t = tokens.shape
         if tree_mask is not None:
@@ -262,10 +263,14 @@ class Transformer(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                     ("vocab", "embed")),
-                         name="embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=_DTYPES[cfg.dtype],
+            param_dtype=_DTYPES[cfg.param_dtype],
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            name="embed",
+        )
         x = embed(tokens)
         hidden_mask = None if masks is None else masks.get("hidden")
         if hidden_mask is not None:
@@ -280,13 +285,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "index": cache["index"]}
             if masks is None and tree_mask is None:
-                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
-                                                                   deterministic)
+                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache, deterministic)
             else:
-                layer_masks = None if masks is None else {k: (v if k == "hidden" else v[i])
-                                                          for k, v in masks.items() if v is not None}
-                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache,
-                                                                   deterministic, layer_masks, tree_mask)
+                layer_masks = None if masks is None else {k: (v if k == "hidden" else v[i]) for k, v in masks.items() if v is not None}
+                x, lc = block_cls(cfg, window, name=f"layers_{i}")(x, positions, segment_ids, layer_cache, deterministic, layer_masks, tree_mask)
             new_layers.append(lc)
             hidden.append(x)
         final_norm = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")

@@ -59,10 +59,19 @@ def fingerprint(params, model_cfg: dict) -> str:
 def adapter_meta(cfg, base_fingerprint: str, base_path: str | None = None) -> dict[str, Any]:
     """The ``adapter.json`` record for adapters trained by a run with config ``cfg``."""
     p = cfg.peft
-    return {"format": FORMAT, "method": cfg.method, "rank": p.rank, "alpha": p.alpha, "scale": p.alpha / p.rank,
-            "dropout": p.dropout, "targets": list(p.targets), "base_fingerprint": base_fingerprint,
-            "base_path": base_path if base_path is not None else cfg.train.init_from,
-            "base_model": cfg.to_dict()["model"], "run": cfg.name}
+    return {
+        "format": FORMAT,
+        "method": cfg.method,
+        "rank": p.rank,
+        "alpha": p.alpha,
+        "scale": p.alpha / p.rank,
+        "dropout": p.dropout,
+        "targets": list(p.targets),
+        "base_fingerprint": base_fingerprint,
+        "base_path": base_path if base_path is not None else cfg.train.init_from,
+        "base_model": cfg.to_dict()["model"],
+        "run": cfg.name,
+    }
 
 
 def base_model_name(base_path: str | None) -> str | None:
@@ -73,8 +82,7 @@ def base_model_name(base_path: str | None) -> str | None:
     return None
 
 
-def save_adapter(directory, adapters, meta: dict[str, Any], *, like=None,
-                 base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(directory, adapters, meta: dict[str, Any], *, like=None, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapters`` (the ``lora`` tree) as a PEFT LoRA folder plus ``meta`` (``adapter.json``)
     into a new folder ``directory``. ``like``: the base's parameters (short ``target_modules``
     names where every layer is adapted); ``base_model_name_or_path`` defaults to ``meta``'s base."""
@@ -85,11 +93,11 @@ def save_adapter(directory, adapters, meta: dict[str, Any], *, like=None,
     if any(k not in meta for k in ("rank", "alpha", "scale")):
         raise ValueError("save_adapter: meta needs rank, alpha and scale")
     if abs(meta["scale"] - meta["alpha"] / meta["rank"]) > 1e-9 * abs(meta["scale"]):
-        raise CheckpointError(f"adapter scale {meta['scale']} is not alpha / rank = {meta['alpha']} / {meta['rank']}; "
-                              "PEFT folders store alpha and r only")
+        raise CheckpointError(f"adapter scale {meta['scale']} is not alpha / rank = {meta['alpha']} / {meta['rank']}; PEFT folders store alpha and r only")
     name = base_model_name_or_path if base_model_name_or_path is not None else base_model_name(meta.get("base_path"))
-    hf_adapter.write_peft_adapter(d, adapters, rank=meta["rank"], alpha=meta["alpha"],
-                                  dropout=meta.get("dropout", 0.0), base_model_name_or_path=name, like=like)
+    hf_adapter.write_peft_adapter(
+        d, adapters, rank=meta["rank"], alpha=meta["alpha"], dropout=meta.get("dropout", 0.0), base_model_name_or_path=name, like=like
+    )
     (d / META_FILE).write_text(json.dumps({**meta, "format": FORMAT}, indent=1))
     return d
 
@@ -102,14 +110,21 @@ def read_meta(directory) -> dict[str, Any]:
     if not f.is_file():
         if hf_adapter.is_peft_folder(d):
             raw = hf_adapter.read_peft_config(d)
-            return {"format": "peft", "method": "lora", "rank": int(raw["r"]), "alpha": float(raw["lora_alpha"]),
-                    "scale": hf_adapter.peft_scale(raw), "dropout": float(raw.get("lora_dropout") or 0.0),
-                    "targets": raw.get("target_modules"), "base_fingerprint": None,
-                    "base_path": raw.get("base_model_name_or_path"), "base_model": None}
+            return {
+                "format": "peft",
+                "method": "lora",
+                "rank": int(raw["r"]),
+                "alpha": float(raw["lora_alpha"]),
+                "scale": hf_adapter.peft_scale(raw),
+                "dropout": float(raw.get("lora_dropout") or 0.0),
+                "targets": raw.get("target_modules"),
+                "base_fingerprint": None,
+                "base_path": raw.get("base_model_name_or_path"),
+                "base_model": None,
+            }
         if not d.is_dir():
             raise CheckpointError(f"adapter folder '{directory}' does not exist")
-        raise CheckpointError(f"adapter folder '{directory}' has neither {hf_adapter.CONFIG} (a PEFT LoRA adapter) "
-                              f"nor {META_FILE} (a jaxeff adapter)")
+        raise CheckpointError(f"adapter folder '{directory}' has neither {hf_adapter.CONFIG} (a PEFT LoRA adapter) nor {META_FILE} (a jaxeff adapter)")
     try:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -120,8 +135,10 @@ def read_meta(directory) -> dict[str, Any]:
     if meta["format"] == FORMAT:
         raw = hf_adapter.read_peft_config(d)
         if int(raw["r"]) != meta["rank"] or abs(hf_adapter.peft_scale(raw) - meta["scale"]) > 1e-9 * meta["scale"]:
-            raise CheckpointError(f"'{d}': {hf_adapter.CONFIG} (r={raw['r']}, lora_alpha={raw['lora_alpha']}) "
-                                  f"disagrees with {META_FILE} (rank={meta['rank']}, alpha={meta['alpha']})")
+            raise CheckpointError(
+                f"'{d}': {hf_adapter.CONFIG} (r={raw['r']}, lora_alpha={raw['lora_alpha']}) "
+                f"disagrees with {META_FILE} (rank={meta['rank']}, alpha={meta['alpha']})"
+            )
     return meta
 
 
@@ -139,8 +156,7 @@ def _structure(meta, base, like):
     raise ValueError("load_adapter: a PEFT folder without adapter.json needs base= or like= (the base's parameters)")
 
 
-def load_adapter(directory, *, base=None, model_cfg: dict | None = None,
-                 expected_fingerprint: str | None = None, like=None) -> tuple[Any, dict[str, Any]]:
+def load_adapter(directory, *, base=None, model_cfg: dict | None = None, expected_fingerprint: str | None = None, like=None) -> tuple[Any, dict[str, Any]]:
     """``(adapters, meta)`` of an adapter folder. With ``base`` + ``model_cfg`` (or a precomputed
     ``expected_fingerprint``) an adapter that records its base (jaxeff's ``adapter.json``) must
     belong to that base, else CheckpointError. A PEFT folder from elsewhere records none: it is
@@ -158,7 +174,8 @@ def load_adapter(directory, *, base=None, model_cfg: dict | None = None,
         raise CheckpointError(
             f"adapter '{directory}' was trained on base {recorded[:12]} "
             f"({meta.get('base_path') or 'random init'}), not on this base ({expected_fingerprint[:12]}); "
-            "load it onto the base it was trained on")
+            "load it onto the base it was trained on"
+        )
     if meta["format"] == FORMAT_ORBAX:
         with ocp.StandardCheckpointer() as ckptr:
             adapters = ckptr.restore(Path(directory).absolute() / "weights")
@@ -170,9 +187,9 @@ def load_adapter(directory, *, base=None, model_cfg: dict | None = None,
 class AdapterSet:
     """Several adapters on one base, switched per call without touching the base::
 
-        bank = AdapterSet(model, base, cfg.to_dict()["model"])
-        bank.load("recall", "adapters/recall"); bank.load("code", "adapters/code")
-        bank.apply("recall", tokens).logits; bank.params("code")   # unmerged run / merged params
+    bank = AdapterSet(model, base, cfg.to_dict()["model"])
+    bank.load("recall", "adapters/recall"); bank.load("code", "adapters/code")
+    bank.apply("recall", tokens).logits; bank.params("code")   # unmerged run / merged params
     """
 
     def __init__(self, model, base, model_cfg: dict):
@@ -223,13 +240,13 @@ def export_adapter(run, out, step: int | None = None, base_model_name_or_path: s
         if cfg.method not in ("lora", "qlora"):
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{cfg.method}' run; expected a lora or qlora run")
         trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
     finally:
         ckpt.close()
     base = load_base(cfg, trainer.model)
-    return save_adapter(out, params["lora"], adapter_meta(cfg, fingerprint(base, cfg.to_dict()["model"])),
-                        like=base, base_model_name_or_path=base_model_name_or_path)
+    return save_adapter(
+        out, params["lora"], adapter_meta(cfg, fingerprint(base, cfg.to_dict()["model"])), like=base, base_model_name_or_path=base_model_name_or_path
+    )
 
 
 def merge_adapter(base_run, adapter_dir, out_run) -> Path:
@@ -249,9 +266,16 @@ def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=cfg.to_dict()["model"])
     from jaxeff.runs import save_model_run
 
-    save_model_run(merge(base, adapters, meta["scale"]), cfg,
-                   provenance={"command": "jaxeff merge-adapter", "base": str(Path(base_run).absolute()),
-                               "adapter": str(Path(adapter_dir).absolute()), "data": "as the base run"})
+    save_model_run(
+        merge(base, adapters, meta["scale"]),
+        cfg,
+        provenance={
+            "command": "jaxeff merge-adapter",
+            "base": str(Path(base_run).absolute()),
+            "adapter": str(Path(adapter_dir).absolute()),
+            "data": "as the base run",
+        },
+    )
     return out
 
 
@@ -276,18 +300,24 @@ def import_adapter(base_run, adapter_dir, out_run) -> Path:
         saved = ckpt.read_config()
         base_cfg = one_device_config(saved)
         if base_cfg.method != "lm":
-            raise CheckpointError(f"--base: '{ckpt.directory}' is a '{base_cfg.method}' run; expected a plain lm run "
-                                  "(e.g. jaxeff convert --from-hf's or merge-adapter's)")
+            raise CheckpointError(
+                f"--base: '{ckpt.directory}' is a '{base_cfg.method}' run; expected a plain lm run (e.g. jaxeff convert --from-hf's or merge-adapter's)"
+            )
         trainer = Trainer(base_cfg, devices=jax.devices()[:1])
         base = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings))
     finally:
         ckpt.close()
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=base_cfg.to_dict()["model"])
     paths = adapter_paths(adapters)
-    lora = {**new_lm_run(out), "method": "lora", "train.init_from": str(base_run),
-            "peft.rank": int(meta["rank"]), "peft.alpha": float(meta["scale"]) * int(meta["rank"]),
-            "peft.dropout": float(meta.get("dropout") or 0.0),
-            "peft.targets": [re.escape("/".join(p)) for p in paths]}
+    lora = {
+        **new_lm_run(out),
+        "method": "lora",
+        "train.init_from": str(base_run),
+        "peft.rank": int(meta["rank"]),
+        "peft.alpha": float(meta["scale"]) * int(meta["rank"]),
+        "peft.dropout": float(meta.get("dropout") or 0.0),
+        "peft.targets": [re.escape("/".join(p)) for p in paths],
+    }
     built = one_device_config(saved, **lora, **{"peft.init_adapter": str(Path(adapter_dir).absolute())})
     cfg = one_device_config(saved, **lora, **{"peft.init_adapter": None})  # saved: the adapters are in the checkpoint
     lora_trainer = Trainer(built, devices=jax.devices()[:1])

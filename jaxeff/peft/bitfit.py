@@ -19,14 +19,14 @@ def bitfit_mask(params, train_norms: bool = False):
 
     def want(path, _):
         return getattr(path[-1], "key", None) in names
+
     return jax.tree_util.tree_map_with_path(want, params)
 
 
 @register_method("bitfit", config=PeftConfig, section="peft")
 def bitfit_method(cfg, model) -> Method:
     if not cfg.model.use_bias:
-        raise ConfigError("model.use_bias: method bitfit trains only biases; expected model.use_bias=true "
-                          "(and a base checkpoint built with biases)")
+        raise ConfigError("model.use_bias: method bitfit trains only biases; expected model.use_bias=true (and a base checkpoint built with biases)")
 
     def loss(params, batch, rng, *, frozen, deterministic):
         value, _ = lm_forward_loss(model, params, batch, rng, deterministic)

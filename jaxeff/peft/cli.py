@@ -15,8 +15,9 @@ def register(sub) -> None:
     x.add_argument("--checkpoint", required=True, help="a lora or qlora run folder (or its checkpoints folder)")
     x.add_argument("--out", required=True, help="new adapter folder (PEFT LoRA format)")
     x.add_argument("--step", type=int, default=None)
-    x.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json "
-                   "(default: DIR of train.init_from=hf:DIR, else none)")
+    x.add_argument(
+        "--base-model", default=None, help="base_model_name_or_path for adapter_config.json (default: DIR of train.init_from=hf:DIR, else none)"
+    )
     x.set_defaults(handler=cmd_export_adapter)
 
     m = sub.add_parser("merge-adapter", help="fold an adapter into a base checkpoint, saved as a new run")

@@ -94,21 +94,34 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def peft_config(*, rank: int, alpha: float, dropout: float, target_modules: list[str],
-                base_model_name_or_path: str | None) -> dict[str, Any]:
+def peft_config(*, rank: int, alpha: float, dropout: float, target_modules: list[str], base_model_name_or_path: str | None) -> dict[str, Any]:
     """The ``adapter_config.json`` dict of a jaxeff LoRA adapter (scale = lora_alpha / r)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": int(rank), "lora_alpha": _number(alpha), "lora_dropout": float(dropout),
-        "target_modules": list(target_modules), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(rank),
+        "lora_alpha": _number(alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": list(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
     }
 
 
-def write_peft_adapter(directory, adapters, *, rank: int, alpha: float, dropout: float = 0.0,
-                       base_model_name_or_path: str | None = None, like=None) -> Path:
+def write_peft_adapter(
+    directory, adapters, *, rank: int, alpha: float, dropout: float = 0.0, base_model_name_or_path: str | None = None, like=None
+) -> Path:
     """Write ``adapters`` (jaxeff's ``lora`` tree: ``{module path: {"a": [in, r], "b": [r, out]}}``)
     as PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` in ``directory``. ``like``
     (the base's parameters, optional) lets ``target_modules`` use short names where possible."""
@@ -132,8 +145,9 @@ def write_peft_adapter(directory, adapters, *, rank: int, alpha: float, dropout:
             t = np.ascontiguousarray(x.T)
             entries.append((f"{PREFIX}{module}.lora_{which}.weight", t.shape, dtype, lambda t=t: t))
     like_paths = sorted(p for p, _ in module_index(like).values()) if like is not None else None
-    config = peft_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=_short_names(paths, like_paths),
-                         base_model_name_or_path=base_model_name_or_path)
+    config = peft_config(
+        rank=rank, alpha=alpha, dropout=dropout, target_modules=_short_names(paths, like_paths), base_model_name_or_path=base_model_name_or_path
+    )
     d.mkdir(parents=True, exist_ok=True)
     write_safetensors(d / WEIGHTS, entries)
     (d / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -143,10 +157,14 @@ def write_peft_adapter(directory, adapters, *, rank: int, alpha: float, dropout:
 # LoraConfig options that change what the adapter computes or which tensors it has; each must be
 # off (false / null / empty) for jaxeff to run the adapter exactly
 REFUSED = {
-    "use_dora": "DoRA", "fan_in_fan_out": "Conv1D-style [in, out] weights", "lora_bias": "a bias on lora_B",
-    "use_qalora": "QALoRA's pooled input", "use_bdlora": "block-diagonal LoRA",
+    "use_dora": "DoRA",
+    "fan_in_fan_out": "Conv1D-style [in, out] weights",
+    "lora_bias": "a bias on lora_B",
+    "use_qalora": "QALoRA's pooled input",
+    "use_bdlora": "block-diagonal LoRA",
     "alora_invocation_tokens": "activated LoRA (applied after invocation tokens only)",
-    "layer_replication": "replicated layers", "trainable_token_indices": "trained token embeddings",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained token embeddings",
     "target_parameters": "LoRA on parameters, not Linear modules",
 }
 
@@ -179,8 +197,7 @@ def read_peft_config(directory) -> dict[str, Any]:
         if raw.get(key):
             raise CheckpointError(f"'{f}': {key} is not supported (one r and lora_alpha for every module)")
     if raw.get("modules_to_save"):
-        raise CheckpointError(f"'{f}': modules_to_save={raw['modules_to_save']} is not supported "
-                              "(only LoRA A/B tensors)")
+        raise CheckpointError(f"'{f}': modules_to_save={raw['modules_to_save']} is not supported (only LoRA A/B tensors)")
     return raw
 
 
@@ -199,8 +216,7 @@ def read_peft_adapter(directory, like) -> tuple[dict, dict[str, Any]]:
     rank = int(raw["r"])
     f = d / WEIGHTS
     if not f.is_file():
-        bins = " (adapter_model.bin is a PyTorch pickle: save with safe_serialization=True)" \
-            if (d / "adapter_model.bin").is_file() else ""
+        bins = " (adapter_model.bin is a PyTorch pickle: save with safe_serialization=True)" if (d / "adapter_model.bin").is_file() else ""
         raise CheckpointError(f"adapter folder '{d}' has no {WEIGHTS}{bins}")
     header, start = read_header(f)
     index = module_index(like)
@@ -208,13 +224,13 @@ def read_peft_adapter(directory, like) -> tuple[dict, dict[str, Any]]:
     for name in sorted(header):
         m = _TENSOR.fullmatch(name)
         if m is None:
-            raise CheckpointError(f"'{f}': tensor {name} is not a LoRA A/B weight of a Linear module "
-                                  "(expected base_model.model.<module>.lora_A.weight / lora_B.weight)")
+            raise CheckpointError(
+                f"'{f}': tensor {name} is not a LoRA A/B weight of a Linear module (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
+            )
         module, which = m.group("module"), m.group("which")
         if module not in index:
             known = ", ".join(sorted(index)[:3])
-            raise CheckpointError(f"'{f}': tensor {name}: module {module} is not a Linear layer of this model "
-                                  f"(modules look like {known}, ...)")
+            raise CheckpointError(f"'{f}': tensor {name}: module {module} is not a Linear layer of this model (modules look like {known}, ...)")
         tensor = Tensor(f, name, header[name], start)
         _, (d_in, d_out) = index[module]
         want = (rank, d_in) if which == "A" else (d_out, rank)
@@ -222,11 +238,12 @@ def read_peft_adapter(directory, like) -> tuple[dict, dict[str, Any]]:
         if got != want:
             r_axis, io_axis = (0, 1) if which == "A" else (1, 0)
             if len(got) == 2 and got[io_axis] == want[io_axis]:
-                raise CheckpointError(f"'{f}': tensor {name} has rank {got[r_axis]} (shape {list(got)}) "
-                                      f"but {CONFIG} says r={rank}")
-            raise CheckpointError(f"'{f}': tensor {name} has shape {list(got)}, expected {list(want)} "
-                                  f"({'[r, in]' if which == 'A' else '[out, r]'} for the base's kernel "
-                                  f"[{d_in}, {d_out}] of {'/'.join(index[module][0])})")
+                raise CheckpointError(f"'{f}': tensor {name} has rank {got[r_axis]} (shape {list(got)}) but {CONFIG} says r={rank}")
+            raise CheckpointError(
+                f"'{f}': tensor {name} has shape {list(got)}, expected {list(want)} "
+                f"({'[r, in]' if which == 'A' else '[out, r]'} for the base's kernel "
+                f"[{d_in}, {d_out}] of {'/'.join(index[module][0])})"
+            )
         if ST_DTYPES[tensor.get_dtype()] == "float64":
             raise CheckpointError(f"'{f}': tensor {name} is float64; expected float32, bfloat16 or float16")
         widen = np.float32 if tensor.get_dtype() == "F16" else None  # jaxeff has no float16 mode; exact
@@ -237,13 +254,22 @@ def read_peft_adapter(directory, like) -> tuple[dict, dict[str, Any]]:
     for module, pair in sorted(found.items()):
         for which in ("A", "B"):
             if which not in pair:
-                raise CheckpointError(f"'{f}': tensor {PREFIX}{module}.lora_{which}.weight is missing "
-                                      f"(lora_{'B' if which == 'A' else 'A'} is there)")
+                raise CheckpointError(f"'{f}': tensor {PREFIX}{module}.lora_{which}.weight is missing (lora_{'B' if which == 'A' else 'A'} is there)")
         path = index[module][0]
         flat[path + ("a",)] = np.asarray(pair["A"])
         flat[path + ("b",)] = np.asarray(pair["B"])
     return traverse_util.unflatten_dict(flat), {**raw, "scale": peft_scale(raw)}
 
 
-__all__ = ["CONFIG", "WEIGHTS", "module_name", "module_index", "peft_config", "write_peft_adapter",
-           "is_peft_folder", "read_peft_config", "peft_scale", "read_peft_adapter"]
+__all__ = [
+    "CONFIG",
+    "WEIGHTS",
+    "module_name",
+    "module_index",
+    "peft_config",
+    "write_peft_adapter",
+    "is_peft_folder",
+    "read_peft_config",
+    "peft_scale",
+    "read_peft_adapter",
+]

@@ -64,7 +64,7 @@ def init_adapters(params, paths: Iterable[Path], rank: int, rng, dtype=jnp.float
     flat = {}
     for i, path in enumerate(paths):
         d_in, d_out = _get(params, path)["kernel"].shape
-        bound = d_in ** -0.5
+        bound = d_in**-0.5
         a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, rank), jnp.float32, -bound, bound)
         flat[path + ("a",)] = a.astype(dtype)
         flat[path + ("b",)] = jnp.zeros((rank, d_out), dtype)
@@ -122,8 +122,7 @@ def switch(params, old, new, scale_old: float, scale_new: float | None = None):
 
 
 @contextlib.contextmanager
-def lora_interceptor(adapters, scale: float, *, dropout: float = 0.0, rng=None, qbase=None,
-                     backend: str = "reference", compute_dtype=None):
+def lora_interceptor(adapters, scale: float, *, dropout: float = 0.0, rng=None, qbase=None, backend: str = "reference", compute_dtype=None):
     """Within this context every ``nn.Dense`` whose module path has an adapter computes
     ``x W + b + scale · (dropout(x) A) B``. With ``qbase`` (a tree of ``QuantizedWeight`` by module
     path, see :mod:`jaxeff.peft.qlora`) the kernel of those layers is the quantized one, multiplied
@@ -178,6 +177,7 @@ def _flatten_until(tree, leaf_type) -> dict[Path, Any]:
         elif isinstance(node, dict):
             for k, v in node.items():
                 walk(v, path + (k,))
+
     walk(tree, ())
     return out
 
@@ -221,19 +221,21 @@ def initial_adapters(cfg, like, paths: list[Path]):
     where = p.init_adapter
     meta = read_meta(where)
     if int(meta["rank"]) != p.rank:
-        raise ConfigError(f"peft.rank: {p.rank}, but the adapter in peft.init_adapter '{where}' has rank (r) "
-                          f"{meta['rank']}: set peft.rank={meta['rank']}")
+        raise ConfigError(f"peft.rank: {p.rank}, but the adapter in peft.init_adapter '{where}' has rank (r) {meta['rank']}: set peft.rank={meta['rank']}")
     scale = lora_scale(p)
     if abs(float(meta["scale"]) - scale) > 1e-6 * scale:
-        raise ConfigError(f"peft.alpha: {p.alpha:g} gives scale {scale:g}, but the adapter in peft.init_adapter "
-                          f"'{where}' has scale {float(meta['scale']):g}: set peft.alpha={float(meta['scale']) * p.rank:g}")
+        raise ConfigError(
+            f"peft.alpha: {p.alpha:g} gives scale {scale:g}, but the adapter in peft.init_adapter "
+            f"'{where}' has scale {float(meta['scale']):g}: set peft.alpha={float(meta['scale']) * p.rank:g}"
+        )
     if meta.get("base_model"):
         check_same_model({"model": meta["base_model"]}, cfg.to_dict()["model"], FsPath(where))
     adapters, _ = load_adapter(where, like=like)
     extra = sorted(set(adapter_paths(adapters)) - set(paths))
     if extra:
-        raise ConfigError(f"peft.targets: the adapter in peft.init_adapter '{where}' adapts {'/'.join(extra[0])}, "
-                          f"which no target matches ({len(extra)} such modules)")
+        raise ConfigError(
+            f"peft.targets: the adapter in peft.init_adapter '{where}' adapts {'/'.join(extra[0])}, which no target matches ({len(extra)} such modules)"
+        )
     return jax.tree.map(np.asarray, adapters)
 
 
@@ -274,7 +276,8 @@ def lora_method(cfg, model) -> Method:
         return apply_lora(model_, params["model"], params["lora"], scale, tokens, **kwargs)
 
     return Method(
-        "lora", loss,
+        "lora",
+        loss,
         trainable=lambda params: {"model": _mask(params["model"], False), "lora": _mask(params["lora"], True)},
         prepare_params=prepare_params,
         logical_axes=lambda axes: {"model": axes, "lora": adapter_axes(axes, _placeholder(paths))},

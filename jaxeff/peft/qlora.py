@@ -25,9 +25,23 @@ from jax.sharding import PartitionSpec as P
 
 from jaxeff.peft.config import PeftConfig
 from jaxeff.models import init_params
-from jaxeff.peft.lora import (_DTYPES, _flatten_until, _get, _mask, _placeholder, abstract_base, adapter_axes,
-                              adapter_dtype, init_adapters, initial_adapters, lora_interceptor, lora_scale, merge,
-                              target_paths, with_initial)
+from jaxeff.peft.lora import (
+    _DTYPES,
+    _flatten_until,
+    _get,
+    _mask,
+    _placeholder,
+    abstract_base,
+    adapter_axes,
+    adapter_dtype,
+    init_adapters,
+    initial_adapters,
+    lora_interceptor,
+    lora_scale,
+    merge,
+    target_paths,
+    with_initial,
+)
 from jaxeff.targets import resolve_kernel_backend
 from jaxeff.train.methods import Method, lm_forward_loss, register_method
 
@@ -36,8 +50,7 @@ def quantize_base(params, paths, double_quant: bool = True):
     """``{path: QuantizedWeight}`` (nested by module path) of the NF4 kernels at ``paths``."""
     from pallas_kernels.quant import quantize
 
-    flat = {p: quantize(_get(params, p)["kernel"].astype(jnp.float32), "nf4", double_quant=double_quant)
-            for p in paths}
+    flat = {p: quantize(_get(params, p)["kernel"].astype(jnp.float32), "nf4", double_quant=double_quant) for p in paths}
     return _nest(flat)
 
 
@@ -75,12 +88,18 @@ def qbase_axes(model_axes, qbase):
     flat = {}
     for path, qw in _flatten_until(qbase, QW).items():
         a_in, a_out = tuple(_get(model_axes, path)["kernel"])
-        flat[path] = QW(data=P(a_in, a_out), scales=P(a_in, a_out),
-                        zeros=None if qw.zeros is None else P(a_in, a_out),
-                        dq_scales=None if qw.dq_scales is None else P(a_in, None),
-                        dq_mean=None if qw.dq_mean is None else P(),
-                        fmt=qw.fmt, shape=qw.shape, group_size=qw.group_size, symmetric=qw.symmetric,
-                        double_quant=qw.double_quant)
+        flat[path] = QW(
+            data=P(a_in, a_out),
+            scales=P(a_in, a_out),
+            zeros=None if qw.zeros is None else P(a_in, a_out),
+            dq_scales=None if qw.dq_scales is None else P(a_in, None),
+            dq_mean=None if qw.dq_mean is None else P(),
+            fmt=qw.fmt,
+            shape=qw.shape,
+            group_size=qw.group_size,
+            symmetric=qw.symmetric,
+            double_quant=qw.double_quant,
+        )
     return _nest(flat)
 
 
@@ -111,8 +130,7 @@ def load_base(cfg, model):
     try:
         check_same_model(ckpt.read_config(), cfg.to_dict()["model"], ckpt.directory)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                                abstract_base(cfg, model))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract_base(cfg, model))
         return ckpt.restore_params(abstract)
     finally:
         ckpt.close()
@@ -133,13 +151,13 @@ def qlora_method(cfg, model) -> Method:
     qbase_const = jax.tree.map(np.asarray, qbase)  # for eval / generate, which get no frozen inputs
 
     def prepare_params(base, rng):
-        return {"model": strip_kernels(base, paths),
-                "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
+        return {"model": strip_kernels(base, paths), "lora": with_initial(init_adapters(base, paths, p.rank, rng, dtype), initial, dtype)}
 
     def loss(params, batch, rng, *, frozen, deterministic):
         drop = 0.0 if deterministic else p.dropout
-        with lora_interceptor(params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1),
-                              qbase=frozen["qbase"], backend=backend, compute_dtype=compute):
+        with lora_interceptor(
+            params["lora"], scale, dropout=drop, rng=jax.random.fold_in(rng, 1), qbase=frozen["qbase"], backend=backend, compute_dtype=compute
+        ):
             value, _ = lm_forward_loss(model, params["model"], batch, rng, deterministic)
         return value, {}
 
@@ -155,10 +173,15 @@ def qlora_method(cfg, model) -> Method:
 
     base_axes = _model_axes(cfg, model)
     return Method(
-        "qlora", loss,
+        "qlora",
+        loss,
         trainable=lambda params: {"model": _mask(params["model"], False), "lora": _mask(params["lora"], True)},
-        prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params, apply=apply,
-        frozen={"qbase": qbase}, frozen_logical_axes={"qbase": qbase_axes(base_axes, qbase)},
+        prepare_params=prepare_params,
+        logical_axes=logical_axes,
+        model_params=model_params,
+        apply=apply,
+        frozen={"qbase": qbase},
+        frozen_logical_axes={"qbase": qbase_axes(base_axes, qbase)},
     )
 
 

@@ -45,17 +45,23 @@ def pruned_sizes(prune: PruneConfig, model) -> dict[str, tuple[int, int]]:
     target that is not whole kv groups, or a target equal to the source everywhere."""
     t = prune.target
     group = model.n_heads // model.kv_heads
-    checks = [("d_model", t.d_model, model.d_model), ("n_heads", t.n_heads, model.n_heads),
-              ("n_layers", t.n_layers, model.n_layers), ("d_ff", t.d_ff, model.ff)]
+    checks = [
+        ("d_model", t.d_model, model.d_model),
+        ("n_heads", t.n_heads, model.n_heads),
+        ("n_layers", t.n_layers, model.n_layers),
+        ("d_ff", t.d_ff, model.ff),
+    ]
     for name, tgt, src in checks:
         if tgt is not None and tgt > src:
             raise ConfigError(f"prune.target.{name}: {tgt} is larger than the source model's {src} (model.{name})")
     out = {}
     if t.n_heads is not None and t.n_heads < model.n_heads:
         if t.n_heads % group:
-            raise ConfigError(f"prune.target.n_heads: {t.n_heads} is not a multiple of the {group} query heads per "
-                              f"kv head (model.n_heads={model.n_heads}, n_kv_heads={model.kv_heads}); GQA prunes "
-                              "whole kv groups")
+            raise ConfigError(
+                f"prune.target.n_heads: {t.n_heads} is not a multiple of the {group} query heads per "
+                f"kv head (model.n_heads={model.n_heads}, n_kv_heads={model.kv_heads}); GQA prunes "
+                "whole kv groups"
+            )
         out["head"] = (model.kv_heads, t.n_heads // group)
     if t.d_ff is not None and t.d_ff < model.ff:
         out["intermediate"] = (model.ff, t.d_ff)
@@ -64,8 +70,7 @@ def pruned_sizes(prune: PruneConfig, model) -> dict[str, tuple[int, int]]:
     if t.d_model is not None and t.d_model < model.d_model:
         out["hidden"] = (model.d_model, t.d_model)
     if not out:
-        raise ConfigError("prune.target: equals the source model (set at least one of d_model, n_heads, n_layers, "
-                          "d_ff below the model's size)")
+        raise ConfigError("prune.target: equals the source model (set at least one of d_model, n_heads, n_layers, d_ff below the model's size)")
     return out
 
 

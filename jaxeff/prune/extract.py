@@ -66,8 +66,10 @@ def fold(model_params, model_cfg, masks: dict[str, Any]):
     n_groups = {int(np.count_nonzero(zg[l])) for l in layers}
     n_units = {int(np.count_nonzero(zi[l])) for l in layers}
     if len(n_groups) != 1 or len(n_units) != 1 or 0 in n_groups or 0 in n_units:
-        raise JaxeffError(f"masks: kept layers keep {sorted(n_groups)} kv groups and {sorted(n_units)} MLP units; "
-                          "extraction needs one positive count of each in every kept layer")
+        raise JaxeffError(
+            f"masks: kept layers keep {sorted(n_groups)} kv groups and {sorted(n_units)} MLP units; "
+            "extraction needs one positive count of each in every kept layer"
+        )
     P = jax.tree.map(_host, model_params)
     f32 = lambda a: np.asarray(a, np.float32)
     cast = lambda new, old: np.asarray(new, old.dtype)
@@ -86,8 +88,7 @@ def fold(model_params, model_cfg, masks: dict[str, Any]):
         s = f32(src["scale"])[hid]
         return {"scale": cast(s if scale is None else s * scale, src["scale"])}
 
-    new: dict[str, Any] = {"embed": {"embedding": cast(f32(P["embed"]["embedding"])[:, hid] * zhk,
-                                                       P["embed"]["embedding"])}}
+    new: dict[str, Any] = {"embed": {"embedding": cast(f32(P["embed"]["embedding"])[:, hid] * zhk, P["embed"]["embedding"])}}
     for j, l in enumerate(layers):
         src = P[f"layers_{l}"]
         groups = _kept(zg[l])
@@ -100,11 +101,18 @@ def fold(model_params, model_cfg, masks: dict[str, Any]):
         a = src["attn"]
         new[f"layers_{j}"] = {
             "attn_norm": norm(src["attn_norm"], zhk),
-            "attn": {"q": dense(a["q"], hid, q_cols), "k": dense(a["k"], hid, kv_cols),
-                     "v": dense(a["v"], hid, kv_cols), "o": dense(a["o"], q_cols, hid, head_scale, out_scale)},
+            "attn": {
+                "q": dense(a["q"], hid, q_cols),
+                "k": dense(a["k"], hid, kv_cols),
+                "v": dense(a["v"], hid, kv_cols),
+                "o": dense(a["o"], q_cols, hid, head_scale, out_scale),
+            },
             "mlp_norm": norm(src["mlp_norm"], zhk),
-            "mlp": {"gate": dense(src["mlp"]["gate"], hid, units), "up": dense(src["mlp"]["up"], hid, units),
-                    "down": dense(src["mlp"]["down"], units, hid, zi[l][units], out_scale)},
+            "mlp": {
+                "gate": dense(src["mlp"]["gate"], hid, units),
+                "up": dense(src["mlp"]["up"], hid, units),
+                "down": dense(src["mlp"]["down"], units, hid, zi[l][units], out_scale),
+            },
         }
     new["final_norm"] = norm(P["final_norm"], None if m.tie_embeddings else zhk)
     if "lm_head" in P:
@@ -117,9 +125,15 @@ def fold(model_params, model_cfg, masks: dict[str, Any]):
         windows = tuple(m.windows[l] for l in layers)
     kept_groups, kept_units = n_groups.pop(), n_units.pop()
     small = dataclasses.replace(
-        m, d_model=len(hid), n_layers=len(layers), n_heads=kept_groups * g,
-        n_kv_heads=None if m.n_kv_heads is None else kept_groups, head_dim=hd, d_ff=kept_units,
-        sliding_window=windows)
+        m,
+        d_model=len(hid),
+        n_layers=len(layers),
+        n_heads=kept_groups * g,
+        n_kv_heads=None if m.n_kv_heads is None else kept_groups,
+        head_dim=hd,
+        d_ff=kept_units,
+        sliding_window=windows,
+    )
     return new, small
 
 
@@ -151,13 +165,11 @@ def extract_run(src, out, step: int | None = None) -> Path:
     with Checkpointer(find_checkpoint_dir(src), create=False) as ckpt:
         saved = ckpt.read_config(step)
         if saved.get("method") != "shear":
-            raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; "
-                                  "expected a shear run")
+            raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; expected a shear run")
         check_new_run(out)
         cfg = one_device_config(saved)
         trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
     small_params, small_cfg = extract(params, cfg.model, cfg.prune)
     from pydantic import TypeAdapter
 
@@ -166,8 +178,13 @@ def extract_run(src, out, step: int | None = None) -> Path:
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     saved.pop("prune", None)  # the new run is a plain model: default prune section
     out_cfg = lm_run_config(saved, out, model=model_dict)
-    provenance = {"command": "jaxeff extract", "source": str(Path(src).absolute()), "method": "shear",
-                  "step": step if step is not None else "latest", "data": "as the source run"}
+    provenance = {
+        "command": "jaxeff extract",
+        "source": str(Path(src).absolute()),
+        "method": "shear",
+        "step": step if step is not None else "latest",
+        "data": "as the source run",
+    }
     save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg, provenance=provenance)
     return out
 

@@ -39,15 +39,18 @@ SOFT_FACTOR = 0.8  # deterministic masks: σ(log α / β · 0.8), as the referen
 
 def mask_shapes(model_cfg, types) -> dict[str, tuple[int, ...]]:
     """Shapes of the log α of each mask type in ``types``."""
-    shapes = {"head": (model_cfg.n_layers, model_cfg.kv_heads), "intermediate": (model_cfg.n_layers, model_cfg.ff),
-              "layer": (model_cfg.n_layers,), "hidden": (model_cfg.d_model,)}
+    shapes = {
+        "head": (model_cfg.n_layers, model_cfg.kv_heads),
+        "intermediate": (model_cfg.n_layers, model_cfg.ff),
+        "layer": (model_cfg.n_layers,),
+        "hidden": (model_cfg.d_model,),
+    }
     return {t: shapes[t] for t in types}
 
 
 def init_log_alpha(rng, shapes: dict[str, tuple[int, ...]], mean: float, std: float) -> dict[str, jax.Array]:
     """log α ~ N(mean, std²) per entry, float32."""
-    return {t: mean + std * jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
-            for i, (t, shape) in enumerate(sorted(shapes.items()))}
+    return {t: mean + std * jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32) for i, (t, shape) in enumerate(sorted(shapes.items()))}
 
 
 def sample(log_alpha: jax.Array, rng) -> jax.Array:
@@ -132,6 +135,22 @@ def expected_params(probs: dict[str, jax.Array], model_cfg) -> jax.Array:
     return total
 
 
-__all__ = ["BETA", "LEFT", "RIGHT", "EPS", "LOG_ALPHA_MIN", "LOG_ALPHA_MAX", "mask_shapes", "init_log_alpha", "sample",
-           "keep_prob", "soft_value", "keep_top", "deterministic", "sample_masks", "deterministic_masks",
-           "model_masks", "expected_params"]
+__all__ = [
+    "BETA",
+    "LEFT",
+    "RIGHT",
+    "EPS",
+    "LOG_ALPHA_MIN",
+    "LOG_ALPHA_MAX",
+    "mask_shapes",
+    "init_log_alpha",
+    "sample",
+    "keep_prob",
+    "soft_value",
+    "keep_top",
+    "deterministic",
+    "sample_masks",
+    "deterministic_masks",
+    "model_masks",
+    "expected_params",
+]

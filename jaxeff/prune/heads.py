@@ -74,8 +74,7 @@ def _fields(batch):
 def _sequence_loss(model, params, gates, inputs, targets, positions, segment_ids, loss_mask):
     """Mean next-token loss of one sequence (``[seq]`` arrays) with head gates ``[layers, heads]``,
     and its number of real tokens."""
-    out = model.apply({"params": params}, inputs[None], positions=positions[None], segment_ids=segment_ids[None],
-                      masks={"head": gates})
+    out = model.apply({"params": params}, inputs[None], positions=positions[None], segment_ids=segment_ids[None], masks={"head": gates})
     logp = jax.nn.log_softmax(out.logits[0].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
     m = loss_mask.astype(jnp.float32)
@@ -95,8 +94,7 @@ def gate_gradients(model, params, gates, batch):
 def batch_loss(model, params, gates, batch):
     """``(sum of token losses, number of tokens)`` of a packed batch with head gates."""
     inputs, targets, positions, segment_ids, loss_mask = _fields(batch)
-    out = model.apply({"params": params}, inputs, positions=positions, segment_ids=segment_ids,
-                      masks={"head": gates})
+    out = model.apply({"params": params}, inputs, positions=positions, segment_ids=segment_ids, masks={"head": gates})
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     m = loss_mask.astype(jnp.float32)
@@ -146,9 +144,20 @@ def _cells(L: int, H: int, kv_heads: int | None) -> list[np.ndarray]:
     return [l * H + grp * g + np.arange(g) for l in range(L) for grp in range(G)]
 
 
-def iterative_prune(scorer: HeadScorer, shape: tuple[int, int], imp_batches, eval_batches, *, fraction: float,
-                    step_fraction: float = 0.1, order: str = "importance", seed: int = 0, normalize: bool = True,
-                    balance: str = "global", kv_heads: int | None = None):
+def iterative_prune(
+    scorer: HeadScorer,
+    shape: tuple[int, int],
+    imp_batches,
+    eval_batches,
+    *,
+    fraction: float,
+    step_fraction: float = 0.1,
+    order: str = "importance",
+    seed: int = 0,
+    normalize: bool = True,
+    balance: str = "global",
+    kv_heads: int | None = None,
+):
     """Gate off a ``fraction`` of the heads, iteratively; the loss after every step.
 
     ``balance="global"`` (the paper): ``round(fraction · heads)`` heads in steps of
@@ -188,7 +197,7 @@ def iterative_prune(scorer: HeadScorer, shape: tuple[int, int], imp_batches, eva
         pruned = 0
         while pruned < target:
             n = min(per_step, target - pruned)
-            pick = np.argsort(scores(), kind="stable")[:n] if order == "importance" else perm[pruned:pruned + n]
+            pick = np.argsort(scores(), kind="stable")[:n] if order == "importance" else perm[pruned : pruned + n]
             flat[pick] = 0.0
             pruned += n
             history.append({"pruned": pruned, "fraction": pruned / total, "loss": scorer.loss(gates, eval_batches)})
@@ -266,7 +275,7 @@ def fold_heads(model_params, model_cfg, gates):
         for j, grp in enumerate(kept_groups[l]):
             kv_src[j] = grp
             heads = grp * g + np.flatnonzero(zg[l, grp])
-            q_src[j, :len(heads)] = heads
+            q_src[j, : len(heads)] = heads
         padding += int((q_src < 0).sum())
 
         def cols(src_dense, index, width):
@@ -275,9 +284,9 @@ def fold_heads(model_params, model_cfg, gates):
             out_b = None if "bias" not in src_dense else np.zeros(len(index) * width, src_dense["bias"].dtype)
             for s, i in enumerate(index):
                 if i >= 0:
-                    out_k[:, s * width:(s + 1) * width] = k[:, i * width:(i + 1) * width]
+                    out_k[:, s * width : (s + 1) * width] = k[:, i * width : (i + 1) * width]
                     if out_b is not None:
-                        out_b[s * width:(s + 1) * width] = src_dense["bias"][i * width:(i + 1) * width]
+                        out_b[s * width : (s + 1) * width] = src_dense["bias"][i * width : (i + 1) * width]
             return {"kernel": out_k} if out_b is None else {"kernel": out_k, "bias": out_b}
 
         qi = q_src.reshape(-1)
@@ -285,14 +294,11 @@ def fold_heads(model_params, model_cfg, gates):
         o_new = np.zeros((len(qi) * hd, o.shape[1]), o.dtype)
         for s, i in enumerate(qi):
             if i >= 0:
-                o_new[s * hd:(s + 1) * hd] = o[i * hd:(i + 1) * hd]
-        attn = {"q": cols(a["q"], qi, hd), "k": cols(a["k"], kv_src, hd), "v": cols(a["v"], kv_src, hd),
-                "o": {**a["o"], "kernel": o_new}}
+                o_new[s * hd : (s + 1) * hd] = o[i * hd : (i + 1) * hd]
+        attn = {"q": cols(a["q"], qi, hd), "k": cols(a["k"], kv_src, hd), "v": cols(a["v"], kv_src, hd), "o": {**a["o"], "kernel": o_new}}
         new[f"layers_{l}"] = {**src, "attn": attn}
-    small = dataclasses.replace(m, n_heads=G2 * g2, n_kv_heads=None if m.n_kv_heads is None and g2 == 1 else G2,
-                                head_dim=hd)
-    info = {"kept_heads_per_layer": [int(v) for v in z.sum(-1)], "n_heads": G2 * g2, "n_kv_heads": G2,
-            "padding_heads": padding}
+    small = dataclasses.replace(m, n_heads=G2 * g2, n_kv_heads=None if m.n_kv_heads is None and g2 == 1 else G2, head_dim=hd)
+    info = {"kept_heads_per_layer": [int(v) for v in z.sum(-1)], "n_heads": G2 * g2, "n_kv_heads": G2, "padding_heads": padding}
     return new, small, info
 
 
@@ -321,9 +327,20 @@ def run_batches(cfg, n_train: int):
     return train, evals
 
 
-def prune_heads_run(run, out, *, fraction: float, order: str = "importance", batches: int = 4,
-                    step_fraction: float = 0.1, seed: int = 0, step: int | None = None, batch_size: int | None = None,
-                    normalize: bool = True, balance: str = "global"):
+def prune_heads_run(
+    run,
+    out,
+    *,
+    fraction: float,
+    order: str = "importance",
+    batches: int = 4,
+    step_fraction: float = 0.1,
+    seed: int = 0,
+    step: int | None = None,
+    batch_size: int | None = None,
+    normalize: bool = True,
+    balance: str = "global",
+):
     """Prune ``fraction`` of a run's attention heads (iteratively, :func:`iterative_prune`), fold the
     result into a smaller dense model (:func:`fold_heads`) and save it as run ``out`` (method
     ``lm``). Writes ``out/heads.json`` (settings, loss after each step, final importance, gates)
@@ -356,26 +373,58 @@ def prune_heads_run(run, out, *, fraction: float, order: str = "importance", bat
     scorer = HeadScorer(model, params)
     shape = (cfg.model.n_layers, cfg.model.n_heads)
     importance0 = scorer.importance(np.ones(shape, np.float32), imp_batches, normalize=normalize)
-    gates, history = iterative_prune(scorer, shape, imp_batches, evals, fraction=fraction,
-                                     step_fraction=float(step_fraction), order=order, seed=seed, normalize=normalize,
-                                     balance=balance, kv_heads=cfg.model.n_kv_heads)
+    gates, history = iterative_prune(
+        scorer,
+        shape,
+        imp_batches,
+        evals,
+        fraction=fraction,
+        step_fraction=float(step_fraction),
+        order=order,
+        seed=seed,
+        normalize=normalize,
+        balance=balance,
+        kv_heads=cfg.model.n_kv_heads,
+    )
     small_params, small_cfg, info = fold_heads(params, cfg.model, gates)
     small_model = Transformer(small_cfg)
-    small_loss = HeadScorer(small_model, small_params).loss(np.ones((small_cfg.n_layers, small_cfg.n_heads),
-                                                                    np.float32), evals)
+    small_loss = HeadScorer(small_model, small_params).loss(np.ones((small_cfg.n_layers, small_cfg.n_heads), np.float32), evals)
     model_dict = TypeAdapter(TransformerConfig).dump_python(small_cfg, mode="json")
     out_cfg = lm_run_config(saved, out, model=model_dict)
     save_model_run(jax.device_put(small_params, jax.devices()[0]), out_cfg)
-    record = {"source": str(Path(run).absolute()), "fraction": fraction, "order": order, "batches": batches,
-              "step_fraction": float(step_fraction), "seed": seed, "normalize": normalize, "balance": balance,
-              "history": history,
-              "importance_unpruned": importance0.tolist(), "gates": gates.tolist(), **info,
-              "params_before": count_params(params), "params_after": count_params(small_params),
-              "extracted_loss": small_loss}
+    record = {
+        "source": str(Path(run).absolute()),
+        "fraction": fraction,
+        "order": order,
+        "batches": batches,
+        "step_fraction": float(step_fraction),
+        "seed": seed,
+        "normalize": normalize,
+        "balance": balance,
+        "history": history,
+        "importance_unpruned": importance0.tolist(),
+        "gates": gates.tolist(),
+        **info,
+        "params_before": count_params(params),
+        "params_after": count_params(small_params),
+        "extracted_loss": small_loss,
+    }
     (out / "heads.json").write_text(json.dumps(record, indent=1))
     return record
 
 
-__all__ = ["ORDERS", "BALANCES", "check_fraction", "gate_gradients", "batch_loss", "HeadScorer", "iterative_prune",
-           "ablation_increase", "spearman", "fold_heads",
-           "count_params", "run_batches", "prune_heads_run"]
+__all__ = [
+    "ORDERS",
+    "BALANCES",
+    "check_fraction",
+    "gate_gradients",
+    "batch_loss",
+    "HeadScorer",
+    "iterative_prune",
+    "ablation_increase",
+    "spearman",
+    "fold_heads",
+    "count_params",
+    "run_batches",
+    "prune_heads_run",
+]

@@ -107,9 +107,11 @@ def _flat(masks) -> list[tuple[tuple[str, ...], Any]]:
 
 def dense_masks(params, paths: list[str]) -> dict:
     """All-ones masks (nothing pruned) for the kernels at ``paths``, in each kernel's dtype."""
+
     def ones(p):
         k = _get(params, p.split("/") + ["kernel"])
         return jnp.ones(k.shape, k.dtype)
+
     return _nest(paths, ones)
 
 
@@ -182,14 +184,14 @@ def round_plan(cfg) -> int:
     phases = c.rounds + 1
     per = c.steps_per_round or steps // phases
     if c.steps_per_round and per * phases != steps:
-        raise ConfigError(f"lottery.steps_per_round: train.steps={steps} must equal (rounds + 1) * steps_per_round = "
-                          f"{phases} * {per} = {phases * per}")
+        raise ConfigError(f"lottery.steps_per_round: train.steps={steps} must equal (rounds + 1) * steps_per_round = {phases} * {per} = {phases * per}")
     if per < 1 or per * phases != steps:
-        raise ConfigError(f"lottery.rounds: train.steps={steps} does not split into rounds + 1 = {phases} equal phases "
-                          f"(set train.steps to a multiple of {phases}, or lottery.steps_per_round)")
+        raise ConfigError(
+            f"lottery.rounds: train.steps={steps} does not split into rounds + 1 = {phases} equal phases "
+            f"(set train.steps to a multiple of {phases}, or lottery.steps_per_round)"
+        )
     if c.rewind_step >= per:
-        raise ConfigError(f"lottery.rewind_step: {c.rewind_step} must be below steps_per_round={per} "
-                          "(the rewind point lies in the dense phase)")
+        raise ConfigError(f"lottery.rewind_step: {c.rewind_step} must be below steps_per_round={per} (the rewind point lies in the dense phase)")
     return per
 
 
@@ -200,9 +202,11 @@ def masks_file(run: str | Path, round_: int) -> Path:
 def _check_masks_from(run: str, rounds: int) -> None:
     missing = [i for i in range(1, rounds + 1) if not masks_file(run, i).is_file()]
     if missing:
-        raise ConfigError(f"lottery.masks_from: '{run}' has no masks for round(s) {missing} "
-                          f"(expected {masks_file(run, missing[0])}, written by a lottery run with at least "
-                          f"{rounds} rounds)")
+        raise ConfigError(
+            f"lottery.masks_from: '{run}' has no masks for round(s) {missing} "
+            f"(expected {masks_file(run, missing[0])}, written by a lottery run with at least "
+            f"{rounds} rounds)"
+        )
 
 
 def save_masks(path: Path, masks) -> None:
@@ -248,8 +252,7 @@ class Rounds:
     def _jit(self, name, fn, trainer, *extra_shardings):
         if name not in self._jits:
             shard = trainer.state_shardings
-            self._jits[name] = jax.jit(fn, in_shardings=(shard, *extra_shardings), out_shardings=shard,
-                                       donate_argnums=(0,))
+            self._jits[name] = jax.jit(fn, in_shardings=(shard, *extra_shardings), out_shardings=shard, donate_argnums=(0,))
         return self._jits[name]
 
     def rewind_hook(self, loop) -> None:
@@ -272,19 +275,23 @@ class Rounds:
         self._check_round(loop, ended, kept)
         ev = loop.evaluate()
         sparsity = 1.0 - kept / total
-        record = {"round": ended, "end_step": step, "sparsity": sparsity, "kept": kept, "prunable": total,
-                  "eval_loss": ev.get("eval/loss"), "eval": ev}
-        logs = {"lottery/round_end/eval_loss": ev.get("eval/loss", float("nan")),
-                "lottery/round_end/sparsity": sparsity, "lottery/round_end/round": float(ended)}
+        record = {"round": ended, "end_step": step, "sparsity": sparsity, "kept": kept, "prunable": total, "eval_loss": ev.get("eval/loss"), "eval": ev}
+        logs = {
+            "lottery/round_end/eval_loss": ev.get("eval/loss", float("nan")),
+            "lottery/round_end/sparsity": sparsity,
+            "lottery/round_end/round": float(ended),
+        }
         if ended < c.rounds:
             loop.state = self._next_round(loop, ended + 1)
             kept_now, _ = (int(x) for x in jax.device_get(count(loop.state.params["mask"])))
             logs["lottery/sparsity"] = 1.0 - kept_now / total
             save_masks(masks_file(self.cfg.run_path, ended + 1), loop.state.params["mask"])
-            loop.logger.message(f"lottery: round {ended + 1} of {c.rounds} at step {step}: phase {ended} ended at "
-                                f"sparsity {sparsity:.3f}, eval loss {ev.get('eval/loss', float('nan')):.4f}; now "
-                                f"{kept_now:,} of {total:,} prunable weights kept ({1 - kept_now / total:.3f} pruned), "
-                                f"{'rewound' if c.reinit == 'rewind' else 'randomly re-initialised'}")
+            loop.logger.message(
+                f"lottery: round {ended + 1} of {c.rounds} at step {step}: phase {ended} ended at "
+                f"sparsity {sparsity:.3f}, eval loss {ev.get('eval/loss', float('nan')):.4f}; now "
+                f"{kept_now:,} of {total:,} prunable weights kept ({1 - kept_now / total:.3f} pruned), "
+                f"{'rewound' if c.reinit == 'rewind' else 'randomly re-initialised'}"
+            )
         loop.logger.scalars(step, logs)
         loop.last.update(logs)
         self._write_record(record)
@@ -301,17 +308,18 @@ class Rounds:
         else:
             expected = int(jnp.sum(keep_counts(masks, (1.0 - c.prune_fraction) ** ended, c.scope)))
         if kept != expected:
-            raise JaxeffError(f"lottery: at step {loop.step} the state keeps {kept:,} prunable weights, but phase {ended} "
-                              f"keeps {expected:,}: a round transition was skipped "
-                              "(resumed from a checkpoint written before it ran?)")
+            raise JaxeffError(
+                f"lottery: at step {loop.step} the state keeps {kept:,} prunable weights, but phase {ended} "
+                f"keeps {expected:,}: a round transition was skipped "
+                "(resumed from a checkpoint written before it ran?)"
+            )
 
     def _next_round(self, loop, round_: int):
         c, trainer = self.c, loop.trainer
         keep = (1.0 - c.prune_fraction) ** round_
         mask_shardings = trainer.param_shardings["mask"]
         if c.masks_from:
-            given = jax.device_put(load_masks(masks_file(c.masks_from, round_), loop.state.params["mask"]),
-                                   mask_shardings)
+            given = jax.device_put(load_masks(masks_file(c.masks_from, round_), loop.state.params["mask"]), mask_shardings)
         else:
             given = None
         counts = keep_counts(loop.state.params["mask"], keep, c.scope)
@@ -328,8 +336,7 @@ class Rounds:
             return state.replace(params=params, opt_state=tx.init(params))
 
         rep = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
-        fn = self._jit("round" if given is None else "round_given", transition, trainer, rep,
-                       None if given is None else mask_shardings, rep)
+        fn = self._jit("round" if given is None else "round_given", transition, trainer, rep, None if given is None else mask_shardings, rep)
         with trainer._context():
             return fn(loop.state, counts, given, key)
 
@@ -422,9 +429,18 @@ def lottery_method(cfg, model) -> Method:
     hooks = [Hook("lottery_round", per, rounds.round_hook, at_end=False)]
     if rewind and c.rewind_step > 0:
         hooks.insert(0, Hook("lottery_rewind", c.rewind_step, rounds.rewind_hook, at_end=False))
-    return Method("lottery", loss, trainable=trainable, prepare_params=prepare_params, logical_axes=logical_axes,
-                  schedule=lambda step: phase_lr(step % per),
-                  model_params=model_params, optimizer=optimizer, hooks=tuple(hooks), with_step=True)
+    return Method(
+        "lottery",
+        loss,
+        trainable=trainable,
+        prepare_params=prepare_params,
+        logical_axes=logical_axes,
+        schedule=lambda step: phase_lr(step % per),
+        model_params=model_params,
+        optimizer=optimizer,
+        hooks=tuple(hooks),
+        with_step=True,
+    )
 
 
 def sparsity_after(rounds: int, prune_fraction: float) -> float:
@@ -432,6 +448,21 @@ def sparsity_after(rounds: int, prune_fraction: float) -> float:
     return 1.0 - (1.0 - prune_fraction) ** rounds
 
 
-__all__ = ["LotteryConfig", "lottery_method", "prunable_paths", "dense_masks", "apply_masks", "magnitude_masks",
-           "keep_counts", "count", "round_plan", "save_masks", "load_masks", "masks_file", "read_record",
-           "mask_updates", "sparsity_after", "Rounds"]
+__all__ = [
+    "LotteryConfig",
+    "lottery_method",
+    "prunable_paths",
+    "dense_masks",
+    "apply_masks",
+    "magnitude_masks",
+    "keep_counts",
+    "count",
+    "round_plan",
+    "save_masks",
+    "load_masks",
+    "masks_file",
+    "read_record",
+    "mask_updates",
+    "sparsity_after",
+    "Rounds",
+]

@@ -38,8 +38,10 @@ from jaxeff.train.optim import make_optimizer
 
 def init_shear(shapes: dict[str, tuple[int, ...]], rng, prune_cfg) -> dict:
     """The ``shear`` subtree: log α ~ N(init, std) per mask entry, λ1 = λ2 = 0 per mask type."""
-    return {"log_alpha": hc.init_log_alpha(rng, shapes, prune_cfg.log_alpha_init, prune_cfg.log_alpha_init_std),
-            "lambdas": {t: jnp.zeros((2,), jnp.float32) for t in shapes}}
+    return {
+        "log_alpha": hc.init_log_alpha(rng, shapes, prune_cfg.log_alpha_init, prune_cfg.log_alpha_init_std),
+        "lambdas": {t: jnp.zeros((2,), jnp.float32) for t in shapes},
+    }
 
 
 def target_sparsity(sizes: dict[str, tuple[int, int]], step, warmup_steps: int) -> dict[str, jax.Array]:
@@ -58,17 +60,20 @@ def lagrangian(shear: dict, sizes: dict[str, tuple[int, int]], step, warmup_step
         lam = shear["lambdas"][t]
         gap = s_hat - targets[t]
         total = total + lam[0] * gap + lam[1] * gap * gap
-        metrics.update({f"shear/sparsity/{t}": s_hat, f"shear/target_sparsity/{t}": targets[t],
-                        f"shear/lambda1/{t}": lam[0], f"shear/lambda2/{t}": lam[1]})
+        metrics.update(
+            {f"shear/sparsity/{t}": s_hat, f"shear/target_sparsity/{t}": targets[t], f"shear/lambda1/{t}": lam[0], f"shear/lambda2/{t}": lam[1]}
+        )
     return total, metrics
 
 
 def clamp_params(lo: float, hi: float) -> optax.GradientTransformation:
     """Rewrite updates so that ``params + updates`` lands in [lo, hi] (up to float rounding)."""
+
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("clamp_params needs the parameters")
         return jax.tree.map(lambda u, p: jnp.clip(p + u, lo, hi) - p, updates, params), state
+
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
@@ -76,15 +81,22 @@ def shear_optimizer(prune_cfg, optim_cfg, total_steps: int, trainable) -> optax.
     """Model weights: the trainer's optimizer (frozen ones: no update); log α: adam at
     ``mask_lr`` then the clamp; λ: adam at ``-lambda_lr`` (ascent)."""
     model_labels = jax.tree.map(lambda t: "model" if t else "frozen", trainable["model"])
-    labels = {"model": model_labels,
-              "shear": {"log_alpha": jax.tree.map(lambda _: "log_alpha", trainable["shear"]["log_alpha"]),
-                        "lambdas": jax.tree.map(lambda _: "lambda", trainable["shear"]["lambdas"])}}
-    return optax.multi_transform({
-        "model": make_optimizer(optim_cfg, total_steps),
-        "frozen": optax.set_to_zero(),
-        "log_alpha": optax.chain(optax.adam(prune_cfg.mask_lr), clamp_params(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)),
-        "lambda": optax.adam(-prune_cfg.lambda_lr),
-    }, labels)
+    labels = {
+        "model": model_labels,
+        "shear": {
+            "log_alpha": jax.tree.map(lambda _: "log_alpha", trainable["shear"]["log_alpha"]),
+            "lambdas": jax.tree.map(lambda _: "lambda", trainable["shear"]["lambdas"]),
+        },
+    }
+    return optax.multi_transform(
+        {
+            "model": make_optimizer(optim_cfg, total_steps),
+            "frozen": optax.set_to_zero(),
+            "log_alpha": optax.chain(optax.adam(prune_cfg.mask_lr), clamp_params(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)),
+            "lambda": optax.adam(-prune_cfg.lambda_lr),
+        },
+        labels,
+    )
 
 
 def final_masks(shear: dict, sizes: dict[str, tuple[int, int]]) -> dict[str, jax.Array]:
@@ -108,8 +120,7 @@ def shear_method(cfg, model) -> Method:
     sizes = check_prune(cfg)
     shapes = hc.mask_shapes(cfg.model, sizes)
     warm = warmup_steps(p, cfg.train.steps)
-    target_params = float(hc.expected_params({t: hc.keep_top(jnp.zeros(s), sizes[t][1]) for t, s in shapes.items()},
-                                             cfg.model))
+    target_params = float(hc.expected_params({t: hc.keep_top(jnp.zeros(s), sizes[t][1]) for t, s in shapes.items()}, cfg.model))
 
     def prepare_params(base, rng):
         return {"model": base, "shear": init_shear(shapes, rng, p)}
@@ -120,34 +131,49 @@ def shear_method(cfg, model) -> Method:
             masks = final_masks(shear, sizes)
         else:
             masks = hc.sample_masks(shear["log_alpha"], jax.random.fold_in(rng, 1))
-        out = apply_masked(model, params, batch["inputs"], masks, positions=batch["positions"],
-                           segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+        out = apply_masked(
+            model,
+            params,
+            batch["inputs"],
+            masks,
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
         lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         lag, metrics = lagrangian(shear, sizes, step, warm)
         probs = {t: hc.keep_prob(la) for t, la in shear["log_alpha"].items()}
-        metrics.update({"shear/lm_loss": lm, "shear/lagrangian": lag,
-                        "shear/expected_params": hc.expected_params(probs, cfg.model),
-                        "shear/target_params": jnp.float32(target_params)})
+        metrics.update(
+            {
+                "shear/lm_loss": lm,
+                "shear/lagrangian": lag,
+                "shear/expected_params": hc.expected_params(probs, cfg.model),
+                "shear/target_params": jnp.float32(target_params),
+            }
+        )
         return lm + lag, metrics
 
     def trainable(params):
-        return {"model": jax.tree.map(lambda _: p.train_model, params["model"]),
-                "shear": jax.tree.map(lambda _: True, params["shear"])}
+        return {"model": jax.tree.map(lambda _: p.train_model, params["model"]), "shear": jax.tree.map(lambda _: True, params["shear"])}
 
     def logical_axes(model_axes):
-        return {"model": model_axes,
-                "shear": {"log_alpha": {t: P() for t in shapes}, "lambdas": {t: P() for t in shapes}}}
+        return {"model": model_axes, "shear": {"log_alpha": {t: P() for t in shapes}, "lambdas": {t: P() for t in shapes}}}
 
     def apply(model_, params, tokens, **kwargs):
         return apply_masked(model_, params, tokens, final_masks(params["shear"], sizes), **kwargs)
 
     return Method(
-        "shear", loss, trainable=trainable, prepare_params=prepare_params, logical_axes=logical_axes,
-        model_params=lambda params: params["model"], apply=apply, with_step=True,
-        optimizer=lambda optim_cfg, total_steps, trainable_tree: shear_optimizer(p, optim_cfg, total_steps,
-                                                                                 trainable_tree),
+        "shear",
+        loss,
+        trainable=trainable,
+        prepare_params=prepare_params,
+        logical_axes=logical_axes,
+        model_params=lambda params: params["model"],
+        apply=apply,
+        with_step=True,
+        optimizer=lambda optim_cfg, total_steps, trainable_tree: shear_optimizer(p, optim_cfg, total_steps, trainable_tree),
     )
 
 
-__all__ = ["shear_method", "init_shear", "lagrangian", "target_sparsity", "shear_optimizer", "clamp_params",
-           "final_masks", "apply_masked", "warmup_steps"]
+__all__ = ["shear_method", "init_shear", "lagrangian", "target_sparsity", "shear_optimizer", "clamp_params", "final_masks", "apply_masked", "warmup_steps"]

@@ -201,8 +201,9 @@ def _check_method(method, sparsity, nm):
     return (check_sparsity(sparsity) if sparsity is not None else None), (parse_nm(nm) if nm is not None else None)
 
 
-def prune(params, *, method: str, sparsity: float | None = None, nm=None, norms: Mapping[str, jax.Array] | None = None,
-          pattern: str = TARGETS) -> tuple[Any, dict[str, Any]]:
+def prune(
+    params, *, method: str, sparsity: float | None = None, nm=None, norms: Mapping[str, jax.Array] | None = None, pattern: str = TARGETS
+) -> tuple[Any, dict[str, Any]]:
     """One-shot pruning with given ``norms`` (Wanda) or none (magnitude): ``(pruned params, report)``.
     Parameters that are not targeted are the same arrays as in ``params``."""
     sparsity, nm = _check_method(method, sparsity, nm)
@@ -211,8 +212,9 @@ def prune(params, *, method: str, sparsity: float | None = None, nm=None, norms:
     return pruned, sparsity_report(pruned, paths)
 
 
-def wanda(model, params, batches, *, sparsity: float | None = None, nm=None, sequential: bool = True,
-          pattern: str = TARGETS) -> tuple[Any, dict[str, Any]]:
+def wanda(
+    model, params, batches, *, sparsity: float | None = None, nm=None, sequential: bool = True, pattern: str = TARGETS
+) -> tuple[Any, dict[str, Any]]:
     """Wanda with calibration ``batches`` (a list, reused once per block when ``sequential``)."""
     sparsity, nm = _check_method("wanda", sparsity, nm)
     paths = target_paths(params, pattern)
@@ -256,16 +258,31 @@ def sparsity_report(params, paths: Iterable[str]) -> dict[str, Any]:
         per_layer[p] = z / k.size
         zeros, size = zeros + z, size + k.size
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return {"layers": per_layer, "pruned_sparsity": zeros / max(size, 1), "model_sparsity": zeros / max(total, 1),
-            "pruned_params": size, "model_params": total}
+    return {
+        "layers": per_layer,
+        "pruned_sparsity": zeros / max(size, 1),
+        "model_sparsity": zeros / max(total, 1),
+        "pruned_params": size,
+        "model_params": total,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # run folders (the CLI)
 
 
-def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=None, calib_batches: int = 8,
-                 step: int | None = None, evaluate: bool = True, return_params: bool = False):
+def sparsify_run(
+    run,
+    out,
+    *,
+    method: str,
+    sparsity: float | None = None,
+    nm=None,
+    calib_batches: int = 8,
+    step: int | None = None,
+    evaluate: bool = True,
+    return_params: bool = False,
+):
     """Prune a run's model parameters and save them as a new run folder ``out`` (method ``lm``,
     step 0) that ``jaxeff eval`` / ``generate`` / ``train.init_from`` read like any other run.
     Calibration batches are the first ``calib_batches`` training batches of the run's data section.
@@ -297,18 +314,48 @@ def sparsify_run(run, out, *, method: str, sparsity: float | None = None, nm=Non
         pruned, report = wanda(trainer.model, params, batches, sparsity=sparsity, nm=nm)
     else:
         pruned, report = prune(params, method="magnitude", sparsity=sparsity, nm=nm)
-    record = {"source": str(Path(run).absolute()), "source_step": src_step, "method": method,
-              "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
-              "calib_batches": calib_batches if method == "wanda" else 0, **report}
+    record = {
+        "source": str(Path(run).absolute()),
+        "source_step": src_step,
+        "method": method,
+        "sparsity": sparsity,
+        "nm": f"{nm[0]}:{nm[1]}" if nm else None,
+        "calib_batches": calib_batches if method == "wanda" else 0,
+        **report,
+    }
     if evaluate:
         record["eval_before"] = trainer.evaluate(params, eval_sets, cfg.train.eval_batches)
         record["eval_after"] = trainer.evaluate(pruned, eval_sets, cfg.train.eval_batches)
-    save_model_run(pruned, cfg, provenance={"command": "jaxeff sparsify", "source": record["source"],
-                                            "step": src_step, "method": saved.get("method", "lm"),
-                                            "sparsify": method, "data": "as the source run"})
+    save_model_run(
+        pruned,
+        cfg,
+        provenance={
+            "command": "jaxeff sparsify",
+            "source": record["source"],
+            "step": src_step,
+            "method": saved.get("method", "lm"),
+            "sparsify": method,
+            "data": "as the source run",
+        },
+    )
     (cfg.run_path / "sparsify.json").write_text(json.dumps(record, indent=1))
     return (record, params, pruned) if return_params else record
 
 
-__all__ = ["TARGETS", "METHODS", "check_sparsity", "parse_nm", "magnitude_scores", "wanda_scores", "keep_mask",
-           "target_paths", "input_sq_sums", "input_norms", "prune", "wanda", "sparsity_report", "output_error", "sparsify_run"]
+__all__ = [
+    "TARGETS",
+    "METHODS",
+    "check_sparsity",
+    "parse_nm",
+    "magnitude_scores",
+    "wanda_scores",
+    "keep_mask",
+    "target_paths",
+    "input_sq_sums",
+    "input_norms",
+    "prune",
+    "wanda",
+    "sparsity_report",
+    "output_error",
+    "sparsify_run",
+]

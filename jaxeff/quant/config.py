@@ -17,7 +17,6 @@ from jaxeff.targets import BLOCK_LAYERS  # noqa: F401  (re-exported: quant's def
 from jaxeff.schema import Section
 
 
-
 def _check_regex(v: str) -> str:
     try:
         re.compile(v)
@@ -41,8 +40,7 @@ class QuantizerConfig(Section):
     def spec(self):
         from jaxeff.quant.quantizers import QuantSpec
 
-        return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity,
-                         group_size=self.group_size, ternary=self.ternary)
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity, group_size=self.group_size, ternary=self.ternary)
 
 
 class CalibrationConfig(Section):

@@ -88,8 +88,7 @@ def quantized_method(cfg, model) -> Method:
     def loss(params, batch, rng, *, frozen, deterministic):
         from jaxeff.train.losses import cross_entropy
 
-        out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                    deterministic=True)
+        out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], deterministic=True)
         value, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return jax.lax.stop_gradient(value), {}
 
@@ -99,14 +98,18 @@ def quantized_method(cfg, model) -> Method:
         abstract = jax.eval_shape(lambda: convert_params(init_params(model, jax.random.PRNGKey(0), (1, 8)), qcfg))
         for path in dense_paths(model_axes, qcfg.weight_layers):
             qw = get_path(abstract, path)["kernel"]
-            spec = dataclasses.replace(qw, **{f: (None if getattr(qw, f) is None else P())
-                                              for f in ("data", "scales", "zeros", "dq_scales", "dq_mean")})
+            spec = dataclasses.replace(qw, **{f: (None if getattr(qw, f) is None else P()) for f in ("data", "scales", "zeros", "dq_scales", "dq_mean")})
             model_axes = set_path(model_axes, path, {**get_path(model_axes, path), "kernel": spec})
         return model_axes
 
-    return Method("quantized", loss, trainable=lambda params: jax.tree.map(lambda _: False, params),
-                  prepare_params=lambda params, rng: convert_params(params, qcfg), logical_axes=logical_axes,
-                  apply=apply)
+    return Method(
+        "quantized",
+        loss,
+        trainable=lambda params: jax.tree.map(lambda _: False, params),
+        prepare_params=lambda params, rng: convert_params(params, qcfg),
+        logical_axes=logical_axes,
+        apply=apply,
+    )
 
 
 def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None = None) -> dict:
@@ -136,9 +139,14 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     raw = {k: v for k, v in saved.items() if k != "provenance"}
     raw = with_overrides(with_overrides(raw, {**new_lm_run(Path(out)), "method": "quantized"}), list(overrides))
     cfg = from_dict(raw)
-    provenance = {"command": "jaxeff quantize", "source": str(Path(checkpoint).absolute()), "step": int(step),
-                  "method": saved.get("method"), "format": cfg.quant.convert.format,
-                  "data": "as the source run"}
+    provenance = {
+        "command": "jaxeff quantize",
+        "source": str(Path(checkpoint).absolute()),
+        "step": int(step),
+        "method": saved.get("method"),
+        "format": cfg.quant.convert.format,
+        "data": "as the source run",
+    }
     trainer = Trainer(cfg, devices=devices)
     state = trainer.init_state(jax.device_get(base))
     ckpt = open_new_run(cfg, Path(out))

@@ -43,8 +43,7 @@ def set_path(tree: dict, path: str, value) -> dict:
 def float_dense(x, kernel, module: nn.Dense):
     """What ``nn.Dense`` computes (without the bias) for a float kernel."""
     dtype = module.dtype or jnp.result_type(x, kernel)
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                               precision=module.precision)
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
 
 
 def run_with_dense(model: nn.Module, params, tokens, dense_fn: Callable[..., Any], **kwargs):

@@ -112,8 +112,15 @@ def qat_method(cfg, model) -> Method:
         return fake_quant_apply(model_, mp, tokens, qcfg, qscales=scales, **kwargs)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = apply(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                    deterministic=deterministic, rngs={"dropout": rng})
+        out = apply(
+            model,
+            params,
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
         value, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return value, {}
 
@@ -134,5 +141,4 @@ def qat_method(cfg, model) -> Method:
         scales = jax.eval_shape(lambda: init_weight_scales(init_params(model, jax.random.PRNGKey(0), (1, 8)), qcfg))
         return {"model": model_axes, "qscales": jax.tree.map(lambda _: P(), scales)}
 
-    return Method("qat", loss, prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params,
-                  apply=apply)
+    return Method("qat", loss, prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params, apply=apply)

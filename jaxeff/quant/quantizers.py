@@ -62,7 +62,7 @@ class QuantSpec:
     def qmax(self) -> int:
         if self.ternary:
             return 1
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
     def has_zero_point(self) -> bool:
@@ -84,7 +84,7 @@ def grouped(x, spec: QuantSpec, axis: int):
     n, g = x.shape[a], spec.group_size
     if n % g:
         raise ValueError(f"group_size: {g} does not divide the quantized axis of size {n} (shape {tuple(x.shape)})")
-    return x.reshape(x.shape[:a] + (n // g, g) + x.shape[a + 1:]), (a + 1,)
+    return x.reshape(x.shape[:a] + (n // g, g) + x.shape[a + 1 :]), (a + 1,)
 
 
 def _safe(s):

@@ -50,11 +50,9 @@ def from_args(args, model, params, tokenizer, apply_fn):
         layer = args.steer_layer if args.steer_layer is not None else int(meta["layer"])
         check_layer(layer, model.config.n_layers, "--steer-layer")
         if vector.shape != (model.config.d_model,):
-            raise JaxeffError(f"--steer-vector: the vector has {vector.shape[0]} entries but the model's d_model is "
-                              f"{model.config.d_model}")
+            raise JaxeffError(f"--steer-vector: the vector has {vector.shape[0]} entries but the model's d_model is {model.config.d_model}")
         return vector, layer
-    return record_text(model, params, tokenizer, args.steer_pos, args.steer_neg, args.steer_layer, apply_fn), \
-        args.steer_layer
+    return record_text(model, params, tokenizer, args.steer_pos, args.steer_neg, args.steer_layer, apply_fn), args.steer_layer
 
 
 def cmd_steer_vector(args) -> int:

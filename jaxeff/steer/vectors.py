@@ -71,23 +71,20 @@ def _mean_state(model, params, prompts: Sequence[Sequence[int]], layer: int, app
     mask = np.zeros((len(prompts), longest), np.float32)
     for i, ids in enumerate(prompts):
         tokens[i, : len(ids)] = ids
-        mask[i, 1: len(ids)] = 1.0
+        mask[i, 1 : len(ids)] = 1.0
     h = residual_stream(model, params, tokens, layer, apply_fn)  # [prompts, seq, d_model]
     per_prompt = jnp.sum(h * mask[..., None], axis=1) / mask.sum(axis=1)[:, None]
     return jnp.mean(per_prompt, axis=0)
 
 
-def record(model, params, pos: Sequence[Sequence[int]], neg: Sequence[Sequence[int]], layer: int,
-           apply_fn: Callable | None = None) -> jax.Array:
+def record(model, params, pos: Sequence[Sequence[int]], neg: Sequence[Sequence[int]], layer: int, apply_fn: Callable | None = None) -> jax.Array:
     """Steering vector ``[d_model]``: mean residual stream after block ``layer`` of the ``pos``
     prompts minus that of the ``neg`` prompts (token ids, BOS first; positions after BOS)."""
     check_layer(layer, model.config.n_layers)
-    return (_mean_state(model, params, pos, layer, apply_fn, "pos")
-            - _mean_state(model, params, neg, layer, apply_fn, "neg"))
+    return _mean_state(model, params, pos, layer, apply_fn, "pos") - _mean_state(model, params, neg, layer, apply_fn, "neg")
 
 
-def record_text(model, params, tokenizer, pos: Sequence[str], neg: Sequence[str], layer: int,
-                apply_fn: Callable | None = None) -> jax.Array:
+def record_text(model, params, tokenizer, pos: Sequence[str], neg: Sequence[str], layer: int, apply_fn: Callable | None = None) -> jax.Array:
     """:func:`record` from text prompts (BOS + the tokenizer's ids, as ``jaxeff generate`` does)."""
     enc = lambda texts: [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     return record(model, params, enc(pos), enc(neg), layer, apply_fn)
@@ -128,12 +125,12 @@ def _delta(model, vector, scale) -> jax.Array:
     return jnp.float32(scale) * v
 
 
-def steered_forward(model, params, tokens, *, vector, layer: int, scale: float, apply_fn: Callable | None = None,
-                    return_hidden: bool = False):
+def steered_forward(model, params, tokens, *, vector, layer: int, scale: float, apply_fn: Callable | None = None, return_hidden: bool = False):
     """The model's output (jitted) with ``scale * vector`` added after block ``layer`` at every position."""
     check_layer(layer, model.config.n_layers)
-    return _steered_forward(model, {"model": params, "steer": _delta(model, vector, scale)},
-                            jnp.asarray(tokens, jnp.int32), layer, apply_fn, return_hidden)
+    return _steered_forward(
+        model, {"model": params, "steer": _delta(model, vector, scale)}, jnp.asarray(tokens, jnp.int32), layer, apply_fn, return_hidden
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer", "apply_fn", "return_hidden"))
@@ -141,27 +138,44 @@ def _steered_forward(model, params, tokens, layer, apply_fn, return_hidden):
     return steered_apply(layer, apply_fn)(model, params, tokens, return_hidden=return_hidden)
 
 
-def steer_generate(model, params, prompt, rng, *, vector, layer: int, scale: float, max_new_tokens: int,
-                   temperature: float = 0.0, top_k: int = 0, apply_fn: Callable | None = None) -> jax.Array:
+def steer_generate(
+    model,
+    params,
+    prompt,
+    rng,
+    *,
+    vector,
+    layer: int,
+    scale: float,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    apply_fn: Callable | None = None,
+) -> jax.Array:
     """:func:`jaxeff.models.generate.generate` with the residual stream after block ``layer``
     shifted by ``scale * vector`` at every position (prefill and each cached step)."""
     check_layer(layer, model.config.n_layers)
-    return generate(model, {"model": params, "steer": _delta(model, vector, scale)}, jnp.asarray(prompt, jnp.int32),
-                    rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    apply_fn=steered_apply(layer, apply_fn))
+    return generate(
+        model,
+        {"model": params, "steer": _delta(model, vector, scale)},
+        jnp.asarray(prompt, jnp.int32),
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        apply_fn=steered_apply(layer, apply_fn),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # vector files
 
 
-def save_vector(path, vector, *, layer: int, pos: Sequence[str] = (), neg: Sequence[str] = (),
-                run: str | None = None) -> Path:
+def save_vector(path, vector, *, layer: int, pos: Sequence[str] = (), neg: Sequence[str] = (), run: str | None = None) -> Path:
     """``.npz`` with the vector ``[d_model]`` and a JSON record (layer, prompts, run)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "layer": int(layer), "d_model": int(np.shape(vector)[0]), "pos": list(pos),
-            "neg": list(neg), "run": run}
+    meta = {"format": FORMAT, "layer": int(layer), "d_model": int(np.shape(vector)[0]), "pos": list(pos), "neg": list(neg), "run": run}
     with open(p, "wb") as f:
         np.savez(f, vector=np.asarray(jax.device_get(vector), np.float32), meta=np.asarray(json.dumps(meta)))
     return p
@@ -181,5 +195,4 @@ def load_vector(path, key: str = "--steer-vector") -> tuple[np.ndarray, dict[str
     return vector, meta
 
 
-__all__ = ["check_layer", "residual_stream", "record", "record_text", "steered_apply", "steered_forward",
-           "steer_generate", "save_vector", "load_vector"]
+__all__ = ["check_layer", "residual_stream", "record", "record_text", "steered_apply", "steered_forward", "steer_generate", "save_vector", "load_vector"]

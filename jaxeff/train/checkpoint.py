@@ -58,9 +58,11 @@ def _files(step_dir: Path) -> list[Path]:
 # When a read fails part-way, orbax abandons its asyncio loop while TensorStore still completes the
 # other reads; each late completion prints "RuntimeError: Event loop is closed" with a traceback
 # from native code (hundreds of lines, nothing Python can catch). Reads run with stderr filtered.
-_LOOP_NOISE = re.compile(r"Traceback \(most recent call last\):|File \"[^\"\n]*asyncio[^\"\n]*\", line \d+, in \w+|"
-                         r"self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|"
-                         r"RuntimeError: Event loop is closed|RuntimeError:|Event loop is closed")
+_LOOP_NOISE = re.compile(
+    r"Traceback \(most recent call last\):|File \"[^\"\n]*asyncio[^\"\n]*\", line \d+, in \w+|"
+    r"self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|"
+    r"RuntimeError: Event loop is closed|RuntimeError:|Event loop is closed"
+)
 
 
 def _strip_loop_noise(text: str) -> str:
@@ -143,8 +145,7 @@ class Checkpointer:
     def save(self, step: int, state, *, data_state: dict, config: dict) -> None:
         """Write step ``step`` and then its checksums file. A full disk raises :class:`DiskFullError`
         (one line) after removing the partial write; the checkpoints already written stay intact."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave({"config": config}))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave({"config": config}))
         try:
             with _without_loop_noise():
                 self._mngr.save(step, args=args, force=True)
@@ -153,10 +154,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in ValueError and others
             self._remove_partial(step)
             if _is_disk_full(e):
-                raise DiskFullError(f"checkpoint step {step}: no space left on '{self.directory}' (the previous "
-                                    f"checkpoints {self.all_steps()} are intact)") from None
-            raise CheckpointError(f"checkpoint step {step} could not be written to '{self.directory}': "
-                                  f"{first_line(e)}") from None
+                raise DiskFullError(
+                    f"checkpoint step {step}: no space left on '{self.directory}' (the previous checkpoints {self.all_steps()} are intact)"
+                ) from None
+            raise CheckpointError(f"checkpoint step {step} could not be written to '{self.directory}': {first_line(e)}") from None
 
     def _write_checksums(self, step: int) -> None:
         step_dir = self.directory / str(step)
@@ -225,15 +226,13 @@ class Checkpointer:
             self.check_intact(step)
         try:
             with _without_loop_noise():
-                out = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             for key in (None, *LEGACY_MODEL_KEYS):  # a checkpoint in an earlier layout, when it is one
                 legacy = self._restore_legacy(abstract_state, step, key)
                 if legacy is not None:
                     return legacy
-            raise CheckpointError(f"checkpoint '{self.directory}' step {step} could not be restored for this run: "
-                                  f"{first_line(e)}") from None
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step} could not be restored for this run: {first_line(e)}") from None
         return out["state"], out["data"]
 
     def _restore_legacy(self, abstract_state, step: int, model_key: str | None):
@@ -254,8 +253,7 @@ class Checkpointer:
         for target in variants:
             try:
                 with _without_loop_noise():
-                    out = self._mngr.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
             except (ValueError, KeyError, TypeError):
                 continue
             restored = {name: getattr(out["state"], name) for name in fields}
@@ -268,8 +266,7 @@ class Checkpointer:
         """Read step ``step`` with its own on-disk structure (no target); raises when it cannot be read
         at all. Tells a damaged checkpoint from one that does not fit this run's train state."""
         with _without_loop_noise():
-            self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             data=ocp.args.JsonRestore()))
+            self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
 
     def restore_params(self, abstract_params, step: int | None = None):
         """Only the ``params`` of a saved train state (whatever method wrote it); the step's files are
@@ -284,20 +281,21 @@ class Checkpointer:
                     params, error = _renamed(legacy, key, MODEL_KEY), None
                     break
         if error is not None:
-            raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: "
-                                  f"{first_line(error)}") from None
+            raise CheckpointError(f"checkpoint '{self.directory}' step {step}: parameters do not match: {first_line(error)}") from None
         # partial_restore leaves a parameter the checkpoint lacks as its ShapeDtypeStruct: refuse by name
         # (e.g. a run whose method stores its parameters under another structure, such as ttt_e2e's)
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 name = jax.tree_util.keystr(path, simple=True, separator="/")
-                raise CheckpointError(f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' "
-                                      "(a run of a method that stores its parameters differently?)")
+                raise CheckpointError(
+                    f"checkpoint '{self.directory}' step {step}: has no parameter '{name}' (a run of a method that stores its parameters differently?)"
+                )
         return params
 
     def _restore_params_as(self, abstract_params, step: int):
-        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
-                                      restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)})
+        args = ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, partial_restore=True, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)}
+        )
         try:
             with _without_loop_noise():
                 return self._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"], None
@@ -364,8 +362,7 @@ def one_device_config(saved: dict, **changes):
 def new_lm_run(out: Path) -> dict:
     """Dotted changes that make a saved run's config that of a fresh plain ``lm`` run in folder
     ``out`` (for tools that write a new run: merge, extract, sparsify, ...)."""
-    return {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm",
-            "train.init_from": None, "resume": False}
+    return {"name": out.name, "logging.run_dir": str(out.parent), "checkpoint.dir": None, "method": "lm", "train.init_from": None, "resume": False}
 
 
 def open_new_run(cfg, out: Path, key: str = "--out") -> "Checkpointer":
@@ -434,8 +431,7 @@ def _renamed(tree, old: str, new: str):
     if isinstance(tree, (tuple, list)):
         return type(tree)(_renamed(v, old, new) for v in tree)
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return dataclasses.replace(tree, **{f.name: _renamed(getattr(tree, f.name), old, new)
-                                            for f in dataclasses.fields(tree) if f.init})
+        return dataclasses.replace(tree, **{f.name: _renamed(getattr(tree, f.name), old, new) for f in dataclasses.fields(tree) if f.init})
     return tree
 
 
@@ -474,10 +470,12 @@ def check_same_model(saved_config: dict, model_config: dict, where: Path) -> Non
     saved = {k: v for k, v in _with_defaults(saved_config.get("model", {})).items() if k not in RUNTIME_ONLY}
     diff = first_difference(saved, {k: v for k, v in model_config.items() if k not in RUNTIME_ONLY})
     if diff:
+
         def get(tree, dotted):
             for k in dotted.split("."):
                 tree = tree.get(k, "<absent>") if isinstance(tree, dict) else "<absent>"
             return tree
+
         raise CheckpointError(
             f"checkpoint '{where}' is from a different model: model.{diff} is "
             f"{get(saved_config.get('model', {}), diff)!r} there but {get(model_config, diff)!r} here"

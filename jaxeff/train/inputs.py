@@ -20,15 +20,12 @@ def build_data(cfg: DataConfig, vocab_size: int):
     """Returns ``(tokenizer, loader, eval_sets)``; ``eval_sets`` maps domain -> packed arrays."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
-        )
+        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})")
     train, evals = {}, {}
     if cfg.source == "synthetic":
         for name in cfg.domains:
             docs = generate_documents(name, cfg.docs_per_domain, cfg.seed, doc_len=cfg.doc_len)
-            eval_docs = generate_documents(name, cfg.eval_docs_per_domain, cfg.seed + EVAL_SEED_OFFSET,
-                                           doc_len=cfg.doc_len)
+            eval_docs = generate_documents(name, cfg.eval_docs_per_domain, cfg.seed + EVAL_SEED_OFFSET, doc_len=cfg.doc_len)
             train[name] = pack_texts(docs, tokenizer, cfg.seq_len)
             evals[name] = pack_texts(eval_docs, tokenizer, cfg.seq_len)
     else:
@@ -36,11 +33,9 @@ def build_data(cfg: DataConfig, vocab_size: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from jaxeff.data.files import load_text_documents
 
-        docs = load_text_documents(list(cfg.paths), format=cfg.format, text_field=cfg.text_field,
-                                   field_name="data.paths")
+        docs = load_text_documents(list(cfg.paths), format=cfg.format, text_field=cfg.text_field, field_name="data.paths")
         if cfg.eval_paths:
-            eval_docs = load_text_documents(list(cfg.eval_paths), format=cfg.format, text_field=cfg.text_field,
-                                            field_name="data.eval_paths")
+            eval_docs = load_text_documents(list(cfg.eval_paths), format=cfg.format, text_field=cfg.text_field, field_name="data.eval_paths")
         else:
             order = np.random.default_rng(cfg.seed).permutation(len(docs))
             n_eval = int(round(len(docs) * cfg.eval_fraction)) if len(docs) > 1 else 0

@@ -39,8 +39,7 @@ def _hparam_value(v):
 # always in the hparams table, whatever their value: what a reader compares runs by first
 HPARAM_ALWAYS = ("method", "model.d_model", "model.n_layers", "optim.lr", "train.steps", "seed")
 # never: where the run is written, how often it logs, the resume flag (not what defines the run)
-HPARAM_NEVER = ("name", "resume", "logging.", "checkpoint.", "distributed.", "train.log_every",
-                "train.inject_nan_at_step")
+HPARAM_NEVER = ("name", "resume", "logging.", "checkpoint.", "distributed.", "train.log_every", "train.inject_nan_at_step")
 
 
 def run_hparams(config: dict) -> dict[str, Any]:
@@ -52,8 +51,7 @@ def run_hparams(config: dict) -> dict[str, Any]:
     defaults = flatten(ExperimentConfig().to_dict())
     out = {}
     for k, v in flat.items():
-        if k in HPARAM_ALWAYS or (defaults.get(k, object()) != v and not any(
-                k == n or (n.endswith(".") and k.startswith(n)) for n in HPARAM_NEVER)):
+        if k in HPARAM_ALWAYS or (defaults.get(k, object()) != v and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in HPARAM_NEVER)):
             out[k] = _hparam_value(v)
     try:
         out["model.params"] = from_dict(config).model.param_count()
@@ -101,16 +99,21 @@ def compiled_memory(trainer, state, batch) -> dict[str, float]:
     except Exception:  # an executable without analysis (some backends)
         ma = None
     if ma is not None:
-        fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-                  "temp": "temp_size_in_bytes", "generated_code": "generated_code_size_in_bytes",
-                  "alias": "alias_size_in_bytes"}
+        fields = {
+            "argument": "argument_size_in_bytes",
+            "output": "output_size_in_bytes",
+            "temp": "temp_size_in_bytes",
+            "generated_code": "generated_code_size_in_bytes",
+            "alias": "alias_size_in_bytes",
+        }
         for name, attr in fields.items():
             value = getattr(ma, attr, None)
             if value is not None:
                 out[f"memory/{name}_bytes"] = float(value)
         if {"memory/argument_bytes", "memory/output_bytes", "memory/temp_bytes"} <= out.keys():
-            out["memory/step_total_bytes"] = (out["memory/argument_bytes"] + out["memory/output_bytes"]
-                                              + out["memory/temp_bytes"] - out.get("memory/alias_bytes", 0.0))
+            out["memory/step_total_bytes"] = (
+                out["memory/argument_bytes"] + out["memory/output_bytes"] + out["memory/temp_bytes"] - out.get("memory/alias_bytes", 0.0)
+            )
     out.update(device_peak_memory())
     return out
 
@@ -229,8 +232,7 @@ def _start_wandb(config: dict, run_path: Path, hparams: dict):
     try:
         import wandb
     except ImportError:
-        print("warning: logging.wandb is set but wandb is not installed (pip install 'jaxeff[wandb]'); "
-              "logging to TensorBoard only", file=sys.stderr)
+        print("warning: logging.wandb is set but wandb is not installed (pip install 'jaxeff[wandb]'); logging to TensorBoard only", file=sys.stderr)
         return None
     kwargs = {k: v for k, v in dict(settings).items() if v is not None}
     kwargs.setdefault("name", config.get("name"))

@@ -24,6 +24,7 @@ from jaxeff.data import dynamic as dyn
 from jaxeff.errors import ConfigError
 from jaxeff.train.logging import device_peak_memory, log_step_memory, objective_scalars
 from jaxeff.train.resume import nonfinite_leaf, open_checkpoints
+
 # the runtime's names, re-exported: most tools import them from here
 from jaxeff.train.runtime import PEAK_FLOPS, Trainer, load_params, peak_flops_per_device, setup_distributed
 
@@ -70,9 +71,11 @@ class Loop:
         then nothing is saved, the run halts, and False is returned."""
         bad = nonfinite_leaf(state.params)
         if bad is not None:
-            self.halted = (f"training halted at step {at}: parameter {bad} is not finite "
-                           f"(train.nonfinite={self.cfg.train.nonfinite}); not checkpointed, the newest "
-                           f"checkpoint is step {self.ckpt.latest_step()}")
+            self.halted = (
+                f"training halted at step {at}: parameter {bad} is not finite "
+                f"(train.nonfinite={self.cfg.train.nonfinite}); not checkpointed, the newest "
+                f"checkpoint is step {self.ckpt.latest_step()}"
+            )
             return False
         self.logger.flush()  # first: once step `at` is on disk, so are its points
         self.ckpt.save(at, state, data_state=data_state, config=self.cfg.to_dict())
@@ -101,10 +104,15 @@ def log_hook(loop: Loop) -> None:
     m = {k: float(v) for k, v in jax.device_get(loop.metrics).items()}
     dt = time.perf_counter() - loop.t_last
     rows = loop.steps_since * cfg.data.batch_size * cfg.data.seq_len
-    logs = {"train/loss": m.pop("loss"), "train/grad_norm": m.pop("grad_norm"),
-            "train/lr": float(trainer.schedule(step - 1)), "perf/step_time_s": dt / loop.steps_since,
-            "perf/tokens_per_sec": rows / dt, "perf/loss_tokens_per_sec": loop.tokens_since / dt,
-            "train/skipped_updates": float(loop.state.skipped)}
+    logs = {
+        "train/loss": m.pop("loss"),
+        "train/grad_norm": m.pop("grad_norm"),
+        "train/lr": float(trainer.schedule(step - 1)),
+        "perf/step_time_s": dt / loop.steps_since,
+        "perf/tokens_per_sec": rows / dt,
+        "perf/loss_tokens_per_sec": loop.tokens_since / dt,
+        "train/skipped_updates": float(loop.state.skipped),
+    }
     peak = peak_flops_per_device(cfg)
     if peak:
         logs["perf/mfu"] = cfg.model.flops_per_token(cfg.data.seq_len) * rows / dt / (peak * jax.device_count())
@@ -160,10 +168,12 @@ def _check_halt(loop: Loop) -> bool:
     good = int(loop.state.step)
     cfg = loop.cfg
     if good in loop.ckpt.all_steps() or loop.save(good, loop.state, loop.data_states[good]):
-        reason = ("a non-finite loss, gradient norm or update" if cfg.train.nonfinite == "stop" else
-                  f"{cfg.train.max_skips} consecutive non-finite losses, gradient norms or updates")
-        loop.halted = (f"training halted at step {halted_at}: {reason}; the last good state "
-                       f"(step {good}) is checkpointed in {cfg.checkpoint_path}")
+        reason = (
+            "a non-finite loss, gradient norm or update"
+            if cfg.train.nonfinite == "stop"
+            else f"{cfg.train.max_skips} consecutive non-finite losses, gradient norms or updates"
+        )
+        loop.halted = f"training halted at step {halted_at}: {reason}; the last good state (step {good}) is checkpointed in {cfg.checkpoint_path}"
     loop.step = good
     return True
 
@@ -186,23 +196,27 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
     _, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     reference = dyn.reference_losses(cfg, loader.domain_names, eval_sets, devices=devices)
     ckpt, state, start = open_checkpoints(trainer, loader)
-    logger = RunLogger(cfg.run_path, cfg.to_dict(), total_steps=cfg.train.steps, start_step=start,
-                       progress=cfg.logging.progress)
+    logger = RunLogger(cfg.run_path, cfg.to_dict(), total_steps=cfg.train.steps, start_step=start, progress=cfg.logging.progress)
     loop = Loop(cfg, trainer, loader, eval_sets, logger, ckpt, state, start)
     if start:
         logger.message(f"resumed from {cfg.checkpoint_path} at step {start}")
-    logger.message(f"{trainer.n_params:,} parameters ({trainer.n_trainable:,} trainable); mesh {dict(trainer.mesh.shape)}; "
-                   f"run dir {cfg.run_path}")
-    param_stats = {"params/total": trainer.n_params, "params/trainable": trainer.n_trainable,
-                   "params/trainable_pct": trainer.trainable_pct, "params/opt_state_bytes": trainer.opt_state_bytes}
+    logger.message(f"{trainer.n_params:,} parameters ({trainer.n_trainable:,} trainable); mesh {dict(trainer.mesh.shape)}; run dir {cfg.run_path}")
+    param_stats = {
+        "params/total": trainer.n_params,
+        "params/trainable": trainer.n_trainable,
+        "params/trainable_pct": trainer.trainable_pct,
+        "params/opt_state_bytes": trainer.opt_state_bytes,
+    }
     logger.scalars(start, param_stats)
     loop.last.update(param_stats)
     if reference is not None:
-        logger.scalars(start, {**{f"at_start/reference_loss/{n}": v for n, v in reference.items()},
-                               **{f"data/weight/{n}": w for n, w in loader.weights.items()}})
-        logger.message("dynamic batch loading: reference losses " +
-                       ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
-                       f"{cfg.data.dynamic.every or cfg.train.eval_every} steps")
+        logger.scalars(
+            start, {**{f"at_start/reference_loss/{n}": v for n, v in reference.items()}, **{f"data/weight/{n}": w for n, w in loader.weights.items()}}
+        )
+        logger.message(
+            "dynamic batch loading: reference losses " + ", ".join(f"{n} {v:.4f}" for n, v in reference.items()) + f"; weights updated every "
+            f"{cfg.data.dynamic.every or cfg.train.eval_every} steps"
+        )
     # the method's hooks run before the checkpoint is written: a hook that rewrites the state (a pruning
     # round) is then in the checkpoint of its step, so a resumed run never skips it
     defaults = default_hooks(cfg, reference)
@@ -239,14 +253,15 @@ def run_training(cfg: ExperimentConfig, *, devices=None, hooks: Sequence[Hook] =
                 break
         streak = int(loop.state.bad_streak) if not loop.halted and not stop.stopping else 0
         if streak:  # the last updates were dropped: the run did not finish well, whatever train.max_skips says
-            loop.halted = (f"training ended with {streak} consecutive non-finite losses, gradient norms or "
-                           f"updates (fewer than train.max_skips={cfg.train.max_skips}); the final checkpoint "
-                           f"(step {loop.step}) holds the last good parameters")
+            loop.halted = (
+                f"training ended with {streak} consecutive non-finite losses, gradient norms or "
+                f"updates (fewer than train.max_skips={cfg.train.max_skips}); the final checkpoint "
+                f"(step {loop.step}) holds the last good parameters"
+            )
         if stop.stopping and not loop.halted:
             if ckpt.latest_step() == loop.step or loop.save(loop.step, loop.state, loader.state_dict()):
                 logger.advance(loop.steps_since)
-                logger.message(f"interrupted: checkpoint at step {loop.step} in {cfg.checkpoint_path}; "
-                               "resume with resume=true")
+                logger.message(f"interrupted: checkpoint at step {loop.step} in {cfg.checkpoint_path}; resume with resume=true")
                 loop.last["stopped_early"] = True
         if loop.halted:
             logger.message(loop.halted)
@@ -303,5 +318,4 @@ class _StopRequest:
                 signal.signal(sig, handler)
 
 
-__all__ = ["run_training", "Loop", "Hook", "default_hooks", "Trainer", "load_params", "setup_distributed",
-           "peak_flops_per_device", "PEAK_FLOPS"]
+__all__ = ["run_training", "Loop", "Hook", "default_hooks", "Trainer", "load_params", "setup_distributed", "peak_flops_per_device", "PEAK_FLOPS"]

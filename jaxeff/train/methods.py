@@ -124,6 +124,7 @@ def register_method(name: str, *, config: type | None = None, section: str | Non
             _SECTIONS[key] = config
         _REGISTRY[name] = factory
         return factory
+
     return deco
 
 
@@ -168,8 +169,14 @@ def make_method(cfg, model) -> Method:
 
 
 def lm_forward_loss(model, params, batch, rng, deterministic):
-    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
+    out = model.apply(
+        {"params": params},
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=deterministic,
+        rngs={"dropout": rng},
+    )
     loss, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
     return loss, n
 
@@ -177,7 +184,9 @@ def lm_forward_loss(model, params, batch, rng, deterministic):
 @register_method("lm")
 def lm_method(cfg, model) -> Method:
     """Plain next-token language modelling."""
+
     def loss(params, batch, rng, *, frozen, deterministic):
         value, _ = lm_forward_loss(model, params, batch, rng, deterministic)
         return value, {}
+
     return Method("lm", loss)

@@ -28,11 +28,13 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params, decay_embeddings: bool = True):
     """Weight decay on matrices only (ndim >= 2); never on norm scales or biases."""
+
     def want(path, x):
         if x.ndim < 2:
             return False
         names = [getattr(k, "key", None) for k in path]
         return decay_embeddings or "embed" not in names
+
     return jax.tree_util.tree_map_with_path(want, params)
 
 
@@ -44,18 +46,15 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, trainable=None) -> optax.
     """
     sched = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          mask=lambda p: decay_mask(p, cfg.decay_embeddings))
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_embeddings))
     elif cfg.name == "adam":
         opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "lion":
-        opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                         mask=lambda p: decay_mask(p, cfg.decay_embeddings))
+        opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_embeddings))
     else:
         opt = optax.sgd(sched, momentum=cfg.momentum or None)
         if cfg.weight_decay:
-            opt = optax.chain(optax.masked(optax.add_decayed_weights(cfg.weight_decay),
-                                           lambda p: decay_mask(p, cfg.decay_embeddings)), opt)
+            opt = optax.chain(optax.masked(optax.add_decayed_weights(cfg.weight_decay), lambda p: decay_mask(p, cfg.decay_embeddings)), opt)
     if cfg.grad_clip is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     if trainable is None:

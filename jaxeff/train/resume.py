@@ -37,13 +37,17 @@ def open_checkpoints(trainer, loader) -> tuple[Checkpointer, Any, int]:
     try:
         existing = ckpt.latest_step() if ckpt else None
         if existing is not None and not cfg.resume:
-            raise ConfigError(f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
-                              "pass resume=true to continue it, or choose another name / checkpoint.dir")
+            raise ConfigError(
+                f"resume: checkpoint directory '{ckpt_dir}' already holds step {existing}; "
+                "pass resume=true to continue it, or choose another name / checkpoint.dir"
+            )
         damaged = ckpt.quarantined() if ckpt else []
         if cfg.resume and existing is None and damaged and not cfg.checkpoint.restart_if_damaged:
-            raise CheckpointError(f"resume: '{ckpt_dir}' holds no usable checkpoint, only damaged ones set aside "
-                                  f"({', '.join(damaged)}); inspect them, or pass "
-                                  "checkpoint.restart_if_damaged=true to start again from step 0")
+            raise CheckpointError(
+                f"resume: '{ckpt_dir}' holds no usable checkpoint, only damaged ones set aside "
+                f"({', '.join(damaged)}); inspect them, or pass "
+                "checkpoint.restart_if_damaged=true to start again from step 0"
+            )
         if cfg.resume and existing is not None:
             state, data_state, _ = resume(trainer, ckpt, warn)
             loader.load_state_dict(data_state)
@@ -68,8 +72,7 @@ def check_disk_space(path: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < 2 * needed:
-        raise ConfigError(f"checkpoint.dir: '{path}' has {free / 2**20:.1f} MiB free, a checkpoint needs about "
-                          f"{needed / 2**20:.1f} MiB (two must fit)")
+        raise ConfigError(f"checkpoint.dir: '{path}' has {free / 2**20:.1f} MiB free, a checkpoint needs about {needed / 2**20:.1f} MiB (two must fit)")
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -94,8 +97,7 @@ def resume(trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
     def set_aside(step: int, why: str) -> None:
         dst = ckpt.quarantine(step)
         moved.append(dst.name)
-        log(f"checkpoint step {step} in {ckpt.directory} is damaged ({why}); moved to {dst.name}, "
-            "trying an older one")
+        log(f"checkpoint step {step} in {ckpt.directory} is damaged ({why}); moved to {dst.name}, trying an older one")
 
     for step in steps:
         try:
@@ -109,8 +111,7 @@ def resume(trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
             continue
         check_same_model(saved, here["model"], ckpt.directory)
         if saved.get("method", "lm") != trainer.cfg.method:
-            raise CheckpointError(f"checkpoint '{ckpt.directory}' step {step} was written by method "
-                                  f"'{saved.get('method')}', not '{trainer.cfg.method}'")
+            raise CheckpointError(f"checkpoint '{ckpt.directory}' step {step} was written by method '{saved.get('method')}', not '{trainer.cfg.method}'")
         try:
             state, data_state = ckpt.restore(trainer.abstract_state, step, verify=False)
         except Exception as e:  # noqa: BLE001
@@ -120,11 +121,13 @@ def resume(trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
                     raise CheckpointError(
                         f"checkpoint '{ckpt.directory}' step {step} holds parameters only (written by {made_by}), "
                         f"no optimizer state to resume; start a new run from it with "
-                        f"train.init_from={ckpt.directory.parent}") from None
+                        f"train.init_from={ckpt.directory.parent}"
+                    ) from None
                 raise CheckpointError(
                     f"checkpoint '{ckpt.directory}' step {step} does not fit this run's train state "
                     f"({_differing_settings(saved, here)}); resume with the checkpoint's settings, or start "
-                    "another run from its parameters with train.init_from") from None
+                    "another run from its parameters with train.init_from"
+                ) from None
             set_aside(step, first_line(e))
             continue
         bad = nonfinite_leaf(state.params)
@@ -134,8 +137,7 @@ def resume(trainer, ckpt: Checkpointer, log) -> tuple[Any, dict, int]:
         # a run halted by the non-finite guard resumes as a new attempt (e.g. with a lower lr)
         state = state.replace(halted_at=jnp.full_like(state.halted_at, -1), bad_streak=jnp.zeros_like(state.bad_streak))
         return state, data_state, step
-    raise CheckpointError(f"checkpoint '{ckpt.directory}': no usable checkpoint among steps {steps} "
-                          f"(moved aside: {', '.join(moved)})")
+    raise CheckpointError(f"checkpoint '{ckpt.directory}': no usable checkpoint among steps {steps} (moved aside: {', '.join(moved)})")
 
 
 def _readable(ckpt: Checkpointer, step: int) -> bool:
@@ -148,8 +150,21 @@ def _readable(ckpt: Checkpointer, step: int) -> bool:
 
 
 # settings that never change the train state's structure (left out of a mismatch message)
-_NOT_STATE = ("name", "resume", "train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
-              "train.peak_flops", "train.init_from", "logging.", "checkpoint.", "distributed.", "mesh.", "data.")
+_NOT_STATE = (
+    "name",
+    "resume",
+    "train.steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.peak_flops",
+    "train.init_from",
+    "logging.",
+    "checkpoint.",
+    "distributed.",
+    "mesh.",
+    "data.",
+)
 
 
 def _differing_settings(saved: dict, here: dict, limit: int = 4) -> str:
@@ -161,8 +176,11 @@ def _differing_settings(saved: dict, here: dict, limit: int = 4) -> str:
     except Exception:  # noqa: BLE001 - then compare it as written
         pass
     a, b = flatten(saved), flatten(here)
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")
-            and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_STATE)]
+    keys = [
+        k
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>") and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_STATE)
+    ]
     if not keys:
         return "the saved config matches this one; the checkpoint was written by another version of jaxeff?"
     shown = ", ".join(f"{k} is {a.get(k, '<absent>')!r} there, {b.get(k, '<absent>')!r} here" for k in keys[:limit])
@@ -172,8 +190,7 @@ def _differing_settings(saved: dict, here: dict, limit: int = 4) -> str:
 
 @jax.jit
 def _finite_leaves(tree):
-    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-                        else jnp.array(True), tree)
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True), tree)
 
 
 def nonfinite_leaf(params) -> str | None:
@@ -199,5 +216,3 @@ def _all_see_dir(path: Path) -> bool:
 
         seen = bool(np.min(multihost_utils.process_allgather(np.array(seen, np.int32))))
     return seen
-
-

@@ -31,9 +31,16 @@ if TYPE_CHECKING:  # the schema is built from the method registry on first use
 
 # dense bf16 peak FLOP/s per device, by jax device_kind (for MFU)
 PEAK_FLOPS = {
-    "NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
 }
 
 
@@ -72,11 +79,9 @@ class Trainer:
         self.schedule = self.method.schedule or make_schedule(cfg.optim, cfg.train.steps)  # what train/lr logs
         model_axes = logical_axes(self.model, (1, seq))
         self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)
-        self.param_shardings = shd.param_shardings(self.method.logical_axes(model_axes), abstract_params, self.mesh,
-                                                   self.rules)
+        self.param_shardings = shd.param_shardings(self.method.logical_axes(model_axes), abstract_params, self.mesh, self.rules)
         abstract_state = jax.eval_shape(self._init_fn, self.base_abstract)
-        self.state_shardings = shd.shardings_like_params(abstract_state, abstract_params, self.param_shardings,
-                                                         self.mesh)
+        self.state_shardings = shd.shardings_like_params(abstract_state, abstract_params, self.param_shardings, self.mesh)
         self.state_shardings = self.state_shardings.replace(params=self.param_shardings)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
@@ -90,20 +95,27 @@ class Trainer:
             else:
                 frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
             self.frozen = jax.device_put(frozen, frozen_shardings)
-        step_fn = make_train_step(self.method, self.tx, cfg.optim.grad_accum, nonfinite=cfg.train.nonfinite,
-                                  max_skips=cfg.train.max_skips, inject_nan_at=cfg.train.inject_nan_at_step)
-        self._train_step = jax.jit(step_fn,
-                                   in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
-                                   out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-        self._eval_step = jax.jit(make_eval_step(self.model, self.method),
-                                  in_shardings=(self.param_shardings, self.batch_sharding),
-                                  out_shardings=(replicated, replicated))
+        step_fn = make_train_step(
+            self.method,
+            self.tx,
+            cfg.optim.grad_accum,
+            nonfinite=cfg.train.nonfinite,
+            max_skips=cfg.train.max_skips,
+            inject_nan_at=cfg.train.inject_nan_at_step,
+        )
+        self._train_step = jax.jit(
+            step_fn,
+            in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            make_eval_step(self.model, self.method), in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=(replicated, replicated)
+        )
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-        self.n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(abstract_params),
-                                                                      jax.tree.leaves(trainable)) if t)
+        self.n_trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(trainable)) if t)
         # optimizer state bytes (frozen leaves have none); trainable share of the model's parameters
-        self.opt_state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                                   for x in jax.tree.leaves(abstract_state.opt_state))
+        self.opt_state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state.opt_state))
         self.trainable_pct = 100.0 * self.n_trainable / cfg.model.param_count()
 
     def _init_fn(self, base_params=None):
@@ -124,8 +136,7 @@ class Trainer:
         with self._context():
             if base_params is None:
                 return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
-            return jax.jit(self._init_fn, in_shardings=(self.base_shardings,),
-                           out_shardings=self.state_shardings)(base_params)
+            return jax.jit(self._init_fn, in_shardings=(self.base_shardings,), out_shardings=self.state_shardings)(base_params)
 
     def load_base_params(self, path) -> Any:
         """Model parameters of another run's checkpoint (same architecture) for ``train.init_from``;
@@ -148,8 +159,7 @@ class Trainer:
         """Global numpy batch -> global jax arrays; each process contributes its own rows."""
         local = process_slice({k: batch[k] for k in PACKED_KEYS}, jax.process_index(), jax.process_count())
         global_rows = batch["inputs"].shape[0]
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (global_rows,) + v.shape[1:])
-                for k, v in local.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (global_rows,) + v.shape[1:]) for k, v in local.items()}
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
         with self._context():
@@ -208,10 +218,8 @@ def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, 
     trainer = Trainer(cfg, devices=devices)
     with Checkpointer(checkpoint_dir, create=False) as ckpt:
         check_same_model(ckpt.read_config(step), cfg.to_dict()["model"], ckpt.directory)
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings),
-                                     step)
+        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
     return trainer, params
-
 
 
 __all__ = ["Trainer", "load_params", "setup_distributed", "peak_flops_per_device", "PEAK_FLOPS"]

@@ -30,15 +30,10 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(
-                f"mesh: {' x '.join(f'{a}={s}' for a, s in zip(AXES, sizes))} does not divide the {n_devices} available devices"
-            )
+            raise ConfigError(f"mesh: {' x '.join(f'{a}={s}' for a, s in zip(AXES, sizes))} does not divide the {n_devices} available devices")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ConfigError(
-            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
-            f"but {n_devices} are available"
-        )
+        raise ConfigError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, but {n_devices} are available")
     return tuple(sizes)
 
 
@@ -73,8 +68,7 @@ def logical_to_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules) -> P:
 def param_shardings(logical_tree, abstract_params, mesh: Mesh, rules):
     """NamedShardings for a parameter tree from its logical specs and shapes."""
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)),
-        logical_tree, abstract_params, is_leaf=lambda s: isinstance(s, P),
+        lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)), logical_tree, abstract_params, is_leaf=lambda s: isinstance(s, P)
     )
 
 

@@ -28,12 +28,18 @@ class TrainState:
 
 def init_state(params, tx: optax.GradientTransformation, method: Method, seed: int) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed), skipped=zero, bad_streak=zero, halted_at=zero - 1)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(seed), skipped=zero, bad_streak=zero, halted_at=zero - 1)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum: int = 1, *,
-                    nonfinite: str = "skip", max_skips: int = 10, inject_nan_at: int | None = None):
+def make_train_step(
+    method: Method,
+    tx: optax.GradientTransformation,
+    grad_accum: int = 1,
+    *,
+    nonfinite: str = "skip",
+    max_skips: int = 10,
+    inject_nan_at: int | None = None,
+):
     """One optimizer update. With ``grad_accum > 1`` the batch is split into that many
     micro-batches (rows), their gradients averaged in a ``lax.scan``, and one update applied.
 
@@ -61,11 +67,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
                 return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            _, m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                                                        frozen=frozen, deterministic=False)[0])
+            _, m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng, frozen=frozen, deterministic=False)[0])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g),
-                                                     (jnp.arange(grad_accum), micro))
+            (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros_m, zeros_g), (jnp.arange(grad_accum), micro))
             loss, metrics = loss / grad_accum, jax.tree.map(lambda x: x / grad_accum, metrics)
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
         if inject_nan_at is not None:
@@ -80,8 +84,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
         if nonfinite == "off":
             return new_state, metrics
         # the new parameters too: finite gradients can still overflow into inf parameters (e.g. lr=1e39)
-        finite = jax.tree.map(lambda p, t: jnp.all(jnp.isfinite(p)) if t and jnp.issubdtype(p.dtype, jnp.inexact)
-                              else jnp.array(True), params, trainable)
+        finite = jax.tree.map(lambda p, t: jnp.all(jnp.isfinite(p)) if t and jnp.issubdtype(p.dtype, jnp.inexact) else jnp.array(True), params, trainable)
         params_ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
         bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_ok)
         streak = jnp.where(bad, state.bad_streak + 1, 0)
@@ -90,9 +93,13 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, grad_accum
         apply = ~bad & running
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
         new_state = new_state.replace(
-            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
             step=jnp.where(halted_at < 0, state.step + 1, state.step),
-            skipped=state.skipped + bad.astype(jnp.int32), bad_streak=streak, halted_at=halted_at)
+            skipped=state.skipped + bad.astype(jnp.int32),
+            bad_streak=streak,
+            halted_at=halted_at,
+        )
         return new_state, metrics
 
     return train_step
@@ -103,8 +110,7 @@ def make_eval_step(model, method: Method):
     over many batches; the model runs as ``method.run`` says."""
 
     def eval_step(params, batch):
-        out = method.run(model, params, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], deterministic=True)
+        out = method.run(model, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], deterministic=True)
         loss, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return loss * n, n
 

@@ -71,10 +71,23 @@ def adapted_params(params, state, row: int = 0):
     """The prepared parameter tree as adapted at test time for one sequence (``row`` of a
     :func:`prefill` state): the fast MLPs' kernels replaced by that row's fast weights; every other
     leaf (fast norms included) is the trained one."""
-    fast = {layer: {k: ({"kernel": state["fast"][layer][k][row].astype(v["kernel"].dtype)} if k in FAST_KERNELS else v)
-                    for k, v in p.items()} for layer, p in params["fast"].items()}
+    fast = {
+        layer: {k: ({"kernel": state["fast"][layer][k][row].astype(v["kernel"].dtype)} if k in FAST_KERNELS else v) for k, v in p.items()}
+        for layer, p in params["fast"].items()
+    }
     return {**params, "fast": fast}
 
 
-__all__ = ["adapted_params", "TTTConfig", "TTTSpec", "FAST_KERNELS", "has_fast_weights", "inner_lr_at", "prefill",
-           "refuse_fast_weights", "spec_of", "token_losses", "ttt_method"]
+__all__ = [
+    "adapted_params",
+    "TTTConfig",
+    "TTTSpec",
+    "FAST_KERNELS",
+    "has_fast_weights",
+    "inner_lr_at",
+    "prefill",
+    "refuse_fast_weights",
+    "spec_of",
+    "token_losses",
+    "ttt_method",
+]

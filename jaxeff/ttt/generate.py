@@ -27,8 +27,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.ttt.inner import inner_step, scan_chunks, trim
-from jaxeff.ttt.model import (_DTYPES, TTTSpec, block_rest, buffer_attention, dense, embed, empty_buffers, head,
-                              initial_fast_weights, prefix_forward, qkv, rms_norm, suffix_forward)
+from jaxeff.ttt.model import (
+    _DTYPES,
+    TTTSpec,
+    block_rest,
+    buffer_attention,
+    dense,
+    embed,
+    empty_buffers,
+    head,
+    initial_fast_weights,
+    prefix_forward,
+    qkv,
+    rms_norm,
+    suffix_forward,
+)
 
 
 def _pad_to(a, n, value=0):
@@ -49,8 +62,11 @@ def _ring_from_prompt(k, v, slots):
         pos = jnp.concatenate([jnp.arange(t, dtype=jnp.int32), jnp.full((slots - t,), -1, jnp.int32)])
         return {"k": _pad_to(k, slots), "v": _pad_to(v, slots), "pos": pos}
     shift = (t - slots) % slots
-    return {"k": jnp.roll(k[:, t - slots:], shift, axis=1), "v": jnp.roll(v[:, t - slots:], shift, axis=1),
-            "pos": jnp.roll(jnp.arange(t - slots, t, dtype=jnp.int32), shift)}
+    return {
+        "k": jnp.roll(k[:, t - slots :], shift, axis=1),
+        "v": jnp.roll(v[:, t - slots :], shift, axis=1),
+        "pos": jnp.roll(jnp.arange(t - slots, t, dtype=jnp.int32), shift),
+    }
 
 
 def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
@@ -71,20 +87,31 @@ def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
     logits = []
     if n_up:
         s = n_up * b
-        w, bufs, _, lg = scan_chunks(spec, params, w, bufs, x[:, :s], positions[:, :s], seg[:, :s], tokens[:, 1:s + 1],
-                                     jnp.ones((batch, s), jnp.float32), lr, return_logits=True)
+        w, bufs, _, lg = scan_chunks(
+            spec, params, w, bufs, x[:, :s], positions[:, :s], seg[:, :s], tokens[:, 1 : s + 1], jnp.ones((batch, s), jnp.float32), lr, return_logits=True
+        )
         logits.append(lg)
     s = n_up * b
     lg, grown = suffix_forward(spec, params, w, bufs, x[:, s:], positions[:, s:], seg[:, s:])
     logits.append(lg)
     free = s + b - t  # empty slots of the pending mini-batch
     state = {
-        "index": jnp.asarray(t, jnp.int32), "count": jnp.asarray(t - s, jnp.int32), "fast": w,
-        "prefix": (tuple(_ring_from_prompt(k, v, _ring_slots(spec, i, max_len))
-                         for i, (k, v) in zip(spec.prefix_layers, kvs)) if spec.use_attention else ()),
-        "suffix": tuple({"k": _pad_to(g["k"], g["k"].shape[1] + free), "v": _pad_to(g["v"], g["v"].shape[1] + free),
-                         "seg": _pad_to(g["seg"], g["seg"].shape[1] + free, -1)} for g in grown),
-        "chunk_x": _pad_to(x[:, s:], b), "chunk_tok": _pad_to(tokens[:, s:], b),
+        "index": jnp.asarray(t, jnp.int32),
+        "count": jnp.asarray(t - s, jnp.int32),
+        "fast": w,
+        "prefix": (
+            tuple(_ring_from_prompt(k, v, _ring_slots(spec, i, max_len)) for i, (k, v) in zip(spec.prefix_layers, kvs)) if spec.use_attention else ()
+        ),
+        "suffix": tuple(
+            {
+                "k": _pad_to(g["k"], g["k"].shape[1] + free),
+                "v": _pad_to(g["v"], g["v"].shape[1] + free),
+                "seg": _pad_to(g["seg"], g["seg"].shape[1] + free, -1),
+            }
+            for g in grown
+        ),
+        "chunk_x": _pad_to(x[:, s:], b),
+        "chunk_tok": _pad_to(tokens[:, s:], b),
         "chunk_pos": _pad_to(positions[:, s:], b),
     }
     return jnp.concatenate(logits, axis=1), state
@@ -93,14 +120,16 @@ def prefill(spec: TTTSpec, params, tokens, max_len: int | None = None, lr=None):
 def _advance(spec: TTTSpec, params, state, tok, lr):
     """The pending mini-batch is full and ``tok [batch]`` follows it: one inner step; buffers move on."""
     batch, b = tok.shape[0], spec.mini_batch
-    start = tuple({k: v[:, :spec.window(i)] for k, v in buf.items()}
-                  for i, buf in zip(spec.suffix_layers, state["suffix"]))
+    start = tuple({k: v[:, : spec.window(i)] for k, v in buf.items()} for i, buf in zip(spec.suffix_layers, state["suffix"]))
     targets = jnp.concatenate([state["chunk_tok"][:, 1:], tok[:, None]], axis=1)
     seg = jnp.ones((batch, b), jnp.int32)
-    w, grown, _, _ = inner_step(spec, params, state["fast"], start, state["chunk_x"], state["chunk_pos"], seg, targets,
-                                jnp.ones((batch, b), jnp.float32), lr)
-    suffix = tuple({"k": _pad_to(g["k"], g["k"].shape[1] + b), "v": _pad_to(g["v"], g["v"].shape[1] + b),
-                    "seg": _pad_to(g["seg"], g["seg"].shape[1] + b, -1)} for g in trim(spec, grown))
+    w, grown, _, _ = inner_step(
+        spec, params, state["fast"], start, state["chunk_x"], state["chunk_pos"], seg, targets, jnp.ones((batch, b), jnp.float32), lr
+    )
+    suffix = tuple(
+        {"k": _pad_to(g["k"], g["k"].shape[1] + b), "v": _pad_to(g["v"], g["v"].shape[1] + b), "seg": _pad_to(g["seg"], g["seg"].shape[1] + b, -1)}
+        for g in trim(spec, grown)
+    )
     return {**state, "fast": w, "suffix": suffix, "count": jnp.zeros((), jnp.int32)}
 
 
@@ -129,15 +158,19 @@ def decode_step(spec: TTTSpec, params, state, tok, lr=None):
             # the ring holds only positions index - slots + 1 .. index (those written), all within the
             # window: every written slot is visible (buffer_attention with the query after the last slot)
             seen = jnp.broadcast_to(jnp.where(cpos >= 0, 1, -1), (batch, slots))
-            y = buffer_attention(q, ck.astype(dtype), cv.astype(dtype), slots - 1, slots,
-                                 jnp.ones((batch, 1), jnp.int32), seen)
+            y = buffer_attention(q, ck.astype(dtype), cv.astype(dtype), slots - 1, slots, jnp.ones((batch, 1), jnp.int32), seen)
             x = x + dense(p["attn"]["o"], y.reshape(batch, 1, -1), dtype)
         x = block_rest(spec, p, None, None, x, dtype)
     idt = _DTYPES[spec.inner_dtype]
     x = x.astype(idt)
     put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), count, axis=1)
-    state = {**state, "prefix": tuple(prefix), "chunk_x": put(state["chunk_x"], x),
-             "chunk_tok": put(state["chunk_tok"], tok[:, None]), "chunk_pos": put(state["chunk_pos"], pos)}
+    state = {
+        **state,
+        "prefix": tuple(prefix),
+        "chunk_x": put(state["chunk_x"], x),
+        "chunk_tok": put(state["chunk_tok"], tok[:, None]),
+        "chunk_pos": put(state["chunk_pos"], pos),
+    }
     suffix = []
     for j, i in enumerate(spec.suffix_layers):
         p = params["model"][f"layers_{i}"]
@@ -145,9 +178,11 @@ def decode_step(spec: TTTSpec, params, state, tok, lr=None):
             buf, big = state["suffix"][j], spec.window(i)
             q, k, v = qkv(cfg, p["attn"], rms_norm(p["attn_norm"], x, cfg.norm_eps, idt), pos, idt)
             slot = big + count
-            nb = {"k": jax.lax.dynamic_update_slice_in_dim(buf["k"], k.astype(buf["k"].dtype), slot, axis=1),
-                  "v": jax.lax.dynamic_update_slice_in_dim(buf["v"], v.astype(buf["v"].dtype), slot, axis=1),
-                  "seg": jax.lax.dynamic_update_slice_in_dim(buf["seg"], jnp.ones((batch, 1), jnp.int32), slot, axis=1)}
+            nb = {
+                "k": jax.lax.dynamic_update_slice_in_dim(buf["k"], k.astype(buf["k"].dtype), slot, axis=1),
+                "v": jax.lax.dynamic_update_slice_in_dim(buf["v"], v.astype(buf["v"].dtype), slot, axis=1),
+                "seg": jax.lax.dynamic_update_slice_in_dim(buf["seg"], jnp.ones((batch, 1), jnp.int32), slot, axis=1),
+            }
             suffix.append(nb)
             y = buffer_attention(q, nb["k"], nb["v"], slot, big, jnp.ones((batch, 1), jnp.int32), nb["seg"])
             x = x + dense(p["attn"]["o"], y.reshape(batch, 1, -1), idt)

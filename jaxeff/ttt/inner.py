@@ -70,17 +70,16 @@ def _per_row(a, like):
     return a.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def inner_step(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targets, mask, lr, *, w0=None,
-               fresh=None):
+def inner_step(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targets, mask, lr, *, w0=None, fresh=None):
     """One chunk: ``(new fast weights, grown buffers, per-token losses [batch, c], logits)``.
 
     With ``fresh [batch, c]`` (bool) and the initial weights ``w0``: the fresh tokens are predicted
     with ``w0``, the rest with ``w``; the step continues the chunk's last segment (gradient of its
     mean loss over its tokens, at ``w0`` in a row whose last segment is fresh). See the module doc."""
     if fresh is None:
-        (_, (nll, grown, logits)), g = jax.value_and_grad(
-            functools.partial(chunk_loss, spec), argnums=1, has_aux=True)(params, w, bufs, x, positions,
-                                                                           segment_ids, targets, mask)
+        (_, (nll, grown, logits)), g = jax.value_and_grad(functools.partial(chunk_loss, spec), argnums=1, has_aux=True)(
+            params, w, bufs, x, positions, segment_ids, targets, mask
+        )
         return _sgd(spec, w, g, lr), grown, nll, logits
 
     last = mask * (segment_ids == segment_ids[:, -1:]).astype(mask.dtype)  # the tokens the step continues
@@ -104,15 +103,14 @@ def fresh_tokens(segment_ids, b):
     (counted from the row's first token), and not at the row's first token."""
     t = segment_ids.shape[1]
     idx = jnp.arange(t, dtype=jnp.int32)
-    boundary = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                               axis=1)
+    boundary = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     start = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)  # index of the token's segment's first token
     return (start > 0) & (start >= (idx // b) * b)
 
 
 def trim(spec: TTTSpec, grown):
     """Buffer + chunk -> the last ``window`` tokens of each suffix block."""
-    return tuple({k: v[:, -spec.window(i):] for k, v in g.items()} for i, g in zip(spec.suffix_layers, grown))
+    return tuple({k: v[:, -spec.window(i) :] for k, v in g.items()} for i, g in zip(spec.suffix_layers, grown))
 
 
 def to_chunks(a, b):
@@ -126,8 +124,7 @@ def from_chunks(a):
     return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
-def scan_chunks(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targets, mask, lr, *,
-                return_logits=False, w0=None):
+def scan_chunks(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targets, mask, lr, *, return_logits=False, w0=None):
     """The inner loop over ``x [batch, n * b, d]`` (prefix outputs). Returns the final fast weights,
     the final buffers, per-token losses ``[batch, n * b]`` and, with ``return_logits``, the logits
     ``[batch, n * b, vocab]`` (each chunk predicted with the weights updated through the previous one).
@@ -146,8 +143,10 @@ def scan_chunks(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targe
         else:
             *inp, fresh = inp
             w, grown, nll, logits = jax.lax.cond(
-                jnp.any(fresh), lambda: inner_step(spec, params, w, bufs, *inp, lr, w0=w0, fresh=fresh),
-                lambda: inner_step(spec, params, w, bufs, *inp, lr))
+                jnp.any(fresh),
+                lambda: inner_step(spec, params, w, bufs, *inp, lr, w0=w0, fresh=fresh),
+                lambda: inner_step(spec, params, w, bufs, *inp, lr),
+            )
         return (w, trim(spec, grown)), (nll, logits if return_logits else None)
 
     if spec.remat:
@@ -156,8 +155,7 @@ def scan_chunks(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, targe
     return w, bufs, from_chunks(nll), (from_chunks(logits) if return_logits else None)
 
 
-def forward(spec: TTTSpec, params, inputs, positions, segment_ids, targets, mask, lr, *, return_logits=False,
-            segments=True):
+def forward(spec: TTTSpec, params, inputs, positions, segment_ids, targets, mask, lr, *, return_logits=False, segments=True):
     """Prefix blocks once, then the inner loop. ``inputs [batch, n * b]``. Returns
     ``(per-token losses [batch, n * b], logits or None, final fast weights, final buffers)``.
     ``segments``: the fast weights restart at every segment (module doc); False (static) for rows
@@ -165,8 +163,20 @@ def forward(spec: TTTSpec, params, inputs, positions, segment_ids, targets, mask
     x, _ = prefix_forward(spec, params, inputs, positions, segment_ids)
     batch = inputs.shape[0]
     w0 = initial_fast_weights(spec, params, batch)
-    w, bufs, nll, logits = scan_chunks(spec, params, w0, empty_buffers(spec, batch), x, positions, segment_ids,
-                                       targets, mask, lr, return_logits=return_logits, w0=w0 if segments else None)
+    w, bufs, nll, logits = scan_chunks(
+        spec,
+        params,
+        w0,
+        empty_buffers(spec, batch),
+        x,
+        positions,
+        segment_ids,
+        targets,
+        mask,
+        lr,
+        return_logits=return_logits,
+        w0=w0 if segments else None,
+    )
     return nll, logits, w, bufs
 
 
@@ -185,19 +195,27 @@ def unrolled_forward(spec: TTTSpec, params, inputs, positions, segment_ids, targ
         sl = slice(s, s + b)
         chunk = (x[:, sl], positions[:, sl], segment_ids[:, sl])
         fresh, m = fresh_all[:, sl], mask[:, sl]
-        last = m * (segment_ids[:, sl] == segment_ids[:, s + b - 1:s + b]).astype(m.dtype)
+        last = m * (segment_ids[:, sl] == segment_ids[:, s + b - 1 : s + b]).astype(m.dtype)
 
         def loss(wa, wb):
             (la, ga), (lb, gb) = (suffix_forward(spec, params, v, bufs, *chunk) for v in (wa, wb))
             nll = jnp.where(fresh, token_nll(lb, targets[:, sl]), token_nll(la, targets[:, sl]))
-            grown = tuple({k: jnp.where(jnp.concatenate([jnp.zeros_like(ba["seg"][:, :-b], bool), fresh], 1).reshape(
-                fresh.shape[0], -1, *(1,) * (ba[k].ndim - 2)), bb[k], ba[k]) for k in ba} for ba, bb in zip(ga, gb))
+            grown = tuple(
+                {
+                    k: jnp.where(
+                        jnp.concatenate([jnp.zeros_like(ba["seg"][:, :-b], bool), fresh], 1).reshape(fresh.shape[0], -1, *(1,) * (ba[k].ndim - 2)),
+                        bb[k],
+                        ba[k],
+                    )
+                    for k in ba
+                }
+                for ba, bb in zip(ga, gb)
+            )
             return ((nll * last).sum(-1) / jnp.maximum(last.sum(-1), 1.0)).sum(), (nll, grown)
 
         (_, (nll, grown)), (ga, gb) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, w0)
         restart = fresh.any(-1)
-        w = _sgd(spec, jax.tree.map(lambda a, c: jnp.where(_per_row(restart, a), c, a), w, w0),
-                 jax.tree.map(jnp.add, ga, gb), lr)
+        w = _sgd(spec, jax.tree.map(lambda a, c: jnp.where(_per_row(restart, a), c, a), w, w0), jax.tree.map(jnp.add, ga, gb), lr)
         bufs = trim(spec, grown)
         out.append(nll)
     return jnp.concatenate(out, axis=1), w

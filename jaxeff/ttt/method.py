@@ -37,8 +37,7 @@ def next_token_targets(tokens, segment_ids):
     """Targets and mask from the inputs alone: the next input token when it is in the same (real)
     segment; the last position has none."""
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    same = jnp.concatenate([(segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0),
-                            jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+    same = jnp.concatenate([(segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0), jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
     return targets, same.astype(jnp.float32)
 
 
@@ -75,8 +74,7 @@ def ttt_method(cfg, model) -> Method:
     def loss(params, batch, rng, *, frozen, deterministic, step):
         lr = inner_lr_at(cfg, step)
         mask = batch["loss_mask"].astype(jnp.float32)
-        nll, _, _, _ = forward(spec, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               batch["targets"], mask, lr)
+        nll, _, _, _ = forward(spec, params, batch["inputs"], batch["positions"], batch["segment_ids"], batch["targets"], mask, lr)
         n = mask.sum()
         value = (nll * mask).sum() / jnp.maximum(n, 1.0)
         # how much the inner loop helps within a sequence: first vs last chunk
@@ -85,8 +83,7 @@ def ttt_method(cfg, model) -> Method:
         last = (nll[:, -b:] * mask[:, -b:]).sum() / jnp.maximum(mask[:, -b:].sum(), 1.0)
         return value, {"ttt/inner_lr": lr, "ttt/first_chunk_loss": first, "ttt/last_chunk_loss": last}
 
-    def apply(model, params, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True,
-              return_hidden=False):
+    def apply(model, params, tokens, *, positions=None, segment_ids=None, cache=None, deterministic=True, return_hidden=False):
         if return_hidden:
             raise ValueError("ttt_e2e: return_hidden is not supported")
         if cache is None:
@@ -103,6 +100,12 @@ def ttt_method(cfg, model) -> Method:
         refuse_fast_weights(params, "method")
         return params["model"]
 
-    return Method("ttt_e2e", loss, prepare_params=lambda p, rng: add_fast_params(spec, p, rng),
-                  logical_axes=lambda axes: fast_logical_axes(spec, axes), model_params=model_params,
-                  apply=apply, with_step=True)
+    return Method(
+        "ttt_e2e",
+        loss,
+        prepare_params=lambda p, rng: add_fast_params(spec, p, rng),
+        logical_axes=lambda axes: fast_logical_axes(spec, axes),
+        model_params=model_params,
+        apply=apply,
+        with_step=True,
+    )

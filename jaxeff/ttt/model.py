@@ -81,8 +81,7 @@ class TTTSpec:
                 raise ConfigError("ttt.fast_layers: expected at least one block index (or null for the last quarter)")
             for i in t.fast_layers:
                 if not 0 <= i < n:
-                    raise ConfigError(f"ttt.fast_layers: block index {i} is out of range "
-                                      f"(model.n_layers={n}: 0..{n - 1})")
+                    raise ConfigError(f"ttt.fast_layers: block index {i} is out of range (model.n_layers={n}: 0..{n - 1})")
             if len(set(t.fast_layers)) != len(t.fast_layers):
                 raise ConfigError(f"ttt.fast_layers: repeated block index in {list(t.fast_layers)}")
             fast = tuple(sorted(t.fast_layers))
@@ -93,19 +92,32 @@ class TTTSpec:
             for i in range(fast[0], n):
                 w = m.windows[i]
                 if w is None:
-                    raise ConfigError(f"model.sliding_window: ttt.attention=window needs a window in every block from "
-                                      f"the first fast block ({fast[0]}) on; block {i} has full attention")
+                    raise ConfigError(
+                        f"model.sliding_window: ttt.attention=window needs a window in every block from "
+                        f"the first fast block ({fast[0]}) on; block {i} has full attention"
+                    )
                 if b > w:
-                    raise ConfigError(f"ttt.mini_batch: {b} is larger than the sliding window of block {i} "
-                                      f"(model.sliding_window={w}); need mini_batch <= window")
+                    raise ConfigError(
+                        f"ttt.mini_batch: {b} is larger than the sliding window of block {i} (model.sliding_window={w}); need mini_batch <= window"
+                    )
         if m.dropout:
             raise ConfigError(f"model.dropout: ttt_e2e runs without dropout (got {m.dropout})")
         fast_d_ff, block_d_ff = t.fast_d_ff or m.ff, None
         if t.match_params:
             block_d_ff, fast_d_ff = matched_widths(m, t.fast_d_ff)
-        return cls(model=m, mini_batch=b, fast_layers=fast, fast_d_ff=fast_d_ff, inner_lr=t.inner_lr,
-                   inner_clip=t.inner_clip, attention=t.attention, remat=t.remat, compute_dtype=m.dtype,
-                   inner_dtype=inner_dtype, block_d_ff=block_d_ff)
+        return cls(
+            model=m,
+            mini_batch=b,
+            fast_layers=fast,
+            fast_d_ff=fast_d_ff,
+            inner_lr=t.inner_lr,
+            inner_clip=t.inner_clip,
+            attention=t.attention,
+            remat=t.remat,
+            compute_dtype=m.dtype,
+            inner_dtype=inner_dtype,
+            block_d_ff=block_d_ff,
+        )
 
     def extra_params(self) -> int:
         """Parameters of this TTT model minus those of the same model without TTT (same attention
@@ -135,9 +147,11 @@ def matched_widths(m: TransformerConfig, fast_d_ff: int | None) -> tuple[int, in
         candidates = [(f, f - k) for f in range(1, m.ff + 1) for k in (0, 1) if f - k >= 1]
     extra = {c: _fast_block_extra(m, *c) for c in candidates}
     if min(extra.values()) > 0:  # even regular MLPs of width 1 leave the model larger
-        raise ConfigError(f"ttt.match_params: cannot match the parameter count: fast MLPs of width "
-                          f"{fast_d_ff or 1} outweigh the regular MLPs of width {m.ff} they would replace "
-                          f"(lower ttt.fast_d_ff or set match_params: false)")
+        raise ConfigError(
+            f"ttt.match_params: cannot match the parameter count: fast MLPs of width "
+            f"{fast_d_ff or 1} outweigh the regular MLPs of width {m.ff} they would replace "
+            f"(lower ttt.fast_d_ff or set match_params: false)"
+        )
     return min(candidates, key=lambda c: (abs(extra[c]), extra[c]))
 
 
@@ -151,19 +165,21 @@ def add_fast_params(spec: TTTSpec, model_params, rng):
     dtype = _DTYPES[m.param_dtype]
     base = dict(model_params)
     if not spec.use_attention:
-        base = {k: ({kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_")
-                    else v) for k, v in base.items()}
+        base = {k: ({kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_") else v) for k, v in base.items()}
     if spec.block_d_ff is not None:  # parameter-matched: the fast blocks' regular MLPs keep their first units
-        base = {k: ({**v, "mlp": _narrow_mlp(v["mlp"], spec.block_d_ff)} if k in {f"layers_{i}" for i in spec.fast_layers}
-                    else v) for k, v in base.items()}
+        base = {
+            k: ({**v, "mlp": _narrow_mlp(v["mlp"], spec.block_d_ff)} if k in {f"layers_{i}" for i in spec.fast_layers} else v) for k, v in base.items()
+        }
     fast = {}
     d, f = m.d_model, spec.fast_d_ff
     for j, i in enumerate(spec.fast_layers):
         kg, ku, kd = jax.random.split(jax.random.fold_in(rng, j), 3)
         normal = lambda key, shape: (m.init_std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
         fast[f"layers_{i}"] = {
-            "pre_norm": {"scale": jnp.ones((d,), dtype)}, "post_norm": {"scale": jnp.ones((d,), dtype)},
-            "gate": {"kernel": normal(kg, (d, f))}, "up": {"kernel": normal(ku, (d, f))},
+            "pre_norm": {"scale": jnp.ones((d,), dtype)},
+            "post_norm": {"scale": jnp.ones((d,), dtype)},
+            "gate": {"kernel": normal(kg, (d, f))},
+            "up": {"kernel": normal(ku, (d, f))},
             "down": {"kernel": normal(kd, (f, d))},
         }
     return {"model": base, "fast": fast}
@@ -181,11 +197,17 @@ def _narrow_mlp(p, f: int):
 def fast_logical_axes(spec: TTTSpec, model_axes):
     base = dict(model_axes)
     if not spec.use_attention:
-        base = {k: ({kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_")
-                    else v) for k, v in base.items()}
-    fast = {f"layers_{i}": {"pre_norm": {"scale": P("norm")}, "post_norm": {"scale": P("norm")},
-                            "gate": {"kernel": P("embed", "mlp")}, "up": {"kernel": P("embed", "mlp")},
-                            "down": {"kernel": P("mlp", "embed")}} for i in spec.fast_layers}
+        base = {k: ({kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_") else v) for k, v in base.items()}
+    fast = {
+        f"layers_{i}": {
+            "pre_norm": {"scale": P("norm")},
+            "post_norm": {"scale": P("norm")},
+            "gate": {"kernel": P("embed", "mlp")},
+            "up": {"kernel": P("embed", "mlp")},
+            "down": {"kernel": P("mlp", "embed")},
+        }
+        for i in spec.fast_layers
+    }
     return {"model": base, "fast": fast}
 
 
@@ -200,8 +222,10 @@ def refuse_fast_weights(params, where: str = "method") -> None:
     :func:`has_fast_weights`): taking ``params["model"]`` alone would silently drop them."""
     if has_fast_weights(params):
         layers = ", ".join(k.removeprefix("layers_") for k in params["fast"])
-        raise ConfigError(f"{where}: a ttt_e2e run has fast MLPs (blocks {layers}) that a plain Transformer has no "
-                          f"place for; refusing to drop them (evaluate or generate with the run itself)")
+        raise ConfigError(
+            f"{where}: a ttt_e2e run has fast MLPs (blocks {layers}) that a plain Transformer has no "
+            f"place for; refusing to drop them (evaluate or generate with the run itself)"
+        )
 
 
 def initial_fast_weights(spec: TTTSpec, params, batch: int):
@@ -211,8 +235,7 @@ def initial_fast_weights(spec: TTTSpec, params, batch: int):
     out = {}
     for i in spec.fast_layers:
         p = params["fast"][f"layers_{i}"]
-        out[f"layers_{i}"] = {k: jnp.broadcast_to(p[k]["kernel"].astype(dt), (batch, *p[k]["kernel"].shape))
-                              for k in FAST_KERNELS}
+        out[f"layers_{i}"] = {k: jnp.broadcast_to(p[k]["kernel"].astype(dt), (batch, *p[k]["kernel"].shape)) for k in FAST_KERNELS}
     return out
 
 
@@ -266,7 +289,7 @@ def buffer_attention(q, keys, vals, q_start, window, q_seg, kv_seg):
     s, kvh = keys.shape[1], keys.shape[2]
     dt = jnp.promote_types(q.dtype, jnp.float32)
     qg = q.reshape(b, c, kvh, h // kvh, d).astype(dt)
-    logits = jnp.einsum("bckgd,bskd->bkgcs", qg, keys.astype(dt)) * d ** -0.5
+    logits = jnp.einsum("bckgd,bskd->bkgcs", qg, keys.astype(dt)) * d**-0.5
     qi = q_start + jnp.arange(c)[:, None]
     ki = jnp.arange(s)[None, :]
     mask = ((ki <= qi) & (ki > qi - window))[None] & (q_seg[:, :, None] == kv_seg[:, None, :])  # [batch, c, s]
@@ -306,8 +329,7 @@ def prefix_block(spec: TTTSpec, i: int, p, x, positions, segment_ids):
     k = v = None
     if spec.use_attention:
         q, k, v = qkv(cfg, p["attn"], rms_norm(p["attn_norm"], x, cfg.norm_eps, dtype), positions, dtype)
-        y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=spec.window(i),
-                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        y = attention(q, k, v, impl=cfg.attention_impl, causal=True, window=spec.window(i), q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         x = x + dense(p["attn"]["o"], y.reshape(*x.shape[:2], -1), dtype)
     return block_rest(spec, p, None, None, x, dtype), k, v
 
@@ -353,8 +375,7 @@ def suffix_forward(spec: TTTSpec, params, w, bufs, x, positions, segment_ids, w_
             x = x + y
             grown.append(g)
         key = f"layers_{i}"
-        x = block_rest(spec, p, params["fast"].get(key), w.get(key), x, dtype,
-                       None if w_fresh is None else w_fresh.get(key), fresh)
+        x = block_rest(spec, p, params["fast"].get(key), w.get(key), x, dtype, None if w_fresh is None else w_fresh.get(key), fresh)
     return head(spec, params, x, dtype), tuple(grown)
 
 

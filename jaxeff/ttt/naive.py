@@ -73,8 +73,7 @@ def trainable_paths(params, trainable: str | Callable[[str], bool], n_layers: in
             raise ConfigError(f"trainable: '{trainable}' is not a valid regex ({e})") from None
         chosen = [k for k in flat if pattern.search(_path(k))]
     if not chosen:
-        raise ConfigError(f"trainable: {trainable!r} matches no parameter (paths look like "
-                          f"'{_path(next(iter(flat)))}')")
+        raise ConfigError(f"trainable: {trainable!r} matches no parameter (paths look like '{_path(next(iter(flat)))}')")
     return chosen
 
 
@@ -89,8 +88,16 @@ def _check(tokens, chunk, lr, clip):
         raise ConfigError(f"clip: expected a positive global-norm bound or None (got {clip!r})")
 
 
-def dynamic_eval(model: Transformer, params, tokens: jax.Array, *, chunk: int, lr: float, clip: float | None = 1.0,
-                 trainable: str | Callable[[str], bool] = "mlp_last_quarter"):
+def dynamic_eval(
+    model: Transformer,
+    params,
+    tokens: jax.Array,
+    *,
+    chunk: int,
+    lr: float,
+    clip: float | None = 1.0,
+    trainable: str | Callable[[str], bool] = "mlp_last_quarter",
+):
     """Read ``tokens [batch, seq]`` chunk by chunk, updating the chosen parameters by SGD.
 
     Returns ``(losses, updated)``: ``losses [batch, seq - 1]`` float32, ``losses[:, j]`` the
@@ -99,12 +106,27 @@ def dynamic_eval(model: Transformer, params, tokens: jax.Array, *, chunk: int, l
     """
     _check(tokens, chunk, lr, clip)
     paths = tuple(trainable_paths(params, trainable, model.config.n_layers))
-    return _dynamic_eval(model, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lr, jnp.float32),
-                         jnp.asarray(jnp.inf if clip is None else clip, jnp.float32), chunk=chunk, paths=paths)
+    return _dynamic_eval(
+        model,
+        params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(lr, jnp.float32),
+        jnp.asarray(jnp.inf if clip is None else clip, jnp.float32),
+        chunk=chunk,
+        paths=paths,
+    )
 
 
-def naive_token_losses(model: Transformer, params, tokens: jax.Array, *, chunk: int, lr: float,
-                       clip: float | None = 1.0, trainable: str | Callable[[str], bool] = "mlp_last_quarter"):
+def naive_token_losses(
+    model: Transformer,
+    params,
+    tokens: jax.Array,
+    *,
+    chunk: int,
+    lr: float,
+    clip: float | None = 1.0,
+    trainable: str | Callable[[str], bool] = "mlp_last_quarter",
+):
     """Per-token losses ``[batch, seq - 1]`` of dynamic evaluation (see :func:`dynamic_eval`)."""
     return dynamic_eval(model, params, tokens, chunk=chunk, lr=lr, clip=clip, trainable=trainable)[0]
 

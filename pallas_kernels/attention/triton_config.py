@@ -31,15 +31,48 @@ from pallas_kernels._util import gpu_arch
 from pallas_kernels.attention.common import BlockSizes
 
 _SM90 = {
-    64: BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32,
-                   num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2, num_warps_dq=8,
-                   num_stages_dq=3),
-    128: BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=64, block_q_dq=128, block_k_dq=32,
-                    num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2, num_warps_dq=8,
-                    num_stages_dq=3),
-    256: BlockSizes(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=32, block_q_dq=64, block_k_dq=16,
-                    num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2, num_warps_dq=8,
-                    num_stages_dq=2),
+    64: BlockSizes(
+        block_q=128,
+        block_k=64,
+        block_q_dkv=32,
+        block_k_dkv=128,
+        block_q_dq=128,
+        block_k_dq=32,
+        num_warps=8,
+        num_stages=3,
+        num_warps_bwd=8,
+        num_stages_bwd=2,
+        num_warps_dq=8,
+        num_stages_dq=3,
+    ),
+    128: BlockSizes(
+        block_q=128,
+        block_k=64,
+        block_q_dkv=32,
+        block_k_dkv=64,
+        block_q_dq=128,
+        block_k_dq=32,
+        num_warps=8,
+        num_stages=3,
+        num_warps_bwd=8,
+        num_stages_bwd=2,
+        num_warps_dq=8,
+        num_stages_dq=3,
+    ),
+    256: BlockSizes(
+        block_q=64,
+        block_k=32,
+        block_q_dkv=16,
+        block_k_dkv=32,
+        block_q_dq=64,
+        block_k_dq=16,
+        num_warps=8,
+        num_stages=2,
+        num_warps_bwd=8,
+        num_stages_bwd=2,
+        num_warps_dq=8,
+        num_stages_dq=2,
+    ),
 }
 
 # sm_80: 128x64 forward tiles at D=128 spilled (mma.sync fragments need more registers than
@@ -54,10 +87,10 @@ GPU_TABLE: dict[int, dict[int, BlockSizes]] = {80: _SM80, 90: _SM90, 100: _SM100
 
 
 def gpu_block_sizes(head_dim: int, arch: int | None = None) -> BlockSizes:
-  """Complete default ``BlockSizes`` for a (padded) head_dim on GPU generation ``arch`` (80/90/100;
-  None: the GPU being lowered for, sm_90 without one)."""
-  table = GPU_TABLE[gpu_arch() if arch is None else arch]
-  for d in sorted(table):
-    if head_dim <= d:
-      return table[d]
-  return table[max(table)]
+    """Complete default ``BlockSizes`` for a (padded) head_dim on GPU generation ``arch`` (80/90/100;
+    None: the GPU being lowered for, sm_90 without one)."""
+    table = GPU_TABLE[gpu_arch() if arch is None else arch]
+    for d in sorted(table):
+        if head_dim <= d:
+            return table[d]
+    return table[max(table)]

@@ -48,7 +48,12 @@ def _padded_qw(qw: QuantizedWeight, Kp: int, Np: int) -> QuantizedWeight:
         zeros=None if qw.zeros is None else pad_to(qw.zeros, (s_rows, Np)),
         dq_scales=None if qw.dq_scales is None else pad_to(qw.dq_scales, (s_rows, qw.dq_scales.shape[1])),
         dq_mean=qw.dq_mean,
-        fmt=qw.fmt, shape=qw.shape, group_size=g, symmetric=qw.symmetric, double_quant=qw.double_quant)
+        fmt=qw.fmt,
+        shape=qw.shape,
+        group_size=g,
+        symmetric=qw.symmetric,
+        double_quant=qw.double_quant,
+    )
 
 
 def _qmm_forward(x, qw, backend, bs):
@@ -69,9 +74,17 @@ def _qmm_forward(x, qw, backend, bs):
     Kp = round_up(qw.padded_K, b.block_k)
     xp = pad_to(x2, (Mp, Kp))
     qp = _padded_qw(qw, Kp, Np)
-    out = triton_matmul.weight_only_matmul(xp, qp, bm=b.block_m, bn=b.block_n, bk=b.block_k, split_k=b.split_k,
-                                           interpret=(backend == "interpret"), num_warps=b.num_warps,
-                                           num_stages=b.num_stages)
+    out = triton_matmul.weight_only_matmul(
+        xp,
+        qp,
+        bm=b.block_m,
+        bn=b.block_n,
+        bk=b.block_k,
+        split_k=b.split_k,
+        interpret=(backend == "interpret"),
+        num_warps=b.num_warps,
+        num_stages=b.num_stages,
+    )
     if b.split_k > 1:
         out = jnp.sum(out, axis=0).astype(x.dtype)
     return out[:M, :N].reshape(lead + (N,))
@@ -95,9 +108,9 @@ def _qmm_backward(dy, qw, backend, bs):
     Kp = round_up(qw.padded_K, b.block_k)
     dyp = pad_to(dy2, (Mp, Np))
     qp = _padded_qw(qw, Kp, Np)
-    dx = triton_matmul.weight_only_matmul_t(dyp, qp, bm=b.block_m, bn=b.block_n, bk=b.block_k,
-                                            interpret=(backend == "interpret"), num_warps=b.num_warps,
-                                            num_stages=b.num_stages)
+    dx = triton_matmul.weight_only_matmul_t(
+        dyp, qp, bm=b.block_m, bn=b.block_n, bk=b.block_k, interpret=(backend == "interpret"), num_warps=b.num_warps, num_stages=b.num_stages
+    )
     return dx[:M, :K].reshape(lead + (K,))
 
 
@@ -164,14 +177,23 @@ def _w8a8_dispatch(xq, sx, wq, sw, out_dtype, backend, bs):
     Mp, Np, Kp = round_up(M, b.block_m), round_up(N, b.block_n), round_up(K, b.block_k)
     wp = pad_to(wq.T, (Np, Kp)) if k_major else pad_to(wq, (Kp, Np))
     out = triton_matmul.w8a8_matmul(
-        pad_to(xq, (Mp, Kp)), pad_to(sx, (Mp, 1)), wp, pad_to(sw, (1, Np)),
-        bm=b.block_m, bn=b.block_n, bk=b.block_k, out_dtype=jnp.dtype(out_dtype), interpret=(backend == "interpret"),
-        num_warps=b.num_warps, num_stages=b.num_stages, k_major=k_major)
+        pad_to(xq, (Mp, Kp)),
+        pad_to(sx, (Mp, 1)),
+        wp,
+        pad_to(sw, (1, Np)),
+        bm=b.block_m,
+        bn=b.block_n,
+        bk=b.block_k,
+        out_dtype=jnp.dtype(out_dtype),
+        interpret=(backend == "interpret"),
+        num_warps=b.num_warps,
+        num_stages=b.num_stages,
+        k_major=k_major,
+    )
     return out[:M, :N]
 
 
-def int8_matmul(x, w, *, outlier_threshold=None, max_outliers: int | None = None, backend: str = "auto",
-                block_sizes=None):
+def int8_matmul(x, w, *, outlier_threshold=None, max_outliers: int | None = None, backend: str = "auto", block_sizes=None):
     """W8A8 matmul (LLM.int8()): ``x [..., K] @ w [K, N]`` -> ``[..., N]`` in x's dtype.
 
     Rows of x and columns of W are scaled by their absmax to 127; the kernel does int8 x int8 with

@@ -132,8 +132,7 @@ jax.tree_util.register_dataclass(
 # ----------------------------------------------------------------------------------------------
 
 
-def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symmetric: bool = True,
-             double_quant: bool = False) -> QuantizedWeight:
+def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symmetric: bool = True, double_quant: bool = False) -> QuantizedWeight:
     """Quantize a weight ``w [..., K, N]`` (matmul ``x @ W``) along its contraction axis K.
 
     Args:
@@ -154,8 +153,9 @@ def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symm
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"w: got dtype {w.dtype} with shape {tuple(w.shape)}, expected a floating dtype")
     if axis not in (w.ndim - 2, -2):
-        raise ValueError(f"axis: got {axis} for w of shape {tuple(w.shape)}, expected the contraction axis "
-                         f"{w.ndim - 2} (or -2); transpose w to [..., K, N] first")
+        raise ValueError(
+            f"axis: got {axis} for w of shape {tuple(w.shape)}, expected the contraction axis {w.ndim - 2} (or -2); transpose w to [..., K, N] first"
+        )
     if w.shape[-1] == 0 or w.shape[-2] == 0:
         raise ValueError(f"w: got shape {tuple(w.shape)}, expected non-empty K and N")
     if fmt == "nf4":
@@ -176,8 +176,9 @@ def quantize(w, fmt: str, *, axis: int = -2, group_size: int | None = None, symm
     w3 = w.reshape((-1, K, N)).astype(jnp.float32)
     leaves = _quantize_batched(w3, fmt, group_size, bool(symmetric), bool(double_quant))
     leaves = {k: (None if v is None else v.reshape(batch + v.shape[1:])) for k, v in leaves.items()}
-    return QuantizedWeight(**leaves, fmt=fmt, shape=tuple(int(d) for d in w.shape), group_size=group_size,
-                           symmetric=bool(symmetric), double_quant=bool(double_quant))
+    return QuantizedWeight(
+        **leaves, fmt=fmt, shape=tuple(int(d) for d in w.shape), group_size=group_size, symmetric=bool(symmetric), double_quant=bool(double_quant)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -226,7 +227,7 @@ def _quantize_2d(w, fmt, g, symmetric, double_quant):
             else:
                 data = (q + 8).astype(jnp.uint8)
         else:
-            levels = 2 ** bits - 1
+            levels = 2**bits - 1
             mn = jnp.minimum(jnp.min(wg, axis=1), 0.0)
             mx = jnp.maximum(jnp.max(wg, axis=1), 0.0)
             scale = (mx - mn) / levels
@@ -282,13 +283,12 @@ def _double_dequant(q8, s2, mean):
 def absmax_of(qw: QuantizedWeight):
     """The per-group scale actually used by the kernels ([..., G, N] f32)."""
     if qw.fmt == "nf4" and qw.double_quant:
-        return jax.vmap(_double_dequant)(*_flat_batch(qw.scales, qw.dq_scales, qw.dq_mean, nd=(2, 2, 0)))\
-            .reshape(qw.scales.shape)
+        return jax.vmap(_double_dequant)(*_flat_batch(qw.scales, qw.dq_scales, qw.dq_mean, nd=(2, 2, 0))).reshape(qw.scales.shape)
     return qw.scales.astype(jnp.float32)
 
 
 def _flat_batch(*arrs, nd):
-    return tuple(a.reshape((-1,) + a.shape[a.ndim - n:]) for a, n in zip(arrs, nd))
+    return tuple(a.reshape((-1,) + a.shape[a.ndim - n :]) for a, n in zip(arrs, nd))
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32):

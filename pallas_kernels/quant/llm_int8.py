@@ -26,13 +26,16 @@ def check_args(x, w, outlier_threshold, max_outliers):
     """Validates ``int8_matmul``'s arguments; returns ``(K, N, threshold or None, max_outliers)``."""
     if isinstance(w, QuantizedWeight):
         if w.fmt != "int8" or w.group_size is not None or not w.symmetric or len(w.shape) != 2:
-            raise ValueError(f"w: got QuantizedWeight(fmt={w.fmt!r}, group_size={w.group_size}, symmetric={w.symmetric}, "
-                             f"shape={w.shape}), expected quantize(w, 'int8') (2-D, per-channel, symmetric)")
+            raise ValueError(
+                f"w: got QuantizedWeight(fmt={w.fmt!r}, group_size={w.group_size}, symmetric={w.symmetric}, "
+                f"shape={w.shape}), expected quantize(w, 'int8') (2-D, per-channel, symmetric)"
+            )
         K, N = w.shape
     else:
         if not hasattr(w, "ndim") or w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
-            raise ValueError(f"w: got shape {tuple(getattr(w, 'shape', ()))} dtype {getattr(w, 'dtype', None)}, "
-                             "expected a float [K, N] weight or quantize(w, 'int8')")
+            raise ValueError(
+                f"w: got shape {tuple(getattr(w, 'shape', ()))} dtype {getattr(w, 'dtype', None)}, expected a float [K, N] weight or quantize(w, 'int8')"
+            )
         K, N = w.shape
     check_x(x, K)
     if outlier_threshold is True:
@@ -76,8 +79,7 @@ def prepare(x, w, outlier_threshold, max_outliers):
         w_o = jnp.where(valid[:, None], w_rows, 0.0).astype(hp)
         # 16-bit operands, fp32 products/accumulation (exact products, so done as an f32 dot: XLA:CPU
         # has no bf16 x bf16 -> f32 dot).
-        out_extra = jnp.matmul(x_o.astype(jnp.float32), w_o.astype(jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
+        out_extra = jnp.matmul(x_o.astype(jnp.float32), w_o.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         x2 = jnp.where(sel[None, :], 0.0, x2)
         if not prepared:
             wf = jnp.where(sel[:, None], 0.0, wf)

@@ -251,8 +251,7 @@ def quantized_matmul(x2, qw: QuantizedWeight, interpret: bool):
     bn, Np = _tpu_n(N)
     data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
     bm, Mp = _tpu_dim(M, 256)
-    out = weight_only_matmul(pad_to(x2, (Mp, Kp)), data, scales, zeros, fmt=qw.fmt, g=qw.group_size,
-                                        bm=bm, bn=bn, bk=bk, interpret=interpret)
+    out = weight_only_matmul(pad_to(x2, (Mp, Kp)), data, scales, zeros, fmt=qw.fmt, g=qw.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret)
     return out[:M, :N]
 
 
@@ -264,11 +263,8 @@ def quantized_matmul_t(dy2, qw: QuantizedWeight, interpret: bool):
     bn, Np = _tpu_n(N)
     data, scales, zeros, bk, Kp = _tpu_weight_args(qw, unit, (bn, Np))
     bm, Mp = _tpu_dim(M, 256)
-    dx = weight_only_matmul_t(pad_to(dy2, (Mp, Np)), data, scales, zeros, fmt=qw.fmt,
-                                         g=qw.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret)
+    dx = weight_only_matmul_t(pad_to(dy2, (Mp, Np)), data, scales, zeros, fmt=qw.fmt, g=qw.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret)
     return dx[:M, :K]
-
-
 
 
 def int8_matmul(xq, sx, wq, sw, out_dtype, interpret: bool):
@@ -278,6 +274,15 @@ def int8_matmul(xq, sx, wq, sw, out_dtype, interpret: bool):
     bm, Mp = _tpu_dim(M, 256)
     bn, Np = _tpu_n(N)
     bk, Kp = _tpu_dim(K, 512)
-    out = w8a8_matmul(pad_to(xq, (Mp, Kp)), pad_to(sx, (Mp, 1)), pad_to(wq, (Kp, Np)), pad_to(sw, (1, Np)),
-                      bm=bm, bn=bn, bk=bk, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+    out = w8a8_matmul(
+        pad_to(xq, (Mp, Kp)),
+        pad_to(sx, (Mp, 1)),
+        pad_to(wq, (Kp, Np)),
+        pad_to(sw, (1, Np)),
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        out_dtype=jnp.dtype(out_dtype),
+        interpret=interpret,
+    )
     return out[:M, :N]

@@ -88,7 +88,7 @@ class Tile:
     block_n: int
     num_warps: int
     num_stages: int = 3
-    k_major: bool = False   # W8A8 only: the weight goes in as W^T [N, K]
+    k_major: bool = False  # W8A8 only: the weight goes in as W^T [N, K]
 
 
 # Default tiles per GPU generation, kernel and M class ("small": block_m <= 64, decode-like;
@@ -104,9 +104,13 @@ class Tile:
 #   its tiles are copied asynchronously; decode-sized M keeps [K, N] (the transpose would double the
 #   weight traffic that bounds it).
 _SM90 = {
-    ("fwd", "small"): Tile(64, 4), ("fwd", "large"): Tile(128, 8), ("fwd_packed", "large"): Tile(64, 8),
-    ("dx", "small"): Tile(64, 4), ("dx", "large"): Tile(128, 8),
-    ("w8a8", "small"): Tile(128, 4), ("w8a8", "large"): Tile(128, 8, k_major=True),
+    ("fwd", "small"): Tile(64, 4),
+    ("fwd", "large"): Tile(128, 8),
+    ("fwd_packed", "large"): Tile(64, 8),
+    ("dx", "small"): Tile(64, 4),
+    ("dx", "large"): Tile(128, 8),
+    ("w8a8", "small"): Tile(128, 4),
+    ("w8a8", "large"): Tile(128, 8, k_major=True),
 }
 # sm_80 (mma.sync fragments cost more registers than wgmma): the packed formats at M=128 spilled
 # at bn=64 (NF4+double quant fwd 16 B, int4 g128 dx 660 B); bn=32 keeps them at 104-246 registers.
@@ -167,8 +171,14 @@ def weight_only_t_blocks(qw: QuantizedWeight, M: int, bs: MatmulBlocks) -> Matmu
     fwd = weight_only_blocks(qw, M, dataclasses.replace(bs, num_warps=None, num_stages=None))
     tile = _tile("dx", fwd.block_m, qw.packed)
     bk = fwd.block_k if qw.group_size is None else qw.group_size
-    return MatmulBlocks(fwd.block_m, bs.block_n or min(tile.block_n, max(16, next_pow2(qw.shape[1]))), bk, 1,
-                        bs.num_warps or tile.num_warps, bs.num_stages or tile.num_stages)
+    return MatmulBlocks(
+        fwd.block_m,
+        bs.block_n or min(tile.block_n, max(16, next_pow2(qw.shape[1]))),
+        bk,
+        1,
+        bs.num_warps or tile.num_warps,
+        bs.num_stages or tile.num_stages,
+    )
 
 
 def w8a8_blocks(M: int, N: int, K: int, bs: MatmulBlocks) -> tuple[MatmulBlocks, bool]:
@@ -178,6 +188,7 @@ def w8a8_blocks(M: int, N: int, K: int, bs: MatmulBlocks) -> tuple[MatmulBlocks,
     bn = bs.block_n or min(tile.block_n, max(16, next_pow2(N)))
     bk = bs.block_k or min(128, max(32, next_pow2(K)))
     return MatmulBlocks(bm, bn, bk, 1, bs.num_warps or tile.num_warps, bs.num_stages or tile.num_stages), tile.k_major
+
 
 _NT = (((1,), (1,)), ((), ()))  # contract last dims: a [m, k] . b [n, k] -> [m, n]
 _NN = (((1,), (0,)), ((), ()))
@@ -250,6 +261,7 @@ def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, dq, cdt, bn):
         return None
 
     if g is None:  # int8 per output channel: one scale row, applied once at the end
+
         def body(k, acc):
             k0 = pl.multiple_of(k * bk, bk)
             xs = x_ref[:, pl.ds(k0, bk)].astype(cdt)
@@ -288,8 +300,7 @@ def _fwd_kernel(*refs, fmt, g, bk, n_steps, has_zeros, dq, cdt, bn):
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "split_k", "interpret", "num_warps", "num_stages"))
-def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, split_k: int = 1, interpret: bool,
-                       num_warps: int = 4, num_stages: int = 3):
+def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, split_k: int = 1, interpret: bool, num_warps: int = 4, num_stages: int = 3):
     """x [Mp, Kp] @ W -> [Mp, Np] in x.dtype (split_k == 1) or f32 partial sums [split_k, Mp, Np].
 
     Already padded: Mp % bm == 0, Kp % (bk * split_k) == 0 with Kp the (padded) K of ``qw``, and the
@@ -307,11 +318,7 @@ def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, spl
     d_rows = qw.data.shape[0] // S
     s_rows = qw.scales.shape[0] if g is None else qw.scales.shape[0] // S
     s_idx = (lambda i, j, s: (0, j)) if g is None else (lambda i, j, s: (s, j))  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((bm, Kp // S), lambda i, j, s: (i, s)),
-        pl.BlockSpec((d_rows, bn), lambda i, j, s: (s, j)),
-        pl.BlockSpec((s_rows, bn), s_idx),
-    ]
+    in_specs = [pl.BlockSpec((bm, Kp // S), lambda i, j, s: (i, s)), pl.BlockSpec((d_rows, bn), lambda i, j, s: (s, j)), pl.BlockSpec((s_rows, bn), s_idx)]
     args = [x, qw.data, qw.scales]
     if has_zeros:
         in_specs.append(pl.BlockSpec((s_rows, bn), s_idx))
@@ -320,8 +327,7 @@ def weight_only_matmul(x, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, spl
         in_specs.append(pl.BlockSpec((s_rows, 1), lambda i, j, s: (s, (j * bn) // 256)))
         in_specs.append(pl.BlockSpec((1, 1), lambda i, j, s: (0, 0)))
         args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
-    kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk // S, has_zeros=has_zeros,
-                               dq=dq, cdt=cdt, bn=bn)
+    kernel = functools.partial(_fwd_kernel, fmt=fmt, g=g, bk=bk, n_steps=Kp // bk // S, has_zeros=has_zeros, dq=dq, cdt=cdt, bn=bn)
     if S == 1:
         out_shape = jax.ShapeDtypeStruct((Mp, Np), x.dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -381,6 +387,7 @@ def _bwd_kernel(*refs, fmt, g, bkt, bn, n_steps, has_zeros, dq, cdt):
         o_ref[:, pl.ds(0, h)] = acc_lo.astype(o_ref.dtype)
         o_ref[:, pl.ds(h, h)] = acc_hi.astype(o_ref.dtype)
     else:
+
         def body(n, acc):
             c0 = pl.multiple_of(n * bn, bn)
             dys = dy_ref[:, pl.ds(c0, bn)].astype(cdt)
@@ -391,8 +398,7 @@ def _bwd_kernel(*refs, fmt, g, bkt, bn, n_steps, has_zeros, dq, cdt):
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages"))
-def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, interpret: bool,
-                         num_warps: int = 4, num_stages: int = 3):
+def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, interpret: bool, num_warps: int = 4, num_stages: int = 3):
     """dy [Mp, Np] @ W^T -> [Mp, Kp]. Padding as for ``weight_only_matmul``; grouped formats use one
     group per output K block, per-channel int8 uses ``bk`` (Kp % bk == 0)."""
     Mp, Np = dy.shape
@@ -407,11 +413,7 @@ def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, 
         s_map = lambda i, k: (0, 0)  # noqa: E731
     else:
         s_map = lambda i, k: (k, 0)  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((bm, Np), lambda i, k: (i, 0)),
-        pl.BlockSpec((d_blk, Np), lambda i, k: (k, 0)),
-        pl.BlockSpec((1, Np), s_map),
-    ]
+    in_specs = [pl.BlockSpec((bm, Np), lambda i, k: (i, 0)), pl.BlockSpec((d_blk, Np), lambda i, k: (k, 0)), pl.BlockSpec((1, Np), s_map)]
     args = [dy, qw.data, qw.scales]
     if has_zeros:
         in_specs.append(pl.BlockSpec((1, Np), s_map))
@@ -420,8 +422,7 @@ def weight_only_matmul_t(dy, qw: QuantizedWeight, *, bm: int, bn: int, bk: int, 
         in_specs.append(pl.BlockSpec((1, qw.dq_scales.shape[1]), s_map))
         in_specs.append(pl.BlockSpec((1, 1), lambda i, k: (0, 0)))
         args += [qw.dq_scales, qw.dq_mean.reshape(1, 1)]
-    kernel = functools.partial(_bwd_kernel, fmt=fmt, g=g, bkt=bkt, bn=bn, n_steps=Np // bn,
-                               has_zeros=has_zeros, dq=dq, cdt=cdt)
+    kernel = functools.partial(_bwd_kernel, fmt=fmt, g=g, bkt=bkt, bn=bn, n_steps=Np // bn, has_zeros=has_zeros, dq=dq, cdt=cdt)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((Mp, Kp), dy.dtype),
@@ -456,10 +457,8 @@ def _w8a8_kernel(xq_ref, sx_ref, wq_ref, sw_ref, o_ref, *, bk, n_steps, k_major)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret", "num_warps",
-                                             "num_stages", "k_major"))
-def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpret: bool,
-                num_warps: int = 8, num_stages: int = 3, k_major: bool = False):
+@functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "out_dtype", "interpret", "num_warps", "num_stages", "k_major"))
+def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpret: bool, num_warps: int = 8, num_stages: int = 3, k_major: bool = False):
     """xq int8 [Mp, Kp], sx f32 [Mp, 1], wq int8 [Kp, Np], sw f32 [1, Np] -> (xq @ wq) * sx * sw.
 
     ``k_major``: wq is given transposed, ``[Np, Kp]`` (K contiguous). Hopper's 8-bit wgmma takes
@@ -469,8 +468,7 @@ def w8a8_matmul(xq, sx, wq, sw, *, bm: int, bn: int, bk: int, out_dtype, interpr
     Mp, Kp = xq.shape
     Np = wq.shape[0] if k_major else wq.shape[1]
     kernel = functools.partial(_w8a8_kernel, bk=bk, n_steps=Kp // bk, k_major=k_major)
-    w_spec = (pl.BlockSpec((bn, Kp), lambda i, j: (j, 0)) if k_major
-              else pl.BlockSpec((Kp, bn), lambda i, j: (0, j)))
+    w_spec = pl.BlockSpec((bn, Kp), lambda i, j: (j, 0)) if k_major else pl.BlockSpec((Kp, bn), lambda i, j: (0, j))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),

@@ -62,8 +62,7 @@ def test_missing_dataset_path(capsys, tmp_path):
 
 def test_sequence_length_above_the_model_maximum(capsys, tmp_path):
     path = _write_cfg(tmp_path)
-    _fails_cleanly(capsys, tmp_path, ["train", str(path), "data.seq_len=128"],
-                   "data.seq_len: 128 is above the model's maximum model.max_seq_len=64")
+    _fails_cleanly(capsys, tmp_path, ["train", str(path), "data.seq_len=128"], "data.seq_len: 128 is above the model's maximum model.max_seq_len=64")
 
 
 def test_mesh_that_does_not_divide_the_devices(capsys, tmp_path):
@@ -90,8 +89,7 @@ def test_checkpoint_from_a_different_model(capsys, tmp_path):
 
 
 def test_missing_checkpoint_directory(capsys, tmp_path):
-    _fails_cleanly(capsys, tmp_path, ["generate", "--checkpoint", str(tmp_path / "x"), "--prompt", "hi"],
-                   "does not exist")
+    _fails_cleanly(capsys, tmp_path, ["generate", "--checkpoint", str(tmp_path / "x"), "--prompt", "hi"], "does not exist")
 
 
 def test_existing_run_without_resume_is_refused(capsys, tmp_path):
@@ -116,8 +114,7 @@ def test_console_script_trains_evaluates_and_generates(tmp_path):
     r = run("eval", str(path), "--checkpoint", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert "eval/loss/arithmetic" in r.stdout
-    r = run("generate", "--checkpoint", str(run_dir), "--prompt", "1+1=", "--max-new-tokens", "5",
-            "--temperature", "0.8", "--top-k", "5")
+    r = run("generate", "--checkpoint", str(run_dir), "--prompt", "1+1=", "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("1+1=")
 

@@ -103,10 +103,11 @@ def test_changed_keys():
 
 def test_config_show_bad_input_is_one_line_exit_2(tmp_path, capsys):
     _write(tmp_path / "a.yaml", "base: a.yaml\n")
-    for argv, expected in ((["config", "show", str(tmp_path / "nope.yaml")], "does not exist"),
-                           (["config", "show", str(tmp_path / "a.yaml")], "base cycle"),
-                           (["config", "show", str(REPO / "configs/quickstart.yaml"), "model.nope=1"],
-                            "model.nope: unknown key")):
+    for argv, expected in (
+        (["config", "show", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["config", "show", str(tmp_path / "a.yaml")], "base cycle"),
+        (["config", "show", str(REPO / "configs/quickstart.yaml"), "model.nope=1"], "model.nope: unknown key"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err

@@ -59,10 +59,7 @@ def test_load_tokenizer_missing_file_raises_data_error_with_exact_message(tmp_pa
     p = str(tmp_path / "nope.json")
     with pytest.raises(DataError) as ei:
         load_tokenizer(p)
-    assert str(ei.value) == (
-        f"data.tokenizer: file '{p}' does not exist "
-        "(expected 'byte' or a path to a Hugging Face tokenizer.json)"
-    )
+    assert str(ei.value) == (f"data.tokenizer: file '{p}' does not exist (expected 'byte' or a path to a Hugging Face tokenizer.json)")
     assert isinstance(ei.value, JaxeffError)
 
 
@@ -84,9 +81,7 @@ def _bpe_json(tmp_path, specials, name="tokenizer.json"):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS, trainer)
     path = tmp_path / name
     tok.save(str(path))
@@ -327,15 +322,7 @@ def test_load_text_documents_reads_txt_jsonl_parquet_in_path_order(tmp_path):
     paths = [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet", "d.txt")]
     docs = load_text_documents(paths)
     # a .txt file is ONE document, verbatim (newlines and blank lines kept)
-    assert docs == [
-        "first line\nsecond line\n\nnew paragraph\n",
-        "j one",
-        "j two",
-        "p one",
-        "p two",
-        "p three",
-        "second file",
-    ]
+    assert docs == ["first line\nsecond line\n\nnew paragraph\n", "j one", "j two", "p one", "p two", "p three", "second file"]
 
 
 def test_load_text_documents_takes_paths_literally_not_as_glob_patterns(tmp_path):
@@ -422,21 +409,11 @@ BOS, EOS, PAD = 97, 98, 99
 
 def test_pack_documents_exact_layout_with_a_split_document():
     out = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]], 5, bos_id=BOS, eos_id=EOS, pad_id=PAD)
-    np.testing.assert_array_equal(
-        out["inputs"], [[97, 1, 2, 3, 98], [97, 4, 5, 98, 97], [6, 7, 8, 9, 10], [11, 98, 99, 99, 99]]
-    )
-    np.testing.assert_array_equal(
-        out["targets"], [[1, 2, 3, 98, 99], [4, 5, 98, 99, 6], [7, 8, 9, 10, 11], [98, 99, 99, 99, 99]]
-    )
-    np.testing.assert_array_equal(
-        out["segment_ids"], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 2], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    )
-    np.testing.assert_array_equal(
-        out["positions"], [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]]
-    )
-    np.testing.assert_array_equal(
-        out["loss_mask"], [[1, 1, 1, 1, 0], [1, 1, 1, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-    )
+    np.testing.assert_array_equal(out["inputs"], [[97, 1, 2, 3, 98], [97, 4, 5, 98, 97], [6, 7, 8, 9, 10], [11, 98, 99, 99, 99]])
+    np.testing.assert_array_equal(out["targets"], [[1, 2, 3, 98, 99], [4, 5, 98, 99, 6], [7, 8, 9, 10, 11], [98, 99, 99, 99, 99]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 2], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[1, 1, 1, 1, 0], [1, 1, 1, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert {k: v.dtype for k, v in out.items()} == {
         "inputs": np.int32,
         "targets": np.int32,

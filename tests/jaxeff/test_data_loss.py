@@ -33,8 +33,7 @@ def _tree(path: Path) -> list[str]:
 
 def _flip_bytes(step_dir: Path, n: int = 64) -> Path:
     """Invert ``n`` bytes in the middle of the largest array data file of a step."""
-    f = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-            key=lambda p: p.stat().st_size)
+    f = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
     for i in range(mid, mid + n):
@@ -56,8 +55,10 @@ def test_resume_with_another_optimizer_is_refused_naming_the_setting_and_moves_n
     run_training(tiny_config(["name=r"]))  # checkpoints 3 and 6
     ckpts = tiny_config(["name=r"]).checkpoint_path
     before = _tree(ckpts)
-    for change, said in ((["optim.name=sgd"], "optim.name is 'adamw' there, 'sgd' here"),
-                         (["optim.grad_clip=null"], "optim.grad_clip is 1.0 there, None here")):
+    for change, said in (
+        (["optim.name=sgd"], "optim.name is 'adamw' there, 'sgd' here"),
+        (["optim.grad_clip=null"], "optim.grad_clip is 1.0 there, None here"),
+    ):
         with pytest.raises(CheckpointError, match="does not fit this run's train state") as e:
             run_training(tiny_config(["name=r", "train.steps=8", "resume=true", *change]))
         assert said in str(e.value) and "\n" not in str(e.value)
@@ -97,12 +98,18 @@ def test_only_damaged_checkpoints_left_refuses_to_start_over_unless_asked(tiny_c
     for step in (3, 6):
         _flip_bytes(cfg.checkpoint_path / str(step))
     resume = ["name=gone", "train.steps=8", "resume=true"]
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint among steps \[6, 3\] \(moved aside: "
-                                              r"6.unreadable, 3.unreadable\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no usable checkpoint among steps \[6, 3\] \(moved aside: "
+        r"6.unreadable, 3.unreadable\)",
+    ):
         run_training(tiny_config(resume))
     assert capsys.readouterr().err.count("warning: checkpoint step") == 2  # each move told as it happened
-    with pytest.raises(CheckpointError, match=r"only damaged ones set aside \(3.unreadable, 6.unreadable\).*"
-                                              r"checkpoint.restart_if_damaged=true"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"only damaged ones set aside \(3.unreadable, 6.unreadable\).*"
+        r"checkpoint.restart_if_damaged=true",
+    ):
         run_training(tiny_config(resume))
     assert not (cfg.checkpoint_path / "8").exists()
     out = run_training(tiny_config([*resume, "checkpoint.restart_if_damaged=true"]))
@@ -117,8 +124,7 @@ def test_restored_parameters_that_are_not_finite_count_as_damage(tiny_config, ca
     poisoned = jax.tree.map(lambda x: x * jnp.nan, state.params)
     _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
     with Checkpointer(cfg.checkpoint_path, keep=5) as ckpt:  # intact files (valid checksums), NaN inside
-        ckpt.save(7, state.replace(params=poisoned, step=state.step + 7), data_state=loader.state_dict(),
-                  config=cfg.to_dict())
+        ckpt.save(7, state.replace(params=poisoned, step=state.step + 7), data_state=loader.state_dict(), config=cfg.to_dict())
     out = run_training(tiny_config(["name=nan", "train.steps=8", "resume=true"]))
     err = capsys.readouterr().err
     assert "checkpoint step 7" in err and "is not finite" in err and "moved to 7.unreadable" in err
@@ -131,8 +137,7 @@ def test_an_update_that_overflows_the_parameters_is_dropped_inside_the_step(tiny
     _, loader, _ = build_data(cfg.data, cfg.model.vocab_size)
     state = t.init_state()
     # finite loss and gradients, but an optimizer whose update is inf (what lr=1e39 amounts to)
-    inf_tx = optax.GradientTransformation(lambda p: optax.EmptyState(),
-                                          lambda g, s, p=None: (jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), g), s))
+    inf_tx = optax.GradientTransformation(lambda p: optax.EmptyState(), lambda g, s, p=None: (jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), g), s))
     step = jax.jit(make_train_step(t.method, inf_tx, nonfinite="skip", max_skips=3))
     before = jax.device_get(state.params)
     with jax.set_mesh(t.mesh):
@@ -146,8 +151,19 @@ def test_an_update_that_overflows_the_parameters_is_dropped_inside_the_step(tiny
 
 def test_a_state_that_is_not_finite_is_never_checkpointed(tiny_config):
     # the guard off: the overflowing SGD update is applied; the checkpoint at step 2 must refuse it
-    cfg = tiny_config(["name=guard_off", "optim.name=sgd", "optim.lr=3e38", "optim.grad_clip=null", "optim.warmup_steps=0",
-                       "optim.schedule=constant", "train.nonfinite=off", "checkpoint.every=2", "train.steps=4"])
+    cfg = tiny_config(
+        [
+            "name=guard_off",
+            "optim.name=sgd",
+            "optim.lr=3e38",
+            "optim.grad_clip=null",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "train.nonfinite=off",
+            "checkpoint.every=2",
+            "train.steps=4",
+        ]
+    )
     out = run_training(cfg)
     assert "is not finite (train.nonfinite=off); not checkpointed" in out["halted"]
     steps = Checkpointer(cfg.checkpoint_path, create=False).all_steps()
@@ -158,16 +174,19 @@ def test_a_state_that_is_not_finite_is_never_checkpointed(tiny_config):
 def test_a_run_ending_in_skipped_updates_exits_3_not_0(tiny_config, tmp_path, capsys):
     from jaxeff.cli import main
 
-    raw = {**TINY, "name": "ends_bad", "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
-           "train": {**TINY["train"], "steps": 4, "inject_nan_at_step": 4, "max_skips": 10}}
+    raw = {
+        **TINY,
+        "name": "ends_bad",
+        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+        "train": {**TINY["train"], "steps": 4, "inject_nan_at_step": 4, "max_skips": 10},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["train", str(path)]) == 3
     assert "training ended with 1 consecutive non-finite" in capsys.readouterr().err
 
 
-def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier_checkpoints(tiny_config,
-                                                                                               monkeypatch):
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier_checkpoints(tiny_config, monkeypatch):
     import orbax.checkpoint as ocp
 
     real_save = ocp.CheckpointManager.save
@@ -175,14 +194,16 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier
     def save(self, step, *a, **kw):
         if step == 6:
             (Path(self.directory) / "6.orbax-checkpoint-tmp-1").mkdir()  # a partial write to clean up
-            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 60230 bytes to file 20: "
-                             "No space left on device [os_error_code='28']")
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 60230 bytes to file 20: No space left on device [os_error_code='28']")
         return real_save(self, step, *a, **kw)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     cfg = tiny_config(["name=full"])
-    with pytest.raises(DiskFullError, match=r"^checkpoint step 6: no space left on .* \(the previous checkpoints "
-                                            r"\[3\] are intact\)$") as e:
+    with pytest.raises(
+        DiskFullError,
+        match=r"^checkpoint step 6: no space left on .* \(the previous checkpoints "
+        r"\[3\] are intact\)$",
+    ) as e:
         run_training(cfg)
     assert e.value.exit_code == 4
     assert sorted(p.name for p in cfg.checkpoint_path.iterdir()) == ["3"]
@@ -193,8 +214,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_earlier
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                           capture_output=True, timeout=20)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return False
     return r.returncode == 0
@@ -215,8 +235,7 @@ def test_a_really_full_disk_exits_4_with_one_line(tmp_path):
     if os.geteuid() != 0 or not _mount_tmpfs(small, "1200k"):
         pytest.skip("needs root and tmpfs to make a small disk")
     try:
-        cfg = _cfg_file(tmp_path, "full", train={"steps": 60, "eval_every": 30},
-                        checkpoint={"every": 10, "keep": 30, "dir": str(small / "ck")})
+        cfg = _cfg_file(tmp_path, "full", train={"steps": 60, "eval_every": 30}, checkpoint={"every": 10, "keep": 30, "dir": str(small / "ck")})
         r = subprocess.run([EXE, "train", str(cfg)], capture_output=True, text=True, env=ENV, timeout=300)
         assert r.returncode == 4, r.stderr[-2000:]
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
@@ -239,8 +258,7 @@ def test_a_damaged_checkpoint_without_checksums_falls_back_without_tracebacks(tm
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0" * f.stat().st_size)
     (ckpts / "4" / "state" / "manifest.ocdbt").unlink()
-    r = subprocess.run([EXE, "train", str(cfg), "resume=true", "train.steps=8"], capture_output=True, text=True,
-                       env=ENV, timeout=300)
+    r = subprocess.run([EXE, "train", str(cfg), "resume=true", "train.steps=8"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("warning: checkpoint step ") for line in lines), r.stderr
@@ -250,8 +268,7 @@ def test_a_damaged_checkpoint_without_checksums_falls_back_without_tracebacks(tm
 def test_tensorboard_points_up_to_the_last_checkpoint_survive_kill_9_and_resume_fills_the_rest(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _cfg_file(tmp_path, "tb", train={"steps": 30, "eval_every": 30, "log_every": 1},
-                    checkpoint={"every": 5, "keep": 3})
+    cfg = _cfg_file(tmp_path, "tb", train={"steps": 30, "eval_every": 30, "log_every": 1}, checkpoint={"every": 5, "keep": 3})
     ckpts = tmp_path / "runs" / "tb" / "checkpoints"
     proc = subprocess.Popen([EXE, "train", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240

@@ -12,13 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import TINY
 from jaxeff.config import from_dict, load_config
-from jaxeff.distill import (
-    cosine_loss,
-    distillation_loss,
-    generalized_jsd,
-    kd_loss,
-    kl_divergence,
-)
+from jaxeff.distill import cosine_loss, distillation_loss, generalized_jsd, kd_loss, kl_divergence
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.train.checkpoint import Checkpointer
@@ -86,7 +80,7 @@ def test_kd_loss_equals_numpy_on_random_logits(divergence, temperature):
         per_tok = np_kl(s, t, temperature)
     else:
         per_tok = np_jsd(t, s, 0.3, temperature)
-    want = temperature ** 2 * np_masked_mean(per_tok, mask)
+    want = temperature**2 * np_masked_mean(per_tok, mask)
     got = kd_loss(s, t, mask, temperature=temperature, divergence=divergence, beta=0.3)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -112,7 +106,7 @@ def test_t_squared_scaling_keeps_the_soft_loss_finite_at_high_temperature():
     for temp in [20.0, 50.0]:
         scaled = float(kd_loss(s, t, temperature=temp))
         assert scaled == pytest.approx(limit, rel=0.05)
-        assert scaled == pytest.approx(temp ** 2 * np_kl(t, s, temp).item(), rel=1e-3)
+        assert scaled == pytest.approx(temp**2 * np_kl(t, s, temp).item(), rel=1e-3)
 
 
 def test_cosine_loss_equals_numpy_and_ignores_masked_tokens():
@@ -132,8 +126,9 @@ def test_distillation_loss_is_the_weighted_sum_of_ce_kd_and_cosine():
     s, t, mask = _random(9, 2, 6, 13), _random(10, 2, 6, 13), _mask(11, 2, 6)
     targets = np.random.default_rng(12).integers(0, 13, (2, 6))
     hs, ht = [_random(13, 2, 6, 5), _random(14, 2, 6, 5)], [_random(15, 2, 6, 5), _random(16, 2, 6, 5)]
-    loss, parts = distillation_loss(s, t, targets, mask, ce_weight=0.3, kd_weight=0.6, cos_weight=0.2,
-                                    student_hidden=hs, teacher_hidden=ht, temperature=2.0)
+    loss, parts = distillation_loss(
+        s, t, targets, mask, ce_weight=0.3, kd_weight=0.6, cos_weight=0.2, student_hidden=hs, teacher_hidden=ht, temperature=2.0
+    )
     ce = np_masked_mean(-np.take_along_axis(np_log_softmax(s), targets[..., None], -1)[..., 0], mask)
     kd = 4.0 * np_masked_mean(np_kl(t, s, 2.0), mask)
 
@@ -179,16 +174,14 @@ def _host(tree):
 
 
 def test_gradients_reach_the_student_and_projection_but_not_the_teacher(tiny_config, teacher_dir):
-    cfg = _distill_cfg(tiny_config, teacher_dir, "model.d_model=48", "distill.cos_weight=1.0",
-                       "distill.layer_map=every_other", "mesh.data=1")
+    cfg = _distill_cfg(tiny_config, teacher_dir, "model.d_model=48", "distill.cos_weight=1.0", "distill.layer_map=every_other", "mesh.data=1")
     t = Trainer(cfg, devices=jax.devices()[:1])
     state = t.init_state()
     assert set(state.params) == {"model", "proj"}
     assert state.params["proj"]["pair_0"]["kernel"].shape == (48, 32)  # student width -> teacher width
     batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items() if k != "domain_ids"}
     loss_fn = lambda p, f: t.method.loss(p, batch, jax.random.PRNGKey(0), frozen=f, deterministic=True)
-    (_, metrics), (g_params, g_teacher) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
-        state.params, t.frozen)
+    (_, metrics), (g_params, g_teacher) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(state.params, t.frozen)
     assert all(np.isfinite(float(metrics[k])) and float(metrics[k]) > 0 for k in ["ce", "kd", "cos"])
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_teacher))
     for name in ["model", "proj"]:
@@ -224,10 +217,12 @@ def test_bad_teacher_inputs_are_one_line_errors_naming_the_key(tiny_config, teac
     cases = [
         (["distill.teacher_checkpoint=null"], ConfigError, "distill.teacher_checkpoint: expected the teacher's run"),
         ([f"distill.teacher_checkpoint={tmp_path / 'nope'}"], CheckpointError, "distill.teacher_checkpoint: .*does not exist"),
-        ([f"distill.teacher_checkpoint={teacher_dir}", "model.vocab_size=300"], ConfigError,
-         "teacher's vocab_size is 264 but model.vocab_size is 300"),
-        ([f"distill.teacher_checkpoint={teacher_dir}", "distill.layer_map=every_other", "distill.cos_weight=1",
-          "model.n_layers=3"], ConfigError, "needs a teacher of >= 6 layers"),
+        ([f"distill.teacher_checkpoint={teacher_dir}", "model.vocab_size=300"], ConfigError, "teacher's vocab_size is 264 but model.vocab_size is 300"),
+        (
+            [f"distill.teacher_checkpoint={teacher_dir}", "distill.layer_map=every_other", "distill.cos_weight=1", "model.n_layers=3"],
+            ConfigError,
+            "needs a teacher of >= 6 layers",
+        ),
     ]
     for overrides, error, pattern in cases:
         cfg = tiny_config(["method=distill", *overrides])
@@ -241,8 +236,7 @@ def test_bad_teacher_inputs_are_one_line_errors_naming_the_key(tiny_config, teac
 # float32 reductions in a different order across shards; Adam's first step ~ lr·sign(g) (see test_train.py)
 def test_sharded_distill_step_on_8_devices_equals_the_single_device_step(tiny_config, teacher_dir):
     assert jax.device_count() == 8
-    common = ["optim.name=adamw", "model.d_model=48", "distill.cos_weight=0.5", "distill.layer_map=every_other",
-              "distill.divergence=jsd"]
+    common = ["optim.name=adamw", "model.d_model=48", "distill.cos_weight=0.5", "distill.layer_map=every_other", "distill.divergence=jsd"]
     cfg1 = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", *common)
     cfg8 = _distill_cfg(tiny_config, teacher_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *common)
     batch = _batch(cfg1)
@@ -261,8 +255,9 @@ def test_sharded_distill_step_on_8_devices_equals_the_single_device_step(tiny_co
 def test_distill_run_logs_its_loss_terms_and_evaluates_the_student(tiny_config, teacher_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _distill_cfg(tiny_config, teacher_dir, "distill.teacher_dtype=bfloat16", "train.steps=2", "mesh.data=1",
-                       "train.eval_every=2", "train.log_every=1")
+    cfg = _distill_cfg(
+        tiny_config, teacher_dir, "distill.teacher_dtype=bfloat16", "train.steps=2", "mesh.data=1", "train.eval_every=2", "train.log_every=1"
+    )
     out = run_training(cfg, devices=jax.devices()[:1])
     acc = EventAccumulator(str(cfg.run_path))
     acc.Reload()
@@ -283,8 +278,7 @@ def test_every_distill_yaml_config_loads():
         cfg = load_config(path)
         if cfg.method == "distill":
             assert cfg.distill.teacher_checkpoint
-            assert cfg.model.n_layers < TransformerConfig(**load_config(REPO / "configs/distill/teacher.yaml")
-                                                          .to_dict()["model"]).n_layers
+            assert cfg.model.n_layers < TransformerConfig(**load_config(REPO / "configs/distill/teacher.yaml").to_dict()["model"]).n_layers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,8 +324,7 @@ def test_offline_top_k_over_the_whole_vocabulary_reproduces_the_online_step(tiny
 
     online = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", "distill.temperature=2.0")
     path = precompute_topk(online, 264, tmp_path / "top.npz")
-    offline = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", "distill.temperature=2.0",
-                           f"distill.offline_topk={path}")
+    offline = _distill_cfg(tiny_config, teacher_dir, "mesh.data=1", "distill.temperature=2.0", f"distill.offline_topk={path}")
     batch = _batch(online)
     t_on, t_off = Trainer(online, devices=jax.devices()[:1]), Trainer(offline, devices=jax.devices()[:1])
     _, m_on = t_on.train_step(t_on.init_state(), batch)

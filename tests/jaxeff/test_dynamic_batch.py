@@ -53,8 +53,9 @@ def test_update_of_three_domains_with_smoothing_towards_uniform():
 def test_losses_at_or_below_reference_keep_the_weights_and_smoothing_alone_moves_to_uniform():
     w = [0.6, 0.3, 0.1]
     np.testing.assert_allclose(update_weights(w, [1.0, 1.0, 1.0], [1.0, 2.0, 5.0], smoothing=0.0), w, rtol=1e-12)
-    np.testing.assert_allclose(update_weights(w, [1.0, 1.0, 1.0], [1.0, 2.0, 5.0], smoothing=0.5),
-                               [0.5 * 0.6 + 0.5 / 3, 0.5 * 0.3 + 0.5 / 3, 0.5 * 0.1 + 0.5 / 3], rtol=1e-12)
+    np.testing.assert_allclose(
+        update_weights(w, [1.0, 1.0, 1.0], [1.0, 2.0, 5.0], smoothing=0.5), [0.5 * 0.6 + 0.5 / 3, 0.5 * 0.3 + 0.5 / 3, 0.5 * 0.1 + 0.5 / 3], rtol=1e-12
+    )
     # unnormalised input weights are normalised
     np.testing.assert_allclose(update_weights([6, 3, 1], [1.0] * 3, [1.0] * 3, smoothing=0.0), w, rtol=1e-12)
 
@@ -74,8 +75,7 @@ def test_update_by_domain_name_matches_the_array_form_and_reports_the_deltas():
     ref = {"prose": 2.5, "code": 3.0}
     new = update_weights(w, losses, ref, clamp=True, smoothing=0.0)
     assert list(new) == ["code", "prose"]
-    np.testing.assert_allclose([new["code"], new["prose"]],
-                               update_weights([0.25, 0.75], [3.5, 2.0], [3.0, 2.5], smoothing=0.0))
+    np.testing.assert_allclose([new["code"], new["prose"]], update_weights([0.25, 0.75], [3.5, 2.0], [3.0, 2.5], smoothing=0.0))
     assert deltas(losses, ref, clamp=True) == {"prose": 0.0, "code": 0.5}
     assert deltas(losses, ref, clamp=False) == {"prose": -0.5, "code": 0.5}
 
@@ -85,13 +85,11 @@ def _domain(n_rows, tag, seq=4):
     """Packed arrays whose 'inputs' row r holds tag·100000 + r (so a served row names itself)."""
     ids = tag * 100_000 + np.arange(n_rows)
     inputs = np.repeat(ids[:, None], seq, axis=1).astype(np.int32)
-    return {k: (inputs if k in ("inputs", "targets") else np.ones_like(inputs)).astype(
-        np.float32 if k == "loss_mask" else np.int32) for k in PACKED_KEYS}
+    return {k: (inputs if k in ("inputs", "targets") else np.ones_like(inputs)).astype(np.float32 if k == "loss_mask" else np.int32) for k in PACKED_KEYS}
 
 
 def test_sampler_follows_changed_weights_and_never_repeats_a_row_within_an_epoch():
-    loader = MixtureLoader({"a": _domain(3000, 1), "b": _domain(3000, 2), "c": _domain(3000, 3)}, 32,
-                           weights={"a": 0.7, "b": 0.2, "c": 0.1}, seed=5)
+    loader = MixtureLoader({"a": _domain(3000, 1), "b": _domain(3000, 2), "c": _domain(3000, 3)}, 32, weights={"a": 0.7, "b": 0.2, "c": 0.1}, seed=5)
     served = {1: [], 2: [], 3: []}
 
     def draw(n_batches):
@@ -141,9 +139,14 @@ def _saved_weights(cfg, step):
 
 
 ONE = jax.devices()[:1]  # the tiny runs compile and run faster on one device than on eight fake ones
-DYN = ["data.dynamic.enabled=true", "data.dynamic.every=2", "data.dynamic.smoothing=0.0",
-       "data.dynamic.reference_losses={arithmetic: 0.0, prose: 100.0}", "optim.schedule=constant",
-       "train.log_every=1"]
+DYN = [
+    "data.dynamic.enabled=true",
+    "data.dynamic.every=2",
+    "data.dynamic.smoothing=0.0",
+    "data.dynamic.reference_losses={arithmetic: 0.0, prose: 100.0}",
+    "optim.schedule=constant",
+    "train.log_every=1",
+]
 
 
 def test_training_updates_logs_and_checkpoints_the_domain_weights(tiny_config):
@@ -170,14 +173,11 @@ def test_training_updates_logs_and_checkpoints_the_domain_weights(tiny_config):
 
 
 def test_a_resumed_run_continues_with_the_weights_it_had(tiny_config):
-    straight = tiny_config(DYN + ["name=straight", "data.dynamic.clamp=false",
-                                  "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
+    straight = tiny_config(DYN + ["name=straight", "data.dynamic.clamp=false", "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
     run_training(straight, devices=ONE)
-    cut = tiny_config(DYN + ["name=resumed", "train.steps=3", "data.dynamic.clamp=false",
-                             "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
+    cut = tiny_config(DYN + ["name=resumed", "train.steps=3", "data.dynamic.clamp=false", "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
     run_training(cut, devices=ONE)  # update at step 2, checkpoint at 3 with those weights
-    resumed = tiny_config(DYN + ["name=resumed", "resume=true", "data.dynamic.clamp=false",
-                                 "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
+    resumed = tiny_config(DYN + ["name=resumed", "resume=true", "data.dynamic.clamp=false", "data.dynamic.reference_losses={arithmetic: 5.0, prose: 4.0}"])
     run_training(resumed, devices=ONE)
     a, b = _scalars(straight.run_path), _scalars(resumed.run_path)
     w_straight = a["data/weight/prose"]
@@ -192,8 +192,11 @@ def test_reference_losses_must_name_exactly_the_runs_domains(tiny_config):
     base = ["data.dynamic.enabled=true"]
     with pytest.raises(ConfigError, match=r"^data\.dynamic\.reference_losses: unknown domain\(s\) 'code'"):
         run_training(tiny_config(base + ["data.dynamic.reference_losses={arithmetic: 1.0, prose: 1.0, code: 1.0}"]))
-    with pytest.raises(ConfigError, match=r"^data\.dynamic\.reference_losses: no reference loss for domain\(s\) "
-                                          r"'prose'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.dynamic\.reference_losses: no reference loss for domain\(s\) "
+        r"'prose'",
+    ):
         run_training(tiny_config(base + ["data.dynamic.reference_losses={arithmetic: 1.0}"]))
     with pytest.raises(ConfigError, match=r"^data\.dynamic: enabled: needs exactly one of reference_losses"):
         tiny_config(base)

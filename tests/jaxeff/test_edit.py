@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxeff.edit import (add, analogy, apply_vectors, elect_sign, first_difference, negate, scale, task_vector,
-                         ties_merge, transfer, trim)
+from jaxeff.edit import add, analogy, apply_vectors, elect_sign, first_difference, negate, scale, task_vector, ties_merge, transfer, trim
 from jaxeff.edit.recipe import load_recipe, recipe_from_dict
 from jaxeff.errors import ConfigError, JaxeffError
 
@@ -91,9 +90,9 @@ TAUS = [T([4, -1, 2, 0.5], [-3, 1]), T([-2, -3, 1, 0.5], [4, -1]), T([1, 2, 5, 0
 
 def test_ties_worked_example():
     """k = 0.5 keeps 3 of 6 entries per vector:
-        trimmed 1 = [ 4,  0, 2, 0, -3, 0]     trimmed 2 = [-2, -3, 0, 0, 4, 0]     trimmed 3 = [0, 2, 5, 0, 2, 0]
-        sum       = [ 2, -1, 7, 0,  3, 0]  -> signs + - + (0->majority +) + (0->+)
-        disjoint mean: 4 | -3 | (2+5)/2 | no value: 0 | (4+2)/2 | 0"""
+    trimmed 1 = [ 4,  0, 2, 0, -3, 0]     trimmed 2 = [-2, -3, 0, 0, 4, 0]     trimmed 3 = [0, 2, 5, 0, 2, 0]
+    sum       = [ 2, -1, 7, 0,  3, 0]  -> signs + - + (0->majority +) + (0->+)
+    disjoint mean: 4 | -3 | (2+5)/2 | no value: 0 | (4+2)/2 | 0"""
     np.testing.assert_array_equal(flat(trim(TAUS[0], 0.5)), [4, 0, 2, 0, -3, 0])
     np.testing.assert_array_equal(flat(trim(TAUS[1], 0.5)), [-2, -3, 0, 0, 4, 0])
     np.testing.assert_array_equal(flat(trim(TAUS[2], 0.5)), [0, 2, 5, 0, 2, 0])
@@ -145,15 +144,18 @@ def test_recipe_defaults_and_out_override(tmp_path):
     assert r.ties.k == 0.2 and r.ties.lam == 1.0 and r.ties.trim == "global"
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ({"base": "b", "out": "o", "models": {"a": {"path": "x", "scael": 1}}}, "models.a.scael: unknown key"),
-    ({"base": "b", "out": "o", "models": {"a": {"scale": 1}}}, "models.a.path: missing"),
-    ({"base": "b", "out": "o", "models": {"a": {"path": "x", "scale": "big"}}}, "models.a.scale: "),
-    ({"base": "b", "out": "o", "method": "avg", "models": {"a": {"path": "x"}}}, "method: "),
-    ({"base": "b", "out": "o", "method": "ties", "ties": {"k": 1.5}, "models": {"a": {"path": "x"}}}, "ties.k: "),
-    ({"base": "b", "out": "o", "models": {}}, "models: expected at least one fine-tuned run"),
-    ({"out": "o", "models": {"a": {"path": "x"}}}, "base: missing"),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ({"base": "b", "out": "o", "models": {"a": {"path": "x", "scael": 1}}}, "models.a.scael: unknown key"),
+        ({"base": "b", "out": "o", "models": {"a": {"scale": 1}}}, "models.a.path: missing"),
+        ({"base": "b", "out": "o", "models": {"a": {"path": "x", "scale": "big"}}}, "models.a.scale: "),
+        ({"base": "b", "out": "o", "method": "avg", "models": {"a": {"path": "x"}}}, "method: "),
+        ({"base": "b", "out": "o", "method": "ties", "ties": {"k": 1.5}, "models": {"a": {"path": "x"}}}, "ties.k: "),
+        ({"base": "b", "out": "o", "models": {}}, "models: expected at least one fine-tuned run"),
+        ({"out": "o", "models": {"a": {"path": "x"}}}, "base: missing"),
+    ],
+)
 def test_bad_recipe_is_one_line_naming_the_key(raw, expected):
     with pytest.raises(ConfigError) as e:
         recipe_from_dict(raw)
@@ -170,9 +172,16 @@ def test_recipe_file_errors(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("path", ["configs/edit/task_arithmetic.yaml", "configs/edit/ties.yaml",
-                                  "configs/edit/negation.yaml", "configs/edit/analogy.yaml",
-                                  "configs/edit/transfer.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "configs/edit/task_arithmetic.yaml",
+        "configs/edit/ties.yaml",
+        "configs/edit/negation.yaml",
+        "configs/edit/analogy.yaml",
+        "configs/edit/transfer.yaml",
+    ],
+)
 def test_example_recipes_load(path):
     assert load_recipe(path).models
 
@@ -221,11 +230,9 @@ def runs(tmp_path_factory):
     lora_cfg = from_dict({**raw, "name": "lora", "method": "lora"})
     lora_trainer = Trainer(lora_cfg, devices=jax.devices()[:1])
     prepared = lora_trainer.method.prepare_params(make(0.0, jax.random.key(0)), jax.random.key(5))
-    prepared["lora"] = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if p[-1].key == "a" else 0.05 * jnp.ones_like(x), prepared["lora"])
+    prepared["lora"] = jax.tree_util.tree_map_with_path(lambda p, x: x if p[-1].key == "a" else 0.05 * jnp.ones_like(x), prepared["lora"])
     ckpt = Checkpointer(lora_cfg.checkpoint_path)
-    ckpt.save(0, init_state(prepared, lora_trainer.tx, lora_trainer.method, 0), data_state={},
-              config=lora_cfg.to_dict())
+    ckpt.save(0, init_state(prepared, lora_trainer.tx, lora_trainer.method, 0), data_state={}, config=lora_cfg.to_dict())
     ckpt.close()
     return root
 
@@ -246,8 +253,7 @@ def test_cli_merge_writes_a_run_that_init_from_reads(runs, capsys):
     from jaxeff.train.loop import Trainer
 
     r = runs / "runs"
-    recipe = _recipe(runs, base=str(r / "base"), models={"a": {"path": str(r / "ft_a"), "scale": 0.5},
-                                                          "p": {"path": str(r / "ft_p"), "scale": -0.25}})
+    recipe = _recipe(runs, base=str(r / "base"), models={"a": {"path": str(r / "ft_a"), "scale": 0.5}, "p": {"path": str(r / "ft_p"), "scale": -0.25}})
     assert main(["merge", str(recipe), "--out", str(r / "merged")]) == 0
     assert "merged model saved as run" in capsys.readouterr().out
     base, fa, fp, merged = _params(r / "base"), _params(r / "ft_a"), _params(r / "ft_p"), _params(r / "merged")
@@ -268,14 +274,21 @@ def test_ties_and_transfer_recipes_on_runs(runs):
 
     r = runs / "runs"
     base, fa, fp = _params(r / "base"), _params(r / "ft_a"), _params(r / "ft_p")
-    merge_runs(recipe_from_dict({"base": str(r / "base"), "out": str(r / "ties"), "method": "ties",
-                                 "ties": {"k": 0.3, "lam": 0.8},
-                                 "models": {"a": {"path": str(r / "ft_a")}, "p": {"path": str(r / "ft_p")}}}))
+    merge_runs(
+        recipe_from_dict(
+            {
+                "base": str(r / "base"),
+                "out": str(r / "ties"),
+                "method": "ties",
+                "ties": {"k": 0.3, "lam": 0.8},
+                "models": {"a": {"path": str(r / "ft_a")}, "p": {"path": str(r / "ft_p")}},
+            }
+        )
+    )
     tv = ties_merge([task_vector(fa, base), task_vector(fp, base)], k=0.3)
     _close(_params(r / "ties"), apply_vectors(base, [tv], [0.8]), rtol=1e-6, atol=1e-6)
     # transfer: ft_p taken as "another base version"; ft_a's change from base is added to it
-    merge_runs(recipe_from_dict({"base": str(r / "ft_p"), "out": str(r / "moved"),
-                                 "models": {"a": {"path": str(r / "ft_a"), "base": str(r / "base")}}}))
+    merge_runs(recipe_from_dict({"base": str(r / "ft_p"), "out": str(r / "moved"), "models": {"a": {"path": str(r / "ft_a"), "base": str(r / "base")}}}))
     _close(_params(r / "moved"), jax.tree.map(lambda p, a, b: p + (a - b), fp, fa, base), rtol=1e-6, atol=1e-6)
 
 
@@ -294,11 +307,9 @@ def test_a_lora_run_contributes_its_merged_model_parameters(runs):
     raw = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings))
     ckpt.close()
     expected = merge(base, raw["lora"], cfg.peft.alpha / cfg.peft.rank)
-    assert any(float(np.max(np.abs(np.asarray(x) - y))) > 1e-3 for x, y in
-               zip(jax.tree.leaves(expected), jax.tree.leaves(base)))
+    assert any(float(np.max(np.abs(np.asarray(x) - y))) > 1e-3 for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(base)))
     _close(jax.tree.map(np.asarray, model_params), expected, rtol=1e-6, atol=1e-6)
-    merge_runs(recipe_from_dict({"base": str(r / "base"), "out": str(r / "from_lora"),
-                                 "models": {"l": {"path": str(r / "lora"), "scale": 2.0}}}))
+    merge_runs(recipe_from_dict({"base": str(r / "base"), "out": str(r / "from_lora"), "models": {"l": {"path": str(r / "lora"), "scale": 2.0}}}))
     _close(_params(r / "from_lora"), jax.tree.map(lambda b, e: b + 2.0 * (e - b), base, expected), rtol=1e-5, atol=1e-6)
 
 
@@ -314,14 +325,13 @@ def test_cli_merge_errors_are_one_line_and_write_nothing(runs, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
         assert out == "merged" or not (r / out).exists()
 
-    fails({"base": str(r / "base"), "models": {"w": {"path": str(r / "wide")}}},
-          f"'{r / 'wide'}' has a different architecture from '{r / 'base'}': "
-          "parameter 'layers_0/mlp/down/kernel' differs")
+    fails(
+        {"base": str(r / "base"), "models": {"w": {"path": str(r / "wide")}}},
+        f"'{r / 'wide'}' has a different architecture from '{r / 'base'}': parameter 'layers_0/mlp/down/kernel' differs",
+    )
     fails({"base": str(r / "base"), "models": {"x": {"path": str(r / "nope")}}}, "models.x.path: checkpoint directory")
-    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a"), "scael": 2}}},
-          "models.a.scael: unknown key")
-    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a")}}}, "already holds a checkpoint",
-          out="merged")
+    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a"), "scael": 2}}}, "models.a.scael: unknown key")
+    fails({"base": str(r / "base"), "models": {"a": {"path": str(r / "ft_a")}}}, "already holds a checkpoint", out="merged")
 
 
 @pytest.mark.slow

@@ -35,8 +35,18 @@ def _ctx(cfg, decode, **options):
 
     _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     opts = dict(options)
-    ctx = evals.EvalContext(cfg=cfg, run=cfg.checkpoint_path, step=None, model=None, params=None, apply=None,
-                            method=None, tokenizer=load_tokenizer(cfg.data.tokenizer), eval_sets=eval_sets, options=opts)
+    ctx = evals.EvalContext(
+        cfg=cfg,
+        run=cfg.checkpoint_path,
+        step=None,
+        model=None,
+        params=None,
+        apply=None,
+        method=None,
+        tokenizer=load_tokenizer(cfg.data.tokenizer),
+        eval_sets=eval_sets,
+        options=opts,
+    )
     ctx.greedy = decode
     return ctx
 
@@ -57,8 +67,10 @@ def test_arithmetic_problems_are_fresh_and_their_answers_are_right(run):
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.train.inputs import EVAL_SEED_OFFSET
 
-    seen = "".join(generate_documents("arithmetic", run.data.docs_per_domain, run.data.seed)
-                   + generate_documents("arithmetic", run.data.eval_docs_per_domain, run.data.seed + EVAL_SEED_OFFSET))
+    seen = "".join(
+        generate_documents("arithmetic", run.data.docs_per_domain, run.data.seed)
+        + generate_documents("arithmetic", run.data.eval_docs_per_domain, run.data.seed + EVAL_SEED_OFFSET)
+    )
     assert sum(tok.decode(p) in seen for p, _ in problems) < 5
 
 
@@ -113,9 +125,25 @@ def test_windows_stay_inside_one_document(run):
 
 
 def test_cli_prints_metrics_after_the_losses_and_a_run_matches_itself(run, capsys):
-    code = main(["eval", "--checkpoint", str(run.run_path), "--metric", "arithmetic_accuracy", "--metric", "teacher_match",
-                 "--teacher", str(run.run_path), "--examples", "8", "--metric-arg", "new_tokens=6",
-                 "--metric-arg", "prompt_tokens=16"])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run.run_path),
+            "--metric",
+            "arithmetic_accuracy",
+            "--metric",
+            "teacher_match",
+            "--teacher",
+            str(run.run_path),
+            "--examples",
+            "8",
+            "--metric-arg",
+            "new_tokens=6",
+            "--metric-arg",
+            "prompt_tokens=16",
+        ]
+    )
     lines = capsys.readouterr().out.split("\n")
     assert code == 0
     keys = [ln.split()[0] for ln in lines if ln.strip()]
@@ -124,8 +152,22 @@ def test_cli_prints_metrics_after_the_losses_and_a_run_matches_itself(run, capsy
     assert values["arithmetic_problems"] == "8"
     assert 0.0 <= float(values["arithmetic_accuracy"]) <= 1.0
     assert float(values["teacher_match"]) == 1.0  # greedy decoding is deterministic: a run agrees with itself
-    code = main(["eval", "--checkpoint", str(run.run_path), "--metric", "greedy_ref_match", "--examples", "4",
-                 "--no-losses", "--metric-arg", "prompt_tokens=8", "--metric-arg", "new_tokens=8"])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run.run_path),
+            "--metric",
+            "greedy_ref_match",
+            "--examples",
+            "4",
+            "--no-losses",
+            "--metric-arg",
+            "prompt_tokens=8",
+            "--metric-arg",
+            "new_tokens=8",
+        ]
+    )
     keys = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()]
     assert code == 0 and keys == ["greedy_ref_match", "greedy_ref_prefix"]
 
@@ -143,24 +185,26 @@ def test_a_registered_metric_is_listed_and_run(run, capsys):
 
     try:
         assert "eval_rows" in evals.metric_names()
-        assert main(["eval", "--checkpoint", str(run.run_path), "--metric", "eval_rows", "--metric-arg", "scale=2",
-                     "--no-losses"]) == 0
+        assert main(["eval", "--checkpoint", str(run.run_path), "--metric", "eval_rows", "--metric-arg", "scale=2", "--no-losses"]) == 0
         line = capsys.readouterr().out.strip()
         assert line.split()[0] == "eval_rows" and float(line.split()[1]) > 0 and float(line.split()[1]) % 2 == 0
     finally:
         evals._METRICS.pop("eval_rows")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--metric", "accuracy"], "unknown metric 'accuracy' (known: "),
-    (["--metric", "arithmetic_accuracy", "--metric-arg", "prompt_tokens=3"], "'prompt_tokens' is not an option"),
-    (["--metric", "arithmetic_accuracy", "--metric-arg", "context"], "expected key=value"),
-    (["--metric", "arithmetic_accuracy", "--metric-arg", "context=many"], "context: expected int"),
-    (["--metric", "greedy_ref_match", "--examples", "0"], "--examples: expected a positive number"),
-    (["--metric", "greedy_ref_match", "--teacher", "runs/t"], "'teacher' is not an option of greedy_ref_match"),
-    (["--no-losses"], "nothing to print"),
-    (["--metric", "greedy_ref_match", "--metric-arg", "new_tokens=0"], "new_tokens: expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--metric", "accuracy"], "unknown metric 'accuracy' (known: "),
+        (["--metric", "arithmetic_accuracy", "--metric-arg", "prompt_tokens=3"], "'prompt_tokens' is not an option"),
+        (["--metric", "arithmetic_accuracy", "--metric-arg", "context"], "expected key=value"),
+        (["--metric", "arithmetic_accuracy", "--metric-arg", "context=many"], "context: expected int"),
+        (["--metric", "greedy_ref_match", "--examples", "0"], "--examples: expected a positive number"),
+        (["--metric", "greedy_ref_match", "--teacher", "runs/t"], "'teacher' is not an option of greedy_ref_match"),
+        (["--no-losses"], "nothing to print"),
+        (["--metric", "greedy_ref_match", "--metric-arg", "new_tokens=0"], "new_tokens: expected a positive number"),
+    ],
+)
 def test_bad_metric_input_is_one_line_before_anything_loads(tmp_path, capsys, argv, expected):
     # the checkpoint does not exist: the metric error must come first
     code = main(["eval", "--checkpoint", str(tmp_path / "runs" / "nope"), *argv])

@@ -49,11 +49,12 @@ def world(tmp_path_factory):
     hf_cfg = json.loads((w / "hf" / "config.json").read_text())
     shard = w / "hf" / "model.safetensors"
     # Hugging Face folders that do not load: config.json of another size, a truncated shard, layers missing
-    for name, config, data in [("hf_mismatch", {**hf_cfg, "intermediate_size": hf_cfg["intermediate_size"] * 2}, None),
-                               ("hf_truncated", hf_cfg, shard.read_bytes()[:-100]),
-                               ("hf_missing_layers", {**hf_cfg, "num_hidden_layers": hf_cfg["num_hidden_layers"] + 1},
-                                None),
-                               ("hf_bad_json", None, None)]:
+    for name, config, data in [
+        ("hf_mismatch", {**hf_cfg, "intermediate_size": hf_cfg["intermediate_size"] * 2}, None),
+        ("hf_truncated", hf_cfg, shard.read_bytes()[:-100]),
+        ("hf_missing_layers", {**hf_cfg, "num_hidden_layers": hf_cfg["num_hidden_layers"] + 1}, None),
+        ("hf_bad_json", None, None),
+    ]:
         shutil.copytree(w / "hf", w / name)
         if config is not None:
             (w / name / "config.json").write_text(json.dumps(config))
@@ -69,10 +70,12 @@ def world(tmp_path_factory):
     (w / "not.parquet").write_bytes(bytes(range(256)))
     (w / "empty.txt").write_bytes(b"")
     (w / "recipe_binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8")
-    (w / "recipe_unknown.yaml").write_text(yaml.safe_dump({"base": str(w / RUN), "out": str(w / "merged"),
-                                                          "models": {"a": {"path": str(w / RUN)}}, "lamda": 1}))
-    (w / "recipe_missing_run.yaml").write_text(yaml.safe_dump({"base": str(w / RUN), "out": str(w / "merged"),
-                                                               "models": {"a": {"path": str(w / "runs/nope")}}}))
+    (w / "recipe_unknown.yaml").write_text(
+        yaml.safe_dump({"base": str(w / RUN), "out": str(w / "merged"), "models": {"a": {"path": str(w / RUN)}}, "lamda": 1})
+    )
+    (w / "recipe_missing_run.yaml").write_text(
+        yaml.safe_dump({"base": str(w / RUN), "out": str(w / "merged"), "models": {"a": {"path": str(w / "runs/nope")}}})
+    )
     (w / "adapter_not").mkdir()  # a folder without adapter.json
     return w
 
@@ -102,8 +105,7 @@ CASES = [
     ("train-no-config", ["train"], "required: config"),
     ("train-unknown-option", [*T, "--bogus"], "unrecognized arguments: --bogus"),
     ("train-word-not-override", [*T, "steps"], "override 'steps': expected key=value"),
-    ("eval-step-not-int", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "two"],
-     "--step: invalid int value: 'two'"),
+    ("eval-step-not-int", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "two"], "--step: invalid int value: 'two'"),
     ("generate-no-prompt", ["generate", "--checkpoint", "{w}/" + RUN], "required: --prompt"),
     ("generate-temperature-word", [*G, "--temperature", "hot"], "--temperature: invalid float value: 'hot'"),
     # --- train: config files and values
@@ -131,15 +133,16 @@ CASES = [
     ("unknown-domain", [*T, "data.domains=[poetry]"], "unknown domain 'poetry'"),
     ("existing-run-without-resume", ["train", "{w}/exp.yaml"], "pass resume=true"),
     ("data-file-missing", [*T, "data.source=files", "data.paths=[{w}/nope.txt]"], "nope.txt' does not exist"),
-    ("data-text-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.txt]"],
-     "bad_utf8.txt' is not UTF-8 text (byte 0xff at offset 15)"),
-    ("data-not-parquet", [*T, "data.source=files", "data.paths=[{w}/not.parquet]"],
-     "not.parquet' as parquet: ArrowInvalid: Parquet magic bytes not found"),
+    ("data-text-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.txt]"], "bad_utf8.txt' is not UTF-8 text (byte 0xff at offset 15)"),
+    (
+        "data-not-parquet",
+        [*T, "data.source=files", "data.paths=[{w}/not.parquet]"],
+        "not.parquet' as parquet: ArrowInvalid: Parquet magic bytes not found",
+    ),
     ("data-file-empty", [*T, "data.source=files", "data.paths=[{w}/empty.txt]"], "produced no training rows"),
     ("tokenizer-missing", [*T, "data.tokenizer={w}/nope.json"], "data.tokenizer: file"),
     ("run-dir-under-a-file", [*T, "logging.run_dir={w}/exp.yaml/runs"], "logging.run_dir: "),
-    ("data-jsonl-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.jsonl]"],
-     "bad_utf8.jsonl' is not UTF-8 text (byte 0xe9 at offset 13)"),
+    ("data-jsonl-not-utf8", [*T, "data.source=files", "data.paths=[{w}/bad_utf8.jsonl]"], "bad_utf8.jsonl' is not UTF-8 text (byte 0xe9 at offset 13)"),
     ("init-from-missing-run", [*T, "train.init_from={w}/runs/no_such_run"], "no_such_run"),
     ("init-from-missing-hf", [*T, "train.init_from=hf:{w}/no_such"], "no_such"),
     ("init-from-other-model", [*T, "train.init_from={w}/" + RUN, "model.d_model=64"], "model.d_model"),
@@ -147,11 +150,9 @@ CASES = [
     ("eval-missing-checkpoint", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/runs/nope"], "does not exist"),
     ("eval-missing-step", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "999"], "999"),
     ("eval-negative-step", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "--step", "-1"], "no step -1"),
-    ("eval-other-model", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "model.n_heads=2"],
-     "model.n_heads is 4 there but 2 here"),
+    ("eval-other-model", ["eval", "{w}/exp.yaml", "--checkpoint", "{w}/" + RUN, "model.n_heads=2"], "model.n_heads is 4 there but 2 here"),
     # --- generate
-    ("generate-prompt-not-utf8", ["generate", "--checkpoint", "{w}/" + RUN, "--prompt", "\udcff\udcfe"],
-     "--prompt: not valid UTF-8"),
+    ("generate-prompt-not-utf8", ["generate", "--checkpoint", "{w}/" + RUN, "--prompt", "\udcff\udcfe"], "--prompt: not valid UTF-8"),
     ("generate-top-k-negative", [*G, "--top-k", "-5", "--temperature", "1"], "--top-k: expected"),
     ("generate-top-k-above-vocab", [*G, "--top-k", "100000", "--temperature", "1"], "--top-k: expected"),
     ("generate-top-k-above-vocab-greedy", [*G, "--top-k", "100000"], "--top-k: expected"),
@@ -159,14 +160,16 @@ CASES = [
     ("generate-temperature-nan", [*G, "--temperature", "nan"], "--temperature: expected"),
     ("generate-temperature-inf", [*G, "--temperature", "inf"], "--temperature: expected"),
     ("generate-seed-too-large", [*G, "--seed", "99999999999999999999999"], "--seed: expected an integer"),
-    ("generate-steer-scale-nan", [*G, "--steer-pos", "a", "--steer-neg", "b", "--steer-layer", "0", "--steer-scale",
-                                  "nan"], "--steer-scale: expected a finite number"),
+    (
+        "generate-steer-scale-nan",
+        [*G, "--steer-pos", "a", "--steer-neg", "b", "--steer-layer", "0", "--steer-scale", "nan"],
+        "--steer-scale: expected a finite number",
+    ),
     ("generate-zero-new-tokens", [*G, "--max-new-tokens", "0"], "--max-new-tokens: expected a positive number"),
     ("generate-too-many-tokens", [*G, "--max-new-tokens", "1000"], "exceed the model's max_seq_len=64"),
     ("generate-missing-step", [*G, "--step", "999"], "999"),
     ("generate-missing-checkpoint", ["generate", "--checkpoint", "{w}/runs/nope", "--prompt", "a"], "does not exist"),
-    ("generate-steer-layer-out-of-range", [*G, "--steer-pos", "a", "--steer-neg", "b", "--steer-layer", "9"],
-     "--steer-layer"),
+    ("generate-steer-layer-out-of-range", [*G, "--steer-pos", "a", "--steer-neg", "b", "--steer-layer", "9"], "--steer-layer"),
     ("generate-steer-vector-missing", [*G, "--steer-vector", "{w}/nope.npz"], "nope.npz"),
     # --- convert
     ("convert-nothing", ["convert"], "convert: give --from-hf DIR"),
@@ -174,22 +177,15 @@ CASES = [
     ("convert-from-without-to-hf", ["convert", "--from", "{w}/" + RUN], "needs --to-hf"),
     ("convert-hf-missing", ["convert", "--from-hf", "{w}/nope", "--out", "{w}/runs/c0"], "does not exist"),
     ("convert-hf-config-mismatch", ["convert", "--from-hf", "{w}/hf_mismatch", "--out", "{w}/runs/c1"], "shape"),
-    ("convert-hf-truncated-shard", ["convert", "--from-hf", "{w}/hf_truncated", "--out", "{w}/runs/c2"],
-     "cannot be read"),
-    ("convert-hf-missing-layers", ["convert", "--from-hf", "{w}/hf_missing_layers", "--out", "{w}/runs/c3"],
-     "model.layers.2"),
-    ("convert-hf-config-not-json", ["convert", "--from-hf", "{w}/hf_bad_json", "--out", "{w}/runs/c4"],
-     "config.json"),
-    ("convert-hf-out-under-a-file", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/exp.yaml/run"],
-     "exp.yaml' is a file"),
-    ("convert-to-hf-under-a-file", ["convert", "--from", "{w}/" + RUN, "--to-hf", "{w}/exp.yaml/hf"],
-     "exp.yaml' is a file"),
-    ("convert-hf-bad-dtype", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/runs/c5", "--dtype", "float64"],
-     "--dtype"),
+    ("convert-hf-truncated-shard", ["convert", "--from-hf", "{w}/hf_truncated", "--out", "{w}/runs/c2"], "cannot be read"),
+    ("convert-hf-missing-layers", ["convert", "--from-hf", "{w}/hf_missing_layers", "--out", "{w}/runs/c3"], "model.layers.2"),
+    ("convert-hf-config-not-json", ["convert", "--from-hf", "{w}/hf_bad_json", "--out", "{w}/runs/c4"], "config.json"),
+    ("convert-hf-out-under-a-file", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/exp.yaml/run"], "exp.yaml' is a file"),
+    ("convert-to-hf-under-a-file", ["convert", "--from", "{w}/" + RUN, "--to-hf", "{w}/exp.yaml/hf"], "exp.yaml' is a file"),
+    ("convert-hf-bad-dtype", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/runs/c5", "--dtype", "float64"], "--dtype"),
     ("convert-hf-onto-existing-run", ["convert", "--from-hf", "{w}/hf", "--out", "{w}/" + RUN], "already"),
     ("convert-to-hf-missing-run", ["convert", "--from", "{w}/runs/nope", "--to-hf", "{w}/out_hf"], "does not exist"),
-    ("convert-to-hf-bad-dtype", ["convert", "--from", "{w}/" + RUN, "--to-hf", "{w}/out_hf", "--dtype", "int8"],
-     "--dtype"),
+    ("convert-to-hf-bad-dtype", ["convert", "--from", "{w}/" + RUN, "--to-hf", "{w}/out_hf", "--dtype", "int8"], "--dtype"),
     # --- merge
     ("merge-recipe-missing", ["merge", "{w}/nope.yaml"], "nope.yaml' does not exist"),
     ("merge-recipe-binary", ["merge", "{w}/recipe_binary.yaml"], "not UTF-8 text"),
@@ -201,8 +197,7 @@ CASES = [
     ("sparsify-nm-n-above-m", [*SP, "--nm", "5:4"], "--nm: N must not exceed M"),
     ("sparsify-both", [*SP, "--sparsity", "0.5", "--nm", "2:4"], "give exactly one"),
     ("sparsify-unknown-method", [*SP, "--sparsity", "0.5", "--method", "random"], "--method: expected"),
-    ("sparsify-missing-run", ["sparsify", "--checkpoint", "{w}/runs/nope", "--out", "{w}/pruned", "--sparsity", "0.5"],
-     "does not exist"),
+    ("sparsify-missing-run", ["sparsify", "--checkpoint", "{w}/runs/nope", "--out", "{w}/pruned", "--sparsity", "0.5"], "does not exist"),
     ("sparsify-no-calibration", [*SP, "--sparsity", "0.5", "--calib-batches", "0"], "calib"),
     # --- speculate
     ("speculate-gamma-zero", [*S, "--gamma", "0"], "--gamma: expected a positive number"),
@@ -211,30 +206,37 @@ CASES = [
     ("speculate-top-k-negative", [*S, "--top-k", "-5", "--temperature", "1"], "--top-k: expected"),
     ("speculate-prompt-not-utf8", [*S[:-1], "\udcff"], "--prompt: not valid UTF-8"),
     ("speculate-seed-too-large", [*S, "--seed", "-99999999999999999999999"], "--seed: expected an integer"),
-    ("speculate-missing-draft", ["speculate", "--target", "{w}/" + RUN, "--draft", "{w}/runs/nope", "--prompt", "a"],
-     "does not exist"),
+    ("speculate-missing-draft", ["speculate", "--target", "{w}/" + RUN, "--draft", "{w}/runs/nope", "--prompt", "a"], "does not exist"),
     # --- extract (needs a shear run)
     ("extract-from-an-lm-run", ["extract", "--checkpoint", "{w}/" + RUN, "--out", "{w}/x"], "shear"),
     ("extract-missing-run", ["extract", "--checkpoint", "{w}/runs/nope", "--out", "{w}/x"], "does not exist"),
     # --- adapters
     ("export-adapter-from-an-lm-run", ["export-adapter", "--checkpoint", "{w}/" + RUN, "--out", "{w}/ad"], "lora"),
-    ("export-adapter-missing-run", ["export-adapter", "--checkpoint", "{w}/runs/nope", "--out", "{w}/ad"],
-     "does not exist"),
-    ("merge-adapter-missing-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/nope", "--out",
-                                       "{w}/runs/m"], "nope"),
-    ("merge-adapter-folder-without-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter",
-                                              "{w}/adapter_not", "--out", "{w}/runs/m"], "adapter"),
-    ("import-adapter-missing-adapter", ["import-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/nope", "--out",
-                                        "{w}/runs/imp"], "nope"),
-    ("import-adapter-folder-without-adapter", ["import-adapter", "--base", "{w}/" + RUN, "--adapter",
-                                               "{w}/adapter_not", "--out", "{w}/runs/imp"], "adapter"),
+    ("export-adapter-missing-run", ["export-adapter", "--checkpoint", "{w}/runs/nope", "--out", "{w}/ad"], "does not exist"),
+    ("merge-adapter-missing-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/nope", "--out", "{w}/runs/m"], "nope"),
+    ("merge-adapter-folder-without-adapter", ["merge-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/adapter_not", "--out", "{w}/runs/m"], "adapter"),
+    ("import-adapter-missing-adapter", ["import-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/nope", "--out", "{w}/runs/imp"], "nope"),
+    (
+        "import-adapter-folder-without-adapter",
+        ["import-adapter", "--base", "{w}/" + RUN, "--adapter", "{w}/adapter_not", "--out", "{w}/runs/imp"],
+        "adapter",
+    ),
     # --- steer-vector
-    ("steer-vector-prompt-not-utf8", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "\udcfe", "--neg", "b",
-                                      "--layer", "0", "--out", "{w}/v.npz"], "--pos: not valid UTF-8"),
-    ("steer-vector-out-is-a-folder", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b",
-                                      "--layer", "0", "--out", "{w}/hf"], "--out: "),
-    ("steer-vector-layer-out-of-range", ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b",
-                                         "--layer", "9", "--out", "{w}/v.npz"], "--layer"),
+    (
+        "steer-vector-prompt-not-utf8",
+        ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "\udcfe", "--neg", "b", "--layer", "0", "--out", "{w}/v.npz"],
+        "--pos: not valid UTF-8",
+    ),
+    (
+        "steer-vector-out-is-a-folder",
+        ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b", "--layer", "0", "--out", "{w}/hf"],
+        "--out: ",
+    ),
+    (
+        "steer-vector-layer-out-of-range",
+        ["steer-vector", "--checkpoint", "{w}/" + RUN, "--pos", "a", "--neg", "b", "--layer", "9", "--out", "{w}/v.npz"],
+        "--layer",
+    ),
 ]
 
 
@@ -260,8 +262,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, capfd, case, arg
 def test_there_are_at_least_40_distinct_cases_over_every_verb():
     assert len({c[0] for c in CASES}) == len(CASES) >= 40
     verbs = {c[1][0] for c in CASES if c[1]}
-    assert verbs >= {"train", "eval", "generate", "convert", "merge", "sparsify", "speculate", "extract",
-                     "export-adapter"}
+    assert verbs >= {"train", "eval", "generate", "convert", "merge", "sparsify", "speculate", "extract", "export-adapter"}
 
 
 def _wait_until_sigterm_is_caught(pid: int, timeout_s: float = 60.0) -> None:
@@ -286,8 +287,13 @@ def test_sigterm_during_start_up_exits_130_with_one_line(world, delay_s):
     SIGTERM exits 130, not -15."""
     exe = str(Path(sys.executable).with_name("jaxeff"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([exe, "train", str(world / "exp.yaml"), f"name=sigterm_{delay_s}", "train.steps=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [exe, "train", str(world / "exp.yaml"), f"name=sigterm_{delay_s}", "train.steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     _wait_until_sigterm_is_caught(proc.pid)  # the interpreter's own start-up keeps the default action
     time.sleep(delay_s)
     proc.send_signal(signal.SIGTERM)

@@ -13,10 +13,8 @@ from jaxeff.errors import ConfigError, JaxeffError
 from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.prune.heads import HeadScorer, batch_loss, fold_heads, gate_gradients, iterative_prune
 
-GQA = TransformerConfig(vocab_size=40, d_model=24, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=48, max_seq_len=32,
-                        init_std=0.2)
-MHA = TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, init_std=0.2,
-                        use_bias=True)
+GQA = TransformerConfig(vocab_size=40, d_model=24, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=48, max_seq_len=32, init_std=0.2)
+MHA = TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, init_std=0.2, use_bias=True)
 
 
 def _batch(seed=0, b=3, t=12, vocab=40):
@@ -24,9 +22,13 @@ def _batch(seed=0, b=3, t=12, vocab=40):
     tokens = rng.integers(0, vocab, (b, t + 1))
     mask = np.ones((b, t), np.float32)
     mask[-1, 5:] = 0  # a row with padding at the end
-    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": (mask > 0).astype(np.int32), "loss_mask": mask}
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "segment_ids": (mask > 0).astype(np.int32),
+        "loss_mask": mask,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +47,12 @@ def test_gate_gradient_of_each_sequence_equals_a_finite_difference_of_its_loss(g
     eps = 1e-2
     mean_loss = jax.jit(lambda g, b: (lambda s, c: s / c)(*batch_loss(model, params, g, b)))
     for row in range(3):
-        one = {k: v[row:row + 1] for k, v in batch.items()}
+        one = {k: v[row : row + 1] for k, v in batch.items()}
 
         def loss(g):
             return float(mean_loss(g, one))
 
-        for (l, h) in [(0, 0), (1, 4), (2, 5)]:
+        for l, h in [(0, 0), (1, 4), (2, 5)]:
             d = jnp.zeros_like(gates).at[l, h].set(eps)
             fd = (loss(gates + d) - loss(gates - d)) / (2 * eps)
             np.testing.assert_allclose(float(grads[row, l, h]), fd, rtol=2e-2, atol=2e-4)
@@ -66,8 +68,7 @@ def test_importance_is_the_mean_absolute_gradient_normalised_per_layer(gqa):
     ones = np.ones((GQA.n_layers, GQA.n_heads), np.float32)
     scorer = HeadScorer(model, params)
     raw = scorer.importance(ones, batches, normalize=False)
-    want = np.mean(np.concatenate([np.abs(np.asarray(gate_gradients(model, params, jnp.asarray(ones), b)[0]))
-                                   for b in batches]), axis=0)
+    want = np.mean(np.concatenate([np.abs(np.asarray(gate_gradients(model, params, jnp.asarray(ones), b)[0])) for b in batches]), axis=0)
     np.testing.assert_allclose(raw, want, rtol=1e-5)
     imp = scorer.importance(ones, batches)
     np.testing.assert_allclose(np.linalg.norm(imp, axis=-1), 1.0, rtol=1e-6)
@@ -144,16 +145,16 @@ def test_group_balanced_pruning_takes_the_same_count_from_every_kv_group_and_ext
     model, params = gqa
     scorer = HeadScorer(model, params)
     batches = [_batch(0)]
-    gates, hist = iterative_prune(scorer, (3, 6), batches, batches, fraction=0.6, order=order, balance="group",
-                                  kv_heads=2)
+    gates, hist = iterative_prune(scorer, (3, 6), batches, batches, fraction=0.6, order=order, balance="group", kv_heads=2)
     per_group = gates.reshape(3, 2, 3).sum(-1)
     assert (per_group == 1).all() and [h["pruned"] for h in hist] == [0, 6, 12]  # round(0.6 * 3) = 2 of 3 per group
     small_cfg, info, _ = _compare(model, params, GQA, gates, _batch(4))
     assert (small_cfg.n_kv_heads, small_cfg.n_heads, info["padding_heads"]) == (2, 2, 0)
     # without GQA the unit is the layer
     mha = Transformer(MHA)
-    g2, _ = iterative_prune(HeadScorer(mha, init_params(mha, jax.random.key(1))), (2, 4), [_batch(0)], [_batch(0)],
-                            fraction=0.5, order=order, balance="group", kv_heads=None)
+    g2, _ = iterative_prune(
+        HeadScorer(mha, init_params(mha, jax.random.key(1))), (2, 4), [_batch(0)], [_batch(0)], fraction=0.5, order=order, balance="group", kv_heads=None
+    )
     assert (g2.sum(-1) == 2).all()
 
 
@@ -166,8 +167,7 @@ def test_prune_heads_cli_writes_a_smaller_run_that_eval_reads(tiny_config, tmp_p
     src.save(0, Trainer(cfg, devices=jax.devices()[:1]).init_state(), data_state={}, config=cfg.to_dict())
     src.close()
     out = tmp_path / "runs" / "tiny_heads"
-    rc = main(["prune-heads", str(cfg.run_path), "--fraction", "0.5", "--out", str(out), "--batches", "1",
-               "--step-fraction", "0.25"])
+    rc = main(["prune-heads", str(cfg.run_path), "--fraction", "0.5", "--out", str(out), "--batches", "1", "--step-fraction", "0.25"])
     text = capsys.readouterr().out
     assert rc == 0 and "| heads pruned |" in text
     rec = json.loads((out / "heads.json").read_text())
@@ -182,14 +182,17 @@ def test_prune_heads_cli_writes_a_smaller_run_that_eval_reads(tiny_config, tmp_p
     assert main(["prune-heads", str(cfg.run_path), "--fraction", "0.5", "--out", str(out)]) == 2
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--fraction", "1.0"], "--fraction: expected a number in [0, 1)"),
-    (["--fraction", "abc"], "--fraction: expected a number"),
-    (["--fraction", "0.5", "--order", "magnitude"], "--order"),
-    (["--fraction", "0.5", "--batches", "0"], "--batches: expected a positive integer"),
-    (["--fraction", "0.5", "--balance", "layer"], "--balance: expected global or group"),
-    (["--fraction", "0.5"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--fraction", "1.0"], "--fraction: expected a number in [0, 1)"),
+        (["--fraction", "abc"], "--fraction: expected a number"),
+        (["--fraction", "0.5", "--order", "magnitude"], "--order"),
+        (["--fraction", "0.5", "--batches", "0"], "--batches: expected a positive integer"),
+        (["--fraction", "0.5", "--balance", "layer"], "--balance: expected global or group"),
+        (["--fraction", "0.5"], "does not exist"),
+    ],
+)
 def test_prune_heads_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, msg):
     rc = main(["prune-heads", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err

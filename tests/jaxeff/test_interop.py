@@ -24,19 +24,49 @@ BF16 = ml_dtypes.bfloat16
 # tiny HF checkpoints
 
 
-def make_hf(folder, *, arch="LlamaForCausalLM", vocab=61, d=32, layers=2, heads=4, kv=2, head_dim=None, ff=48,
-            tie=False, theta=10000.0, rope=None, rope_layout="old", bias=False, window=None, windows=None,
-            dtype=np.float32, shards=1, seed=0, extra=None):
+def make_hf(
+    folder,
+    *,
+    arch="LlamaForCausalLM",
+    vocab=61,
+    d=32,
+    layers=2,
+    heads=4,
+    kv=2,
+    head_dim=None,
+    ff=48,
+    tie=False,
+    theta=10000.0,
+    rope=None,
+    rope_layout="old",
+    bias=False,
+    window=None,
+    windows=None,
+    dtype=np.float32,
+    shards=1,
+    seed=0,
+    extra=None,
+):
     """Write a random HF checkpoint; returns (folder, spec) where spec holds what the numpy
     reference needs: the tensors (float64 of the stored values) and the per-layer windows."""
     rng = np.random.default_rng(seed)
     hd = head_dim or d // heads
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[arch]
-    cfg = {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": d,
-           "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv, "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-           "tie_word_embeddings": tie, "torch_dtype": {np.float32: "float32", BF16: "bfloat16",
-                                                       np.float16: "float16"}[dtype]}
+    cfg = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "intermediate_size": ff,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "hidden_act": "silu",
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tie,
+        "torch_dtype": {np.float32: "float32", BF16: "bfloat16", np.float16: "float16"}[dtype],
+    }
     if head_dim:
         cfg["head_dim"] = head_dim
     if rope_layout == "old":
@@ -49,15 +79,20 @@ def make_hf(folder, *, arch="LlamaForCausalLM", vocab=61, d=32, layers=2, heads=
     if arch == "MistralForCausalLM":
         cfg["sliding_window"] = window
     if arch == "Qwen2ForCausalLM":
-        cfg.update(use_sliding_window=window is not None, sliding_window=window or 4096,
-                   max_window_layers=1 if window else layers)
+        cfg.update(use_sliding_window=window is not None, sliding_window=window or 4096, max_window_layers=1 if window else layers)
     cfg.update(extra or {})
     t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, d)), "model.norm.weight": 1 + 0.1 * rng.normal(size=d)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj": (heads * hd, d), "self_attn.k_proj": (kv * hd, d),
-                  "self_attn.v_proj": (kv * hd, d), "self_attn.o_proj": (d, heads * hd),
-                  "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
+        shapes = {
+            "self_attn.q_proj": (heads * hd, d),
+            "self_attn.k_proj": (kv * hd, d),
+            "self_attn.v_proj": (kv * hd, d),
+            "self_attn.o_proj": (d, heads * hd),
+            "mlp.gate_proj": (ff, d),
+            "mlp.up_proj": (ff, d),
+            "mlp.down_proj": (d, ff),
+        }
         for name, shape in shapes.items():
             t[p + name + ".weight"] = rng.normal(0, 1 / math.sqrt(shape[1]), shape)
             qkv = name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -99,8 +134,7 @@ def ref_inv_freq(hd, theta, rope):
     if kind == "linear":
         return inv / rope["factor"]
     assert kind == "llama3"
-    f, lo, hi, old = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope[
-        "original_max_position_embeddings"]
+    f, lo, hi, old = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
     out = []
     for w in inv:
         wavelen = 2 * math.pi / w
@@ -176,15 +210,13 @@ def logits_of(model, params, tokens):
     return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x).logits)(params, tokens), np.float64)
 
 
-LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 CASES = {
     "llama_gqa_untied_llama3_rope": dict(kv=2, rope=LLAMA3),
     "llama_mqa_tied_head_dim_rope_parameters": dict(kv=1, tie=True, head_dim=16, rope=LLAMA3, rope_layout="new"),
     "llama_linear_rope_old_type_key": dict(kv=4, rope={"type": "linear", "factor": 2.0}),
     "llama_attention_and_mlp_bias": dict(bias=True),
-    "qwen2_qkv_bias_tied_sliding_upper_layers": dict(arch="Qwen2ForCausalLM", tie=True, window=5, theta=1e6,
-                                                     windows=[None, 5]),
+    "qwen2_qkv_bias_tied_sliding_upper_layers": dict(arch="Qwen2ForCausalLM", tie=True, window=5, theta=1e6, windows=[None, 5]),
     "mistral_sliding_window_two_shards": dict(arch="MistralForCausalLM", window=4, shards=2),
 }
 
@@ -240,8 +272,10 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("case", ["llama_gqa_untied_llama3_rope", "qwen2_qkv_bias_tied_sliding_upper_layers",
-                                  "mistral_sliding_window_two_shards", "llama_attention_and_mlp_bias"])
+@pytest.mark.parametrize(
+    "case",
+    ["llama_gqa_untied_llama3_rope", "qwen2_qkv_bias_tied_sliding_upper_layers", "mistral_sliding_window_two_shards", "llama_attention_and_mlp_bias"],
+)
 def test_save_then_load_is_exact_and_keeps_hf_names(tmp_path, case):
     folder, spec = make_hf(tmp_path / "hf", **CASES[case], dtype=BF16)
     model, params = load_pretrained(folder)
@@ -334,13 +368,16 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
     assert "GPT2LMHeadModel" in msg and "LlamaForCausalLM" in msg and "Qwen2ForCausalLM" in msg
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"attention_bias": True, "mlp_bias": False}, "attention_bias=True with mlp_bias=False"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ({"hidden_size": None}, "hidden_size is missing"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"attention_bias": True, "mlp_bias": False}, "attention_bias=True with mlp_bias=False"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"hidden_size": None}, "hidden_size is missing"),
+    ],
+)
 def test_unsupported_config_combinations_are_refused(tmp_path, extra, match):
     folder, _ = make_hf(tmp_path / "hf", extra=extra)
     with pytest.raises(ConfigError, match=match) as e:
@@ -358,8 +395,11 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_wrong_tensor_shape_is_named(tmp_path):
     folder, _ = make_hf(tmp_path / "hf", extra={"intermediate_size": 40})  # the file has 48
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.down_proj.weight has shape \[32, 48\], expected "
-                                              r"\[32, 40\]") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.0.mlp.down_proj.weight has shape \[32, 48\], expected "
+        r"\[32, 40\]",
+    ) as e:
         load_pretrained(folder)
     _one_line(e)
 
@@ -393,8 +433,7 @@ def test_load_weights_casts_to_the_requested_abstract_dtype(tmp_path):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     low = load_weights(folder, abstract, shardings, tied=False)
-    np.testing.assert_array_equal(np.asarray(low["lm_head"]["kernel"]),
-                                  spec["t"]["lm_head.weight"].T.astype(np.float32).astype(BF16))
+    np.testing.assert_array_equal(np.asarray(low["lm_head"]["kernel"]), spec["t"]["lm_head.weight"].T.astype(np.float32).astype(BF16))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,8 +472,22 @@ def test_convert_run_folder_round_trip_eval_and_generate(tmp_path, capsys):
     run = tmp_path / "runs" / "conv"
     assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 0
     assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 2  # never overwritten
-    assert main(["eval", str(run / "config.yaml"), "--checkpoint", str(run), "train.eval_batches=1",
-                 "data.docs_per_domain=20", "data.eval_docs_per_domain=2", "data.batch_size=8", "data.seq_len=32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run / "config.yaml"),
+                "--checkpoint",
+                str(run),
+                "train.eval_batches=1",
+                "data.docs_per_domain=20",
+                "data.eval_docs_per_domain=2",
+                "data.batch_size=8",
+                "data.seq_len=32",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", "--checkpoint", str(run), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
     assert main(["convert", "--from", str(run), "--to-hf", str(tmp_path / "back")]) == 0
@@ -450,10 +503,13 @@ def test_train_init_from_hf_starts_from_the_checkpoint_and_exports(tmp_path, cap
     from jaxeff.interop.convert import model_section
 
     folder, spec = make_hf(tmp_path / "hf", vocab=264, d=32, heads=4, kv=2, ff=64)
-    raw = {**TINY, "model": {**model_section(folder), "max_seq_len": 32}, "logging": {"run_dir": str(tmp_path / "runs"),
-                                                                                      "progress": False},
-           "train": {**TINY["train"], "steps": 2, "eval_every": 2, "init_from": f"hf:{folder}"},
-           "optim": {"lr": 0.0, "grad_clip": None}}
+    raw = {
+        **TINY,
+        "model": {**model_section(folder), "max_seq_len": 32},
+        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+        "train": {**TINY["train"], "steps": 2, "eval_every": 2, "init_from": f"hf:{folder}"},
+        "optim": {"lr": 0.0, "grad_clip": None},
+    }
     cfg = _yaml(tmp_path / "ft.yaml", raw)
     assert main(["train", str(cfg)]) == 0
     assert main(["convert", "--from", str(tmp_path / "runs" / "tiny"), "--to-hf", str(tmp_path / "out")]) == 0
@@ -474,11 +530,15 @@ def test_lora_fine_tune_from_hf_exports_merged_weights(tmp_path):
     from jaxeff.interop.convert import model_section
 
     folder, spec = make_hf(tmp_path / "hf", vocab=264, d=32, heads=4, kv=2, ff=64)
-    raw = {**TINY, "method": "lora", "peft": {"rank": 4, "targets": [r"layers_\d+/attn/(q|v)"]},
-           "model": {**model_section(folder), "max_seq_len": 32},
-           "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
-           "train": {**TINY["train"], "steps": 3, "eval_every": 3, "init_from": f"hf:{folder}"},
-           "optim": {"lr": 1e-2}}
+    raw = {
+        **TINY,
+        "method": "lora",
+        "peft": {"rank": 4, "targets": [r"layers_\d+/attn/(q|v)"]},
+        "model": {**model_section(folder), "max_seq_len": 32},
+        "logging": {"run_dir": str(tmp_path / "runs"), "progress": False},
+        "train": {**TINY["train"], "steps": 3, "eval_every": 3, "init_from": f"hf:{folder}"},
+        "optim": {"lr": 1e-2},
+    }
     assert main(["train", str(_yaml(tmp_path / "lora.yaml", raw))]) == 0
     assert main(["convert", "--from", str(tmp_path / "runs" / "tiny"), "--to-hf", str(tmp_path / "out")]) == 0
     out = _tensors(tmp_path / "out")
@@ -512,13 +572,16 @@ def test_save_refuses_what_hugging_face_cannot_hold(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing written before the check
 
 
-@pytest.mark.parametrize("kw", [
-    dict(n_heads=4, n_kv_heads=2, tie_embeddings=True),  # GQA, tied
-    dict(n_heads=4, n_kv_heads=1, tie_embeddings=False),  # MQA, untied
-    dict(n_heads=4, qkv_bias=True, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),  # Qwen2 biases
-    dict(n_heads=4, use_bias=True, tie_embeddings=False),  # biases everywhere, lm_head bias
-    dict(n_heads=3, n_kv_heads=1, head_dim=16, d_ff=40, n_layers=3, sliding_window=(4, None, 4)),  # head_dim
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_heads=4, n_kv_heads=2, tie_embeddings=True),  # GQA, tied
+        dict(n_heads=4, n_kv_heads=1, tie_embeddings=False),  # MQA, untied
+        dict(n_heads=4, qkv_bias=True, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),  # Qwen2 biases
+        dict(n_heads=4, use_bias=True, tie_embeddings=False),  # biases everywhere, lm_head bias
+        dict(n_heads=3, n_kv_heads=1, head_dim=16, d_ff=40, n_layers=3, sliding_window=(4, None, 4)),  # head_dim
+    ],
+)
 def test_parameter_tree_from_the_config_equals_tracing_init(kw):
     from jaxeff.interop.shapes import abstract_params, param_axes
     from jaxeff.models import Transformer, TransformerConfig, init_params, logical_axes
@@ -534,19 +597,17 @@ def test_parameter_tree_from_the_config_equals_tracing_init(kw):
     assert jax.tree.leaves(param_axes(cfg)) == jax.tree.leaves(axes)
 
 
-@pytest.mark.parametrize("stored, wanted", [(np.float32, np.float32), (BF16, BF16), (BF16, np.float32),
-                                            (np.float32, BF16), (np.float16, np.float32)])
+@pytest.mark.parametrize("stored, wanted", [(np.float32, np.float32), (BF16, BF16), (BF16, np.float32), (np.float32, BF16), (np.float16, np.float32)])
 def test_whole_tensor_reads_transpose_in_blocks_and_cast_exactly(tmp_path, stored, wanted):
     from jaxeff.interop.safetensors_io import ALIGN, Files, TRANSPOSE_ROWS
 
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.normal(size=(2 * TRANSPOSE_ROWS + 3, 7)), "b": rng.normal(size=(5, 2 * TRANSPOSE_ROWS + 1)),
-              "c": rng.normal(size=(11,))}
+    arrays = {"a": rng.normal(size=(2 * TRANSPOSE_ROWS + 3, 7)), "b": rng.normal(size=(5, 2 * TRANSPOSE_ROWS + 1)), "c": rng.normal(size=(11,))}
     arrays = {k: v.astype(stored) for k, v in arrays.items()}
     save_file(arrays, str(tmp_path / "model.safetensors"))
     files = Files(tmp_path)
     for name, a in arrays.items():
-        for transpose in ([False, True] if a.ndim == 2 else [False]):
+        for transpose in [False, True] if a.ndim == 2 else [False]:
             got = files.tensor(name).read(transpose=transpose, dtype=wanted)
             want = (a.T if transpose else a).astype(wanted)
             assert got.dtype == want.dtype and got.flags.c_contiguous and got.ctypes.data % ALIGN == 0
@@ -575,5 +636,4 @@ def test_loaded_parameters_stay_valid_after_gc_and_overwriting_the_files(tmp_pat
             fh.write(bytes(n - 4096))
     tokens = tokens_for(spec)
     np.testing.assert_allclose(logits_of(model, params, tokens), ref_logits(spec, tokens), atol=2e-4, rtol=2e-4)
-    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]),
-                                  spec["t"]["lm_head.weight"].T.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), spec["t"]["lm_head.weight"].T.astype(np.float32))

@@ -22,8 +22,12 @@ HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's default; jaxeff does n
 
 
 def _env(devices):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def _summary(stdout):
@@ -34,10 +38,25 @@ def _two(cfg, name, *extra):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [subprocess.Popen([EXE, "train", str(cfg), f"distributed.coordinator_address=127.0.0.1:{port}",
-                              "distributed.num_processes=2", f"distributed.process_id={i}", f"name={name}", *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(4))
-            for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                EXE,
+                "train",
+                str(cfg),
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+                f"name={name}",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=_env(4),
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow
@@ -76,8 +95,7 @@ def test_kill_9_of_one_process_stops_the_other_and_both_resume_to_the_uninterrup
     outs = [p.communicate(timeout=600)[0] for p in again]
     assert [p.returncode for p in again] == [0, 0]
     assert f"resumed from {ckpts} at step {saved[-1]}" in outs[0]
-    ref = subprocess.run([EXE, "train", str(cfg), "name=ref", f"train.steps={target}"], capture_output=True, text=True,
-                         env=_env(8), timeout=600)
+    ref = subprocess.run([EXE, "train", str(cfg), "name=ref", f"train.steps={target}"], capture_output=True, text=True, env=_env(8), timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     want = _summary(ref.stdout)
     for out in outs:

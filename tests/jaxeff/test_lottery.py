@@ -13,8 +13,7 @@ from jaxeff.errors import ConfigError
 from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings
 
 # 2 rounds of 4 steps after a dense phase of 4: transitions at steps 4 and 8
-LOTTERY = ["method=lottery", "lottery.rounds=2", "lottery.prune_fraction=0.5", "train.steps=12", "mesh.data=1",
-           "train.eval_every=4", "train.log_every=2"]
+LOTTERY = ["method=lottery", "lottery.rounds=2", "lottery.prune_fraction=0.5", "train.steps=12", "mesh.data=1", "train.eval_every=4", "train.log_every=2"]
 
 
 def _leaves(masks):
@@ -61,8 +60,7 @@ def test_pruned_weights_stay_pruned_when_magnitudes_change_and_masks_are_nested(
     cfg = tiny_config(["mesh.data=1"])
     params = _random_tree(cfg)
     paths = L.prunable_paths(params)
-    m1 = L.magnitude_masks(params, L.dense_masks(params, paths), L.keep_counts(L.dense_masks(params, paths), 0.5, "layer"),
-                           "layer")
+    m1 = L.magnitude_masks(params, L.dense_masks(params, paths), L.keep_counts(L.dense_masks(params, paths), 0.5, "layer"), "layer")
     big = jax.tree.map(lambda x: x * 0 + 100.0, params)  # every weight now larger than any survivor was
     m2 = L.magnitude_masks(big, m1, L.keep_counts(m1, 0.25, "layer"), "layer")
     for a, b in zip(_leaves(m1), _leaves(m2)):
@@ -73,10 +71,17 @@ def test_pruned_weights_stay_pruned_when_magnitudes_change_and_masks_are_nested(
 def _fake_loop(trainer, state, step):
     logged = {}
     return types.SimpleNamespace(
-        cfg=trainer.cfg, trainer=trainer, state=state, step=step, last={}, logged=logged,
+        cfg=trainer.cfg,
+        trainer=trainer,
+        state=state,
+        step=step,
+        last={},
+        logged=logged,
         ckpt=types.SimpleNamespace(latest_step=lambda: None),
         logger=types.SimpleNamespace(scalars=lambda s, v: logged.update(v), message=lambda text: None),
-        evaluate=lambda: {"eval/loss": 1.0}, reset_clock=lambda: None)
+        evaluate=lambda: {"eval/loss": 1.0},
+        reset_clock=lambda: None,
+    )
 
 
 def _steps(trainer, loader, loop, n):
@@ -127,8 +132,7 @@ def test_survivors_are_rewound_to_their_rewind_step_values_and_pruned_weights_st
         assert w[kept].min() >= w[~kept].max()
     for a, b in zip(jax.tree.leaves(p["rewind"]), jax.tree.leaves(at_rewind)):
         assert np.array_equal(a, b)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p["model"]["embed"]),
-                                                    jax.tree.leaves(at_rewind["embed"])))  # rewound, not pruned
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p["model"]["embed"]), jax.tree.leaves(at_rewind["embed"])))  # rewound, not pruned
     # the optimizer state restarted: adam's step count is 0 again
     counts = [int(x) for x in jax.tree.leaves(loop.state.opt_state) if np.ndim(x) == 0 and "int" in str(x.dtype)]
     assert counts and set(counts) == {0}
@@ -150,8 +154,7 @@ def test_random_reinit_with_masks_from_a_lottery_run_puts_its_masks_on_fresh_ran
     src = tiny_config([*LOTTERY, "name=src"])
     params = _random_tree(src, seed=5)
     paths = L.prunable_paths(params)
-    masks = L.magnitude_masks(params, L.dense_masks(params, paths), L.keep_counts(L.dense_masks(params, paths), 0.5,
-                                                                                    "global"), "global")
+    masks = L.magnitude_masks(params, L.dense_masks(params, paths), L.keep_counts(L.dense_masks(params, paths), 0.5, "global"), "global")
     L.save_masks(L.masks_file(src.run_path, 1), masks)
     with pytest.raises(ConfigError, match=r"lottery.masks_from: .* no masks for round\(s\) \[2\]"):
         Trainer(tiny_config([*LOTTERY, "name=ctl", f"lottery.masks_from={src.run_path}"]), devices=jax.devices()[:1])
@@ -174,14 +177,17 @@ def test_random_reinit_with_masks_from_a_lottery_run_puts_its_masks_on_fresh_ran
         assert abs(w[m != 0].std() - w0.std()) < 0.3 * w0.std()  # but drawn like it
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["train.steps=10"], r"lottery.rounds: train.steps=10 does not split into rounds \+ 1 = 3 equal phases"),
-    (["lottery.steps_per_round=5"], r"lottery.steps_per_round: train.steps=12 must equal .* = 3 \* 5 = 15"),
-    (["lottery.rewind_step=4"], r"lottery.rewind_step: 4 must be below steps_per_round=4"),
-    (["lottery.targets=nothing_matches"], r"lottery.targets: no Dense layer matches"),
-    (["lottery.targets=(("], r"lottery.targets: '\(\(' is not a valid regex"),
-    (["lottery.masks_from=/nonexistent"], r"lottery.masks_from: '/nonexistent' has no masks for round\(s\) \[1, 2\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.steps=10"], r"lottery.rounds: train.steps=10 does not split into rounds \+ 1 = 3 equal phases"),
+        (["lottery.steps_per_round=5"], r"lottery.steps_per_round: train.steps=12 must equal .* = 3 \* 5 = 15"),
+        (["lottery.rewind_step=4"], r"lottery.rewind_step: 4 must be below steps_per_round=4"),
+        (["lottery.targets=nothing_matches"], r"lottery.targets: no Dense layer matches"),
+        (["lottery.targets=(("], r"lottery.targets: '\(\(' is not a valid regex"),
+        (["lottery.masks_from=/nonexistent"], r"lottery.masks_from: '/nonexistent' has no masks for round\(s\) \[1, 2\]"),
+    ],
+)
 def test_bad_lottery_settings_are_one_line_config_errors(tiny_config, overrides, match):
     from jaxeff.train.runtime import Trainer
 
@@ -202,19 +208,18 @@ def _final_params(cfg, devices=None):
 
     trainer = Trainer(cfg, devices=devices)
     with Checkpointer(cfg.checkpoint_path, create=False) as ckpt:
-        return jax.device_get(ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params,
-                                                                          trainer.param_shardings)))
+        return jax.device_get(ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings)))
 
 
 # mid-round: checkpoints at 3, 6, 9 (transitions at 4, 8), resumed from 6; at a boundary: checkpoints at 4 and 8,
 # written by the loop before the round hook ran (so rewritten by it), resumed from 4 -- on 8 devices (data x fsdp x
 # tensor = 2 x 2 x 2: sharded masks)
-@pytest.mark.parametrize("every, cut, mesh", [
-    (3, 6, ["mesh.data=1"]),
-    pytest.param(4, 4, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], marks=pytest.mark.slow),
-], ids=["mid-round", "at-a-round-boundary-8-devices"])
-def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_uninterrupted_one(tiny_config, every, cut,
-                                                                                                mesh):
+@pytest.mark.parametrize(
+    "every, cut, mesh",
+    [(3, 6, ["mesh.data=1"]), pytest.param(4, 4, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], marks=pytest.mark.slow)],
+    ids=["mid-round", "at-a-round-boundary-8-devices"],
+)
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_uninterrupted_one(tiny_config, every, cut, mesh):
     from jaxeff.train.loop import run_training
 
     devices = jax.devices()[:1] if mesh == ["mesh.data=1"] else None
@@ -234,8 +239,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_masks_and_losses_of_an_un
     pa, pb = _final_params(straight, devices), _final_params(split, devices)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         assert np.array_equal(x, y)
-    keys = [k for k in a if k.startswith(("train/", "eval/loss", "lottery/"))
-            and not k.startswith(("train/step_time", "perf/"))]
+    keys = [k for k in a if k.startswith(("train/", "eval/loss", "lottery/")) and not k.startswith(("train/step_time", "perf/"))]
     assert len(keys) > 5 and {k: a[k] for k in keys} == {k: b[k] for k in keys}
     # the final masks are the ones the run saved for its last round, and the stored pruned weights are 0
     saved = L.load_masks(L.masks_file(straight.run_path, 2), pa["mask"])
@@ -280,6 +284,9 @@ def test_a_state_that_skipped_a_round_transition_is_refused_at_the_next_boundary
     cfg = tiny_config(LOTTERY)
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     loop = _fake_loop(trainer, trainer.init_state(), 8)  # still dense at the end of phase 1 (should keep half)
-    with pytest.raises(JaxeffError, match=r"lottery: at step 8 the state keeps 18,432 prunable weights, but phase 1 "
-                                          r"keeps 9,216: a round transition was skipped"):
+    with pytest.raises(
+        JaxeffError,
+        match=r"lottery: at step 8 the state keeps 18,432 prunable weights, but phase 1 "
+        r"keeps 9,216: a round transition was skipped",
+    ):
         _round_hooks(trainer)[1].fn(loop)

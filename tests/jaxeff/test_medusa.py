@@ -9,18 +9,19 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.decode.medusa import (MedusaConfig, Tree, accept_tree, final_hidden, head_hidden, head_logits, heads_loss,
-                                  init_heads, medusa_generate)
+from jaxeff.decode.medusa import MedusaConfig, Tree, accept_tree, final_hidden, head_hidden, head_logits, heads_loss, init_heads, medusa_generate
 from jaxeff.errors import ConfigError
 from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.models.generate import generate
 from jaxeff.models.transformer import init_cache, tree_attention_mask
 
 # init_std 0.5: peaked, input-dependent distributions (the default 0.02 gives near-uniform logits)
-CFG = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256,
-                        init_std=0.5)
-PROMPTS = [jnp.array([[3, 1, 4, 1, 5]], jnp.int32), jnp.array([[9, 2, 6, 5, 3]], jnp.int32),
-           jnp.array([[7, 7, 1, 8, 2]], jnp.int32)]  # one length: one compile per decoder setting
+CFG = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256, init_std=0.5)
+PROMPTS = [
+    jnp.array([[3, 1, 4, 1, 5]], jnp.int32),
+    jnp.array([[9, 2, 6, 5, 3]], jnp.int32),
+    jnp.array([[7, 7, 1, 8, 2]], jnp.int32),
+]  # one length: one compile per decoder setting
 NEW = 40
 
 
@@ -78,13 +79,19 @@ def trained_heads(model, references):
 # exactness
 
 
-@pytest.mark.parametrize("heads_kind,top_k", [("random", (3, 2, 2)), ("trained", (3, 2, 2)), ("trained", (1, 1, 1)),
-                                              pytest.param("zero", (4, 2), marks=pytest.mark.slow),
-                                              pytest.param("trained", (5, 3, 1), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "heads_kind,top_k",
+    [
+        ("random", (3, 2, 2)),
+        ("trained", (3, 2, 2)),
+        ("trained", (1, 1, 1)),
+        pytest.param("zero", (4, 2), marks=pytest.mark.slow),
+        pytest.param("trained", (5, 3, 1), marks=pytest.mark.slow),
+    ],
+)
 def test_greedy_medusa_output_equals_the_models_greedy_output(model, references, trained_heads, heads_kind, top_k):
     m, params = model
-    heads = {"random": lambda: _random_heads(params), "trained": lambda: trained_heads,
-             "zero": lambda: init_heads(CFG, params, 2)}[heads_kind]()
+    heads = {"random": lambda: _random_heads(params), "trained": lambda: trained_heads, "zero": lambda: init_heads(CFG, params, 2)}[heads_kind]()
     tree = Tree.cartesian(top_k)
     lengths = []
     for prompt, ref in zip(PROMPTS, references):
@@ -104,8 +111,9 @@ def test_trained_heads_accept_more_than_random_heads(model, trained_heads):
     tree = Tree.cartesian((3, 2, 2))
     got = {}
     for name, heads in (("random", _random_heads(params)), ("trained", trained_heads)):
-        got[name] = np.mean([float(medusa_generate(m, params, heads, p, jax.random.key(0), tree=tree,
-                                                   max_new_tokens=NEW)[1]["acceptance_length"]) for p in PROMPTS])
+        got[name] = np.mean(
+            [float(medusa_generate(m, params, heads, p, jax.random.key(0), tree=tree, max_new_tokens=NEW)[1]["acceptance_length"]) for p in PROMPTS]
+        )
     assert got["trained"] > got["random"] + 0.3, got
 
 
@@ -132,7 +140,7 @@ def test_tree_attention_mask_against_a_dense_construction():
     full = np.asarray(tree_attention_mask(jnp.asarray(a["mask"]), jnp.int32(index), kv_len))
     expect = np.zeros((n, kv_len), bool)
     expect[:, :index] = True
-    expect[:, index:index + n] = dense
+    expect[:, index : index + n] = dense
     np.testing.assert_array_equal(full, expect)
 
 
@@ -149,8 +157,7 @@ def test_tree_pass_equals_each_candidate_path_run_as_a_plain_sequence(model):
     @jax.jit
     def tree_pass(tokens):
         cache = m.apply({"params": params}, prompt, cache=init_cache(CFG, 1, 32)).cache
-        return m.apply({"params": params}, tokens[None], positions=(index + a["depth"])[None], cache=cache,
-                       tree_mask=jnp.asarray(a["mask"]))
+        return m.apply({"params": params}, tokens[None], positions=(index + a["depth"])[None], cache=cache, tree_mask=jnp.asarray(a["mask"]))
 
     out = tree_pass(tokens)
     plain = jax.jit(lambda seq: m.apply({"params": params}, seq).logits[0, -1])  # one compile per path length
@@ -170,8 +177,7 @@ def test_tree_mask_needs_a_cache_and_full_attention(model):
     windowed = Transformer(TransformerConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, sliding_window=4))
     wp = init_params(windowed, jax.random.key(0))
     with pytest.raises(ValueError, match="sliding-window"):
-        windowed.apply({"params": wp}, jnp.zeros((1, 2), jnp.int32), cache=init_cache(windowed.config, 1, 8),
-                       tree_mask=mask)
+        windowed.apply({"params": wp}, jnp.zeros((1, 2), jnp.int32), cache=init_cache(windowed.config, 1, 8), tree_mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,11 +263,9 @@ def test_decoder_refuses_batches_and_too_deep_trees(model):
     m, params = model
     heads = init_heads(CFG, params, 2)
     with pytest.raises(ConfigError, match="batch 1"):
-        medusa_generate(m, params, heads, jnp.zeros((2, 3), jnp.int32), jax.random.key(0), tree=Tree.cartesian((2,)),
-                        max_new_tokens=4)
+        medusa_generate(m, params, heads, jnp.zeros((2, 3), jnp.int32), jax.random.key(0), tree=Tree.cartesian((2,)), max_new_tokens=4)
     with pytest.raises(ConfigError, match="3 deep but the run has 2 Medusa heads"):
-        medusa_generate(m, params, heads, PROMPTS[0], jax.random.key(0), tree=Tree.cartesian((2, 2, 2)),
-                        max_new_tokens=4)
+        medusa_generate(m, params, heads, PROMPTS[0], jax.random.key(0), tree=Tree.cartesian((2, 2, 2)), max_new_tokens=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,15 +324,24 @@ def test_cli_generate_and_the_acceptance_length_metric_on_a_trained_run(tiny_con
 
     base_cfg = tiny_config(["name=base", "train.steps=4"])
     run_training(base_cfg)
-    cfg = tiny_config(["name=med", "method=medusa", "medusa.n_heads=2", "medusa.top_k=[2,2]", "train.steps=4",
-                       f"train.init_from={base_cfg.run_path}"])
+    cfg = tiny_config(["name=med", "method=medusa", "medusa.n_heads=2", "medusa.top_k=[2,2]", "train.steps=4", f"train.init_from={base_cfg.run_path}"])
     run_training(cfg)
     _, model, base, heads = load_medusa_run(cfg.run_path)
     _, plain_params = load_model_params(base_cfg.run_path)
     for k, v in _flat(plain_params).items():  # medusa1 kept the base as it was
         np.testing.assert_array_equal(_flat(base)[k], v)
-    args = argparse.Namespace(medusa=str(cfg.run_path), checkpoint=None, prompt="12+7=", max_new_tokens=12,
-                              temperature=0.0, top_k=0, seed=0, step=None, medusa_top_k=None, compare=True)
+    args = argparse.Namespace(
+        medusa=str(cfg.run_path),
+        checkpoint=None,
+        prompt="12+7=",
+        max_new_tokens=12,
+        temperature=0.0,
+        top_k=0,
+        seed=0,
+        step=None,
+        medusa_top_k=None,
+        compare=True,
+    )
     assert cmd_generate_medusa(args) == 0
     text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
     from jaxeff.data.tokenizer import load_tokenizer

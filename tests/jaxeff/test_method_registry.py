@@ -109,12 +109,12 @@ def test_two_methods_share_a_section_but_not_two_classes_one_key():
 
 def test_the_environment_variable_brings_in_a_method_module_for_the_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(EXAMPLE.parent), "JAXEFF_METHOD_MODULES": "label_smoothing"}
-    out = subprocess.run([str(Path(sys.executable).parent / "jaxeff"), "config", "fields", "label_smoothing"], env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "jaxeff"), "config", "fields", "label_smoothing"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "label_smoothing.epsilon" in out.stdout
     bad = {**env, "JAXEFF_METHOD_MODULES": "no_such_module_xyz"}
-    out = subprocess.run([str(Path(sys.executable).parent / "jaxeff"), "config", "fields", "optim"], env=bad,
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([str(Path(sys.executable).parent / "jaxeff"), "config", "fields", "optim"], env=bad, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert "JAXEFF_METHOD_MODULES: cannot import method module 'no_such_module_xyz'" in out.stderr

@@ -22,8 +22,7 @@ def test_param_count_matches_the_initialised_tree(kw):
 def test_every_parameter_has_logical_axis_names():
     specs = logical_axes(Transformer(small(use_bias=True)))
     params = init_params(Transformer(small(use_bias=True)), jax.random.key(0))
-    for spec, p in zip(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
-                       jax.tree.leaves(params)):
+    for spec, p in zip(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)), jax.tree.leaves(params)):
         assert len(spec) == p.ndim and all(isinstance(n, str) for n in spec)
 
 
@@ -39,8 +38,7 @@ def test_hidden_states_are_returned_for_every_layer_on_request():
     assert m.apply({"params": p}, toks).hidden_states is None
 
 
-@pytest.mark.parametrize("kw", [{}, {"sliding_window": 4}, {"sliding_window": (None, 3)}, {"n_kv_heads": 1},
-                                {"dtype": "bfloat16"}])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 4}, {"sliding_window": (None, 3)}, {"n_kv_heads": 1}, {"dtype": "bfloat16"}])
 def test_cached_decoding_gives_the_same_logits_as_a_full_forward_pass(kw):
     cfg = small(**kw)
     m = Transformer(cfg)
@@ -50,7 +48,7 @@ def test_cached_decoding_gives_the_same_logits_as_a_full_forward_pass(kw):
     out = m.apply({"params": p}, toks[:, :6], cache=init_cache(cfg, 2, 20))
     logits, cache = [out.logits], out.cache
     for i in range(6, 13):  # one token at a time against the cache
-        o = m.apply({"params": p}, toks[:, i:i + 1], cache=cache)
+        o = m.apply({"params": p}, toks[:, i : i + 1], cache=cache)
         logits.append(o.logits)
         cache = o.cache
     assert int(cache["index"]) == 13
@@ -114,9 +112,10 @@ def test_top_k_sampling_only_draws_from_the_k_most_likely_tokens():
     assert len(set(np.asarray(toks).tolist())) == 3
 
 
-@pytest.mark.parametrize("kw,msg", [({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
-                                    ({"sliding_window": (1, 2, 3)}, "one per layer"),
-                                    ({"d_model": 30}, "not divisible")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"), ({"sliding_window": (1, 2, 3)}, "one per layer"), ({"d_model": 30}, "not divisible")],
+)
 def test_impossible_architectures_are_rejected_with_the_reason(kw, msg):
     with pytest.raises(ValueError, match=msg):
         small(**kw)
@@ -163,8 +162,7 @@ def test_pallas_attention_runs_per_shard_under_a_mesh_and_matches_xla():
     k = jax.random.normal(ks[1], (4, 24, 2, 16))
     v = jax.random.normal(ks[2], (4, 24, 2, 16))
     seg = jnp.array([[1] * 10 + [2] * 14] * 2 + [[1] * 24] * 2)
-    f = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, impl=impl, causal=True, window=7,
-                                                                q_segment_ids=seg, kv_segment_ids=seg))))
+    f = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, impl=impl, causal=True, window=7, q_segment_ids=seg, kv_segment_ids=seg)))
     ref, ref_g = jax.value_and_grad(f("xla"), argnums=(0, 1, 2))(q, k, v)
     with jax.set_mesh(mesh):
         sh = NamedSharding(mesh, P(("data", "fsdp")))
@@ -187,8 +185,7 @@ def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
     from jaxeff.models.config import RopeScaling
     from jaxeff.models.transformer import rope_frequencies
 
-    sc = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                     original_max_position_embeddings=64)
+    sc = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
     base = np.asarray(rope_frequencies(32, 10000.0))
     scaled = np.asarray(rope_frequencies(32, 10000.0, sc))
     wavelen = 2 * np.pi / base

@@ -36,8 +36,7 @@ def _tokens(seed=0, shape=(2, 16)):
 def _random_adapters(params, paths, rank=4, seed=1, std=0.05):
     """Adapters with B != 0 (a fresh adapter's B is zero, which would make every check trivial)."""
     ad = init_adapters(params, paths, rank, jax.random.key(seed))
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: x if p[-1].key == "a" else std * jax.random.normal(jax.random.key(seed + 7), x.shape), ad)
+    return jax.tree_util.tree_map_with_path(lambda p, x: x if p[-1].key == "a" else std * jax.random.normal(jax.random.key(seed + 7), x.shape), ad)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +107,7 @@ def test_switching_adapters_on_one_base(base):
     a1, a2 = _random_adapters(params, paths, seed=1), _random_adapters(params, paths, seed=2)
     x = _tokens()
     switched = switch(merge(params, a1, 2.0), a1, a2, 2.0)
-    np.testing.assert_allclose(model.apply({"params": switched}, x).logits, apply_lora(model, params, a2, 2.0, x).logits,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.apply({"params": switched}, x).logits, apply_lora(model, params, a2, 2.0, x).logits, rtol=1e-4, atol=1e-4)
     bank = AdapterSet(model, params, _model_dict())
     bank.add("one", a1, 2.0)
     bank.add("two", a2, 2.0)
@@ -129,16 +127,24 @@ def test_adapter_round_trip_and_a_different_base_is_refused(base, tmp_path):
     ad = _random_adapters(params, paths)
     mcfg = _model_dict()
     fp = fingerprint(params, mcfg)
-    meta = {"format": "jaxeff-lora-adapter/1", "method": "lora", "rank": 4, "alpha": 8.0, "scale": 2.0,
-            "targets": [], "base_fingerprint": fp, "base_path": "runs/base", "base_model": mcfg}
+    meta = {
+        "format": "jaxeff-lora-adapter/1",
+        "method": "lora",
+        "rank": 4,
+        "alpha": 8.0,
+        "scale": 2.0,
+        "targets": [],
+        "base_fingerprint": fp,
+        "base_path": "runs/base",
+        "base_model": mcfg,
+    }
     save_adapter(tmp_path / "ad", ad, meta)
     loaded, m = load_adapter(tmp_path / "ad", base=params, model_cfg=mcfg)
     assert m["scale"] == 2.0
     for k, v in _flat(ad).items():
         np.testing.assert_array_equal(_flat(loaded)[k], v)
     x = _tokens()
-    np.testing.assert_array_equal(apply_lora(model, params, loaded, 2.0, x).logits,
-                                  apply_lora(model, params, ad, 2.0, x).logits)
+    np.testing.assert_array_equal(apply_lora(model, params, loaded, 2.0, x).logits, apply_lora(model, params, ad, 2.0, x).logits)
     other = init_params(model, jax.random.key(1))  # same architecture, other weights
     with pytest.raises(CheckpointError, match="was trained on base .* not on this base"):
         load_adapter(tmp_path / "ad", base=other, model_cfg=mcfg)
@@ -177,12 +183,10 @@ def test_qlora_base_is_nf4_at_about_half_a_byte_per_parameter(base):
     import dataclasses
 
     bmodel = Transformer(dataclasses.replace(CFG, use_bias=True, n_layers=1))
-    bparams = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + 0.1 if p[-1].key == "bias" else v, init_params(bmodel, jax.random.key(0)))
+    bparams = jax.tree_util.tree_map_with_path(lambda p, v: v + 0.1 if p[-1].key == "bias" else v, init_params(bmodel, jax.random.key(0)))
     bpaths = target_paths(bparams, [r"layers_0/(attn|mlp)/.*"])
     bq = quantize_base(bparams, bpaths)
-    with lora_interceptor(init_adapters(bparams, bpaths, 4, jax.random.key(3)), 2.0, qbase=bq, backend="reference",
-                          compute_dtype=jnp.float32):
+    with lora_interceptor(init_adapters(bparams, bpaths, 4, jax.random.key(3)), 2.0, qbase=bq, backend="reference", compute_dtype=jnp.float32):
         out = bmodel.apply({"params": strip_kernels(bparams, bpaths)}, x).logits
     bdeq = dequantize_base(strip_kernels(bparams, bpaths), bq)
     np.testing.assert_allclose(out, bmodel.apply({"params": bdeq}, x).logits, rtol=1e-5, atol=1e-5)
@@ -236,8 +240,9 @@ def _check_only_trainable_changed(method, cfg, trainer, state, before, after):
         assert changed and all(k.endswith("/bias") for k in changed)
         assert {k for k in before if k.endswith("/bias")} == changed
     else:
-        assert changed == {k for k in before if k.startswith("lora/") and k.endswith("/b")} | \
-            {k for k in before if k.startswith("lora/") and k.endswith("/a")}
+        assert changed == {k for k in before if k.startswith("lora/") and k.endswith("/b")} | {
+            k for k in before if k.startswith("lora/") and k.endswith("/a")
+        }
     if method == "qlora":
         assert not any(k.endswith("/attn/q/kernel") for k in before)  # the float kernels are gone
         assert all(v.dtype == jnp.bfloat16 for k, v in after.items() if k.startswith("lora/"))
@@ -300,8 +305,7 @@ def test_lora_run_resumes_bit_for_bit_and_logs_parameter_stats(tiny_config):
     full = run_training(tiny_config(["method=lora", "name=full", "train.steps=4", "checkpoint.every=2"]))
     cfg = tiny_config(["method=lora", "name=split", "train.steps=2", "checkpoint.every=2"])
     run_training(cfg)
-    resumed = run_training(tiny_config(["method=lora", "name=split", "train.steps=4", "checkpoint.every=2",
-                                        "resume=true"]))
+    resumed = run_training(tiny_config(["method=lora", "name=split", "train.steps=4", "checkpoint.every=2", "resume=true"]))
     assert resumed["train/loss"] == full["train/loss"]
     assert resumed["eval/loss"] == full["eval/loss"]
     assert 0 < full["params/trainable_pct"] < 50
@@ -320,14 +324,12 @@ def test_cli_exports_an_adapter_and_merges_it_into_the_base(tiny_config, tmp_pat
 
     run_training(tiny_config(["name=base", "train.steps=2"]))
     base_dir = str(tmp_path / "runs" / "base")
-    lora_cfg = tiny_config(["name=ft", "method=lora", "train.steps=3", f"train.init_from={base_dir}",
-                            "data.domains=[records]"])
+    lora_cfg = tiny_config(["name=ft", "method=lora", "train.steps=3", f"train.init_from={base_dir}", "data.domains=[records]"])
     result = run_training(lora_cfg)
     assert main(["export-adapter", "--checkpoint", str(tmp_path / "runs" / "ft"), "--out", str(tmp_path / "ad")]) == 0
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["method"] == "lora" and meta["scale"] == 2.0
-    assert main(["merge-adapter", "--base", base_dir, "--adapter", str(tmp_path / "ad"),
-                 "--out", str(tmp_path / "runs" / "merged")]) == 0
+    assert main(["merge-adapter", "--base", base_dir, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "runs" / "merged")]) == 0
     # the merged run evaluates like the adapter run
     _, _, eval_sets = build_data(lora_cfg.data, lora_cfg.model.vocab_size)
     eval_cfg = tiny_config(["name=merged", "data.domains=[records]"])
@@ -337,8 +339,10 @@ def test_cli_exports_an_adapter_and_merges_it_into_the_base(tiny_config, tmp_pat
     # an adapter onto another base: one line, exit code 2
     run_training(tiny_config(["name=other", "train.steps=2", "seed=5"]))
     capsys.readouterr()
-    assert main(["merge-adapter", "--base", str(tmp_path / "runs" / "other"), "--adapter", str(tmp_path / "ad"),
-                 "--out", str(tmp_path / "runs" / "merged2")]) == 2
+    assert (
+        main(["merge-adapter", "--base", str(tmp_path / "runs" / "other"), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "runs" / "merged2")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: adapter") and "not on this base" in err and len(err.splitlines()) == 1
 

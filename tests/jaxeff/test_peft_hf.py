@@ -42,14 +42,22 @@ def _random_adapters(params, paths, rank, seed=1, dtype=jnp.float32):
     """Adapters with B != 0 (a fresh B is zero, which would make every comparison trivial)."""
     ad = init_adapters(params, paths, rank, jax.random.key(seed))
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: (x if p[-1].key == "a" else 0.05 * jax.random.normal(jax.random.key(seed + 7), x.shape))
-        .astype(dtype), ad)
+        lambda p, x: (x if p[-1].key == "a" else 0.05 * jax.random.normal(jax.random.key(seed + 7), x.shape)).astype(dtype), ad
+    )
 
 
 def _meta(params, rank, alpha, base_path="hf:models/tiny-llama"):
-    return {"method": "lora", "rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": 0.05,
-            "targets": ALL, "base_fingerprint": fingerprint(params, _model_dict()), "base_path": base_path,
-            "base_model": _model_dict()}
+    return {
+        "method": "lora",
+        "rank": rank,
+        "alpha": alpha,
+        "scale": alpha / rank,
+        "dropout": 0.05,
+        "targets": ALL,
+        "base_fingerprint": fingerprint(params, _model_dict()),
+        "base_path": base_path,
+        "base_model": _model_dict(),
+    }
 
 
 def _tokens(seed=0):
@@ -59,13 +67,26 @@ def _tokens(seed=0):
 def _peft_folder(d, tensors: dict, **config):
     """A folder as PEFT's ``save_pretrained`` lays it out (numpy safetensors, no torch)."""
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-           "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
-           "base_model_name_or_path": "some/llama", "use_rslora": False, "use_dora": False, "rank_pattern": {},
-           "alpha_pattern": {}, "modules_to_save": None, "inference_mode": True, **config}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": "some/llama",
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "inference_mode": True,
+        **config,
+    }
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     return d
 
 
@@ -74,15 +95,14 @@ def _peft_tensors(modules, rank, seed=0, shapes=None):
     rng = np.random.default_rng(seed)
     out = {}
     for name, d_in, d_out in modules:
-        out[f"base_model.model.{name}.lora_A.weight"] = rng.normal(0, d_in ** -0.5, (rank, d_in)).astype(np.float32)
+        out[f"base_model.model.{name}.lora_A.weight"] = rng.normal(0, d_in**-0.5, (rank, d_in)).astype(np.float32)
         out[f"base_model.model.{name}.lora_B.weight"] = rng.normal(0, 0.05, (d_out, rank)).astype(np.float32)
     return out
 
 
 def _qv_modules(params):
     """(HF name, in, out) of every layer's q_proj and v_proj."""
-    return [(module_name(p), *params[p[0]][p[1]][p[2]]["kernel"].shape)
-            for p in target_paths(params, [r"layers_\d+/attn/(q|v)"])]
+    return [(module_name(p), *params[p[0]][p[1]][p[2]]["kernel"].shape) for p in target_paths(params, [r"layers_\d+/attn/(q|v)"])]
 
 
 def _reference_merged(params, tensors, scale):
@@ -156,8 +176,12 @@ def test_peft_folder_loads_and_its_logits_match_a_float64_reference(base, tmp_pa
     adapters, meta = load_adapter(d, base=params, model_cfg=_model_dict())
     scale = 8 / 2.0 if rslora else 8 / 4  # PEFT: lora_alpha / sqrt(r) with use_rslora, else / r
     assert meta["scale"] == scale and meta["base_fingerprint"] is None
-    assert sorted("/".join(p) for p in {k[:-1] for k in traverse_util.flatten_dict(adapters)}) == \
-        ["layers_0/attn/q", "layers_0/attn/v", "layers_1/attn/q", "layers_1/attn/v"]
+    assert sorted("/".join(p) for p in {k[:-1] for k in traverse_util.flatten_dict(adapters)}) == [
+        "layers_0/attn/q",
+        "layers_0/attn/v",
+        "layers_1/attn/q",
+        "layers_1/attn/v",
+    ]
     ref_params = _reference_merged(params, tensors, scale)
     merged = merge(params, adapters, meta["scale"])
     for k, v in traverse_util.flatten_dict(ref_params).items():
@@ -181,8 +205,7 @@ def test_peft_float16_and_bfloat16_tensors_load(base, tmp_path):
     ad16, _ = load_adapter(_peft_folder(tmp_path / "f16", t16, r=2), base=params, model_cfg=_model_dict())
     a16 = ad16["layers_0"]["attn"]["q"]["a"]
     assert a16.dtype == np.float32  # widened exactly
-    np.testing.assert_array_equal(a16, t16["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-                                  .astype(np.float32).T)
+    np.testing.assert_array_equal(a16, t16["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].astype(np.float32).T)
     tbf = {k: v.astype(ml_dtypes.bfloat16) for k, v in t32.items()}
     adbf, _ = load_adapter(_peft_folder(tmp_path / "bf16", tbf, r=2), base=params, model_cfg=_model_dict())
     assert adbf["layers_0"]["attn"]["q"]["b"].dtype == ml_dtypes.bfloat16
@@ -198,20 +221,26 @@ def _bad(tmp_path, params, name, mutate_tensors=None, **config):
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("case,match", [
-    ("no_weights", r"has no adapter_model.safetensors"),
-    ("no_config", r"has neither adapter_config.json"),
-    ("wrong_shape", rf"tensor {Q0}.lora_A.weight has shape \[4, 31\], expected \[4, 32\]"),
-    ("r_mismatch", rf"tensor {Q0}.lora_A.weight has rank 3 .* says r=4"),
-    ("unknown_module", r"tensor base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight: module "
-                       r"model.layers.0.self_attn.qkv_proj is not a Linear layer of this model"),
-    ("not_lora", r"tensor base_model.model.model.embed_tokens.weight is not a LoRA A/B weight"),
-    ("half_pair", rf"tensor {Q0}.lora_B.weight is missing"),
-    ("dora", r"use_dora=true is not supported"),
-    ("layer_replication", r"layer_replication=\[\[0, 2\]\] is not supported"),
-    ("rank_pattern", r"rank_pattern is not supported"),
-    ("prefix", r"peft_type is 'PREFIX_TUNING'"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("no_weights", r"has no adapter_model.safetensors"),
+        ("no_config", r"has neither adapter_config.json"),
+        ("wrong_shape", rf"tensor {Q0}.lora_A.weight has shape \[4, 31\], expected \[4, 32\]"),
+        ("r_mismatch", rf"tensor {Q0}.lora_A.weight has rank 3 .* says r=4"),
+        (
+            "unknown_module",
+            r"tensor base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight: module "
+            r"model.layers.0.self_attn.qkv_proj is not a Linear layer of this model",
+        ),
+        ("not_lora", r"tensor base_model.model.model.embed_tokens.weight is not a LoRA A/B weight"),
+        ("half_pair", rf"tensor {Q0}.lora_B.weight is missing"),
+        ("dora", r"use_dora=true is not supported"),
+        ("layer_replication", r"layer_replication=\[\[0, 2\]\] is not supported"),
+        ("rank_pattern", r"rank_pattern is not supported"),
+        ("prefix", r"peft_type is 'PREFIX_TUNING'"),
+    ],
+)
 def test_bad_peft_folders_fail_with_one_line_naming_the_file_and_tensor(base, tmp_path, case, match):
     _, params = base
     if case == "no_weights":
@@ -225,11 +254,11 @@ def test_bad_peft_folders_fail_with_one_line_naming_the_file_and_tensor(base, tm
     elif case == "r_mismatch":
         d = _bad(tmp_path, params, case, lambda t: {**t, f"{Q0}.lora_A.weight": np.zeros((3, 32), np.float32)})
     elif case == "unknown_module":
-        d = _bad(tmp_path, params, case, lambda t: {
-            **t, "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": np.zeros((4, 32), np.float32)})
+        d = _bad(
+            tmp_path, params, case, lambda t: {**t, "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": np.zeros((4, 32), np.float32)}
+        )
     elif case == "not_lora":
-        d = _bad(tmp_path, params, case, lambda t: {
-            **t, "base_model.model.model.embed_tokens.weight": np.zeros((264, 32), np.float32)})
+        d = _bad(tmp_path, params, case, lambda t: {**t, "base_model.model.model.embed_tokens.weight": np.zeros((264, 32), np.float32)})
     elif case == "half_pair":
         d = _bad(tmp_path, params, case, lambda t: {k: v for k, v in t.items() if k != f"{Q0}.lora_B.weight"})
     elif case == "dora":
@@ -261,8 +290,7 @@ def test_lora_run_starts_from_a_peft_adapter(tiny_config, tmp_path):
     run = tiny_config(["method=lora", "peft.rank=4", "peft.alpha=8", f"peft.init_adapter={d}"])
     state = Trainer(run, devices=jax.devices()[:1]).init_state(params)
     lora = traverse_util.flatten_dict(jax.device_get(state.params["lora"]))
-    np.testing.assert_array_equal(lora[("layers_1", "attn", "v", "a")],
-                                  tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].T)
+    np.testing.assert_array_equal(lora[("layers_1", "attn", "v", "a")], tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"].T)
     np.testing.assert_array_equal(lora[("layers_0", "attn", "q", "b")], tensors[f"{Q0}.lora_B.weight"].T)
     assert not np.any(lora[("layers_0", "mlp", "up", "b")])  # targets the folder lacks start as fresh adapters
     with pytest.raises(ConfigError, match=r"peft.rank: 8, but the adapter .* has rank \(r\) 4: set peft.rank=4"):
@@ -270,8 +298,7 @@ def test_lora_run_starts_from_a_peft_adapter(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match=r"peft.alpha: 16 gives scale 4, .* scale 2: set peft.alpha=8"):
         Trainer(tiny_config(["method=lora", "peft.rank=4", "peft.alpha=16", f"peft.init_adapter={d}"]))
     with pytest.raises(ConfigError, match=r"peft.targets: .* adapts layers_0/attn/v, which no target matches"):
-        Trainer(tiny_config(["method=lora", "peft.rank=4", "peft.alpha=8", f"peft.init_adapter={d}",
-                             r"peft.targets=[layers_\d+/attn/q]"]))
+        Trainer(tiny_config(["method=lora", "peft.rank=4", "peft.alpha=8", f"peft.init_adapter={d}", r"peft.targets=[layers_\d+/attn/q]"]))
 
 
 def _save_base_run(tiny_config, tmp_path):
@@ -297,17 +324,14 @@ def test_cli_merges_a_peft_folder_and_refuses_a_bad_one(tiny_config, tmp_path, c
     tensors = _peft_tensors(_qv_modules(params), rank=4)
     good = _peft_folder(tmp_path / "peft", tensors, lora_alpha=8)
     out = tmp_path / "runs" / "merged"
-    assert main(["merge-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(good),
-                 "--out", str(out)]) == 0
+    assert main(["merge-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(good), "--out", str(out)]) == 0
     _, merged = load_params(tiny_config(["name=merged"]), out / "checkpoints")
     ref = _reference_merged(params, tensors, 2.0)
     for k, v in traverse_util.flatten_dict(ref).items():
-        np.testing.assert_allclose(np.asarray(traverse_util.flatten_dict(jax.device_get(merged))[k]), v,
-                                   rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(traverse_util.flatten_dict(jax.device_get(merged))[k]), v, rtol=0, atol=2e-6)
     bad = _peft_folder(tmp_path / "bad", {**tensors, f"{Q0}.lora_B.weight": np.zeros((32, 5), np.float32)})
     capsys.readouterr()
-    assert main(["merge-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(bad),
-                 "--out", str(tmp_path / "runs" / "merged2")]) == 2
+    assert main(["merge-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(bad), "--out", str(tmp_path / "runs" / "merged2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and f"{Q0}.lora_B.weight has rank 5" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs" / "merged2").exists()
@@ -320,11 +344,21 @@ def test_cli_exports_a_lora_run_as_peft_and_merges_it_back(tiny_config, tmp_path
 
     _, params = _save_base_run(tiny_config, tmp_path)
     base_dir = str(tmp_path / "runs" / "base")
-    run_training(tiny_config(["name=ft", "method=lora", "train.steps=2", f"train.init_from={base_dir}",
-                              "peft.rank=4", "peft.alpha=8", r"peft.targets=[layers_\d+/attn/(q|v)]"]))
+    run_training(
+        tiny_config(
+            [
+                "name=ft",
+                "method=lora",
+                "train.steps=2",
+                f"train.init_from={base_dir}",
+                "peft.rank=4",
+                "peft.alpha=8",
+                r"peft.targets=[layers_\d+/attn/(q|v)]",
+            ]
+        )
+    )
     ad = tmp_path / "ad"
-    assert main(["export-adapter", "--checkpoint", str(tmp_path / "runs" / "ft"), "--out", str(ad),
-                 "--base-model", "exports/base_hf"]) == 0
+    assert main(["export-adapter", "--checkpoint", str(tmp_path / "runs" / "ft"), "--out", str(ad), "--base-model", "exports/base_hf"]) == 0
     cfg = json.loads((ad / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "exports/base_hf" and cfg["target_modules"] == ["q_proj", "v_proj"]
     tensors = load_file(str(ad / "adapter_model.safetensors"))
@@ -354,16 +388,14 @@ def test_cli_imports_a_peft_folder_as_a_lora_run_and_exports_it_back_identically
     tensors = _peft_tensors(_qv_modules(params), rank=4)
     src = _peft_folder(tmp_path / "peft", tensors, lora_alpha=16, use_rslora=True, lora_dropout=0.1)  # scale 8
     run = tmp_path / "runs" / "imported"
-    assert main(["import-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(src),
-                 "--out", str(run)]) == 0
+    assert main(["import-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(src), "--out", str(run)]) == 0
     saved = read_run_config(run)
     assert saved["method"] == "lora" and saved["peft"]["rank"] == 4 and saved["peft"]["alpha"] == 32.0
     assert saved["peft"]["init_adapter"] is None and saved["peft"]["dropout"] == 0.1
     trainer, state_params = load_params(one_device_config(saved), run / "checkpoints", devices=jax.devices()[:1])
     x = _tokens()
     ref = np.asarray(Transformer(CFG).apply({"params": _reference_merged(params, tensors, 8.0)}, x).logits)
-    np.testing.assert_allclose(np.asarray(trainer.method.run(trainer.model, state_params, x).logits), ref,
-                               rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(trainer.method.run(trainer.model, state_params, x).logits), ref, rtol=0, atol=2e-5)
     out = tmp_path / "back"
     assert main(["export-adapter", "--checkpoint", str(run), "--out", str(out)]) == 0
     back = load_file(str(out / "adapter_model.safetensors"))

@@ -26,8 +26,12 @@ def _cfg(tmp_path, **train):
 
 
 def _env(devices):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def _summary(stdout):
@@ -42,14 +46,28 @@ def test_two_processes_with_4_devices_each_train_like_one_process_with_8(tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([EXE, "train", str(cfg), f"distributed.coordinator_address=127.0.0.1:{port}",
-                               "distributed.num_processes=2", f"distributed.process_id={i}", "name=two", *mesh],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(4))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                EXE,
+                "train",
+                str(cfg),
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+                "name=two",
+                *mesh,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(4),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    single = subprocess.run([EXE, "train", str(cfg), "name=one", *mesh], capture_output=True, text=True, env=_env(8),
-                            timeout=300)
+    single = subprocess.run([EXE, "train", str(cfg), "name=one", *mesh], capture_output=True, text=True, env=_env(8), timeout=300)
     assert single.returncode == 0, single.stderr
     ref = _summary(single.stdout)
     for out, _ in outs:
@@ -89,8 +107,7 @@ def _logged_steps(run_dir):
 
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     cfg = _cfg(tmp_path, steps=100000, eval_every=100000, log_every=1)
-    proc = subprocess.Popen([EXE, "train", str(cfg), "checkpoint.every=100000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(1))
+    proc = subprocess.Popen([EXE, "train", str(cfg), "checkpoint.every=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1))
     events = tmp_path / "runs" / "tiny"
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until training has logged a few steps
@@ -103,8 +120,13 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert "interrupted: checkpoint at step" in err + out
     steps = [int(p.name) for p in (events / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] >= 3
-    again = subprocess.run([EXE, "train", str(cfg), "checkpoint.every=100000", f"train.steps={steps[0] + 2}",
-                            "--resume"], capture_output=True, text=True, env=_env(1), timeout=300)
+    again = subprocess.run(
+        [EXE, "train", str(cfg), "checkpoint.every=100000", f"train.steps={steps[0] + 2}", "--resume"],
+        capture_output=True,
+        text=True,
+        env=_env(1),
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout + again.stderr
     assert _summary(again.stdout)["step"] == steps[0] + 2
@@ -115,10 +137,24 @@ def test_sigterm_to_both_processes_stops_them_at_the_same_step_with_one_checkpoi
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([EXE, "train", str(cfg), f"distributed.coordinator_address=127.0.0.1:{port}",
-                               "distributed.num_processes=2", f"distributed.process_id={i}", "checkpoint.every=4"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(4))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                EXE,
+                "train",
+                str(cfg),
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+                "checkpoint.every=4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(4),
+        )
+        for i in range(2)
+    ]
     ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):

@@ -61,7 +61,7 @@ def test_asymmetric_zero_point_worked_example():
 def test_codes_span_exactly_the_documented_range(bits, symmetric):
     x = np.random.default_rng(bits).normal(size=(256,)).astype(np.float32)
     q, _, _ = _codes(x, QuantSpec(bits=bits, symmetric=symmetric, granularity="tensor"))
-    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     assert q.min() >= lo and q.max() <= hi
     if symmetric:  # the largest |x| lands on an end of the grid
         assert np.abs(q).max() == hi
@@ -109,9 +109,15 @@ def test_ste_gradient_is_zero_where_a_fixed_scale_clips():
     np.testing.assert_array_equal(np.asarray(g), [0, 1, 1, 1, 1, 0])
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=4, granularity="group", group_size=8),
-                                  QuantSpec(bits=5, symmetric=False, granularity="tensor"),
-                                  QuantSpec(ternary=True, granularity="tensor")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8),
+        QuantSpec(bits=4, granularity="group", group_size=8),
+        QuantSpec(bits=5, symmetric=False, granularity="tensor"),
+        QuantSpec(ternary=True, granularity="tensor"),
+    ],
+)
 def test_fake_quant_forward_equals_quantize_dequantize(spec):
     w = np.random.default_rng(2).normal(size=(16, 8)).astype(np.float32)
     scale, zero = compute_scale_zero(w, spec, axis=-2)
@@ -120,10 +126,14 @@ def test_fake_quant_forward_equals_quantize_dequantize(spec):
     np.testing.assert_array_equal(np.asarray(fake_quant(w, spec, axis=-2)), np.asarray(direct))
 
 
-@pytest.mark.parametrize("fmt,spec", [("int8", QuantSpec(bits=8)),
-                                      ("int4", QuantSpec(bits=4, granularity="group", group_size=64)),
-                                      ("int4_asym", QuantSpec(bits=4, symmetric=False, granularity="group",
-                                                              group_size=64))])
+@pytest.mark.parametrize(
+    "fmt,spec",
+    [
+        ("int8", QuantSpec(bits=8)),
+        ("int4", QuantSpec(bits=4, granularity="group", group_size=64)),
+        ("int4_asym", QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64)),
+    ],
+)
 def test_fake_quant_grid_is_the_kernel_formats_grid(fmt, spec):
     # QAT trains on exactly the values the converted model's kernels use
     w = np.random.default_rng(3).normal(size=(128, 32)).astype(np.float32)
@@ -154,8 +164,16 @@ def _batch(cfg):
     return loader.next_batch()
 
 
-QAT = ["method=qat", "optim.name=sgd", "model.n_layers=1", "data.seq_len=16", "quant.weight.bits=4",
-       "quant.weight.granularity=group", "quant.weight.group_size=32", "quant.activation.bits=8"]
+QAT = [
+    "method=qat",
+    "optim.name=sgd",
+    "model.n_layers=1",
+    "data.seq_len=16",
+    "quant.weight.bits=4",
+    "quant.weight.granularity=group",
+    "quant.weight.group_size=32",
+    "quant.activation.bits=8",
+]
 
 
 @pytest.mark.parametrize("learn", [pytest.param(False, marks=pytest.mark.slow), True])
@@ -173,8 +191,7 @@ def test_qat_step_on_8_devices_equals_the_single_device_step(tiny_config, learn)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-6)
     if learn:  # the LSQ scales are parameters and moved
         s0 = jax.device_get(t1.init_state().params["qscales"])
-        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(
-            jax.device_get(s1.params["qscales"]))))
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(jax.device_get(s1.params["qscales"]))))
 
 
 def _tiny_model(tiny_config, overrides=()):
@@ -192,16 +209,16 @@ def _tiny_model(tiny_config, overrides=()):
 def test_qat_forward_quantizes_only_the_selected_layers(tiny_config):
     cfg, model, params, tokens = _tiny_model(tiny_config)
     ref = jax.jit(lambda p: model.apply({"params": p}, tokens).logits)(params)
-    none = QuantConfig(weight={"bits": 4}, activation={"bits": 8}, weight_layers="^nothing$",
-                       activation_layers="^nothing$")
+    none = QuantConfig(weight={"bits": 4}, activation={"bits": 8}, weight_layers="^nothing$", activation_layers="^nothing$")
     run = jax.jit(lambda p, q: fake_quant_apply(model, p, tokens, q).logits, static_argnums=1)
     np.testing.assert_array_equal(np.asarray(run(params, none)), np.asarray(ref))
     q = QuantConfig(weight={"bits": 4})
     out = run(params, q)
     assert float(jnp.max(jnp.abs(out - ref))) > 1e-3
     # weight-only fake quant = the float model on the quantize-dequantize weights
-    np.testing.assert_allclose(np.asarray(out), np.asarray(
-        model.apply({"params": quantized_model_params(params, q)}, tokens).logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(model.apply({"params": quantized_model_params(params, q)}, tokens).logits), rtol=1e-5, atol=1e-5
+    )
     assert np.array_equal(quantized_model_params(params, q)["embed"]["embedding"], params["embed"]["embedding"])
 
 
@@ -220,8 +237,7 @@ def test_static_calibration_picks_the_documented_ranges(method):
     model = _TwoDense()
     batches = [np.random.default_rng(i).normal(size=(16, 5)).astype(np.float32) * (i + 1) for i in range(4)]
     params = model.init(jax.random.PRNGKey(0), batches[0])["params"]
-    q = QuantConfig(activation={"bits": 8}, activation_layers="^a$",
-                    calibration={"batches": 3, "method": method, "percentile": 99.0})
+    q = QuantConfig(activation={"bits": 8}, activation_layers="^a$", calibration={"batches": 3, "method": method, "percentile": 99.0})
     ranges = calibrate(model, params, batches, q)
     assert set(ranges) == {"a"}
     used = np.concatenate([b.ravel() for b in batches[:3]])  # only `batches` batches
@@ -235,9 +251,16 @@ def test_static_calibration_picks_the_documented_ranges(method):
 
 # ||logits - float logits|| / ||float logits|| of the converted one-layer model: observed 0.015 (int8),
 # 0.26 (int4), 0.24 (nf4), 0.023 (w8a8); bounds ~2.5x observed
-@pytest.mark.parametrize("fmt,extra,rel_tol", [("int8", {}, 0.04), ("int4", {"group_size": 32}, 0.6),
-                                               ("nf4", {"group_size": 32}, 0.6), ("w8a8", {}, 0.06),
-                                               ("w8a8", {"outlier_threshold": 6.0}, 0.06)])
+@pytest.mark.parametrize(
+    "fmt,extra,rel_tol",
+    [
+        ("int8", {}, 0.04),
+        ("int4", {"group_size": 32}, 0.6),
+        ("nf4", {"group_size": 32}, 0.6),
+        ("w8a8", {}, 0.06),
+        ("w8a8", {"outlier_threshold": 6.0}, 0.06),
+    ],
+)
 def test_converted_model_is_close_to_the_float_model_and_smaller(tiny_config, fmt, extra, rel_tol):
     cfg, model, params, tokens = _tiny_model(tiny_config)
     q = QuantConfig(convert={"format": fmt, "backend": "reference", **extra})
@@ -247,8 +270,7 @@ def test_converted_model_is_close_to_the_float_model_and_smaller(tiny_config, fm
     err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert 0 < err < rel_tol
     if fmt != "w8a8":  # weight-only: exactly the float model on the dequantized kernels
-        deq = jax.tree.map(lambda l: dequantize(l) if hasattr(l, "fmt") else l, qparams,
-                           is_leaf=lambda l: hasattr(l, "fmt"))
+        deq = jax.tree.map(lambda l: dequantize(l) if hasattr(l, "fmt") else l, qparams, is_leaf=lambda l: hasattr(l, "fmt"))
         np.testing.assert_allclose(out, np.asarray(model.apply({"params": deq}, tokens).logits), rtol=1e-4, atol=1e-4)
     b_float, b_q = model_bytes(params), model_bytes(qparams)
     kernels = b_float["total"] - b_q["float"]  # float bytes of the kernels that were converted
@@ -283,8 +305,14 @@ def test_converted_model_on_the_interpret_kernels_equals_the_reference_path(tiny
 
 
 def test_quantized_method_evaluates_on_8_devices_like_on_one(tiny_config):
-    ov = ["method=quantized", "quant.convert.format=int4", "quant.convert.group_size=32",
-          "quant.convert.backend=reference", "model.n_layers=1", "data.seq_len=16"]
+    ov = [
+        "method=quantized",
+        "quant.convert.format=int4",
+        "quant.convert.group_size=32",
+        "quant.convert.backend=reference",
+        "model.n_layers=1",
+        "data.seq_len=16",
+    ]
     cfg1 = tiny_config(ov + ["mesh.data=1"])
     cfg8 = tiny_config(ov + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     _, _, eval_sets = build_data(cfg1.data, cfg1.model.vocab_size)
@@ -304,16 +332,42 @@ def test_convert_a_trained_checkpoint_then_eval_and_generate_from_the_cli(tiny_c
     cfg = tiny_config(["train.steps=2", "checkpoint.every=2", "mesh.data=1"])
     run_training(cfg, devices=jax.devices()[:1])
     out = tmp_path / "converted"
-    assert convert_main(["--checkpoint", str(cfg.run_path), "--out", str(out), "quant.convert.format=int4",
-                         "quant.convert.group_size=32", "quant.convert.backend=reference"]) == 0
+    assert (
+        convert_main(
+            [
+                "--checkpoint",
+                str(cfg.run_path),
+                "--out",
+                str(out),
+                "quant.convert.format=int4",
+                "quant.convert.group_size=32",
+                "quant.convert.backend=reference",
+            ]
+        )
+        == 0
+    )
     report = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
     assert int(report["converted_total"]) < int(report["source_bytes"])
     assert main(["generate", "--checkpoint", str(out), "--prompt", "1+1=", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("1+1=")
     config = tmp_path / "quantized.yaml"
     config.write_text(cfg.to_yaml())
-    assert main(["eval", str(config), "method=quantized", "quant.convert.format=int4", "quant.convert.group_size=32",
-                 "quant.convert.backend=reference", "mesh.data=-1", "--checkpoint", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(config),
+                "method=quantized",
+                "quant.convert.format=int4",
+                "quant.convert.group_size=32",
+                "quant.convert.backend=reference",
+                "mesh.data=-1",
+                "--checkpoint",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "eval/loss" in capsys.readouterr().out
 
 
@@ -327,13 +381,17 @@ def test_each_quant_config_loads(path):
     assert cfg.method in ("qat", "quantized")
 
 
-@pytest.mark.parametrize("override,key", [("quant.weight.bits=9", "quant.weight.bits"),
-                                          ("quant.weight_layers=((", "quant.weight_layers"),
-                                          ("quant.weight.granularity=row", "quant.weight.granularity"),
-                                          ("quant.convert.double_quant=true", "convert.double_quant"),
-                                          ("quant.activation.ternary=true", "activation"),
-                                          ("quant.weight.symmetric=false quant.weight.learnable_scale=true",
-                                           "weight.learnable_scale")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("quant.weight.bits=9", "quant.weight.bits"),
+        ("quant.weight_layers=((", "quant.weight_layers"),
+        ("quant.weight.granularity=row", "quant.weight.granularity"),
+        ("quant.convert.double_quant=true", "convert.double_quant"),
+        ("quant.activation.ternary=true", "activation"),
+        ("quant.weight.symmetric=false quant.weight.learnable_scale=true", "weight.learnable_scale"),
+    ],
+)
 def test_a_bad_quant_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
         load_config(None, override.split())

@@ -54,8 +54,7 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on(tiny_config):
 def test_stop_policy_checkpoints_the_last_good_state_and_resume_matches_an_uninterrupted_run(tiny_config):
     straight = tiny_config(["name=straight", "train.log_every=1"])
     run_training(straight)
-    poisoned = tiny_config(["name=poisoned", "train.log_every=1", "train.nonfinite=stop",
-                            "train.inject_nan_at_step=5"])
+    poisoned = tiny_config(["name=poisoned", "train.log_every=1", "train.nonfinite=stop", "train.inject_nan_at_step=5"])
     out = run_training(poisoned)
     assert "training halted at step 5" in out["halted"] and "(step 4)" in out["halted"]
     assert Checkpointer(poisoned.checkpoint_path, create=False).latest_step() == 4
@@ -67,8 +66,7 @@ def test_stop_policy_checkpoints_the_last_good_state_and_resume_matches_an_unint
 
 
 def test_skip_policy_halts_after_max_consecutive_nonfinite_steps(tiny_config):
-    cfg = tiny_config(["optim.name=sgd", "optim.lr=1e30", "optim.grad_clip=null", "train.max_skips=3",
-                       "train.steps=20", "train.log_every=1"])
+    cfg = tiny_config(["optim.name=sgd", "optim.lr=1e30", "optim.grad_clip=null", "train.max_skips=3", "train.steps=20", "train.log_every=1"])
     out = run_training(cfg)
     assert "3 consecutive non-finite" in out["halted"]
     step = Checkpointer(cfg.checkpoint_path, create=False).latest_step()
@@ -163,8 +161,9 @@ def _kill_fuzz(tmp_path, kills, seed):
     targets = sorted(rng.randrange(0, steps - every, every) for _ in range(kills))  # repeats: kill again soon after a resume
     outcomes = []
     for target in targets:
-        proc = subprocess.Popen([EXE, "train", str(cfg), "resume=true", f"checkpoint.every={every}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [EXE, "train", str(cfg), "resume=true", f"checkpoint.every={every}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         deadline = time.time() + 240
         while proc.poll() is None and _latest(ckpt_dir) < target and time.time() < deadline:
             time.sleep(0.02)
@@ -201,8 +200,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_uninterrupted_r
     ref = _run(["train", str(ref_cfg)])
     cfg = _cfg_file(tmp_path, "term", steps=steps, eval_every=steps, log_every=1)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.Popen([EXE, "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([EXE, "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ckpts = tmp_path / "runs" / "term" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
@@ -223,8 +221,7 @@ def test_a_checkpoint_written_by_another_method_is_refused_naming_both(tiny_conf
 
     lm = tiny_config(["train.steps=3"])
     run_training(lm)
-    other = tiny_config(["train.steps=6", "resume=true", "method=distill",
-                         f"distill.teacher_checkpoint={lm.run_path}"])
+    other = tiny_config(["train.steps=6", "resume=true", "method=distill", f"distill.teacher_checkpoint={lm.run_path}"])
     with pytest.raises(CheckpointError, match="written by method 'lm', not 'distill'"):
         run_training(other)
 

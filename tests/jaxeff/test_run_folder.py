@@ -17,8 +17,7 @@ from jaxeff.config import from_dict, load_config, resolve_raw
 from tests.conftest import TINY
 
 # a run whose data settings differ from the schema defaults (the defaults select other eval docs)
-DATA = {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4, "seq_len": 32,
-        "batch_size": 8, "doc_len": 200}
+DATA = {"domains": ["arithmetic", "prose"], "docs_per_domain": 40, "eval_docs_per_domain": 4, "seq_len": 32, "batch_size": 8, "doc_len": 200}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,7 @@ def test_convert_round_trip_is_truthful_and_evaluates_the_same(trained, capsys):
     root, cfg, _ = trained
     hf, back = root / "hf", root / "runs" / "back"
     assert main(["convert", "--from", str(cfg.run_path), "--to-hf", str(hf)]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-            "jaxeff_run.yaml"} <= {p.name for p in hf.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "jaxeff_run.yaml"} <= {p.name for p in hf.iterdir()}
     gen = json.loads((hf / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (257, 258, 256)
     # the byte tokenizer as a tokenizers file: same ids as jaxeff's, decoded back
@@ -115,8 +113,7 @@ def test_init_from_hf_reads_the_model_section(trained, tmp_path):
     hf = root / "hf_init"
     assert main(["convert", "--from", str(cfg.run_path), "--to-hf", str(hf)]) == 0
     cfg_file = tmp_path / "ft.yaml"
-    cfg_file.write_text(yaml.safe_dump({"name": "ft", "data": DATA, "train": {"init_from": f"hf:{hf}"},
-                                        "model": {"attention_impl": "xla"}}))
+    cfg_file.write_text(yaml.safe_dump({"name": "ft", "data": DATA, "train": {"init_from": f"hf:{hf}"}, "model": {"attention_impl": "xla"}}))
     loaded = load_config(cfg_file)
     assert (loaded.model.d_model, loaded.model.n_layers, loaded.model.n_kv_heads) == (32, 2, 2)
     assert loaded.model.attention_impl == "xla"  # keys the config gives win
@@ -127,8 +124,7 @@ def test_init_from_hf_reads_the_model_section(trained, tmp_path):
 def test_quantize_writes_a_run_folder_with_its_provenance(trained, capsys):
     root, cfg, _ = trained
     out = root / "runs" / "int8"
-    assert main(["quantize", "--checkpoint", str(cfg.run_path), "--out", str(out),
-                 "quant.convert.backend=reference"]) == 0
+    assert main(["quantize", "--checkpoint", str(cfg.run_path), "--out", str(out), "quant.convert.backend=reference"]) == 0
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["method"] == "quantized" and written["name"] == "int8"
     assert written["provenance"]["command"] == "jaxeff quantize" and written["provenance"]["format"] == "int8"
@@ -146,14 +142,30 @@ def test_distill_topk_verb_shows_progress(trained, capfd):
 
     root, cfg, yaml_path = trained
     out = root / "top4.npz"
-    assert main(["distill-topk", str(yaml_path), "method=distill", f"distill.teacher_checkpoint={cfg.run_path}",
-                 "logging.progress=true", "--k", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "distill-topk",
+                str(yaml_path),
+                "method=distill",
+                f"distill.teacher_checkpoint={cfg.run_path}",
+                "logging.progress=true",
+                "--k",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capfd.readouterr()
     assert "teacher top-4" in captured.err and "row" in captured.err and f"wrote {out}" in captured.out
     with np.load(out) as f:
         assert f["topk_ids"].shape[-1] == 4 and np.isfinite(f["topk_logits"]).all()
-    assert main(["distill-topk", str(yaml_path), "method=distill", f"distill.teacher_checkpoint={cfg.run_path}",
-                 "--k", "0", "--out", str(root / "bad.npz")]) == 2
+    assert (
+        main(["distill-topk", str(yaml_path), "method=distill", f"distill.teacher_checkpoint={cfg.run_path}", "--k", "0", "--out", str(root / "bad.npz")])
+        == 2
+    )
     assert capfd.readouterr().err.startswith("error: k: expected 1..")
 
 
@@ -168,8 +180,8 @@ def test_a_sparsified_run_says_what_made_it_and_evaluates_from_its_own_config(tr
     assert written["provenance"]["source"] == str(cfg.run_path.absolute())
     assert written["method"] == "lm" and written["data"] == cfg.to_dict()["data"]
     assert main(["eval", "--checkpoint", str(out)]) == 0  # parameters only, no optimizer state
-    assert set(_losses(capsys.readouterr().out)) == {"eval/loss/arithmetic", "eval/loss/prose", "eval/loss",
-                                                     "eval/perplexity"}
-    assert main(["train", str(root / "tiny.yaml"), f"logging.run_dir={root / 'runs'}", "name=sparse",
-                 "resume=true"]) == 2  # a parameters-only run is not resumable: refused, one line
+    assert set(_losses(capsys.readouterr().out)) == {"eval/loss/arithmetic", "eval/loss/prose", "eval/loss", "eval/perplexity"}
+    assert (
+        main(["train", str(root / "tiny.yaml"), f"logging.run_dir={root / 'runs'}", "name=sparse", "resume=true"]) == 2
+    )  # a parameters-only run is not resumable: refused, one line
     assert "holds parameters only (written by jaxeff sparsify)" in capsys.readouterr().err

@@ -51,9 +51,8 @@ def test_generated_file_is_read_by_the_data_loader_and_holds_the_teachers_greedy
     r = rows[0]
     ids = tok.encode(r["prompt"])
     prompt = np.asarray([ids if len(ids) == 8 else [tok.bos_id] + ids], np.int32)
-    new = [int(t) for t in np.asarray(generate(Transformer(cfg.model), params, prompt, jax.random.PRNGKey(0),
-                                               max_new_tokens=10))[0]]
-    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    new = [int(t) for t in np.asarray(generate(Transformer(cfg.model), params, prompt, jax.random.PRNGKey(0), max_new_tokens=10))[0]]
+    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
     assert r["text"] == r["prompt"] + tok.decode(new)
     # a plain lm run reads it through data.paths
     from jaxeff.config import from_dict
@@ -79,22 +78,24 @@ def test_prompts_file_and_parquet_output(teacher, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("12+7=\nid: 5\n\nthe cat\n")
     out = tmp_path / "seqkd.parquet"
-    rc = main(["distill-generate", str(teacher.run_path), "--out", str(out), "--prompts", str(prompts),
-               "--max-new-tokens", "6"])
+    rc = main(["distill-generate", str(teacher.run_path), "--out", str(out), "--prompts", str(prompts), "--max-new-tokens", "6"])
     assert rc == 0 and "3 samples" in capsys.readouterr().out
     docs = load_text_documents([str(out)])
     assert [d[:5] for d in docs] == ["12+7=", "id: 5", "the c"]
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--out", "{tmp}/x.csv"], "--out: expected a .jsonl or .parquet"),
-    (["--out", "{tmp}/x.jsonl", "--num", "0"], "--num: expected a positive integer"),
-    (["--out", "{tmp}/x.jsonl", "--temperature", "-1"], "--temperature"),
-    (["--out", "{tmp}/x.jsonl", "--seed", str(2**70)], "--seed"),
-    (["--out", "{tmp}/x.jsonl", "--max-new-tokens", "200"], "exceed the teacher's max_seq_len=64"),
-    (["--out", "{tmp}/x.jsonl", "--prompts", "{tmp}/none.txt"], "--prompts: file"),
-    (["--out", "{tmp}/exists.jsonl"], "already exists"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--out", "{tmp}/x.csv"], "--out: expected a .jsonl or .parquet"),
+        (["--out", "{tmp}/x.jsonl", "--num", "0"], "--num: expected a positive integer"),
+        (["--out", "{tmp}/x.jsonl", "--temperature", "-1"], "--temperature"),
+        (["--out", "{tmp}/x.jsonl", "--seed", str(2**70)], "--seed"),
+        (["--out", "{tmp}/x.jsonl", "--max-new-tokens", "200"], "exceed the teacher's max_seq_len=64"),
+        (["--out", "{tmp}/x.jsonl", "--prompts", "{tmp}/none.txt"], "--prompts: file"),
+        (["--out", "{tmp}/exists.jsonl"], "already exists"),
+    ],
+)
 def test_distill_generate_bad_input_exits_2_with_one_line(teacher, tmp_path, capsys, argv, msg):
     (tmp_path / "exists.jsonl").write_text("{}\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -21,10 +21,8 @@ from jaxeff.train.methods import make_method
 
 TARGET = {"d_model": 24, "n_heads": 2, "n_layers": 2, "d_ff": 20}
 # GQA (2 kv groups of 2 heads), tied embeddings, a per-layer window; and MHA, untied, with biases
-GQA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32,
-                        sliding_window=(None, 8, None))
-MHA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=32,
-                        tie_embeddings=False, use_bias=True)
+GQA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32, sliding_window=(None, 8, None))
+MHA = TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_seq_len=32, tie_embeddings=False, use_bias=True)
 
 
 def _tokens(seed=9, shape=(2, 16), vocab=64):
@@ -34,11 +32,13 @@ def _tokens(seed=9, shape=(2, 16), vocab=64):
 @functools.cache
 def _noisy_params(cfg, seed=0):
     """Random parameters with non-trivial norm scales and biases (fresh ones are 1 and 0)."""
+
     def make(key):
         params = init_params(Transformer(cfg), key)
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
         return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
     return jax.jit(make)(jax.random.key(seed))
 
 
@@ -54,8 +54,7 @@ def _shear_tree(cfg, target=TARGET, seed=2):
     pc = PruneConfig(target=target)
     sizes = pruned_sizes(pc, cfg)
     shear = init_shear(hc.mask_shapes(cfg, sizes), jax.random.key(1), pc)
-    shear["log_alpha"] = {t: 2.0 * jax.random.normal(jax.random.key(seed + i), v.shape)
-                          for i, (t, v) in enumerate(sorted(shear["log_alpha"].items()))}
+    shear["log_alpha"] = {t: 2.0 * jax.random.normal(jax.random.key(seed + i), v.shape) for i, (t, v) in enumerate(sorted(shear["log_alpha"].items()))}
     return {"model": _noisy_params(cfg), "shear": shear}, pc, sizes
 
 
@@ -91,19 +90,15 @@ def test_pruning_eval_is_deterministic_and_uses_exactly_the_target_counts(tiny_c
     cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.d_model=24"])
     model = Transformer(cfg.model)
     method = make_method(cfg, model)
-    params = jax.jit(lambda k: method.prepare_params(init_params(model, k), jax.random.fold_in(k, 1)))(
-        jax.random.key(0))
+    params = jax.jit(lambda k: method.prepare_params(init_params(model, k), jax.random.fold_in(k, 1)))(jax.random.key(0))
     sizes = pruned_sizes(cfg.prune, cfg.model)
     masks = final_masks(params["shear"], sizes)
-    assert {t: int(np.count_nonzero(np.asarray(v), axis=-1).max()) for t, v in masks.items()} == {
-        "head": 1, "intermediate": 40, "hidden": 24}
+    assert {t: int(np.count_nonzero(np.asarray(v), axis=-1).max()) for t, v in masks.items()} == {"head": 1, "intermediate": 40, "hidden": 24}
     x = _tokens(vocab=264)
     batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "positions": None, "segment_ids": None}
-    loss = jax.jit(lambda rng, det: method.loss(params, batch, rng, frozen=None, deterministic=det,
-                                                 step=0)[0], static_argnums=1)
+    loss = jax.jit(lambda rng, det: method.loss(params, batch, rng, frozen=None, deterministic=det, step=0)[0], static_argnums=1)
     assert float(loss(jax.random.key(1), True)) == float(loss(jax.random.key(2), True))
     assert float(loss(jax.random.key(1), False)) != float(loss(jax.random.key(2), False))  # training samples masks
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,8 +120,7 @@ def test_masked_rmsnorm_averages_over_the_kept_features_only():
 @pytest.mark.slow
 def test_all_ones_masks_give_the_unmasked_logits():
     params = _noisy_params(GQA)
-    ones = {"head": jnp.ones((3, 4)), "attn": jnp.ones(3), "mlp": jnp.ones(3), "intermediate": jnp.ones((3, 48)),
-            "hidden": jnp.ones(32)}
+    ones = {"head": jnp.ones((3, 4)), "attn": jnp.ones(3), "mlp": jnp.ones(3), "intermediate": jnp.ones((3, 48)), "hidden": jnp.ones(32)}
     x = _tokens()
     np.testing.assert_allclose(_logits_fn(GQA)(params, x, ones), _logits_fn(GQA)(params, x), rtol=1e-5, atol=1e-5)
 
@@ -176,8 +170,12 @@ def test_expected_params_equals_the_count_of_kept_parameters_for_hard_masks(cfg)
     shapes = jax.eval_shape(lambda: init_params(Transformer(cfg), jax.random.key(0)))
     rng = np.random.default_rng(0)
     for trial in range(4):
-        masks = {"head": rng.random((3, cfg.kv_heads)) < 0.6, "intermediate": rng.random((3, 48)) < 0.5,
-                 "layer": rng.random(3) < 0.7, "hidden": rng.random(32) < 0.8}
+        masks = {
+            "head": rng.random((3, cfg.kv_heads)) < 0.6,
+            "intermediate": rng.random((3, 48)) < 0.5,
+            "layer": rng.random(3) < 0.7,
+            "hidden": rng.random(32) < 0.8,
+        }
         masks = {t: v.astype(np.float32) for t, v in masks.items()}
         drop = list(masks)[trial]  # a missing mask type keeps everything
         masks.pop(drop)
@@ -228,11 +226,14 @@ def test_extraction_keeps_sliding_windows_of_the_kept_layers_and_refuses_ragged_
 # config
 
 
-@pytest.mark.parametrize("override, match", [
-    ("prune.target.d_model=64", r"prune.target.d_model: 64 is larger than the source model's 32"),
-    ("prune.target.n_heads=3", r"prune.target.n_heads: 3 is not a multiple of the 2 query heads per kv head"),
-    ("prune.target.n_layers=2", r"prune.target: equals the source model"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("prune.target.d_model=64", r"prune.target.d_model: 64 is larger than the source model's 32"),
+        ("prune.target.n_heads=3", r"prune.target.n_heads: 3 is not a multiple of the 2 query heads per kv head"),
+        ("prune.target.n_layers=2", r"prune.target: equals the source model"),
+    ],
+)
 def test_bad_prune_targets_are_one_line_config_errors(tiny_config, override, match):
     cfg = tiny_config(["method=shear", override])
     with pytest.raises(ConfigError, match=match) as e:
@@ -268,8 +269,7 @@ def test_target_sparsity_warms_up_linearly_then_stays():
 
 def test_optimizer_descends_on_weights_and_log_alpha_ascends_on_lambdas_and_clamps_log_alpha(tiny_config):
     cfg = tiny_config(["method=shear", "prune.target.d_ff=32", "prune.mask_lr=0.5", "prune.lambda_lr=0.25"])
-    params = {"model": {"w": jnp.ones(3)}, "shear": {"log_alpha": {"intermediate": jnp.array([0.0, 4.5])},
-                                                   "lambdas": {"intermediate": jnp.zeros(2)}}}
+    params = {"model": {"w": jnp.ones(3)}, "shear": {"log_alpha": {"intermediate": jnp.array([0.0, 4.5])}, "lambdas": {"intermediate": jnp.zeros(2)}}}
     trainable = jax.tree.map(lambda _: True, params)
     tx = shear_optimizer(cfg.prune, cfg.optim, 10, trainable)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -289,9 +289,19 @@ def test_sharded_pruning_step_on_8_devices_trains_masks_and_multipliers(tiny_con
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import Trainer
 
-    cfg = tiny_config(["method=shear", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "prune.target.n_heads=2",
-                       "prune.target.d_ff=32", "prune.target.n_layers=1", "prune.target.d_model=16",
-                       "prune.warmup_fraction=0"])
+    cfg = tiny_config(
+        [
+            "method=shear",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+            "prune.target.n_heads=2",
+            "prune.target.d_ff=32",
+            "prune.target.n_layers=1",
+            "prune.target.d_model=16",
+            "prune.warmup_fraction=0",
+        ]
+    )
     trainer = Trainer(cfg)
     assert len(trainer.mesh.devices.ravel()) == 8
     state = trainer.init_state()
@@ -308,8 +318,7 @@ def test_sharded_pruning_step_on_8_devices_trains_masks_and_multipliers(tiny_con
         assert lam[0] < 0 < lam[1]  # sparsity below target: λ1 falls; λ2 (gap² > 0) rises
         assert np.all(after["shear"]["log_alpha"][t] <= math.log(100) + 1e-6)  # 5 clamped
         assert not np.allclose(after["shear"]["log_alpha"][t], before["shear"]["log_alpha"][t])
-    assert not np.allclose(after["model"]["layers_0"]["mlp"]["up"]["kernel"],
-                           before["model"]["layers_0"]["mlp"]["up"]["kernel"])
+    assert not np.allclose(after["model"]["layers_0"]["mlp"]["up"]["kernel"], before["model"]["layers_0"]["mlp"]["up"]["kernel"])
     for k in ("shear/lm_loss", "shear/expected_params", "shear/sparsity/head", "shear/lambda1/layer"):
         assert k in metrics
 
@@ -318,8 +327,7 @@ def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_conf
     from jaxeff.config import from_dict
     from jaxeff.train.loop import Trainer
 
-    cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.n_layers=1",
-                       "mesh.data=1", "data.batch_size=2"])
+    cfg = tiny_config(["method=shear", "prune.target.n_heads=2", "prune.target.d_ff=40", "prune.target.n_layers=1", "mesh.data=1", "data.batch_size=2"])
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     state = trainer.init_state()
     noisy = jax.tree.map(lambda x: x - 0.5 * jax.random.normal(jax.random.key(3), x.shape), state.params["shear"])
@@ -341,8 +349,13 @@ def test_extract_run_writes_a_smaller_run_that_eval_and_init_from_read(tiny_conf
     saved.close()
     assert small_dict["method"] == "lm" and small_dict["model"]["d_ff"] == 40
     # another run starts from it (train.init_from) and computes what the masked model computed
-    raw = {**cfg.to_dict(), "method": "lm", "name": "next", "model": small_dict["model"],
-           "train": {**cfg.to_dict()["train"], "init_from": str(tmp_path / "small")}}
+    raw = {
+        **cfg.to_dict(),
+        "method": "lm",
+        "name": "next",
+        "model": small_dict["model"],
+        "train": {**cfg.to_dict()["train"], "init_from": str(tmp_path / "small")},
+    }
     raw.pop("prune")
     nxt = Trainer(from_dict(raw), devices=jax.devices()[:1])
     base = nxt.load_base_params(str(tmp_path / "small"))
@@ -357,8 +370,7 @@ def test_pruning_run_reaches_the_target_sparsities_and_its_extraction_trains_fur
     from jaxeff.train.loop import run_training
 
     target = ["prune.target.d_model=24", "prune.target.n_heads=2", "prune.target.n_layers=1", "prune.target.d_ff=32"]
-    cfg = tiny_config(["method=shear", *target, "train.steps=100", "train.log_every=100", "train.eval_every=100",
-                       "checkpoint.every=100"])
+    cfg = tiny_config(["method=shear", *target, "train.steps=100", "train.log_every=100", "train.eval_every=100", "checkpoint.every=100"])
     last = run_training(cfg)
     for t, goal in {"head": 0.5, "intermediate": 0.5, "layer": 0.5, "hidden": 0.25}.items():
         assert last[f"train/shear/target_sparsity/{t}"] == pytest.approx(goal)
@@ -382,8 +394,17 @@ def test_resumed_pruning_run_continues_bit_for_bit_with_grad_accum_bf16_on_8_dev
 
     from jaxeff.train.loop import run_training
 
-    common = ["method=shear", "prune.target.d_model=24", "prune.target.n_heads=2", "prune.target.d_ff=32",
-              "optim.grad_accum=2", "model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    common = [
+        "method=shear",
+        "prune.target.d_model=24",
+        "prune.target.n_heads=2",
+        "prune.target.d_ff=32",
+        "optim.grad_accum=2",
+        "model.dtype=bfloat16",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+    ]
     straight = tiny_config(common)
     a = run_training(straight)
     split = tiny_config([*common, "name=split", "resume=true"])

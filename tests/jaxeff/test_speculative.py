@@ -14,8 +14,7 @@ from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.models.generate import generate
 
 # init_std 0.5: peaked, input-dependent distributions (the default 0.02 gives near-uniform logits)
-TARGET = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128,
-                           init_std=0.5)
+TARGET = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128, init_std=0.5)
 SMALL = TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=128, init_std=0.5)
 PROMPT = jnp.array([[3, 1, 4, 1, 5]], jnp.int32)
 
@@ -43,9 +42,9 @@ def greedy_reference(target):
 # greedy
 
 
-@pytest.mark.parametrize("draft_kind,gamma", [("bad", 3), ("close", 2),
-                                               pytest.param("close", 1, marks=pytest.mark.slow),
-                                               pytest.param("close", 5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "draft_kind,gamma", [("bad", 3), ("close", 2), pytest.param("close", 1, marks=pytest.mark.slow), pytest.param("close", 5, marks=pytest.mark.slow)]
+)
 def test_greedy_output_equals_the_targets_greedy_output_token_for_token(target, greedy_reference, draft_kind, gamma):
     model, params = target
     if draft_kind == "bad":  # another architecture, random weights: almost nothing accepted
@@ -53,8 +52,7 @@ def test_greedy_output_equals_the_targets_greedy_output_token_for_token(target, 
         d_params = init_params(draft, jax.random.key(1))
     else:  # the target with noise on every weight: some drafts accepted, some rejected (caches rewound)
         draft, d_params = model, _perturbed(params, 0.5, 7)
-    out, st = speculative_generate(model, params, draft, d_params, PROMPT, jax.random.key(0), max_new_tokens=40,
-                                   gamma=gamma)
+    out, st = speculative_generate(model, params, draft, d_params, PROMPT, jax.random.key(0), max_new_tokens=40, gamma=gamma)
     np.testing.assert_array_equal(np.asarray(out), greedy_reference)
     st = {k: float(v) for k, v in st.items()}
     assert st["drafted"] == gamma * st["target_calls"] and st["generated"] >= 40
@@ -72,8 +70,7 @@ def test_greedy_output_equals_the_targets_greedy_output_token_for_token(target, 
 
 def test_a_draft_equal_to_the_target_is_always_accepted(target, greedy_reference):
     model, params = target
-    out, st = speculative_generate(model, params, model, params, PROMPT, jax.random.key(0), max_new_tokens=40,
-                                   gamma=4)
+    out, st = speculative_generate(model, params, model, params, PROMPT, jax.random.key(0), max_new_tokens=40, gamma=4)
     np.testing.assert_array_equal(np.asarray(out), greedy_reference)
     assert float(st["acceptance_rate"]) == 1.0 and int(st["target_calls"]) == 8  # 5 tokens per call
     assert int(st["rejected"]) == 0 and float(st["alpha"]) == 1.0
@@ -82,8 +79,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(target, greedy_reference
 @pytest.mark.slow
 def test_a_draft_equal_to_the_target_is_always_accepted_when_sampling(target):
     model, params = target
-    _, st = speculative_generate(model, params, model, params, PROMPT, jax.random.key(1), max_new_tokens=40, gamma=4,
-                                 temperature=1.0)
+    _, st = speculative_generate(model, params, model, params, PROMPT, jax.random.key(1), max_new_tokens=40, gamma=4, temperature=1.0)
     assert float(st["acceptance_rate"]) == 1.0
 
 
@@ -147,8 +143,7 @@ def test_sampled_tokens_follow_the_targets_distribution_on_a_tiny_vocabulary(gam
     n = 10_000
 
     def run(key):
-        out, st = speculative_generate(target, tp, draft, dp, prompt, key, max_new_tokens=2, gamma=gamma,
-                                       temperature=temperature, top_k=top_k)
+        out, st = speculative_generate(target, tp, draft, dp, prompt, key, max_new_tokens=2, gamma=gamma, temperature=temperature, top_k=top_k)
         return out[0], st["accepted"], st["drafted"]
 
     toks, acc, drafted = jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(0), n))
@@ -176,8 +171,7 @@ def test_vocabulary_mismatch_batch_and_gamma_are_config_errors(target):
     with pytest.raises(ConfigError, match="draft: vocab_size 40 differs from the target's 32"):
         speculative_generate(model, params, other, o_params, PROMPT, jax.random.key(0), max_new_tokens=4)
     with pytest.raises(ConfigError, match="prompt: .*batch 1"):
-        speculative_generate(model, params, model, params, jnp.tile(PROMPT, (2, 1)), jax.random.key(0),
-                             max_new_tokens=4)
+        speculative_generate(model, params, model, params, jnp.tile(PROMPT, (2, 1)), jax.random.key(0), max_new_tokens=4)
     with pytest.raises(ConfigError, match="gamma"):
         speculative_generate(model, params, model, params, PROMPT, jax.random.key(0), max_new_tokens=4, gamma=0)
 
@@ -205,8 +199,7 @@ def test_speculate_cli_prints_text_and_statistics(tiny_config, capsys):
 
     target = _saved_run(tiny_config, "t")
     draft = _saved_run(tiny_config, "d", ["model.n_layers=1"])
-    rc = main(["speculate", "--target", str(target), "--draft", str(draft), "--prompt", "ab", "--gamma", "3",
-               "--max-new-tokens", "8", "--compare"])
+    rc = main(["speculate", "--target", str(target), "--draft", str(draft), "--prompt", "ab", "--gamma", "3", "--max-new-tokens", "8", "--compare"])
     lines = capsys.readouterr().out.strip().splitlines()
     rep = json.loads(lines[-1])
     assert rc == 0 and lines[0].startswith("ab")
@@ -214,11 +207,14 @@ def test_speculate_cli_prints_text_and_statistics(tiny_config, capsys):
     assert rep["acceptance_rate"] <= rep["alpha"] <= 1 and 0 <= rep["rejected"] <= rep["target_calls"]
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--gamma", "0"], "--gamma: expected a positive number"),
-    (["--temperature", "-1"], "--temperature: expected >= 0"),
-    pytest.param([], "draft: vocab_size 300 differs from the target's 264", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--gamma", "0"], "--gamma: expected a positive number"),
+        (["--temperature", "-1"], "--temperature: expected >= 0"),
+        pytest.param([], "draft: vocab_size 300 differs from the target's 264", marks=pytest.mark.slow),
+    ],
+)
 def test_speculate_cli_bad_input_exits_2_with_one_line(tiny_config, capsys, argv, msg):
     from jaxeff.cli import main
 

@@ -12,8 +12,7 @@ from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.models.generate import generate
 from jaxeff.steer import load_vector, record, save_vector, steer_generate, steered_forward
 
-CFG = TransformerConfig(vocab_size=264, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-                        tie_embeddings=True)
+CFG = TransformerConfig(vocab_size=264, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=True)
 POS = [[1, 10, 11, 12, 13], [1, 10, 11]]
 NEG = [[1, 20, 21, 22]]
 
@@ -25,8 +24,7 @@ def model():
 
 
 def _hidden(m, params, ids):
-    return jax.jit(lambda p, x: m.apply({"params": p}, x, return_hidden=True).hidden_states)(
-        params, jnp.asarray([ids], jnp.int32))
+    return jax.jit(lambda p, x: m.apply({"params": p}, x, return_hidden=True).hidden_states)(params, jnp.asarray([ids], jnp.int32))
 
 
 def test_the_vector_is_the_mean_residual_difference_after_the_block(model):
@@ -59,8 +57,9 @@ def test_scale_zero_is_plain_generation(model):
     plain = generate(m, params, prompt, jax.random.key(3), max_new_tokens=6)
     steered = steer_generate(m, params, prompt, jax.random.key(3), vector=v, layer=2, scale=0.0, max_new_tokens=6)
     np.testing.assert_array_equal(steered, plain)
-    np.testing.assert_array_equal(steered_forward(m, params, prompt, vector=v, layer=2, scale=0.0).logits,
-                                  jax.jit(lambda p, x: m.apply({"params": p}, x).logits)(params, prompt))
+    np.testing.assert_array_equal(
+        steered_forward(m, params, prompt, vector=v, layer=2, scale=0.0).logits, jax.jit(lambda p, x: m.apply({"params": p}, x).logits)(params, prompt)
+    )
 
 
 def test_cached_generation_is_steered_at_every_step(model):
@@ -68,14 +67,13 @@ def test_cached_generation_is_steered_at_every_step(model):
     m, params = model
     v = 3.0 * jax.random.normal(jax.random.key(2), (32,)) / np.sqrt(32)
     prompt = [1, 5, 6, 7]
-    got = np.asarray(steer_generate(m, params, jnp.asarray([prompt]), jax.random.key(0), vector=v, layer=0, scale=1.0,
-                                    max_new_tokens=6))[0].tolist()
+    got = np.asarray(steer_generate(m, params, jnp.asarray([prompt]), jax.random.key(0), vector=v, layer=0, scale=1.0, max_new_tokens=6))[0].tolist()
     seq = np.zeros((1, len(prompt) + 6), np.int32)  # causal: right padding changes no earlier logits
     seq[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + 6):
         logits = steered_forward(m, params, seq, vector=v, layer=0, scale=1.0).logits
         seq[0, t] = int(jnp.argmax(logits[0, t - 1]))
-    assert got == seq[0, len(prompt):].tolist()
+    assert got == seq[0, len(prompt) :].tolist()
     plain = np.asarray(generate(m, params, jnp.asarray([prompt]), jax.random.key(0), max_new_tokens=6))[0].tolist()
     assert got != plain  # the steering changed the output
 
@@ -149,14 +147,16 @@ def run_dir(tmp_path_factory, model):
     return root / "r"
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--steer-pos", "aaa", "--steer-neg", "bbb", "--steer-layer", "3"],
-     "--steer-layer: expected a block index in 0..2 (got 3)"),
-    (["--steer-pos", "aaa", "--steer-layer", "1"], "--steer-pos/--steer-neg: steering needs both"),
-    (["--steer-pos", "aaa", "--steer-neg", "bbb"], "--steer-layer: required"),
-    (["--steer-vector", "nope.npz"], "--steer-vector: 'nope.npz' does not exist"),
-    (["--steer-vector", "v.npz", "--steer-pos", "a"], "not both"),
-])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--steer-pos", "aaa", "--steer-neg", "bbb", "--steer-layer", "3"], "--steer-layer: expected a block index in 0..2 (got 3)"),
+        (["--steer-pos", "aaa", "--steer-layer", "1"], "--steer-pos/--steer-neg: steering needs both"),
+        (["--steer-pos", "aaa", "--steer-neg", "bbb"], "--steer-layer: required"),
+        (["--steer-vector", "nope.npz"], "--steer-vector: 'nope.npz' does not exist"),
+        (["--steer-vector", "v.npz", "--steer-pos", "a"], "not both"),
+    ],
+)
 def test_cli_steering_mistakes_are_one_line_exit_2(run_dir, capsys, extra, expected):
     from jaxeff.cli import main
 
@@ -166,8 +166,7 @@ def test_cli_steering_mistakes_are_one_line_exit_2(run_dir, capsys, extra, expec
 
 
 @pytest.mark.slow
-def test_cli_steered_generation_with_scale_zero_prints_the_plain_text_and_a_saved_vector_is_used(run_dir, tmp_path,
-                                                                                                   capsys):
+def test_cli_steered_generation_with_scale_zero_prints_the_plain_text_and_a_saved_vector_is_used(run_dir, tmp_path, capsys):
     from jaxeff.cli import main
 
     base = ["generate", "--checkpoint", str(run_dir), "--prompt", "x=", "--max-new-tokens", "4"]
@@ -175,16 +174,14 @@ def test_cli_steered_generation_with_scale_zero_prints_the_plain_text_and_a_save
     plain = capsys.readouterr().out
     assert main(base + ["--steer-pos", "aaaa", "--steer-neg", "bbbb", "--steer-layer", "2", "--steer-scale", "0"]) == 0
     assert capsys.readouterr().out == plain
-    assert main(["steer-vector", "--checkpoint", str(run_dir), "--pos", "aaaa", "--neg", "bbbb", "--layer", "2",
-                 "--out", str(tmp_path / "v.npz")]) == 0
+    assert main(["steer-vector", "--checkpoint", str(run_dir), "--pos", "aaaa", "--neg", "bbbb", "--layer", "2", "--out", str(tmp_path / "v.npz")]) == 0
     assert "saved to" in capsys.readouterr().out
     assert main(base + ["--steer-vector", str(tmp_path / "v.npz"), "--steer-scale", "40"]) == 0
     assert capsys.readouterr().out.startswith("x=a")  # a large push toward 'a' (the constructed example above)
 
 
 def test_a_rematerialized_block_is_steered_too():
-    cfg = TransformerConfig(vocab_size=264, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16,
-                            remat=True)
+    cfg = TransformerConfig(vocab_size=264, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16, remat=True)
     m = Transformer(cfg)
     params = jax.jit(lambda: init_params(m, jax.random.key(0), (1, 8)))()
     ids, v = jnp.ones((1, 4), jnp.int32), jnp.arange(16, dtype=jnp.float32)

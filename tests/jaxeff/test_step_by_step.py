@@ -58,7 +58,7 @@ def _reference_masks(texts, seq_len, section):
         ids = [TOK.bos_id] + TOK.encode(text) + [TOK.eos_id]
         stream += [(t, d, k) for k, t in enumerate(ids)]
     for r in range(0, len(stream), seq_len):
-        row = stream[r:r + seq_len]
+        row = stream[r : r + seq_len]
         lab, rat = np.zeros(seq_len), np.zeros(seq_len)
         starts = {}
         for i, (t, d, k) in enumerate(row):
@@ -87,11 +87,17 @@ def test_task_masks_count_each_tasks_output_tokens_of_documents_that_start_in_th
     texts.insert(5, "no prefix here 1+2=3")  # a document of neither task
     packed = pack_texts(texts, TOK, seq_len)
     lab_ids, rat_ids, marker = task_ids(s, TOK)
-    lab, rat = task_masks(jnp.asarray(packed["inputs"]), jnp.asarray(packed["positions"]), jnp.asarray(packed["loss_mask"]),
-                          bos_id=TOK.bos_id, marker_id=marker, prefixes=(lab_ids, rat_ids))
+    lab, rat = task_masks(
+        jnp.asarray(packed["inputs"]),
+        jnp.asarray(packed["positions"]),
+        jnp.asarray(packed["loss_mask"]),
+        bos_id=TOK.bos_id,
+        marker_id=marker,
+        prefixes=(lab_ids, rat_ids),
+    )
     want_lab, want_rat = _reference_masks(texts, seq_len, s)
-    np.testing.assert_array_equal(np.asarray(lab), want_lab[:lab.shape[0]])
-    np.testing.assert_array_equal(np.asarray(rat), want_rat[:rat.shape[0]])
+    np.testing.assert_array_equal(np.asarray(lab), want_lab[: lab.shape[0]])
+    np.testing.assert_array_equal(np.asarray(rat), want_rat[: rat.shape[0]])
     assert want_lab.sum() > 0 and want_rat.sum() > 0
     # the first label output target is the answer's first digit
     row, col = np.argwhere(np.asarray(lab))[0]
@@ -102,9 +108,19 @@ def test_task_masks_count_each_tasks_output_tokens_of_documents_that_start_in_th
 def sbs_config(tmp_path, tiny_config):
     def make(*overrides):
         data = tmp_path / "data"
-        return tiny_config(["method=step_by_step", "data.source=files", f"data.paths=[{data / 'train.jsonl'}]",
-                            f"data.eval_paths=[{data / 'eval.jsonl'}]", "step_by_step.problems=40",
-                            "step_by_step.eval_problems=8", "data.seq_len=48", *overrides])
+        return tiny_config(
+            [
+                "method=step_by_step",
+                "data.source=files",
+                f"data.paths=[{data / 'train.jsonl'}]",
+                f"data.eval_paths=[{data / 'eval.jsonl'}]",
+                "step_by_step.problems=40",
+                "step_by_step.eval_problems=8",
+                "data.seq_len=48",
+                *overrides,
+            ]
+        )
+
     return make
 
 
@@ -119,19 +135,16 @@ def test_the_loss_is_label_ce_plus_lambda_rationale_ce(sbs_config):
     batch = {k: jnp.asarray(v) for k, v in loader.next_batch().items() if k != "domain_ids"}
     model = Transformer(cfg.model)
     params = init_params(model, jax.random.PRNGKey(0))
-    loss = jax.jit(lambda p, b: step_by_step_method(cfg, model).loss(p, b, jax.random.PRNGKey(0), frozen=None,
-                                                                     deterministic=True))
+    loss = jax.jit(lambda p, b: step_by_step_method(cfg, model).loss(p, b, jax.random.PRNGKey(0), frozen=None, deterministic=True))
     value, m = loss(params, batch)
     assert m["label_tokens"] > 0 and m["rationale_tokens"] > 0
     assert float(value) == pytest.approx(float(m["label_ce"]) + 0.25 * float(m["rationale_ce"]), rel=1e-5)
     # the label CE by hand: -log p(target) over the label mask
-    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                      deterministic=True)
+    out = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], deterministic=True)
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
     nll = -np.take_along_axis(np.asarray(logp), np.asarray(batch["targets"])[..., None], -1)[..., 0]
     lab_ids, rat_ids, marker = task_ids(cfg.step_by_step, TOK)
-    lab, rat = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=TOK.bos_id, marker_id=marker,
-                          prefixes=(lab_ids, rat_ids))
+    lab, rat = task_masks(batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=TOK.bos_id, marker_id=marker, prefixes=(lab_ids, rat_ids))
     lab = np.asarray(lab)
     assert float(m["label_ce"]) == pytest.approx((nll * lab).sum() / lab.sum(), rel=1e-5)
     # λ = 0: the rationale tokens get no gradient (changing their targets changes nothing); λ > 0: they do
@@ -186,8 +199,12 @@ def test_teacher_rationales_are_the_teachers_greedy_continuations(sbs_config, tm
     teacher = from_dict(raw)
     with Checkpointer(teacher.checkpoint_path) as ckpt:  # a teacher at its random initialisation
         ckpt.save(0, Trainer(teacher, devices=jax.devices()[:1]).init_state(), data_state={}, config=teacher.to_dict())
-    cfg = sbs_config("step_by_step.rationale_source=teacher", f"step_by_step.teacher_checkpoint={teacher.run_path}",
-                     "step_by_step.max_rationale_tokens=6", "step_by_step.problems=5")
+    cfg = sbs_config(
+        "step_by_step.rationale_source=teacher",
+        f"step_by_step.teacher_checkpoint={teacher.run_path}",
+        "step_by_step.max_rationale_tokens=6",
+        "step_by_step.problems=5",
+    )
     rec = write_data(cfg)
     assert 0.0 <= rec["teacher_rationales_exact"] <= 1.0
     recs = [json.loads(line) for line in open(cfg.data.paths[0])]
@@ -203,8 +220,18 @@ def test_accuracy_of_a_step_by_step_run_asks_the_label_task(sbs_config):
     problems = evals.arithmetic_prompts(cfg, TOK, 20, seed=0, context=32)
     assert all(TOK.decode(p[1:]).startswith("[label] ") and p[0] == TOK.bos_id for p, _ in problems)
     answers = {tuple(p): a for p, a in problems}
-    ctx = evals.EvalContext(cfg=cfg, run=None, step=None, model=None, params=None, apply=None, method=None, tokenizer=TOK,
-                            eval_sets={}, options=dict(examples=20, seed=0, context=32, new_tokens=8))
+    ctx = evals.EvalContext(
+        cfg=cfg,
+        run=None,
+        step=None,
+        model=None,
+        params=None,
+        apply=None,
+        method=None,
+        tokenizer=TOK,
+        eval_sets={},
+        options=dict(examples=20, seed=0, context=32, new_tokens=8),
+    )
     ctx.greedy = lambda prompts, new: [TOK.encode(answers[tuple(p)])[:new] + [TOK.eos_id] for p in prompts]
     assert evals.arithmetic_accuracy(ctx)["arithmetic_accuracy"] == 1.0
     for p, a in problems:
@@ -219,18 +246,20 @@ def test_a_run_trains_and_is_evaluated_end_to_end(sbs_config, capsys):
     assert main(["distill-rationales", str(cfg_file)]) == 0
     assert main(["train", str(cfg_file)]) == 0
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(cfg.run_path), "--metric", "arithmetic_accuracy", "--examples", "4",
-                 "--metric-arg", "new_tokens=4"]) == 0
+    assert main(["eval", "--checkpoint", str(cfg.run_path), "--metric", "arithmetic_accuracy", "--examples", "4", "--metric-arg", "new_tokens=4"]) == 0
     out = dict(line.split() for line in capsys.readouterr().out.splitlines())
     assert "eval/loss/files" in out and out["arithmetic_problems"] == "4"
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["step_by_step.label_prefix=<r>", "step_by_step.rationale_prefix='<r> x'"], "neither may start the other"),
-    (["step_by_step.answer_marker=]"], "answer_marker"),
-    (["step_by_step.rationale_source=teacher"], "teacher_checkpoint: rationale_source=teacher needs"),
-    (["step_by_step.rationale_weight=-1"], "step_by_step.rationale_weight"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["step_by_step.label_prefix=<r>", "step_by_step.rationale_prefix='<r> x'"], "neither may start the other"),
+        (["step_by_step.answer_marker=]"], "answer_marker"),
+        (["step_by_step.rationale_source=teacher"], "teacher_checkpoint: rationale_source=teacher needs"),
+        (["step_by_step.rationale_weight=-1"], "step_by_step.rationale_weight"),
+    ],
+)
 def test_bad_settings_are_one_line(sbs_config, overrides, expected):
     from jaxeff.errors import ConfigError
 
@@ -240,9 +269,11 @@ def test_bad_settings_are_one_line(sbs_config, overrides, expected):
 
 def test_distill_rationales_refuses_data_it_cannot_write(sbs_config, capsys):
     cfg_file = _write_yaml(sbs_config())
-    for extra, expected in ((["data.source=synthetic"], "data.source: step_by_step trains on the files"),
-                            (["data.eval_paths=[]"], "data.eval_paths: distill-rationales writes one .jsonl"),
-                            (["method=lm"], "method: distill-rationales writes the data of a step_by_step run")):
+    for extra, expected in (
+        (["data.source=synthetic"], "data.source: step_by_step trains on the files"),
+        (["data.eval_paths=[]"], "data.eval_paths: distill-rationales writes one .jsonl"),
+        (["method=lm"], "method: distill-rationales writes the data of a step_by_step run"),
+    ):
         assert main(["distill-rationales", str(cfg_file), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err

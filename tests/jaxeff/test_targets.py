@@ -17,14 +17,12 @@ from jaxeff.targets import BLOCK_LAYERS, BLOCK_PROJECTIONS, dense_modules, resol
 
 @pytest.fixture(scope="module")
 def params():
-    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16,
-                            tie_embeddings=False)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16, tie_embeddings=False)
     return init_params(Transformer(cfg), jax.random.PRNGKey(0))
 
 
 def test_every_family_selects_the_block_projections_by_default(params):
-    expected = [f"layers_{i}/{m}" for i in range(2) for m in ("attn/q", "attn/k", "attn/v", "attn/o",
-                                                               "mlp/gate", "mlp/up", "mlp/down")]
+    expected = [f"layers_{i}/{m}" for i in range(2) for m in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")]
     assert "lm_head" in dense_modules(params)  # untied: a Dense the defaults leave alone
     assert sorted(select(params, BLOCK_PROJECTIONS, "t")) == sorted(expected)
     assert sorted("/".join(p) for p in lora_targets(params, PeftConfig().targets)) == sorted(expected)

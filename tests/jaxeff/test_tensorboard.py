@@ -52,16 +52,24 @@ def lm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb")
     cfg_file = root / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump({**TINY, "logging": {"run_dir": str(root / "runs"), "progress": False}}))
-    cfg = load_config(cfg_file, ["train.steps=4", "train.log_every=2", "train.eval_every=4", "checkpoint.every=4",
-                                 "train.peak_flops=1e15"])
+    cfg = load_config(cfg_file, ["train.steps=4", "train.log_every=2", "train.eval_every=4", "checkpoint.every=4", "train.peak_flops=1e15"])
     result = run_training(cfg, devices=jax.devices()[:1])
     return cfg, result, _events(cfg.run_path)
 
 
 def test_lm_run_scalars(lm_run, capsys):
     cfg, result, (scalars, _, _) = lm_run
-    for tag in ("train/loss", "train/ce", "train/perplexity", "perf/mfu", "memory/argument_bytes",
-                "memory/output_bytes", "memory/temp_bytes", "memory/step_total_bytes", "eval/loss"):
+    for tag in (
+        "train/loss",
+        "train/ce",
+        "train/perplexity",
+        "perf/mfu",
+        "memory/argument_bytes",
+        "memory/output_bytes",
+        "memory/temp_bytes",
+        "memory/step_total_bytes",
+        "eval/loss",
+    ):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["train/ce"]] == [2, 4]
     assert scalars["train/ce"] == scalars["train/loss"]  # lm: the loss is the cross-entropy
@@ -101,8 +109,7 @@ def test_objective_scalars_per_method():
     assert lm == {"train/ce": 2.0, "train/perplexity": pytest.approx(7.389056, rel=1e-6)}
     distill = objective_scalars({"train/loss": 0.3, "train/ce": 2.5, "train/kd": 0.1})
     assert distill == {}  # its own ce is kept; no perplexity of a KD objective
-    shear = objective_scalars({"train/loss": -3.0, "train/shear/lm_loss": 2.2, "train/shear/expected_params": 120.0,
-                               "train/shear/target_params": 100.0})
+    shear = objective_scalars({"train/loss": -3.0, "train/shear/lm_loss": 2.2, "train/shear/expected_params": 120.0, "train/shear/target_params": 100.0})
     assert shear == {"train/ce": 2.2, "train/shear/params_ratio": pytest.approx(1.2)}
     ttt = objective_scalars({"train/loss": 2.0, "train/ttt/first_chunk_loss": 3.0, "train/ttt/last_chunk_loss": 2.5})
     assert ttt["train/ttt/gain"] == pytest.approx(0.5) and "train/perplexity" in ttt

@@ -27,8 +27,7 @@ def _host(tree):
 def test_sharded_step_on_8_devices_equals_the_single_device_step(tiny_config, optim, atol):
     assert jax.device_count() == 8
     cfg1 = tiny_config(["mesh.data=1", f"optim.name={optim}", "model.d_model=64", "model.d_ff=128"])
-    cfg8 = tiny_config(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"optim.name={optim}", "model.d_model=64",
-                        "model.d_ff=128"])
+    cfg8 = tiny_config(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"optim.name={optim}", "model.d_model=64", "model.d_ff=128"])
     batch = _batch(cfg1)
     t1 = Trainer(cfg1, devices=jax.devices()[:1])
     t8 = Trainer(cfg8)
@@ -62,8 +61,7 @@ def test_gradient_accumulation_equals_one_full_batch_step(tiny_config):
 @register_method("_test_frozen_embed")
 def _frozen_embed_method(cfg, model):
     base = lm_method(cfg, model)
-    return dataclasses.replace(base, name="_test_frozen_embed",
-                               trainable=lambda p: {k: jax.tree.map(lambda _: k != "embed", v) for k, v in p.items()})
+    return dataclasses.replace(base, name="_test_frozen_embed", trainable=lambda p: {k: jax.tree.map(lambda _: k != "embed", v) for k, v in p.items()})
 
 
 def test_frozen_parameters_get_no_optimizer_state_and_never_change(tiny_config):
@@ -126,8 +124,9 @@ def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tiny_conf
     # stop after 3 steps (the checkpoint interval), then resume to 6 with the same command + resume
     cut = tiny_config(["name=resumed", "train.log_every=1", "train.steps=3"])
     run_training(cut)
-    out = run_training(dataclasses.replace(first_half, resume=True) if False else
-                       type(first_half).model_validate({**first_half.to_dict(), "resume": True}))
+    out = run_training(
+        dataclasses.replace(first_half, resume=True) if False else type(first_half).model_validate({**first_half.to_dict(), "resume": True})
+    )
     assert out["step"] == 6
     a = _scalars(straight.run_path)["train/loss"]
     b = _scalars(first_half.run_path)["train/loss"]
@@ -141,8 +140,18 @@ def test_run_writes_tensorboard_scalars_config_and_a_checkpoint(tiny_config):
     cfg = tiny_config(["train.peak_flops=1e11"])
     out = run_training(cfg)
     tags = _scalars(cfg.run_path)
-    for tag in ["train/loss", "train/perplexity", "train/lr", "train/grad_norm", "perf/tokens_per_sec",
-                "perf/step_time_s", "perf/mfu", "eval/loss", "eval/loss/arithmetic", "eval/loss/prose"]:
+    for tag in [
+        "train/loss",
+        "train/perplexity",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_sec",
+        "perf/step_time_s",
+        "perf/mfu",
+        "eval/loss",
+        "eval/loss/arithmetic",
+        "eval/loss/prose",
+    ]:
         assert tag in tags, tag
         assert all(np.isfinite(v) for _, v in tags[tag])
     assert (cfg.run_path / "config.yaml").read_text().startswith("name: tiny")
@@ -173,8 +182,7 @@ def test_trains_on_local_jsonl_files_through_datasets(tiny_config, tmp_path):
 
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(_json.dumps({"body": f"document {i}: " + "abc " * (i % 7 + 3)}) for i in range(60)))
-    cfg = tiny_config(["data.source=files", f"data.paths=[{path}]", "data.text_field=body", "train.steps=3",
-                       "data.eval_fraction=0.2"])
+    cfg = tiny_config(["data.source=files", f"data.paths=[{path}]", "data.text_field=body", "train.steps=3", "data.eval_fraction=0.2"])
     out = run_training(cfg)
     assert out["step"] == 3
     assert np.isfinite(out["eval/loss/files"])
@@ -238,8 +246,14 @@ def _wrapped_method(cfg, model):
     def loss(params, batch, rng, *, frozen, deterministic):
         return base.loss(params["model"], batch, rng, frozen=frozen, deterministic=deterministic)
 
-    return dataclasses.replace(base, name="_test_wrapped", loss=loss, prepare_params=lambda p, rng: {"model": p},
-                               logical_axes=lambda a: {"model": a}, model_params=lambda p: p["model"])
+    return dataclasses.replace(
+        base,
+        name="_test_wrapped",
+        loss=loss,
+        prepare_params=lambda p, rng: {"model": p},
+        logical_axes=lambda a: {"model": a},
+        model_params=lambda p: p["model"],
+    )
 
 
 @pytest.mark.parametrize("legacy_key", ["base", "student"])

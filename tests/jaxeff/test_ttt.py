@@ -17,8 +17,7 @@ from jaxeff.ttt.method import evaluate_logits as _evaluate_logits
 from jaxeff.ttt.model import FAST_KERNELS, TTTSpec, add_fast_params, empty_buffers, initial_fast_weights, suffix_forward
 
 evaluate_logits = jax.jit(_evaluate_logits, static_argnums=(0,))
-BASE = ["method=ttt_e2e", "model.n_layers=2", "model.sliding_window=8", "ttt.mini_batch=4", "data.seq_len=16",
-        "model.init_std=0.2"]
+BASE = ["method=ttt_e2e", "model.n_layers=2", "model.sliding_window=8", "ttt.mini_batch=4", "data.seq_len=16", "model.init_std=0.2"]
 
 
 def _setup(tiny_config, extra=(), seed=0):
@@ -33,8 +32,13 @@ def _batch(rows, length, seed=0, vocab=64):
     rng = np.random.default_rng(seed)
     toks = rng.integers(3, vocab, (rows, length + 1)).astype(np.int32)
     pos = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
-    return (jnp.asarray(toks[:, :-1]), jnp.asarray(pos), jnp.ones((rows, length), jnp.int32), jnp.asarray(toks[:, 1:]),
-            jnp.ones((rows, length), jnp.float32))
+    return (
+        jnp.asarray(toks[:, :-1]),
+        jnp.asarray(pos),
+        jnp.ones((rows, length), jnp.int32),
+        jnp.asarray(toks[:, 1:]),
+        jnp.ones((rows, length), jnp.float32),
+    )
 
 
 def test_inner_step_equals_a_hand_written_clipped_sgd_step(tiny_config):
@@ -58,7 +62,7 @@ def test_inner_step_equals_a_hand_written_clipped_sgd_step(tiny_config):
 
     norms = []
     for r in range(rows):  # by hand, one sequence at a time
-        sl = lambda a: a[r:r + 1]
+        sl = lambda a: a[r : r + 1]
         w_r = jax.tree.map(sl, w0)
         args = (jax.tree.map(sl, bufs), sl(x), sl(pos), sl(seg), sl(tgt), sl(mask))
         value, g = jax.jit(jax.value_and_grad(loss_r))(w_r, *args)
@@ -77,10 +81,25 @@ def test_inner_step_equals_a_hand_written_clipped_sgd_step(tiny_config):
 
 
 def _fd_setup(tiny_config, packed=False):
-    cfg = tiny_config(["method=ttt_e2e", "model.vocab_size=24", "model.d_model=8", "model.n_heads=2",
-                       "model.n_kv_heads=1", "model.d_ff=16", "model.n_layers=1", "model.sliding_window=4",
-                       "model.init_std=0.3", "ttt.mini_batch=2", "data.seq_len=8", "ttt.fast_layers=[0]",
-                       "ttt.fast_d_ff=8", "ttt.inner_lr=0.5", "ttt.inner_clip=10.0"])
+    cfg = tiny_config(
+        [
+            "method=ttt_e2e",
+            "model.vocab_size=24",
+            "model.d_model=8",
+            "model.n_heads=2",
+            "model.n_kv_heads=1",
+            "model.d_ff=16",
+            "model.n_layers=1",
+            "model.sliding_window=4",
+            "model.init_std=0.3",
+            "ttt.mini_batch=2",
+            "data.seq_len=8",
+            "ttt.fast_layers=[0]",
+            "ttt.fast_d_ff=8",
+            "ttt.inner_lr=0.5",
+            "ttt.inner_clip=10.0",
+        ]
+    )
     spec = dataclasses.replace(TTTSpec.from_config(cfg), inner_dtype="float64", compute_dtype="float64")
     key = jax.random.PRNGKey(3)
     params = add_fast_params(spec, init_params(Transformer(cfg.model), key), jax.random.fold_in(key, 1))
@@ -127,8 +146,7 @@ def test_outer_gradient_matches_finite_differences_in_float64(tiny_config, monke
         monkeypatch.setattr(inner.jax, "value_and_grad", first_order)
         grad_fo = jax.jit(jax.grad(outer_loss))(params)
         monkeypatch.undo()
-        an_fo = [sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad_fo), jax.tree.leaves(v)))
-                 for v in directions]
+        an_fo = [sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad_fo), jax.tree.leaves(v))) for v in directions]
         assert max(abs(a - f) for a, f in zip(an_fo, fd)) > 100 * 1e-7 * max(abs(f) for f in fd)
 
 
@@ -170,8 +188,9 @@ def test_only_fast_weights_change_at_test_time(tiny_config):
     tokens, *_ = _batch(1, 5, seed=8)  # 2 complete mini-batches with known targets, 1 pending token
     logits, state = jax.jit(prefill, static_argnums=(0,))(spec, params, tokens)
     adapted = ttt.adapted_params(params, state)
-    changed = {jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
-                                                          jax.tree.leaves(adapted)) if not np.array_equal(a, b)}
+    changed = {
+        jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(adapted)) if not np.array_equal(a, b)
+    }
     want = {f"['fast']['layers_1']['{k}']['kernel']" for k in FAST_KERNELS}
     assert changed == want
     # the adapted tree is the whole test-time model: a static run of it (no inner steps) predicts the
@@ -179,8 +198,7 @@ def test_only_fast_weights_change_at_test_time(tiny_config):
     static = dataclasses.replace(spec, inner_lr=0.0)
     got = evaluate_logits(static, adapted, tokens)
     np.testing.assert_allclose(np.asarray(got[:, -1]), np.asarray(logits[:, -1]), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(np.asarray(evaluate_logits(static, params, tokens)[:, -1]), np.asarray(logits[:, -1]),
-                           atol=1e-4)
+    assert not np.allclose(np.asarray(evaluate_logits(static, params, tokens)[:, -1]), np.asarray(logits[:, -1]), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -215,8 +233,7 @@ def test_prefix_kv_caches_are_window_sized_rings_and_decoding_still_matches(tiny
     for i in range(11, 14):
         lg, state = step(state, tokens[:, i])
         outs.append(lg[:, None])
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(evaluate_logits(spec, params, tokens)),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(evaluate_logits(spec, params, tokens)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -242,27 +259,29 @@ def test_token_losses_are_causal_and_match_the_training_loss(tiny_config):
     assert full.shape == (2, 16) and part.shape == (2, 10)
     np.testing.assert_allclose(part, full[:, :10], rtol=1e-5, atol=1e-6)
     method = ttt.ttt_method(cfg, None)
-    batch = dict(zip(("inputs", "positions", "segment_ids", "targets", "loss_mask"),
-                     (tokens[:, :-1], *_batch(2, 16)[1:3], tokens[:, 1:], jnp.ones((2, 16)))))
-    loss, metrics = jax.jit(lambda p, bt: method.loss(p, bt, None, frozen=None, deterministic=True,
-                                                      step=jnp.asarray(10**6)))(params, batch)
+    batch = dict(
+        zip(("inputs", "positions", "segment_ids", "targets", "loss_mask"), (tokens[:, :-1], *_batch(2, 16)[1:3], tokens[:, 1:], jnp.ones((2, 16))))
+    )
+    loss, metrics = jax.jit(lambda p, bt: method.loss(p, bt, None, frozen=None, deterministic=True, step=jnp.asarray(10**6)))(params, batch)
     np.testing.assert_allclose(float(loss), full.mean(), rtol=1e-5)
 
 
 def test_inner_learning_rate_warms_up_linearly(tiny_config):
-    cfg = tiny_config(BASE + ["train.steps=100", "ttt.inner_lr=2.0", "ttt.inner_lr_warmup_from=0.1",
-                              "ttt.inner_lr_warmup_fraction=0.2"])
+    cfg = tiny_config(BASE + ["train.steps=100", "ttt.inner_lr=2.0", "ttt.inner_lr_warmup_from=0.1", "ttt.inner_lr_warmup_fraction=0.2"])
     got = [float(ttt.inner_lr_at(cfg, s)) for s in (0, 10, 20, 60)]
     np.testing.assert_allclose(got, [0.2, 1.1, 2.0, 2.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["ttt.mini_batch=16"], "ttt.mini_batch"),  # larger than the window of 8
-    (["ttt.mini_batch=3"], "ttt.mini_batch"),  # does not divide seq_len=16
-    (["ttt.fast_layers=[2]"], "ttt.fast_layers"),  # 2 blocks: 0..1
-    (["model.sliding_window=null"], "model.sliding_window"),
-    (["model.dropout=0.1"], "model.dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["ttt.mini_batch=16"], "ttt.mini_batch"),  # larger than the window of 8
+        (["ttt.mini_batch=3"], "ttt.mini_batch"),  # does not divide seq_len=16
+        (["ttt.fast_layers=[2]"], "ttt.fast_layers"),  # 2 blocks: 0..1
+        (["model.sliding_window=null"], "model.sliding_window"),
+        (["model.dropout=0.1"], "model.dropout"),
+    ],
+)
 def test_bad_ttt_config_is_a_one_line_error_naming_the_field(tiny_config, overrides, field):
     with pytest.raises(ConfigError) as e:
         TTTSpec.from_config(tiny_config(BASE + overrides))
@@ -273,6 +292,7 @@ def test_cli_train_with_a_bad_ttt_config_exits_2(tiny_config, tmp_path, capsys):
     from jaxeff.cli import main
 
     import yaml
+
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(BASE).to_dict()))
     assert main(["train", str(path), "ttt.mini_batch=16"]) == 2
@@ -285,8 +305,15 @@ def test_sharded_ttt_train_step_on_8_devices_matches_one_device(tiny_config):
     from jaxeff.train.loop import Trainer
 
     # plain SGD: Adam's first step (~lr * sign(g)) would magnify rounding differences of tiny gradients
-    over = BASE + ["model.n_layers=2", "data.batch_size=8", "model.init_std=0.02", "optim.warmup_steps=0",
-                   "optim.name=sgd", "optim.lr=1.0", "optim.grad_clip=null"]
+    over = BASE + [
+        "model.n_layers=2",
+        "data.batch_size=8",
+        "model.init_std=0.02",
+        "optim.warmup_steps=0",
+        "optim.name=sgd",
+        "optim.lr=1.0",
+        "optim.grad_clip=null",
+    ]
     cfg8 = tiny_config(over + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     cfg1 = tiny_config(over + ["mesh.data=1"])
     inputs, pos, seg, tgt, mask = _batch(8, 16, seed=12)

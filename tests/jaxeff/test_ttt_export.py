@@ -44,8 +44,7 @@ def test_ttt_model_params_refuse_instead_of_dropping_the_fast_mlps(tiny_config):
 def test_convert_to_hf_of_a_ttt_run_exits_2_and_writes_nothing(tiny_config, tmp_path, capsys):
     from jaxeff.cli import main
 
-    raw = tiny_config(BASE + ["train.steps=1", "train.eval_every=1", "checkpoint.every=1",
-                              "data.docs_per_domain=8"]).to_dict()
+    raw = tiny_config(BASE + ["train.steps=1", "train.eval_every=1", "checkpoint.every=1", "data.docs_per_domain=8"]).to_dict()
     path = tmp_path / "ttt.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["train", str(path)]) == 0

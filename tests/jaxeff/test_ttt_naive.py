@@ -13,8 +13,7 @@ from jaxeff.models import Transformer, TransformerConfig, init_params
 from jaxeff.models.transformer import init_cache
 from jaxeff.ttt.naive import dynamic_eval, naive_token_losses, trainable_paths
 
-CFG = TransformerConfig(vocab_size=48, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=64,
-                        sliding_window=6)
+CFG = TransformerConfig(vocab_size=48, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=64, sliding_window=6)
 SHAPE = (2, 27)  # 26 predictions: chunks of 8, 8, 8 and 2 (one shape and chunk for all tests: few compilations)
 MLP3 = [("layers_3", "mlp", n, "kernel") for n in ("down", "gate", "up")]
 PATHS = set(MLP3) | {("layers_2", "attn", "q", "kernel")}
@@ -56,7 +55,7 @@ def _unrolled(model, params, row, *, chunk, lr, clip, paths):
     flat = traverse_util.flatten_dict(params)
     losses = []
     for s in range(0, len(inputs), chunk):
-        inp, tgt = inputs[s:s + chunk][None], targets[s:s + chunk][None]
+        inp, tgt = inputs[s : s + chunk][None], targets[s : s + chunk][None]
         (_, (nll, cache)), grads = _chunk_grad(model, traverse_util.unflatten_dict(flat), cache, inp, tgt)
         losses.append(nll)
         g = {k: v for k, v in traverse_util.flatten_dict(grads).items() if k in paths}
@@ -136,13 +135,16 @@ def test_trainable_presets_and_regexes_select_parameters_by_path(setup):
     assert sorted(trainable_paths(params, _some, 4)) == sorted(PATHS)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(chunk=0, lr=0.1), "chunk"),
-    (dict(chunk=4, lr=-1.0), "lr"),
-    (dict(chunk=4, lr=0.1, clip=0.0), "clip"),
-    (dict(chunk=4, lr=0.1, trainable="nothing/here"), "trainable"),
-    (dict(chunk=4, lr=0.1, trainable="("), "trainable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(chunk=0, lr=0.1), "chunk"),
+        (dict(chunk=4, lr=-1.0), "lr"),
+        (dict(chunk=4, lr=0.1, clip=0.0), "clip"),
+        (dict(chunk=4, lr=0.1, trainable="nothing/here"), "trainable"),
+        (dict(chunk=4, lr=0.1, trainable="("), "trainable"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors_naming_the_argument(setup, kwargs, field):
     model, params = setup
     with pytest.raises(ConfigError, match=f"^{field}: ") as e:

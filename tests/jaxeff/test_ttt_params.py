@@ -22,14 +22,15 @@ def _trees(cfg):
     base = jax.eval_shape(lambda: init_params(Transformer(cfg.model), jax.random.PRNGKey(0)))
     ttt = jax.eval_shape(lambda b: add_fast_params(spec, b, jax.random.PRNGKey(1)), base)
     if not spec.use_attention:  # the same model without TTT has no attention either
-        base = {k: {kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_")
-                else v for k, v in base.items()}
+        base = {k: {kk: vv for kk, vv in v.items() if kk not in ("attn", "attn_norm")} if k.startswith("layers_") else v for k, v in base.items()}
     return spec, _count(base), _count(ttt)
 
 
-@pytest.mark.parametrize("extra", [[], ["ttt.fast_layers=[1,2,3]"], ["ttt.fast_d_ff=40"], ["model.use_bias=true"],
-                                   ["ttt.attention=none", "model.sliding_window=null"]],
-                         ids=["default", "three_fast_blocks", "fixed_fast_width", "biases", "no_attention"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["ttt.fast_layers=[1,2,3]"], ["ttt.fast_d_ff=40"], ["model.use_bias=true"], ["ttt.attention=none", "model.sliding_window=null"]],
+    ids=["default", "three_fast_blocks", "fixed_fast_width", "biases", "no_attention"],
+)
 def test_matched_model_has_the_baseline_parameter_count_up_to_the_reported_residual(tiny_config, extra):
     cfg = tiny_config(BASE + ["ttt.match_params=true"] + extra)
     spec, base, ttt = _trees(cfg)
@@ -56,7 +57,7 @@ def test_matched_model_runs_with_its_narrower_mlps(tiny_config):
     mlp = params["model"]["layers_3"]["mlp"]
     assert mlp["gate"]["kernel"].shape == (32, spec.block_d_ff) and mlp["down"]["kernel"].shape == (spec.block_d_ff, 32)
     # the fast blocks keep the first units of the initialised (or init_from) MLP; other blocks are untouched
-    np.testing.assert_array_equal(mlp["down"]["kernel"], plain["layers_3"]["mlp"]["down"]["kernel"][:spec.block_d_ff])
+    np.testing.assert_array_equal(mlp["down"]["kernel"], plain["layers_3"]["mlp"]["down"]["kernel"][: spec.block_d_ff])
     assert params["model"]["layers_2"]["mlp"]["gate"]["kernel"].shape == (32, 64)
     tokens = jax.random.randint(key, (2, 16), 3, 64)
     logits = jax.jit(evaluate_logits, static_argnums=(0,))(spec, params, tokens)

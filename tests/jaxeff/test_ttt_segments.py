@@ -15,8 +15,7 @@ from jaxeff.ttt.method import evaluate_logits as _evaluate_logits
 from jaxeff.ttt.model import TTTSpec, add_fast_params
 
 evaluate_logits = jax.jit(_evaluate_logits, static_argnums=(0,))
-BASE = ["method=ttt_e2e", "model.n_layers=2", "model.sliding_window=8", "ttt.mini_batch=4", "data.seq_len=16",
-        "model.init_std=0.2"]
+BASE = ["method=ttt_e2e", "model.n_layers=2", "model.sliding_window=8", "ttt.mini_batch=4", "data.seq_len=16", "model.init_std=0.2"]
 T, B = 16, 4  # row length, mini-batch
 
 
@@ -46,14 +45,12 @@ def _row(docs, offset=0):
 
 def _forward(spec, params, rows):
     inp, pos, seg, tgt, mask = (jnp.asarray(np.stack(a)) for a in zip(*rows))
-    nll, _, _, _ = jax.jit(lambda *a: inner.forward(spec, params, *a, spec.inner_lr))(inp, pos, seg, tgt,
-                                                                          mask.astype(jnp.float32))
+    nll, _, _, _ = jax.jit(lambda *a: inner.forward(spec, params, *a, spec.inner_lr))(inp, pos, seg, tgt, mask.astype(jnp.float32))
     logits = evaluate_logits(spec, params, inp, pos, seg)
     return np.asarray(nll), np.asarray(logits)
 
 
-@pytest.mark.parametrize("lengths", [(8, 8), (6, 10), (5, 2, 9)],
-                         ids=["boundary_on_a_chunk_edge", "boundary_inside_a_chunk", "short_doc_inside_a_chunk"])
+@pytest.mark.parametrize("lengths", [(8, 8), (6, 10), (5, 2, 9)], ids=["boundary_on_a_chunk_edge", "boundary_inside_a_chunk", "short_doc_inside_a_chunk"])
 def test_each_packed_document_is_predicted_as_if_it_were_alone(tiny_config, lengths):
     cfg, spec, params = _setup(tiny_config)
     rng = np.random.default_rng(0)
@@ -69,7 +66,7 @@ def test_each_packed_document_is_predicted_as_if_it_were_alone(tiny_config, leng
         np.testing.assert_allclose(logits[0, packed], logits[1 + j, alone], rtol=1e-5, atol=1e-5, err_msg=f"doc {j}")
     # and the later documents are not trivially predicted: the inner loop changed their losses
     static, _ = _forward(dataclasses_replace(spec, inner_lr=0.0), params, rows[:1])
-    assert not np.allclose(static[0, starts[-1] + B:], nll[0, starts[-1] + B:], atol=1e-4)
+    assert not np.allclose(static[0, starts[-1] + B :], nll[0, starts[-1] + B :], atol=1e-4)
 
 
 def dataclasses_replace(spec, **kw):
@@ -86,8 +83,7 @@ def test_single_document_rows_are_computed_exactly_as_without_segments(tiny_conf
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (3, T))
     ones = jnp.ones((3, T), jnp.int32)
     mask = jnp.ones((3, T), jnp.float32)
-    run = jax.jit(lambda p, segments: inner.forward(spec, p, inp, pos, ones, tgt, mask, 1.0, segments=segments)[0],
-                  static_argnames="segments")
+    run = jax.jit(lambda p, segments: inner.forward(spec, p, inp, pos, ones, tgt, mask, 1.0, segments=segments)[0], static_argnames="segments")
     np.testing.assert_array_equal(np.asarray(run(params, True)), np.asarray(run(params, False)))
     # token_losses (the studies' API: one document per row) is the same computation
     np.testing.assert_array_equal(np.asarray(ttt.token_losses(cfg, params, toks)), np.asarray(run(params, False)))
@@ -112,6 +108,5 @@ def test_training_loss_on_packed_rows_has_finite_gradients_and_matches_the_refer
     assert np.isfinite(float(value))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
     assert all(float(jnp.abs(grad["fast"]["layers_1"][k]["kernel"]).max()) > 0 for k in ttt.FAST_KERNELS)
-    ref, _ = jax.jit(lambda p: inner.unrolled_forward(spec, p, inp, pos, seg, tgt, mask.astype(jnp.float32), 1.0))(
-        params)
+    ref, _ = jax.jit(lambda p: inner.unrolled_forward(spec, p, inp, pos, seg, tgt, mask.astype(jnp.float32), 1.0))(params)
     np.testing.assert_allclose(float(value), float((ref * mask).sum() / mask.sum()), rtol=1e-5)

@@ -12,8 +12,7 @@ from flax import traverse_util
 from jaxeff.cli import main
 from jaxeff.errors import ConfigError
 from jaxeff.models import Transformer, TransformerConfig, init_params
-from jaxeff.prune.wanda import (input_norms, keep_mask, magnitude_scores, parse_nm, prune, target_paths, wanda,
-                                wanda_scores)
+from jaxeff.prune.wanda import input_norms, keep_mask, magnitude_scores, parse_nm, prune, target_paths, wanda, wanda_scores
 from jaxeff.quant.ptq import collect_dense_inputs
 
 CFG = TransformerConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
@@ -66,8 +65,8 @@ def test_nm_keeps_the_n_highest_of_every_m_consecutive_inputs_per_output_unit(nm
     groups_keep = keep.reshape(16 // m, m, 6)
     assert (groups_keep.sum(axis=1) == n).all()
     groups = scores.reshape(16 // m, m, 6)
-    top = np.sort(groups, axis=1)[:, m - n:, :]
-    np.testing.assert_array_equal(np.sort(np.where(groups_keep, groups, -1), axis=1)[:, m - n:, :], top)
+    top = np.sort(groups, axis=1)[:, m - n :, :]
+    np.testing.assert_array_equal(np.sort(np.where(groups_keep, groups, -1), axis=1)[:, m - n :, :], top)
 
 
 def test_wanda_prunes_large_weights_on_quiet_inputs_where_magnitude_does_not():
@@ -127,7 +126,7 @@ def test_input_norms_are_the_l2_norm_over_non_padding_tokens(model_and_params):
     xs = collect_dense_inputs(model, params, tokens, r"layers_1/mlp/down|layers_0/attn/q")
     for path in ("layers_1/mlp/down", "layers_0/attn/q"):
         x = np.asarray(xs[path], np.float64)[seg > 0]  # [tokens, in]
-        np.testing.assert_allclose(np.asarray(norms[path]), np.sqrt(2 * (x ** 2).sum(axis=0)), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(norms[path]), np.sqrt(2 * (x**2).sum(axis=0)), rtol=1e-4)
 
 
 def test_sequential_wanda_measures_each_block_with_the_earlier_blocks_pruned(model_and_params):
@@ -142,21 +141,23 @@ def test_sequential_wanda_measures_each_block_with_the_earlier_blocks_pruned(mod
     # block 1: norms measured on the model whose block 0 is pruned
     l0 = {**params, "layers_0": seq["layers_0"]}
     paths = [p for p in target_paths(params) if p.startswith("layers_1/")]
-    expected, _ = prune(l0, method="wanda", sparsity=0.5, norms=input_norms(model, l0, batches, paths),
-                        pattern=r"^layers_1/")
+    expected, _ = prune(l0, method="wanda", sparsity=0.5, norms=input_norms(model, l0, batches, paths), pattern=r"^layers_1/")
     np.testing.assert_array_equal(_flat(seq)["layers_1/mlp/down/kernel"], _flat(expected)["layers_1/mlp/down/kernel"])
     assert any((f_seq[k] != f_one[k]).any() for k in f_seq if k.startswith("layers_1/"))
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"method": "magnitude", "sparsity": 1.0}, "sparsity"),
-    ({"method": "magnitude", "sparsity": -0.1}, "sparsity"),
-    ({"method": "magnitude", "nm": "4:2"}, "nm: N must not exceed M"),
-    ({"method": "magnitude", "nm": "2-4"}, "nm: expected N:M"),
-    ({"method": "magnitude", "nm": "2:5"}, "nm: M=5 does not divide"),
-    ({"method": "magnitude", "sparsity": 0.5, "nm": "2:4"}, "give exactly one"),
-    ({"method": "random", "sparsity": 0.5}, "method"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"method": "magnitude", "sparsity": 1.0}, "sparsity"),
+        ({"method": "magnitude", "sparsity": -0.1}, "sparsity"),
+        ({"method": "magnitude", "nm": "4:2"}, "nm: N must not exceed M"),
+        ({"method": "magnitude", "nm": "2-4"}, "nm: expected N:M"),
+        ({"method": "magnitude", "nm": "2:5"}, "nm: M=5 does not divide"),
+        ({"method": "magnitude", "sparsity": 0.5, "nm": "2:4"}, "give exactly one"),
+        ({"method": "random", "sparsity": 0.5}, "method"),
+    ],
+)
 def test_bad_arguments_are_config_errors_naming_the_field(model_and_params, kwargs, field):
     _, params = model_and_params
     with pytest.raises(ConfigError, match=field):
@@ -180,8 +181,7 @@ def test_sparsify_cli_writes_a_run_that_eval_and_init_from_read(tiny_config, tmp
     src.save(0, Trainer(cfg, devices=jax.devices()[:1]).init_state(), data_state={}, config=cfg.to_dict())
     src.close()
     out = tmp_path / "runs" / "tiny_w24"
-    rc = main(["sparsify", "--checkpoint", str(cfg.run_path), "--out", str(out), "--method", "wanda", "--nm", "2:4",
-               "--calib-batches", "2"])
+    rc = main(["sparsify", "--checkpoint", str(cfg.run_path), "--out", str(out), "--method", "wanda", "--nm", "2:4", "--calib-batches", "2"])
     text = capsys.readouterr().out
     assert rc == 0 and "sparsity of the pruned kernels   0.5000" in text and "eval/loss" in text
     rec = json.loads((out / "sparsify.json").read_text())
@@ -207,12 +207,15 @@ def _write_cfg(tmp_path, cfg):
     return f
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--sparsity", "1.5"], "--sparsity: expected a number in [0, 1)"),
-    (["--nm", "4:2"], "--nm: N must not exceed M"),
-    (["--sparsity", "0.5", "--nm", "2:4"], "--sparsity / --nm: give exactly one"),
-    (["--sparsity", "0.5", "--method", "obs"], "--method"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--sparsity", "1.5"], "--sparsity: expected a number in [0, 1)"),
+        (["--nm", "4:2"], "--nm: N must not exceed M"),
+        (["--sparsity", "0.5", "--nm", "2:4"], "--sparsity / --nm: give exactly one"),
+        (["--sparsity", "0.5", "--method", "obs"], "--method"),
+    ],
+)
 def test_sparsify_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, msg):
     rc = main(["sparsify", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
@@ -224,7 +227,6 @@ def test_output_error_is_zero_unpruned_and_one_for_an_all_zero_kernel(model_and_
 
     model, params = model_and_params
     tokens = _batches(1)[0]
-    zeroed = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if "layers_0/attn/q" in "/".join(k.key for k in p) else x, params)
+    zeroed = jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if "layers_0/attn/q" in "/".join(k.key for k in p) else x, params)
     err = output_error(model, params, zeroed, tokens, ["layers_0/attn/q", "layers_1/mlp/up"])
     assert err["layers_1/mlp/up"] == 0.0 and abs(err["layers_0/attn/q"] - 1.0) < 1e-6

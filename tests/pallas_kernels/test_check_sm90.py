@@ -31,8 +31,7 @@ def test_ptx_features_names_the_tensor_core_path():
 
 
 def test_missing_side_environment_is_a_clear_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--env", str(tmp_path / "nope")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--env", str(tmp_path / "nope")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("env: ") and "--make-env" in proc.stderr
 
@@ -45,12 +44,11 @@ def test_every_kernel_compiles_for_sm90a_without_spills():
         made = subprocess.run([sys.executable, str(SCRIPT), "--make-env", str(env)], capture_output=True, text=True)
         if made.returncode != 0:
             pytest.skip(f"could not build the side environment {env}: {made.stderr[-300:]}")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--env", str(env)], capture_output=True, text=True,
-                          timeout=1200, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--env", str(env)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| case |" not in line]
-    assert len(rows) == 44 + 2                     # Triton kernels + the two Mosaic GPU forwards
-    assert sum("| wgmma |" in r for r in rows) >= 20   # the M >= 64 Triton tiles use Hopper's wgmma
+    assert len(rows) == 44 + 2  # Triton kernels + the two Mosaic GPU forwards
+    assert sum("| wgmma |" in r for r in rows) >= 20  # the M >= 64 Triton tiles use Hopper's wgmma
     assert sum(r.startswith("| mosaic_gpu attention fwd") for r in rows) == 2
 
 
@@ -58,10 +56,10 @@ def test_mosaic_gpu_forward_resources_from_its_lowered_module():
     """Deviceless resource check of the Mosaic GPU attention forward (head_dim 128): 3 warpgroups, TMA
     and wgmma present, shared memory = Q (2 x 64 x 128 bf16) + K/V (3 stages x 2 x 64 x 128 bf16) plus
     small change, within the 227 KiB a CTA may have."""
-    (case, fn, args), = [c for c in check_sm90.mosaic_gpu_cases() if c[0].endswith("d128")]
+    ((case, fn, args),) = [c for c in check_sm90.mosaic_gpu_cases() if c[0].endswith("d128")]
     r = check_sm90.mosaic_gpu_report(fn, args)
     assert r["ok"], r
-    assert r["threads"] == 384 and r["grid"] == [32, 32, 1]      # (batch * heads, q_len / 128)
+    assert r["threads"] == 384 and r["grid"] == [32, 32, 1]  # (batch * heads, q_len / 128)
     tiles = (2 * 64 * 128 + 3 * 2 * 64 * 128) * 2
     assert tiles <= r["smem"] <= tiles + 8 * 1024 and r["smem"] <= 227 * 1024
     assert r["wgmma"] > 0 and r["tma"] > 0 and r["setmaxnreg"] == 2

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant import (NF4_CODEBOOK, QuantizedWeight, dequantize, int8_matmul, quantize,
-                                  quantized_matmul)
+from pallas_kernels.quant import NF4_CODEBOOK, QuantizedWeight, dequantize, int8_matmul, quantize, quantized_matmul
 from pallas_kernels.quant import api as qapi
 from pallas_kernels.quant import formats as qformats
 
@@ -217,15 +216,18 @@ def test_quantized_matmul_bf16_and_batch_dims(name):
     assert ref.dtype == jnp.bfloat16 and ref.shape == out.shape
 
 
-@pytest.mark.parametrize("name,blocks", [
-    ("int4_g32_asym", (16, 16, 64)),       # two groups per K step, several N blocks
-    ("nf4_dq", {"block_m": 16, "block_n": 32, "block_k": 128}),
-    ("int8_channel", (16, 64, 16)),        # many K steps, K padded 200 -> 208
-    ("int8_group32", (32, 16, 32)),
-    ("int4_g64", (16, 16, 64, 1)),         # no split-K
-    ("nf4", {"block_n": 16, "split_k": 2}),
-    ("int8_channel", (16, 16, 16, 13)),    # 13 K blocks: split_k must divide them -> error
-])
+@pytest.mark.parametrize(
+    "name,blocks",
+    [
+        ("int4_g32_asym", (16, 16, 64)),  # two groups per K step, several N blocks
+        ("nf4_dq", {"block_m": 16, "block_n": 32, "block_k": 128}),
+        ("int8_channel", (16, 64, 16)),  # many K steps, K padded 200 -> 208
+        ("int8_group32", (32, 16, 32)),
+        ("int4_g64", (16, 16, 64, 1)),  # no split-K
+        ("nf4", {"block_n": 16, "split_k": 2}),
+        ("int8_channel", (16, 16, 16, 13)),  # 13 K blocks: split_k must divide them -> error
+    ],
+)
 def test_quantized_matmul_block_sizes(name, blocks):
     fmt, kw = CONFIGS[name]
     qw = quantize(jnp.asarray(_weight(13)), fmt, **kw)
@@ -275,7 +277,7 @@ def test_grad_cotangent_of_weight_is_zero_float0():
 
 def test_zero_weight_and_zero_rows_are_finite():
     w = _weight(25)
-    w[:, :10] = 0.0      # all-zero columns -> zero scales
+    w[:, :10] = 0.0  # all-zero columns -> zero scales
     w[:64, 20:30] = 0.0  # all-zero groups
     x = _rand((5, K), 26)
     x[2] = 0.0
@@ -358,8 +360,9 @@ def test_triton_lowering_on_cpu():
 
             exp = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(x, qw)
             assert exp.mlir_module().count("__gpu$xla.gpu.triton") == 2
-        exp = export.export(jax.jit(lambda x, w: int8_matmul(x, w, outlier_threshold=6.0, backend="gpu")),
-                            platforms=["cuda"], disabled_checks=checks)(x, w)
+        exp = export.export(jax.jit(lambda x, w: int8_matmul(x, w, outlier_threshold=6.0, backend="gpu")), platforms=["cuda"], disabled_checks=checks)(
+            x, w
+        )
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
     finally:
         gpu_info.get_gpu_info = orig
@@ -410,8 +413,7 @@ def test_tpu_lowering_on_cpu():
 
         exp = export.export(jax.jit(f), platforms=["tpu"])(x, qw)
         assert exp.mlir_module().count("tpu_custom_call") == 2
-    exp = export.export(jax.jit(lambda x, w: int8_matmul(x, w, outlier_threshold=6.0, backend="tpu")),
-                        platforms=["tpu"])(x, w)
+    exp = export.export(jax.jit(lambda x, w: int8_matmul(x, w, outlier_threshold=6.0, backend="tpu")), platforms=["tpu"])(x, w)
     assert "tpu_custom_call" in exp.mlir_module()
 
 
@@ -425,8 +427,7 @@ def _w8a8_bound(x, w):
     sx = np.abs(x64).max(axis=1, keepdims=True) / 127
     sw = np.abs(w64).max(axis=0, keepdims=True) / 127
     k = x.shape[1]
-    return (np.abs(x64).sum(axis=1, keepdims=True) * sw / 2 + sx / 2 * np.abs(w64).sum(axis=0, keepdims=True)
-            + k * sx * sw / 4)
+    return np.abs(x64).sum(axis=1, keepdims=True) * sw / 2 + sx / 2 * np.abs(w64).sum(axis=0, keepdims=True) + k * sx * sw / 4
 
 
 def test_int8_matmul_within_int8_error_bound():
@@ -440,11 +441,9 @@ def test_int8_matmul_within_int8_error_bound():
         assert np.all(np.isfinite(out)) and np.all(err <= bound), (err / bound).max()
         assert (err / bound).max() > 0.01  # it really is quantized
         # same quantization in the pure-jnp reference; a prepared int8 weight gives the same result
-        np.testing.assert_allclose(out, np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), backend="reference")),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), backend="reference")), rtol=1e-5, atol=1e-5)
         qw = quantize(jnp.asarray(w), "int8")
-        np.testing.assert_allclose(out, np.asarray(int8_matmul(jnp.asarray(x), qw, backend="interpret")),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, np.asarray(int8_matmul(jnp.asarray(x), qw, backend="interpret")), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_matmul_batch_dims_bf16():
@@ -453,8 +452,7 @@ def test_int8_matmul_batch_dims_bf16():
     x32 = np.asarray(x.astype(jnp.float32)).reshape(6, K)
     ref = x32.astype(np.float64) @ np.asarray(w, np.float64)
     for thr in (None, 6.0):  # no |x| >= 6 here: the outlier path must then change nothing
-        out = int8_matmul(x, w, backend="interpret", outlier_threshold=thr,
-                          block_sizes={"block_m": 16, "block_n": 32, "block_k": 64})
+        out = int8_matmul(x, w, backend="interpret", outlier_threshold=thr, block_sizes={"block_m": 16, "block_n": 32, "block_k": 64})
         assert out.shape == (2, 3, N) and out.dtype == jnp.bfloat16
         err = np.abs(_f64(out).reshape(6, N) - ref)
         assert np.all(err <= _w8a8_bound(x32, np.asarray(w)) + 2**-8 * np.abs(ref) + 1e-3)
@@ -471,16 +469,13 @@ def test_int8_outlier_decomposition_reduces_error():
     assert np.abs(x).max() > 6.0
     ref = x.astype(np.float64) @ w.astype(np.float64)
     plain = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), backend="interpret"), np.float64)
-    dec = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=6.0, backend="interpret"),
-                     np.float64)
-    dec_ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=True, backend="reference"),
-                         np.float64)
+    dec = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=6.0, backend="interpret"), np.float64)
+    dec_ref = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=True, backend="reference"), np.float64)
     e_plain, e_dec = np.abs(plain - ref).max(), np.abs(dec - ref).max()
     assert np.all(np.isfinite(dec)) and e_dec < 0.25 * e_plain, (e_plain, e_dec)
     np.testing.assert_allclose(dec, dec_ref, rtol=1e-5, atol=1e-4)
     # a cap below the number of outlier columns keeps the rest in int8: still correct, less accurate
-    capped = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=6.0, max_outliers=1,
-                                    backend="interpret"), np.float64)
+    capped = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), outlier_threshold=6.0, max_outliers=1, backend="interpret"), np.float64)
     e_cap = np.abs(capped - ref).max()
     assert e_dec <= e_cap <= 1.5 * e_plain
     # jit-compatible (static shapes)
@@ -505,8 +500,7 @@ def test_quantized_matmul_larger_interpret(name):
 @pytest.mark.slow
 def test_bench_small_runs():
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, str(root / "experiments" / "bench_quant.py"), "--small"],
-                         capture_output=True, text=True, timeout=600, cwd=root)
+    res = subprocess.run([sys.executable, str(root / "experiments" / "bench_quant.py"), "--small"], capture_output=True, text=True, timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W8A8" in res.stdout and "nf4" in res.stdout
 
@@ -557,7 +551,6 @@ def test_tpu_kernels_on_tpu(name):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
 
 
-
 @pytest.mark.parametrize("k_major", [False, True], ids=["w_kn", "w_nk_k_major"])
 def test_w8a8_kernel_weight_layouts_match_int32_reference(k_major):
     """The W8A8 kernel with W as [K, N] or K-major W^T [N, K] (the layout 8-bit wgmma loads
@@ -573,8 +566,9 @@ def test_w8a8_kernel_weight_layouts_match_int32_reference(k_major):
     want = (np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)) * np.asarray(sx, np.float64) * np.asarray(sw, np.float64)
     xp = jnp.pad(xq, ((0, 0), (0, 32)))
     w_in = jnp.pad(wq.T, ((0, 16), (0, 32))) if k_major else jnp.pad(wq, ((0, 32), (0, 16)))
-    got = triton_matmul.w8a8_matmul(xp, sx, w_in, jnp.pad(sw, ((0, 0), (0, 16))), bm=32, bn=32, bk=32,
-                                    out_dtype=jnp.float32, interpret=True, k_major=k_major)[:, :48]
+    got = triton_matmul.w8a8_matmul(
+        xp, sx, w_in, jnp.pad(sw, ((0, 0), (0, 16))), bm=32, bn=32, bk=32, out_dtype=jnp.float32, interpret=True, k_major=k_major
+    )[:, :48]
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(reference.w8a8_core(xq, sx, wq, sw, jnp.float32)), want, rtol=1e-6, atol=1e-6)
 
