@@ -133,10 +133,11 @@ def _run_logits(run: Path, tokens: np.ndarray) -> np.ndarray:
     import jax
     import jax.numpy as jnp
 
-    from jaxeff.train.checkpoint import one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import one_device_config
     from jaxeff.train.loop import load_params
 
-    cfg = one_device_config(read_run_config(run))
+    cfg = one_device_config(read_config(run))
     trainer, params = load_params(cfg, run / "checkpoints", devices=jax.devices()[:1])
     out = trainer.method.run(trainer.model, params, jnp.asarray(tokens, jnp.int32))
     return np.asarray(out.logits, np.float32)
@@ -150,10 +151,11 @@ def _adapter_on_float_base(base_run: Path, adapter: Path, tokens: np.ndarray) ->
 
     from jaxeff.peft import apply_lora
     from jaxeff.peft.adapters import load_adapter
-    from jaxeff.train.checkpoint import one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import one_device_config
     from jaxeff.train.loop import load_params
 
-    cfg = one_device_config(read_run_config(base_run))
+    cfg = one_device_config(read_config(base_run))
     trainer, params = load_params(cfg, base_run / "checkpoints", devices=jax.devices()[:1])
     adapters, meta = load_adapter(adapter, base=params, model_cfg=cfg.to_dict()["model"])
     adapters = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapters)

@@ -184,7 +184,8 @@ def cmd_generate(args) -> int:
 
     from jaxeff.data.tokenizer import check_text, load_tokenizer
     from jaxeff.models.generate import check_sampling, check_seed, generate
-    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config
     from jaxeff.train.loop import load_params
 
     if args.max_new_tokens < 1:
@@ -201,7 +202,7 @@ def cmd_generate(args) -> int:
     changes = {"data.batch_size": 1}
     if args.attention_impl:
         changes["model.attention_impl"] = args.attention_impl
-    cfg = one_device_config(read_run_config(ckpt_dir, args.step), **changes)
+    cfg = one_device_config(read_config(ckpt_dir, args.step), **changes)
     check_sampling(args.temperature, args.top_k, cfg.model.vocab_size)
     from jaxeff.steer import cli as steer_cli
 

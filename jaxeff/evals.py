@@ -353,12 +353,13 @@ def run_metric(name: str, ctx: EvalContext, options: dict[str, Any]) -> dict[str
 def _load(checkpoint, step, config, overrides):
     from jaxeff.cli import eval_config
     from jaxeff.data.tokenizer import load_tokenizer
-    from jaxeff.train.checkpoint import find_checkpoint_dir, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import find_checkpoint_dir
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import load_params
 
     ckpt_dir = find_checkpoint_dir(checkpoint)
-    cfg = eval_config(read_run_config(ckpt_dir, step), config, list(overrides))
+    cfg = eval_config(read_config(ckpt_dir, step), config, list(overrides))
     _, _, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     trainer, params = load_params(cfg, ckpt_dir, step)
     ctx = EvalContext(

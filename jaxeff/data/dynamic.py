@@ -144,12 +144,10 @@ def reference_losses(cfg, domains: list[str], eval_sets: dict, *, devices=None) 
         ckpt = Checkpointer(find_checkpoint_dir(d.reference_run), create=False)
     except CheckpointError as e:
         raise ConfigError(f"{field}: {e}") from None
-    try:
+    with ckpt:
         if ckpt.latest_step() is None:
             raise ConfigError(f"{field}: '{d.reference_run}' holds no checkpoint")
         saved = ckpt.read_config()
-    finally:
-        ckpt.close()
     if saved.get("method", "lm") != "lm":
         raise ConfigError(
             f"{field}: '{d.reference_run}' was trained with method '{saved.get('method')}'; "

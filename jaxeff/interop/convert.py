@@ -72,10 +72,12 @@ def _export_record(hf_dir: Path) -> dict | None:
 
 def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     """Write a jaxeff run folder (model parameters at step 0 + config.yaml) holding an HF model's weights."""
-    from jaxeff.config import from_dict, run_dict, run_yaml
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxeff.config import from_dict
+    from jaxeff.edit.runs import abstract_model_params
     from jaxeff.interop.hf import load_weights
-    from jaxeff.train.checkpoint import open_new_run
-    from jaxeff.train.loop import Trainer
+    from jaxeff.runs import check_new_run, save_model_run
 
     hf_dir, out = Path(hf_dir), Path(out_run)
     model = model_section(hf_dir, dtype)
@@ -97,17 +99,11 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     cfg = from_dict(raw)
     # Everything is checked before the first folder is made: the destination, then every tensor.
     check_new_folder(out, "--out")
-    if cfg.checkpoint_path.is_dir():
-        open_new_run(cfg, out).close()  # refuses a folder that already holds a checkpoint
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
-    params = load_weights(hf_dir, trainer.base_abstract, trainer.base_shardings, tied=cfg.model.tie_embeddings)
-    ckpt = open_new_run(cfg, out)
-    try:  # parameters only: the run is the model, not a training state (no optimizer to match)
-        ckpt.save(0, {"params": params}, data_state={}, config=run_dict(cfg, provenance))
-    finally:
-        ckpt.close()
-    (out / "config.yaml").write_text(run_yaml(cfg, provenance))
-    return out
+    check_new_run(out)
+    abstract = abstract_model_params(cfg.to_dict())
+    one = SingleDeviceSharding(jax.devices()[0])
+    params = load_weights(hf_dir, abstract, jax.tree.map(lambda _: one, abstract), tied=cfg.model.tie_embeddings)
+    return save_model_run(params, cfg, provenance=provenance)  # parameters only: the run is the model
 
 
 def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
@@ -115,12 +111,13 @@ def to_hf(run, hf_dir, *, step: int | None = None, dtype=None) -> Path:
     its tokenizer.json, generation_config.json and jaxeff_run.yaml."""
     from jaxeff.interop.hf import save_pretrained
     from jaxeff.interop.tokenizer_export import write_tokenizer_files
-    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import find_checkpoint_dir, one_device_config
     from jaxeff.train.loop import load_params
 
     check_new_folder(hf_dir, "--to-hf")
     ckpt_dir = find_checkpoint_dir(run)
-    saved = read_run_config(ckpt_dir, step)
+    saved = read_config(ckpt_dir, step)
     cfg = one_device_config(saved, **{"data.batch_size": 1})
     trainer, params = load_params(cfg, ckpt_dir, step, devices=jax.devices()[:1])
     out = save_pretrained(cfg.model, trainer.method.model_params(params), hf_dir, dtype=dtype)

@@ -251,21 +251,13 @@ def export_adapter(run, out, step: int | None = None, base_model_name_or_path: s
 
 def merge_adapter(base_run, adapter_dir, out_run) -> Path:
     """Fold an adapter into a base run's parameters and save them as a new run (method lm)."""
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
-    from jaxeff.train.loop import Trainer
+    from jaxeff.runs import load_model_params, read_config, save_model_run
 
     out = Path(out_run)
     read_meta(adapter_dir)  # a bad folder fails before anything is loaded
-    ckpt = Checkpointer(find_checkpoint_dir(base_run), create=False)
-    try:
-        cfg = one_device_config(ckpt.read_config(), **new_lm_run(out))
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        base = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings))
-    finally:
-        ckpt.close()
+    cfg = one_device_config(read_config(base_run), **new_lm_run(out))
+    _, base = load_model_params(base_run)  # any method's run: its model parameters (adapters merged, ...)
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=cfg.to_dict()["model"])
-    from jaxeff.runs import save_model_run
-
     save_model_run(
         merge(base, adapters, meta["scale"]),
         cfg,
@@ -290,23 +282,19 @@ def import_adapter(base_run, adapter_dir, out_run) -> Path:
     import re
 
     from jaxeff.peft.lora import adapter_paths
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.runs import load_model_params, read_config
+    from jaxeff.train.checkpoint import find_checkpoint_dir
     from jaxeff.train.loop import Trainer
 
     out = Path(out_run)
     meta = read_meta(adapter_dir)  # a bad folder fails before anything is loaded
-    ckpt = Checkpointer(find_checkpoint_dir(base_run), create=False)
-    try:
-        saved = ckpt.read_config()
-        base_cfg = one_device_config(saved)
-        if base_cfg.method != "lm":
-            raise CheckpointError(
-                f"--base: '{ckpt.directory}' is a '{base_cfg.method}' run; expected a plain lm run (e.g. jaxeff convert --from-hf's or merge-adapter's)"
-            )
-        trainer = Trainer(base_cfg, devices=jax.devices()[:1])
-        base = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings))
-    finally:
-        ckpt.close()
+    saved = read_config(base_run)
+    base_cfg = one_device_config(saved)
+    if base_cfg.method != "lm":
+        raise CheckpointError(
+            f"--base: '{find_checkpoint_dir(base_run)}' is a '{base_cfg.method}' run; expected a plain lm run (e.g. jaxeff convert --from-hf's or merge-adapter's)"
+        )
+    _, base = load_model_params(base_run)
     adapters, meta = load_adapter(adapter_dir, base=base, model_cfg=base_cfg.to_dict()["model"])
     paths = adapter_paths(adapters)
     lora = {
@@ -322,9 +310,6 @@ def import_adapter(base_run, adapter_dir, out_run) -> Path:
     cfg = one_device_config(saved, **lora, **{"peft.init_adapter": None})  # saved: the adapters are in the checkpoint
     lora_trainer = Trainer(built, devices=jax.devices()[:1])
     state = lora_trainer.init_state(base)
-    out_ckpt = open_new_run(cfg, out)
-    try:
+    with open_new_run(cfg, out) as out_ckpt:
         out_ckpt.save(0, state, data_state={}, config=cfg.to_dict())
-    finally:
-        out_ckpt.close()
     return out

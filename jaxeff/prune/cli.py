@@ -35,14 +35,10 @@ def _register_shear(sub) -> None:
 
 def cmd_extract(args) -> int:
     from jaxeff.prune.extract import extract_run
-    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
+    from jaxeff.runs import read_config
 
     out = extract_run(args.checkpoint, args.out, args.step)
-    ckpt = Checkpointer(find_checkpoint_dir(out), create=False)
-    try:
-        model = ckpt.read_config()["model"]
-    finally:
-        ckpt.close()
+    model = read_config(out)["model"]
     print(f"extracted model saved as run {out}; its model section (for train.init_from={out}):")
     print(json.dumps({"model": model}))
     changed = {

@@ -157,19 +157,15 @@ def extract(params, model_cfg, prune_cfg):
 def extract_run(src, out, step: int | None = None) -> Path:
     """Extract the pruned model of a ``shear`` run (its newest checkpoint, or ``step``) and save it
     as a new run folder ``out`` (method ``lm``, step 0, its own smaller ``model`` section)."""
-    from jaxeff.runs import check_new_run, lm_run_config, save_model_run
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
-    from jaxeff.train.runtime import Trainer
+    from jaxeff.runs import check_new_run, lm_run_config, load_run, read_config, save_model_run
+    from jaxeff.train.checkpoint import find_checkpoint_dir
 
     out = Path(out)
-    with Checkpointer(find_checkpoint_dir(src), create=False) as ckpt:
-        saved = ckpt.read_config(step)
-        if saved.get("method") != "shear":
-            raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{saved.get('method', 'lm')}' run; expected a shear run")
-        check_new_run(out)
-        cfg = one_device_config(saved)
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
+    saved = read_config(src, step)
+    if saved.get("method") != "shear":
+        raise CheckpointError(f"checkpoint '{find_checkpoint_dir(src)}' is a '{saved.get('method', 'lm')}' run; expected a shear run")
+    check_new_run(out)
+    cfg, _, params = load_run(src, step)
     small_params, small_cfg = extract(params, cfg.model, cfg.prune)
     from pydantic import TypeAdapter
 

@@ -381,7 +381,8 @@ def test_cli_imports_a_peft_folder_as_a_lora_run_and_exports_it_back_identically
     """PEFT folder -> import-adapter (a lora run, unmerged) -> export-adapter: the same tensors, bit for bit;
     the run's logits are the float64 reference's."""
     from jaxeff.cli import main
-    from jaxeff.train.checkpoint import one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import one_device_config
     from jaxeff.train.loop import load_params
 
     _, params = _save_base_run(tiny_config, tmp_path)
@@ -389,7 +390,7 @@ def test_cli_imports_a_peft_folder_as_a_lora_run_and_exports_it_back_identically
     src = _peft_folder(tmp_path / "peft", tensors, lora_alpha=16, use_rslora=True, lora_dropout=0.1)  # scale 8
     run = tmp_path / "runs" / "imported"
     assert main(["import-adapter", "--base", str(tmp_path / "runs" / "base"), "--adapter", str(src), "--out", str(run)]) == 0
-    saved = read_run_config(run)
+    saved = read_config(run)
     assert saved["method"] == "lora" and saved["peft"]["rank"] == 4 and saved["peft"]["alpha"] == 32.0
     assert saved["peft"]["init_adapter"] is None and saved["peft"]["dropout"] == 0.1
     trainer, state_params = load_params(one_device_config(saved), run / "checkpoints", devices=jax.devices()[:1])
