@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from _common import REPO, add_study_args, quick_overrides, study_dir, train_run
 
-from jaxeff.config import load_config
-from jaxeff.train.loop import run_training
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distill"
-QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_domain=16", "train.eval_batches=2"]
+CONFIGS = REPO / "configs" / "distill"
+QUICK = quick_overrides(max_seq_len=None, docs_per_domain=300, eval_batches=2)
 
 
 def median_tokens_per_sec(run_path: Path) -> float:
@@ -45,11 +41,7 @@ def median_tokens_per_sec(run_path: Path) -> float:
 
 
 def run(name: str, yaml_name: str, overrides: list[str]) -> dict:
-    cfg = load_config(CONFIGS / yaml_name, [f"name={name}", *overrides])
-    shutil.rmtree(cfg.run_path, ignore_errors=True)
-    t0 = time.perf_counter()
-    out = run_training(cfg)
-    wall = time.perf_counter() - t0
+    cfg, out, wall = train_run(CONFIGS / yaml_name, [f"name={name}", *overrides])
     domains = list(cfg.data.domains)
     return {
         "name": name,
@@ -65,14 +57,19 @@ def run(name: str, yaml_name: str, overrides: list[str]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small model and few steps (< 3 min on 2 CPU cores)")
-    ap.add_argument("--run-dir", default="runs", help="TensorBoard runs go to <run-dir>/distill_study[_quick]/")
+    add_study_args(
+        ap,
+        "distill",
+        "small model and few steps (< 3 min on 2 CPU cores)",
+        run_dir="runs",
+        run_dir_help="TensorBoard runs go to <run-dir>/distill_study[_quick]/",
+    )
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=1, help="student initialisation seeds (each trains both students)")
     args = ap.parse_args(argv)
 
-    study = Path(args.run_dir) / ("distill_study_quick" if args.quick else "distill_study")
+    study = study_dir(args)
     size = QUICK if args.quick else []
     t_steps = args.teacher_steps or (300 if args.quick else 600)
     s_steps = args.student_steps or (200 if args.quick else 300)

@@ -30,27 +30,17 @@ import argparse
 import datetime
 import shutil
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import add_study_args, quick_overrides, study_dir, train_base
+
 # 4 layers x 8 query heads (2 kv heads, groups of 4): 32 heads, head_dim 8 (quick) / 16
-QUICK = [
-    "model.d_model=64",
-    "model.n_heads=8",
-    "model.n_kv_heads=2",
-    "model.d_ff=192",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-    "data.docs_per_domain=200",
-    "data.eval_docs_per_domain=16",
-]
 FULL = ["model.n_heads=8", "model.n_kv_heads=2"]
+QUICK = quick_overrides() + FULL
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, few steps")
-    ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/heads_study[_quick]/")
+    add_study_args(ap, "heads", "tiny model, few steps")
     ap.add_argument("--base", default=None, help="prune this run instead of training a base")
     ap.add_argument("--steps", type=int, default=None, help="base training steps (default 1000; --quick 600)")
     ap.add_argument("--batches", type=int, default=4, help="training batches for the importance scores")
@@ -62,36 +52,12 @@ def main(argv=None):
     import numpy as np
     from tensorboardX import SummaryWriter
 
-    from jaxeff.config import load_config
     from jaxeff.models import Transformer
     from jaxeff.prune.heads import HeadScorer, ablation_increase, iterative_prune, prune_heads_run, run_batches, spearman
     from jaxeff.runs import lm_run_config, load_model_params, read_config
-    from jaxeff.train.loop import run_training
 
-    study = Path(args.run_dir) / ("heads_study_quick" if args.quick else "heads_study")
-    if args.base is None:
-        shutil.rmtree(study, ignore_errors=True)
-        steps = args.steps or (600 if args.quick else 1000)
-        cfg = load_config(
-            REPO / "configs" / "quickstart.yaml",
-            (QUICK if args.quick else FULL)
-            + [
-                "name=base",
-                f"logging.run_dir={study}",
-                "logging.progress=false",
-                f"train.steps={steps}",
-                f"train.eval_every={steps}",
-                f"checkpoint.every={steps}",
-                "checkpoint.keep=1",
-            ],
-        )
-        t0 = time.perf_counter()
-        run_training(cfg)
-        print(f"base: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-        base = cfg.run_path
-    else:
-        base = Path(args.base)
-        study.mkdir(parents=True, exist_ok=True)
+    study = study_dir(args)
+    base = train_base(args, study, QUICK if args.quick else FULL, args.steps or (600 if args.quick else 1000))
 
     cfg, params = load_model_params(base)
     data_cfg = lm_run_config(read_config(base), study / "_data")

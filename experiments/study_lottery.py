@@ -34,19 +34,17 @@ import shutil
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_overrides, study_dir, train_run
 
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK = quick_overrides()
 
 
 def run_one(study: Path, name: str, seed: int, args, extra: list[str]) -> dict:
     """Train one lottery run; returns its per-phase records (``lottery.json``)."""
-    from jaxeff.config import load_config
     from jaxeff.prune.lottery import read_record
-    from jaxeff.train.loop import run_training
 
     per = args.steps_per_round
-    cfg = load_config(
+    cfg, _, wall = train_run(
         REPO / "configs" / "prune" / "lottery.yaml",
         (QUICK if args.quick else [])
         + [
@@ -64,11 +62,9 @@ def run_one(study: Path, name: str, seed: int, args, extra: list[str]) -> dict:
             *extra,
         ],
     )
-    t0 = time.perf_counter()
-    run_training(cfg)
     rows = read_record(cfg.run_path)["rounds"]
     print(
-        f"  {name}: {cfg.train.steps} steps in {time.perf_counter() - t0:.0f} s; eval loss by phase "
+        f"  {name}: {cfg.train.steps} steps in {wall:.0f} s; eval loss by phase "
         + ", ".join(f"{1 - r['sparsity']:.1%} kept {r['eval_loss']:.4f}" for r in rows),
         flush=True,
     )
@@ -77,8 +73,7 @@ def run_one(study: Path, name: str, seed: int, args, extra: list[str]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model, shorter phases")
-    ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/lottery_study[_quick]/")
+    add_study_args(ap, "lottery", "smaller model, shorter phases")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 2; --quick 1)")
     ap.add_argument("--rounds", type=int, default=None, help="prunings (default 4; --quick 3)")
     ap.add_argument("--prune-fraction", type=float, default=0.5, help="share of the remaining weights pruned per round")
@@ -93,7 +88,7 @@ def main(argv=None):
     import numpy as np
     from tensorboardX import SummaryWriter
 
-    study = Path(args.run_dir) / ("lottery_study_quick" if args.quick else "lottery_study")
+    study = study_dir(args)
     shutil.rmtree(study, ignore_errors=True)
     t_start = time.perf_counter()
     tickets, randoms = [], []

@@ -36,18 +36,11 @@ import shutil
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_overrides, study_dir, train_run, train_steps
+
 DOMAINS = ("arithmetic", "records", "prose", "code")
 A, C = "arithmetic", "code"
-QUICK = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.d_ff=192",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-    "data.docs_per_domain=200",
-    "data.eval_docs_per_domain=16",
-]
+QUICK = quick_overrides(n_layers=2)
 
 
 def config(args, name: str, steps: int, weights: dict[str, float], extra: list[str]):
@@ -63,9 +56,7 @@ def config(args, name: str, steps: int, weights: dict[str, float], extra: list[s
             "logging.progress=false",
             f"data.domains=[{','.join(DOMAINS)}]",
             "data.weights={" + ", ".join(f"{k}: {v}" for k, v in w.items()) + "}",
-            f"train.steps={steps}",
-            f"train.eval_every={steps}",
-            f"checkpoint.every={steps}",
+            *train_steps(steps),
             "train.eval_batches=4",
             "optim.weight_decay=0.0",
             "optim.warmup_steps=10",
@@ -75,27 +66,19 @@ def config(args, name: str, steps: int, weights: dict[str, float], extra: list[s
 
 
 def train(args, name, steps, weights, extra):
-    from jaxeff.train.loop import run_training
-
-    cfg = config(args, name, steps, weights, extra)
-    shutil.rmtree(cfg.run_path, ignore_errors=True)
-    t0 = time.perf_counter()
-    run_training(cfg)
-    print(f"  trained {name:9s} {time.perf_counter() - t0:5.0f}s", flush=True)
+    run = train_run(config(args, name, steps, weights, extra))
+    print(f"  trained {name:9s} {run.wall_s:5.0f}s", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, few steps (a few minutes on a 2-core CPU)")
-    p.add_argument("--run-dir", default=None, help="default: runs/merge_study[_quick]")
+    add_study_args(p, "merge", "small model, few steps (a few minutes on a 2-core CPU)", owns_run_dir=True)
     p.add_argument("--base-steps", type=int, default=None)
     p.add_argument("--ft-steps", type=int, default=None)
     p.add_argument("--ft-lr", type=float, default=3e-4, help="learning rate of the experts and the multi-task run")
     p.add_argument("--replay", type=float, default=0.0, help="mixture weight of each other domain while fine-tuning (target domains weigh 1): replay")
     args = p.parse_args()
-    args.run_dir = args.run_dir or str(
-        REPO / "runs" / (("merge_study_quick" if args.quick else "merge_study") + (f"_replay{args.replay:g}" if args.replay else ""))
-    )
+    args.run_dir = str(study_dir(args, tag=f"_replay{args.replay:g}" if args.replay else ""))
     args.base_steps = args.base_steps or (300 if args.quick else 800)
     args.ft_steps = args.ft_steps or (80 if args.quick else 300)
     lams_ta = (0.3, 0.5, 0.8, 1.0)

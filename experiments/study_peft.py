@@ -31,24 +31,16 @@ import argparse
 import datetime
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_overrides, study_dir, train_run, train_steps
+
 OLD = ("arithmetic", "records", "prose", "code")
 NEW = "recall"
-QUICK = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.d_ff=192",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-    "data.docs_per_domain=200",
-    "data.eval_docs_per_domain=16",
-]
+QUICK = quick_overrides(n_layers=2)
 # name -> (method, overrides)
 VARIANTS = {
     "full": ("lm", ["optim.lr=1e-3"]),
@@ -74,9 +66,7 @@ def config(args, name: str, method: str, steps: int, extra: list[str]):
             "model.use_bias=true",
             f"data.domains=[{','.join(OLD + (NEW,))}]",
             "data.weights={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}",
-            f"train.steps={steps}",
-            f"train.eval_every={steps}",
-            f"checkpoint.every={steps}",
+            *train_steps(steps),
             "train.eval_batches=2",
             "optim.weight_decay=0.0",
             "optim.warmup_steps=10",
@@ -94,7 +84,7 @@ def tree_bytes(tree) -> int:
 
 def worker(args) -> None:
     """One training run in this process; prints one JSON line of results."""
-    from jaxeff.train.loop import Trainer, run_training
+    from jaxeff.train.loop import Trainer
 
     name = args.worker
     if name == "base":
@@ -102,10 +92,7 @@ def worker(args) -> None:
     else:
         method, extra = VARIANTS[name]
         cfg = config(args, name, method, args.ft_steps, extra + [f"train.init_from={Path(args.run_dir) / 'base'}"])
-    shutil.rmtree(cfg.run_path, ignore_errors=True)
-    t0 = time.perf_counter()
-    out = run_training(cfg)
-    wall = time.perf_counter() - t0
+    _, out, wall = train_run(cfg)
     trainer = Trainer(cfg)  # for the byte counts (no step is compiled)
     frozen = trainer.method.frozen
     row = {
@@ -174,13 +161,12 @@ def table(rows: list[dict], base: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min on a 2-core CPU)")
-    p.add_argument("--run-dir", default=None, help="default: runs/peft_study[_quick]")
+    add_study_args(p, "peft", "small model, few steps (< 3 min on a 2-core CPU)", owns_run_dir=True)
     p.add_argument("--base-steps", type=int, default=None)
     p.add_argument("--ft-steps", type=int, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.run_dir = args.run_dir or str(REPO / "runs" / ("peft_study_quick" if args.quick else "peft_study"))
+    args.run_dir = str(study_dir(args))
     args.base_steps = args.base_steps or (150 if args.quick else 600)
     args.ft_steps = args.ft_steps or (60 if args.quick else 300)
     if args.worker:

@@ -41,39 +41,20 @@ from jaxeff.quant.convert import model_bytes
 from jaxeff.quant.intercept import dense_paths, get_path
 from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxeff.train.inputs import build_data
-from jaxeff.train.loop import Trainer, load_params, run_training
+from jaxeff.train.loop import Trainer, load_params
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.d_ff=192",
-    "data.seq_len=64",
-    "data.docs_per_domain=200",
-    "data.eval_docs_per_domain=16",
-    "train.eval_batches=2",
-]
+from _common import REPO, add_study_args, quick_overrides, study_dir, train_run, train_steps
+
+QUICK = quick_overrides(n_layers=2, max_seq_len=None, eval_batches=2)
 PROJ = r"^layers_\d+/(attn|mlp)/"
 
 
 def train(base: list[str], name: str, steps: int, extra: list[str], run_dir: Path) -> Path:
-    cfg = load_config(
-        REPO / "configs" / "quickstart.yaml",
-        base
-        + [
-            f"name={name}",
-            f"logging.run_dir={run_dir}",
-            f"train.steps={steps}",
-            f"train.eval_every={steps}",
-            f"checkpoint.every={steps}",
-            "logging.progress=false",
-        ]
-        + extra,
+    run = train_run(
+        REPO / "configs" / "quickstart.yaml", base + [f"name={name}", f"logging.run_dir={run_dir}", *train_steps(steps), "logging.progress=false"] + extra
     )
-    t0 = time.perf_counter()
-    out = run_training(cfg)
-    print(f"  trained {name}: {steps} steps in {time.perf_counter() - t0:.0f}s, eval loss {out['eval/loss']:.4f}", flush=True)
-    return cfg.run_path
+    print(f"  trained {name}: {steps} steps in {run.wall_s:.0f}s, eval loss {run.out['eval/loss']:.4f}", flush=True)
+    return run.path
 
 
 def model_params_of(run_path: Path, overrides: list[str]):
@@ -101,8 +82,9 @@ def evaluate(base: list[str], method_overrides: list[str], params, eval_sets, ba
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min on 2 CPU cores)")
-    p.add_argument("--run-dir", default="runs")
+    add_study_args(
+        p, "quant", "small model, few steps (< 3 min on 2 CPU cores)", run_dir="runs", run_dir_help="runs go to <run-dir>/quant_study[_quick][_seed<N>]/"
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -111,7 +93,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    run_dir = Path(args.run_dir) / (("quant_study_quick" if args.quick else "quant_study") + (f"_seed{args.seed}" if args.seed else ""))
+    run_dir = study_dir(args, tag=f"_seed{args.seed}" if args.seed else "")
     shutil.rmtree(run_dir, ignore_errors=True)
     base = (list(QUICK) if args.quick else []) + [f"seed={args.seed}"]
     float_steps, ft_steps = (200, 60) if args.quick else (300, 100)

@@ -36,12 +36,12 @@ import argparse
 import datetime
 import shutil
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_data, quick_docs, quick_model, study_dir, train_run, train_steps
+
 CONFIGS = REPO / "configs" / "distill"
-QUICK = ["model.d_model=64", "model.d_ff=192", "data.seq_len=64", "model.max_seq_len=128", "train.eval_batches=2"]
-QUICK_DATA = ["data.docs_per_domain=300", "data.eval_docs_per_domain=16"]
+QUICK = quick_model() + quick_data(docs_per_domain=None, eval_batches=2)
+QUICK_DATA = quick_docs(300)  # the real corpus (the sequence-level students train on the teacher's samples)
 
 
 def held_out(data_cfg, tokenizer, n: int, prompt_tokens: int, new: int, seed: int = 1234):
@@ -104,8 +104,7 @@ def prefix_match(a, b):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small models, few steps (a few CPU minutes)")
-    ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/seqkd_study[_quick]/")
+    add_study_args(ap, "seqkd", "small models, few steps (a few CPU minutes)")
     ap.add_argument("--teacher-steps", type=int, default=None, help="default 1000; --quick 600")
     ap.add_argument("--student-steps", type=int, default=None, help="default 300; --quick 200")
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -126,10 +125,9 @@ def main(argv=None):
     from jaxeff.models.generate import generate
     from jaxeff.runs import load_model_params
     from jaxeff.train.inputs import build_data
-    from jaxeff.train.loop import run_training
     from jaxeff.train.runtime import Trainer
 
-    study = Path(args.run_dir) / ("seqkd_study_quick" if args.quick else "seqkd_study")
+    study = study_dir(args)
     shutil.rmtree(study, ignore_errors=True)
     t_steps = args.teacher_steps or (600 if args.quick else 1000)
     s_steps = args.student_steps or (200 if args.quick else 300)
@@ -139,12 +137,10 @@ def main(argv=None):
     real = QUICK_DATA if args.quick else []
 
     def train(name, yaml_name, overrides):
-        cfg = load_config(CONFIGS / yaml_name, [f"name={name}", *common, *overrides])
-        t0 = time.perf_counter()
-        run_training(cfg)
-        return cfg, time.perf_counter() - t0
+        cfg, _, wall = train_run(CONFIGS / yaml_name, [f"name={name}", *common, *overrides])
+        return cfg, wall
 
-    t_cfg, t_wall = train("teacher", "teacher.yaml", [*real, f"train.steps={t_steps}", f"train.eval_every={t_steps}", f"checkpoint.every={t_steps}"])
+    t_cfg, t_wall = train("teacher", "teacher.yaml", [*real, *train_steps(t_steps)])
     print(f"teacher: {t_steps} steps in {t_wall:.0f} s", flush=True)
     data = study / "data" / "teacher_greedy.jsonl"
     t0 = time.perf_counter()
@@ -152,7 +148,7 @@ def main(argv=None):
     gen_wall = time.perf_counter() - t0
     print(f"distill-generate: {gen['samples']} samples, {gen['tokens']} tokens in {gen_wall:.0f} s", flush=True)
 
-    s_common = [f"train.steps={s_steps}", f"train.eval_every={s_steps}", f"checkpoint.every={s_steps}"]
+    s_common = train_steps(s_steps)
     on_gen = ["data.source=files", f"data.paths=[{data}]", "data.eval_fraction=0.05"]
     kd = [f"distill.teacher_checkpoint={t_cfg.run_path}"]
     students = {}

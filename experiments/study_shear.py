@@ -43,14 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_data, quick_model, study_dir, train_run, train_steps
+
 DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 TEST_DOCS = 32
 TEST_SEED_OFFSET = 2_000_003  # eval docs use data.seed + 1_000_003 (jaxeff.train.inputs); tests another seed
 # --quick: a 4-layer d=64 source pruned to 3 layers, d=48, 1 of 2 kv groups, 128 of 192 units
-QUICK_SOURCE = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=192", "model.max_seq_len=128"]
+QUICK_SOURCE = quick_model(n_layers=4) + ["model.n_heads=4", "model.n_kv_heads=2"]
 QUICK_TARGET = ["prune.target.d_model=48", "prune.target.n_heads=2", "prune.target.n_layers=3", "prune.target.d_ff=128"]
-QUICK_DATA = ["data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+QUICK_DATA = quick_data()
 
 
 def roles(args) -> list[str]:
@@ -87,22 +88,13 @@ def config(args, role: str):
     if dynamic:
         every = max(args.continue_steps // int(role.removeprefix("continue_dynamic_u")), 1)
     if role == "source":
-        overrides = (QUICK_SOURCE if args.quick else []) + [
-            f"train.steps={args.source_steps}",
-            f"train.eval_every={args.source_steps}",
-            f"checkpoint.every={args.source_steps}",
-        ]
+        overrides = (QUICK_SOURCE if args.quick else []) + train_steps(args.source_steps)
         return load_config(REPO / "configs" / "quickstart.yaml", common(args, role) + overrides)
     if role == "prune":
-        overrides = (QUICK_SOURCE + QUICK_TARGET if args.quick else []) + [
-            f"train.init_from={run / 'source'}",
-            f"train.steps={args.prune_steps}",
-            f"train.eval_every={args.prune_steps}",
-            f"checkpoint.every={args.prune_steps}",
-        ]
+        overrides = (QUICK_SOURCE + QUICK_TARGET if args.quick else []) + [f"train.init_from={run / 'source'}", *train_steps(args.prune_steps)]
         return load_config(REPO / "configs" / "prune" / "shear.yaml", common(args, role) + overrides)
     steps = args.prune_steps + args.continue_steps if role == "scratch" else args.continue_steps
-    overrides = [f"train.steps={steps}", f"train.eval_every={every}", f"checkpoint.every={steps}", "train.eval_batches=4"]
+    overrides = [*train_steps(steps, every), "train.eval_batches=4"]
     if role == "scratch":
         overrides.append(f"optim.warmup_steps={max(steps // 15, 1)}")  # quickstart: 20 of 300
     else:
@@ -146,12 +138,9 @@ def worker(args) -> None:
         cfg = type(cfg).model_validate({**cfg.to_dict(), "name": "pruned", "train": {**cfg.to_dict()["train"], "init_from": None}})
         row = {"name": "pruned", "tokens": 0, "model": model_of(run / "pruned")}
     else:
-        from jaxeff.train.loop import run_training
-
         cfg = config(args, role)
         dynamic = cfg.data.dynamic.enabled
-        shutil.rmtree(cfg.run_path, ignore_errors=True)
-        out = run_training(cfg)
+        out = train_run(cfg).out
         row = {
             "name": role,
             "steps": cfg.train.steps,
@@ -247,8 +236,7 @@ def verdict(rows: dict[str, dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, few steps (~5 min on 2 shared CPU cores)")
-    p.add_argument("--run-dir", default=None, help="default: runs/shear_study[_quick]")
+    add_study_args(p, "shear", "small model, few steps (~5 min on 2 shared CPU cores)", owns_run_dir=True)
     p.add_argument("--source-steps", type=int, default=None)
     p.add_argument("--prune-steps", type=int, default=None)
     p.add_argument("--continue-steps", type=int, default=None)
@@ -256,7 +244,7 @@ def main() -> None:
     p.add_argument("--roles", default=None, help="run only these (comma-separated), merging into results.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.run_dir = str(Path(args.run_dir or REPO / "runs" / ("shear_study_quick" if args.quick else "shear_study")).absolute())
+    args.run_dir = str(study_dir(args).absolute())
     args.source_steps = args.source_steps or (200 if args.quick else 400)
     args.prune_steps = args.prune_steps or (40 if args.quick else 100)
     args.continue_steps = args.continue_steps or (80 if args.quick else 200)

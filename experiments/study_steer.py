@@ -34,23 +34,14 @@ import datetime
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
-from _common import token_nll
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_overrides, study_dir, token_nll, train_run, train_steps
+
 DOMAINS = ("arithmetic", "records", "prose", "code")
 POS, NEG = "code", "prose"
-QUICK = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.d_ff=192",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-    "data.docs_per_domain=200",
-    "data.eval_docs_per_domain=16",
-]
+QUICK = quick_overrides(n_layers=2)
 SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # multiples of the recorded vector (its norm is printed)
 N_SAMPLES, NEW_TOKENS, PROMPT_CHARS = 32, 48, 48
 
@@ -79,12 +70,11 @@ class TrigramNB:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model (a few minutes on a 2-core CPU)")
-    p.add_argument("--run-dir", default=None, help="default: runs/steer_study[_quick]")
+    add_study_args(p, "steer", "small model (a few minutes on a 2-core CPU)", owns_run_dir=True)
     p.add_argument("--steps", type=int, default=None, help="training steps of the model")
     p.add_argument("--base", default=None, help="use this run instead of training one")
     args = p.parse_args()
-    args.run_dir = args.run_dir or str(REPO / "runs" / ("steer_study_quick" if args.quick else "steer_study"))
+    args.run_dir = str(study_dir(args))
     args.steps = args.steps or (300 if args.quick else 800)
 
     import jax
@@ -92,13 +82,12 @@ def main() -> None:
     import numpy as np
     from tensorboardX import SummaryWriter
 
-    from jaxeff.config import load_config
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.data.tokenizer import load_tokenizer
     from jaxeff.train.checkpoint import one_device_config, read_run_config
     from jaxeff.steer import record_text, steer_generate, steered_forward
     from jaxeff.train.checkpoint import find_checkpoint_dir
-    from jaxeff.train.loop import load_params, run_training
+    from jaxeff.train.loop import load_params
 
     t0 = time.perf_counter()
     rd = Path(args.run_dir)
@@ -106,22 +95,11 @@ def main() -> None:
     if args.base:
         run = Path(args.base)
     else:
-        cfg = load_config(
+        run = train_run(
             REPO / "configs" / "quickstart.yaml",
             (QUICK if args.quick else [])
-            + [
-                "name=model",
-                f"logging.run_dir={rd}",
-                "logging.progress=false",
-                f"data.domains=[{','.join(DOMAINS)}]",
-                f"train.steps={args.steps}",
-                f"train.eval_every={args.steps}",
-                f"checkpoint.every={args.steps}",
-            ],
-        )
-        shutil.rmtree(cfg.run_path, ignore_errors=True)
-        run_training(cfg)
-        run = cfg.run_path
+            + ["name=model", f"logging.run_dir={rd}", "logging.progress=false", f"data.domains=[{','.join(DOMAINS)}]", *train_steps(args.steps)],
+        ).cfg.run_path
         print(f"  trained {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
     cfg = one_device_config(read_run_config(run), **{"data.batch_size": 1})
     trainer, params = load_params(cfg, find_checkpoint_dir(run), devices=jax.devices()[:1])

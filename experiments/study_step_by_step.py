@@ -36,17 +36,16 @@ import datetime
 import math
 import shutil
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_data, quick_model, study_dir, train_run, train_steps
+
 CONFIG = REPO / "configs" / "distill" / "step_by_step.yaml"
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.n_layers=3", "model.max_seq_len=128", "data.seq_len=64", "train.eval_batches=1"]
+QUICK = quick_model(n_layers=3) + quick_data(docs_per_domain=None, eval_batches=1)  # the corpus: --sizes problems
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, 2 sizes, few steps")
-    ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/step_by_step_study[_quick]/")
+    add_study_args(ap, "step_by_step", "tiny model, 2 sizes, few steps")
     ap.add_argument("--sizes", default=None, help="training-set sizes, comma separated (default 250,1000,4000,16000; --quick 300,3000)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; --quick 400)")
     ap.add_argument("--problems", type=int, default=500, help="fresh problems for the accuracy")
@@ -73,9 +72,8 @@ def main(argv=None):
     from jaxeff.config import load_config
     from jaxeff.distill.step_by_step import write_data
     from jaxeff.evals import evaluate_run
-    from jaxeff.train.loop import run_training
 
-    study = Path(args.run_dir) / ("step_by_step_study_quick" if args.quick else "step_by_step_study")
+    study = study_dir(args)
     shutil.rmtree(study, ignore_errors=True)
     sizes = [int(s) for s in (args.sizes or ("300,3000" if args.quick else "250,1000,4000,16000")).split(",")]
     steps = args.steps or (400 if args.quick else 1500)
@@ -83,9 +81,7 @@ def main(argv=None):
         f"logging.run_dir={study}",
         "logging.progress=false",
         f"seed={args.seed}",
-        f"train.steps={steps}",
-        f"train.eval_every={steps}",
-        f"checkpoint.every={steps}",
+        *train_steps(steps),
         f"step_by_step.rationale_weight={args.weight}",
         f"step_by_step.digits={args.digits or (2 if args.quick else 3)}",
         *(QUICK if args.quick else []),
@@ -106,9 +102,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         rec = write_data(cfg)
         t_data = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = run_training(cfg)
-        wall = time.perf_counter() - t0
+        _, result, wall = train_run(cfg, fresh=False)  # (the study folder is new)
         acc = evaluate_run(cfg.run_path, ["arithmetic_accuracy"], losses=False, examples=args.problems)
         row = {
             "name": name,

@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from _common import add_study_args, study_dir
 from study_ttt_long import configs as long_configs
 from study_ttt_long import gap_recovered, losses_of, median_step_time, train_flops_per_token
 
@@ -117,8 +118,7 @@ def buckets(length: int, k: int) -> list[tuple[int, int]]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--run-dir", default="runs")
+    add_study_args(ap, "ttt_context", "tiny budget (~5 min on 2 CPU cores)", folder="ttt_context", run_dir="runs")
     ap.add_argument("--steps", type=int, default=None, help="TTT-E2E's training steps (the others: equal compute)")
     ap.add_argument("--equal-tokens", action="store_true", help="every model trains --steps (not equal compute)")
     ap.add_argument("--seed", type=int, default=0)
@@ -150,7 +150,7 @@ def main(argv=None):
     if args.steps:
         size["steps"] = args.steps
     T, k = size["T"], size["k"]
-    study = Path(args.run_dir) / ("ttt_context_quick" if args.quick else "ttt_context")
+    study = study_dir(args)
     previous = json.loads((study / "results.json").read_text()) if args.eval_only else None
     if previous is None:
         shutil.rmtree(study, ignore_errors=True)

@@ -45,7 +45,7 @@ from jaxeff.data.tokenizer import ByteTokenizer
 from jaxeff.models import Transformer
 from jaxeff.train.loop import load_params, run_training
 from jaxeff.ttt.naive import naive_token_losses
-from _common import token_nll
+from _common import add_study_args, study_dir, token_nll
 
 MODEL_NAMES = ("full", "window", "ttt_e2e")
 VAL_SEED, TEST_SEED = 77_001, 99_001  # documents the models never trained on (training uses seed 0)
@@ -245,8 +245,7 @@ def summarize(losses: np.ndarray, data: dict) -> dict[str, float]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, few steps (< 5 min on 2 CPU cores)")
-    ap.add_argument("--run-dir", default="runs", help="runs go to <run-dir>/ttt_long[_quick]/")
+    add_study_args(ap, "ttt_long", "tiny model, few steps (< 5 min on 2 CPU cores)", folder="ttt_long", run_dir="runs")
     ap.add_argument("--steps", type=int, default=None, help="training steps of every model (with --equal-compute: of TTT-E2E)")
     ap.add_argument(
         "--equal-compute",
@@ -282,7 +281,7 @@ def main(argv=None):
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.steps:
         size["steps"] = args.steps
-    study = Path(args.run_dir) / ("ttt_long_quick" if args.quick else "ttt_long")
+    study = study_dir(args)
     shutil.rmtree(study, ignore_errors=True)
     t_start = time.perf_counter()
     steps = equal_compute_steps(size, study, args.seed) if args.equal_compute else None

@@ -43,9 +43,9 @@ from jaxeff.data.synthetic import generate_documents
 from jaxeff.data.tokenizer import load_tokenizer
 from jaxeff.train.logging import RunLogger
 from jaxeff.train.loop import Trainer
-from _common import token_nll
+from _common import REPO, add_study_args, study_dir, token_nll
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ttt"
+CONFIGS = REPO / "configs" / "ttt"
 MODELS = (("bigram", "toy_bigram.yaml"), ("ttt_b1", "toy_ttt.yaml"), ("full_attention", "toy_full_attention.yaml"))
 COLORS = {"bigram": (200, 60, 40), "ttt_b1": (30, 110, 200), "full_attention": (40, 160, 60)}
 
@@ -194,10 +194,9 @@ def plot_png(path: Path, results, n_min):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="128-token documents and 150 steps (~2.3 min of CPU time)")
+    add_study_args(p, "ttt_toy", "128-token documents and 150 steps (~2.3 min of CPU time)", folder="ttt_toy", run_dir="runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the configs' / quick)")
     p.add_argument("--test-docs", type=int, default=None)
-    p.add_argument("--run-dir", default="runs")
     p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate of ttt_b1 (default: toy_ttt.yaml's)")
     p.add_argument("--models", default=",".join(m for m, _ in MODELS), help="subset to train (comma-separated)")
     args = p.parse_args(argv)
@@ -210,7 +209,7 @@ def main(argv=None):
     ttt_extra = [f"ttt.inner_lr={args.inner_lr}"] if args.inner_lr is not None else []
     overrides = {"bigram": common + [f"ttt.mini_batch={seq}"], "ttt_b1": common + ttt_extra, "full_attention": common}
     wanted = args.models.split(",")
-    root = Path(args.run_dir) / ("ttt_toy_quick" if args.quick else "ttt_toy")
+    root = study_dir(args)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     cfg0 = load_config(CONFIGS / "toy_ttt.yaml", common)

@@ -24,10 +24,10 @@ import argparse
 import datetime
 import shutil
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = ["model.d_model=64", "model.d_ff=192", "model.max_seq_len=128", "data.seq_len=64", "data.docs_per_domain=200", "data.eval_docs_per_domain=16"]
+from _common import add_study_args, quick_overrides, study_dir, train_base
+
+QUICK = quick_overrides()
 
 
 def variants(quick: bool) -> list[tuple[str, dict]]:
@@ -74,8 +74,7 @@ def _held_out(run, rows_per_domain: int = 2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small model, few steps")
-    ap.add_argument("--run-dir", default=str(REPO / "runs"), help="runs go to <run-dir>/wanda_study[_quick]/")
+    add_study_args(ap, "wanda", "small model, few steps")
     ap.add_argument("--base", default=None, help="prune this run instead of training a base")
     ap.add_argument("--steps", type=int, default=None, help="base training steps (default 300; --quick 200)")
     ap.add_argument("--calib-batches", type=int, default=8)
@@ -84,37 +83,13 @@ def main(argv=None):
     import jax
     from tensorboardX import SummaryWriter
 
-    from jaxeff.config import load_config
     import numpy as np
 
     from jaxeff.models import Transformer
     from jaxeff.prune.wanda import output_error, sparsify_run
-    from jaxeff.train.loop import run_training
 
-    study = Path(args.run_dir) / ("wanda_study_quick" if args.quick else "wanda_study")
-    if args.base is None:
-        shutil.rmtree(study, ignore_errors=True)
-        steps = args.steps or (200 if args.quick else 300)
-        cfg = load_config(
-            REPO / "configs" / "quickstart.yaml",
-            (QUICK if args.quick else [])
-            + [
-                "name=base",
-                f"logging.run_dir={study}",
-                "logging.progress=false",
-                f"train.steps={steps}",
-                f"train.eval_every={steps}",
-                f"checkpoint.every={steps}",
-                "checkpoint.keep=1",
-            ],
-        )
-        t0 = time.perf_counter()
-        run_training(cfg)
-        print(f"base: {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-        base = cfg.run_path
-    else:
-        base = Path(args.base)
-        study.mkdir(parents=True, exist_ok=True)
+    study = study_dir(args)
+    base = train_base(args, study, QUICK if args.quick else [], args.steps or (200 if args.quick else 300))
 
     rows, dense, held_out, model = [], None, None, None
     for name, kw in variants(args.quick):
