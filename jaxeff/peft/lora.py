@@ -9,7 +9,7 @@ paths of the kernels they adapt::
 
 Which kernels get one is chosen by regexes over module paths (``layers_0/attn/q``), qwix-style,
 so the model is never edited: the adapted computation is injected at run time with
-``flax.linen.intercept_methods`` (:func:`lora_interceptor`), or folded into the kernels with
+:func:`jaxeff.dense.intercept_dense` (:func:`lora_interceptor`), or folded into the kernels with
 :func:`merge` (and taken out again with :func:`unmerge`).
 
 The trained tree of the ``lora`` method is ``{"model": model params (frozen), "lora": adapters}``;
@@ -18,17 +18,15 @@ only ``lora`` gets optimizer state.
 
 from __future__ import annotations
 
-import contextlib
-import zlib
 from typing import Any, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.dense import intercept_dense
 from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models import init_params
@@ -121,51 +119,24 @@ def switch(params, old, new, scale_old: float, scale_new: float | None = None):
 # the adapted computation, injected into nn.Dense
 
 
-@contextlib.contextmanager
 def lora_interceptor(adapters, scale: float, *, dropout: float = 0.0, rng=None, qbase=None, backend: str = "reference", compute_dtype=None):
-    """Within this context every ``nn.Dense`` whose module path has an adapter computes
+    """A context in which every ``nn.Dense`` whose module path has an adapter computes
     ``x W + b + scale · (dropout(x) A) B``. With ``qbase`` (a tree of ``QuantizedWeight`` by module
     path, see :mod:`jaxeff.peft.qlora`) the kernel of those layers is the quantized one, multiplied
     by ``pallas_kernels.quantized_matmul`` (their float ``kernel`` is never read, and need not exist).
-    ``compute_dtype`` (default: the layer's) is the dtype of the matmuls."""
-    flat_ad = {p: _get(adapters, p) for p in adapter_paths(adapters)} if adapters else {}
-    flat_q = {}
+    ``compute_dtype`` (default: the layer's) is the dtype of the matmuls. LoRA's parts of
+    :func:`jaxeff.dense.intercept_dense` (pass them there to combine LoRA with fake quant or statistics)."""
+    return intercept_dense(**lora_parts(adapters, qbase), lora_scale=scale, dropout=dropout, rng=rng, backend=backend, compute_dtype=compute_dtype)
+
+
+def lora_parts(adapters, qbase=None) -> dict[str, dict]:
+    """The ``lora`` (and, with ``qbase``, ``kernel``) parts of :func:`jaxeff.dense.intercept_dense`, by path."""
+    parts = {"lora": {"/".join(p): _get(adapters, p) for p in adapter_paths(adapters)} if adapters else {}}
     if qbase is not None:
         from pallas_kernels.quant import QuantizedWeight
 
-        flat_q = _flatten_until(qbase, QuantizedWeight)
-
-    def interceptor(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
-            return next_fun(*args, **kwargs)
-        path = tuple(mod.path)
-        ad, qw = flat_ad.get(path), flat_q.get(path)
-        if ad is None and qw is None:
-            return next_fun(*args, **kwargs)
-        x = args[0]
-        out_dtype = mod.dtype or x.dtype
-        cd = compute_dtype or out_dtype
-        if qw is None:
-            y = next_fun(*args, **kwargs)
-        else:
-            from pallas_kernels.quant import quantized_matmul
-
-            y = quantized_matmul(x.astype(cd), qw, backend=backend)
-            if mod.use_bias:
-                y = y + mod.get_variable("params", "bias").astype(cd)
-        if ad is not None:
-            xa = x.astype(cd)
-            if dropout > 0.0 and rng is not None:
-                key = jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()))
-                keep = jax.random.bernoulli(key, 1.0 - dropout, xa.shape)
-                xa = jnp.where(keep, xa / (1.0 - dropout), 0).astype(cd)
-            z = jnp.matmul(jnp.matmul(xa, ad["a"].astype(cd)), ad["b"].astype(cd))
-            y = y.astype(cd) + (scale * z).astype(cd)
-        return y.astype(out_dtype)
-
-    with nn.intercept_methods(interceptor):
-        yield
+        parts["kernel"] = {"/".join(p): w for p, w in _flatten_until(qbase, QuantizedWeight).items()}
+    return parts
 
 
 def _flatten_until(tree, leaf_type) -> dict[Path, Any]:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.errors import ConfigError
-from jaxeff.quant.intercept import float_dense, get_path, run_with_dense, set_path
+from jaxeff.dense import intercept_dense
+from jaxeff.quant.intercept import get_path, set_path
 from jaxeff.targets import BLOCK_PROJECTIONS, select
 
 # the attention and MLP projections of every block (jaxeff.targets.BLOCK_PROJECTIONS as one whole-path rule)
@@ -140,16 +141,13 @@ def _batch_fields(batch) -> tuple[Any, dict[str, Any], Any]:
 def input_sq_sums(model, params, tokens, mask, paths: Iterable[str], **kwargs) -> dict[str, jax.Array]:
     """``sum over tokens of x_i^2`` ``[in]`` of the input of each Dense in ``paths`` (tokens where
     ``mask`` is 0 left out), for one batch."""
-    wanted = set(paths)
-    seen: dict[str, jax.Array] = {}
 
-    def dense_fn(path, x, kernel, module):
-        if path in wanted:
-            xf = x.astype(jnp.float32)
-            seen[path] = jnp.einsum("bti,bt->i", xf * xf, mask)
-        return float_dense(x, kernel, module)
+    def sq_sum(x):
+        xf = x.astype(jnp.float32)
+        return jnp.einsum("bti,bt->i", xf * xf, mask)
 
-    run_with_dense(model, params, tokens, dense_fn, **kwargs)
+    with intercept_dense(observe={p: sq_sum for p in paths}) as seen:
+        model.apply({"params": params}, tokens, **kwargs)
     return seen
 
 

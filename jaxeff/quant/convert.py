@@ -20,16 +20,18 @@ Convert a float (method ``lm``) or QAT (method ``qat``: its quantize-dequantize 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.quant.config import QuantConfig
-from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
-from jaxeff.targets import resolve_kernel_backend
+from jaxeff.dense import intercept_dense
+from jaxeff.quant.intercept import dense_paths, get_path, set_path
+from jaxeff.targets import dense_modules, resolve_kernel_backend
 from jaxeff.train.methods import Method, register_method
-from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize, quantized_matmul
+from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize
 
 
 def quantize_kernel(kernel, ccfg) -> QuantizedWeight:
@@ -47,18 +49,16 @@ def convert_params(params, qcfg) -> dict:
 
 
 def quantized_apply(model, params, tokens, qcfg, *, backend=None, **kwargs):
-    """Run the model on converted parameters: quantized kernels through the low-bit matmuls."""
+    """Run the model on converted parameters: quantized kernels through the low-bit matmuls
+    (:func:`jaxeff.dense.intercept_dense` runs every ``QuantizedWeight`` kernel; W8A8 names its matmul)."""
     ccfg = qcfg.convert
     backend = resolve_kernel_backend(backend or ccfg.backend)
-
-    def dense_fn(path, x, kernel, module):
-        if not isinstance(kernel, QuantizedWeight):
-            return float_dense(x, kernel, module)
-        if ccfg.format == "w8a8":
-            return int8_matmul(x, kernel, outlier_threshold=ccfg.outlier_threshold, backend=backend)
-        return quantized_matmul(x, kernel, backend=backend)
-
-    return run_with_dense(model, params, tokens, dense_fn, **kwargs)
+    matmul = {}
+    if ccfg.format == "w8a8":
+        w8a8 = functools.partial(int8_matmul, outlier_threshold=ccfg.outlier_threshold, backend=backend)
+        matmul = {p: w8a8 for p in dense_modules(params) if _is_qw(get_path(params, p)["kernel"])}
+    with intercept_dense(matmul=matmul, backend=backend):
+        return model.apply({"params": params}, tokens, **kwargs)
 
 
 def _is_qw(x):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxeff.quant.intercept import float_dense, run_with_dense
+from jaxeff.dense import intercept_dense
 from jaxeff.targets import select
 from jaxeff.quant.qat import fake_quant_apply, quantized_model_params
 
@@ -31,18 +31,12 @@ from jaxeff.quant.qat import fake_quant_apply, quantized_model_params
 def collect_dense_inputs(model, params, tokens, pattern, key: str = "quant.activation_layers") -> dict[str, jax.Array]:
     """The input ``x`` of every Dense a rule selects (:func:`jaxeff.targets.select`; ``pattern`` one
     rule or several), for one batch of tokens."""
-    chosen = set(select(params, pattern, key))
+    chosen = select(params, pattern, key)
 
     @jax.jit
     def run(params, tokens):
-        seen = {}
-
-        def dense_fn(path, x, kernel, module):
-            if path in chosen:
-                seen[path] = x
-            return float_dense(x, kernel, module)
-
-        run_with_dense(model, params, tokens, dense_fn)
+        with intercept_dense(observe={p: lambda x: x for p in chosen}) as seen:
+            model.apply({"params": params}, tokens)
         return seen
 
     return run(params, tokens)

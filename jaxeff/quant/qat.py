@@ -15,13 +15,15 @@ values: the weights a converted model (``jaxeff.quant.convert``) stores.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.quant.config import QuantConfig
 from jaxeff.quant.fake_quant import fake_quant
-from jaxeff.quant.intercept import dense_paths, float_dense, get_path, run_with_dense, set_path
+from jaxeff.dense import intercept_dense
+from jaxeff.quant.intercept import dense_paths, get_path, set_path
 from jaxeff.quant.quantizers import QuantSpec, compute_scale_zero, scale_and_zero_from_range
 from jaxeff.train.losses import cross_entropy
 from jaxeff.train.methods import Method, register_method
@@ -50,24 +52,23 @@ def fake_quant_activation(x, spec: QuantSpec, act_range=None):
     return fake_quant(x, tensor_spec, axis=-1, scale=scale.reshape((1,) * x.ndim), zero=zero.reshape((1,) * x.ndim))
 
 
-def fake_quant_apply(model, params, tokens, qcfg, *, qscales=None, act_ranges=None, **kwargs):
-    """Run ``model`` with fake-quantized Dense layers as ``qcfg`` (a QuantConfig) says.
-    ``qscales``: learned weight scales by path; ``act_ranges``: static activation ranges by path
-    (PTQ calibration); layers missing from ``act_ranges`` use dynamic scales."""
+def fake_quant_parts(params, qcfg, *, qscales=None, act_ranges=None) -> dict[str, dict]:
+    """The ``act`` and ``weight`` parts of :func:`jaxeff.dense.intercept_dense` that ``qcfg`` (a
+    QuantConfig) says: ``qscales``, learned weight scales by path; ``act_ranges``, static activation
+    ranges by path (PTQ calibration); layers missing from ``act_ranges`` use dynamic scales."""
     wspec, aspec = _weight_spec(qcfg), _act_spec(qcfg)
-    wsel = set(dense_paths(params, qcfg.weight_layers)) if wspec is not None else set()
-    asel = set(dense_paths(params, qcfg.activation_layers, "quant.activation_layers")) if aspec is not None else set()
+    wsel = dense_paths(params, qcfg.weight_layers) if wspec is not None else []
+    asel = dense_paths(params, qcfg.activation_layers, "quant.activation_layers") if aspec is not None else []
+    ranges, scales = act_ranges or {}, qscales or {}
+    act = {p: functools.partial(fake_quant_activation, spec=aspec, act_range=ranges.get(p)) for p in asel}
+    weight = {p: functools.partial(fake_quant_weight, spec=wspec, scale=scales.get(p), learned=p in scales) for p in wsel}
+    return {"act": act, "weight": weight}
 
-    def dense_fn(path, x, kernel, module):
-        if path in asel:
-            rng = None if act_ranges is None else act_ranges.get(path)
-            x = fake_quant_activation(x, aspec, rng)
-        if path in wsel:
-            scale = None if qscales is None else qscales.get(path)
-            kernel = fake_quant_weight(kernel, wspec, scale, learned=scale is not None)
-        return float_dense(x, kernel, module)
 
-    return run_with_dense(model, params, tokens, dense_fn, **kwargs)
+def fake_quant_apply(model, params, tokens, qcfg, *, qscales=None, act_ranges=None, **kwargs):
+    """Run ``model`` with fake-quantized Dense layers as ``qcfg`` says (see :func:`fake_quant_parts`)."""
+    with intercept_dense(**fake_quant_parts(params, qcfg, qscales=qscales, act_ranges=act_ranges)):
+        return model.apply({"params": params}, tokens, **kwargs)
 
 
 def _flat_scales(tree, paths):
