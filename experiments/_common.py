@@ -12,14 +12,18 @@ the package is installed, so they import ``jaxeff`` and ``pallas_kernels`` direc
   owns it);
 * :func:`train_steps` / :func:`train_run`: "train this config with these overrides, from scratch"
   (the run's folder deleted first), timed; :func:`train_base`: the pruning studies' base model
-  (``--base RUN`` or one trained in the study folder);
+  (``--base RUN`` or one trained in the study folder); :func:`run_worker` / :func:`print_result`: one
+  run in a child process, its result as one JSON line;
 * :func:`verdict`: the one-word "held" / "did NOT hold" of a paper's claim.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -150,6 +154,26 @@ def train_base(args, study: Path, overrides: list[str], steps: int) -> Path:
     )
     print(f"base: {steps} steps in {run.wall_s:.0f} s", flush=True)
     return run.path
+
+
+RESULT = "RESULT "
+
+
+def print_result(row: dict) -> None:
+    """A worker process's result: one ``RESULT <json>`` line on stdout (what :func:`run_worker` reads)."""
+    print(RESULT + json.dumps(row), flush=True)
+
+
+def run_worker(script: str | Path, worker: str, argv: list[str]) -> dict:
+    """Run ``python script --worker <worker> *argv`` in a fresh process (each run gets its own memory and
+    compilation caches) and return the row of its last :func:`print_result` line; a failed worker's output
+    goes to stderr and the study stops."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", worker, *argv], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{worker}: run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 def verdict(held: bool) -> str:

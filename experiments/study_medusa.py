@@ -27,52 +27,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-import study_speculative as spec  # noqa: E402  (the same target, draft, prompts and timing helpers)
+import study_speculative as spec  # the same target, draft, prompts and timing helpers
+from _common import REPO, train_run, train_steps
 
 MEDUSA_YAML = REPO / "configs" / "decode" / "medusa.yaml"
 
 
 def train_medusa(common, study, extra, steps: int, mode: str, lr: float):
-    from jaxeff.config import load_config
-    from jaxeff.train.loop import run_training
-
-    cfg = load_config(
-        MEDUSA_YAML,
-        [
-            *common,
-            *extra,
-            f"name={mode}",
-            f"medusa.mode={mode}",
-            f"train.steps={steps}",
-            f"train.eval_every={steps}",
-            f"checkpoint.every={steps}",
-            f"optim.lr={lr}",
-            f"train.init_from={study / 'target'}",
-        ],
+    cfg, out, wall = train_run(
+        MEDUSA_YAML, [*common, *extra, f"name={mode}", f"medusa.mode={mode}", *train_steps(steps), f"optim.lr={lr}", f"train.init_from={study / 'target'}"]
     )
-    shutil.rmtree(cfg.run_path, ignore_errors=True)
-    t0 = time.perf_counter()
-    out = run_training(cfg)
-    print(
-        f"  {cfg.name}: {cfg.medusa.n_heads} heads, {steps} steps, eval loss (base) {out['eval/loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True
-    )
+    print(f"  {cfg.name}: {cfg.medusa.n_heads} heads, {steps} steps, eval loss (base) {out['eval/loss']:.3f}, {wall:.0f} s", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short training, fewer prompts and settings")
-    ap.add_argument(
-        "--size", choices=("small", "large"), default="small", help="small: the configs' 4-layer d_model-128 target; large: study_speculative's 25M target"
+    spec.add_target_draft_args(
+        ap, "medusa", "short training, fewer prompts and settings", "small: the configs' 4-layer d_model-128 target; large: study_speculative's 25M target"
     )
-    ap.add_argument("--run-dir", default=str(REPO / "runs"))
-    ap.add_argument("--target-steps", type=int, default=None)
-    ap.add_argument("--draft-steps", type=int, default=None)
     ap.add_argument("--medusa-steps", type=int, default=None)
     ap.add_argument("--medusa-lr", type=float, default=None, help="heads' learning rate (default 3e-3)")
     ap.add_argument("--medusa2", action="store_true", help="also train and measure a Medusa-2 run")
@@ -89,43 +63,29 @@ def main(argv=None):
     import numpy as np
     from tensorboardX import SummaryWriter
 
-    from jaxeff.decode.cli import load_run
     from jaxeff.decode.medusa import Tree, medusa_generate
     from jaxeff.decode.medusa_cli import load_medusa_run
     from jaxeff.decode.speculative import speculative_generate
     from jaxeff.models.generate import generate
 
-    large = args.size == "large"
-    study = Path(args.run_dir) / ("medusa_study" + ("_large" if large else "") + ("_quick" if args.quick else ""))
+    study, large = spec.target_draft_study(args)
     if large:
-        t_steps = args.target_steps or (60 if args.quick else 150)
-        d_steps = args.draft_steps or (100 if args.quick else 250)
         m_steps = args.medusa_steps or (60 if args.quick else 200)
         new_tokens = args.new_tokens or (48 if args.quick else 64)
     else:
-        t_steps = args.target_steps or (200 if args.quick else 600)
-        d_steps = args.draft_steps or (150 if args.quick else 300)
         m_steps = args.medusa_steps or (150 if args.quick else 300)
         new_tokens = args.new_tokens or 48
     trees = [tuple(int(k) for k in t.split(",")) for t in (args.trees or "1,1,1;2,2,1;4,2,2").split(";")]
     gammas = [int(g) for g in (args.gammas or "2,4").split(",")]
-    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(spec.LARGE_DATA if large else spec.QUICK if args.quick else [])]
-    t_extra = spec.LARGE_TARGET if large else []
-    m_extra = [*t_extra, "data.batch_size=8"] if large else t_extra
+    m_extra = [*spec.LARGE_TARGET, "data.batch_size=8"] if large else []  # the target's shape
     modes = ["medusa1", *(["medusa2"] if args.medusa2 else [])]
     t_wall = time.perf_counter()
-    shutil.rmtree(study / "decode", ignore_errors=True)
-    if not (args.reuse and (study / "draft_kd" / "checkpoints").is_dir()):
-        shutil.rmtree(study, ignore_errors=True)
-        print("training", flush=True)
-        spec._train_both(common, study, t_steps, d_steps, 1, t_extra, spec.LARGE_DRAFT if large else ())
+    common = spec.train_target_draft(args, study, large)
     for mode in modes:  # with --reuse: only the Medusa runs not trained yet
         if not (args.reuse and (study / mode / "checkpoints").is_dir()):
             train_medusa(common, study, m_extra, m_steps, mode, args.medusa_lr or 3e-3)
 
-    t_cfg, t_tr, t_params = load_run(study / "target")
-    d_cfg, d_tr, d_params = load_run(study / "draft_kd")
-    target, draft = t_tr.model, d_tr.model
+    t_cfg, target, t_params, d_cfg, draft, d_params = spec.load_target_draft(study)
     runs = {}
     for mode in modes:
         m_cfg, _, base, heads = load_medusa_run(study / mode)

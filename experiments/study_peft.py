@@ -31,12 +31,10 @@ import argparse
 import datetime
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import REPO, add_study_args, quick_overrides, study_dir, train_run, train_steps
+from _common import REPO, add_study_args, print_result, quick_overrides, run_worker, study_dir, train_run, train_steps
 
 OLD = ("arithmetic", "records", "prose", "code")
 NEW = "recall"
@@ -112,29 +110,13 @@ def worker(args) -> None:
         from jaxeff.peft.qlora import qbase_stats
 
         row["qbase"] = qbase_stats(frozen["qbase"])
-    print("RESULT " + json.dumps(row), flush=True)
+    print_result(row)
 
 
 def run_child(args, name: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--run-dir",
-        str(args.run_dir),
-        "--base-steps",
-        str(args.base_steps),
-        "--ft-steps",
-        str(args.ft_steps),
-    ] + (["--quick"] if args.quick else [])
+    argv = ["--run-dir", str(args.run_dir), "--base-steps", str(args.base_steps), "--ft-steps", str(args.ft_steps)] + (["--quick"] if args.quick else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{name}: run failed (exit {proc.returncode})")
-    row = json.loads(lines[-1][len("RESULT ") :])
+    row = run_worker(__file__, name, argv)
     print(f"  {name:9s} {time.perf_counter() - t0:5.0f}s  new {row['new']:.4f}  old {row['old']:.4f}", flush=True)
     return row
 

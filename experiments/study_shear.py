@@ -38,12 +38,10 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import REPO, add_study_args, quick_data, quick_model, study_dir, train_run, train_steps
+from _common import REPO, add_study_args, print_result, quick_data, quick_model, run_worker, study_dir, train_run, train_steps
 
 DOMAINS = ("arithmetic", "records", "prose", "code", "recall")
 TEST_DOCS = 32
@@ -152,15 +150,11 @@ def worker(args) -> None:
     row["test"] = test_losses(cfg)
     row["mean"] = sum(row["test"].values()) / len(DOMAINS)
     row["wall_s"] = time.perf_counter() - t0
-    print("RESULT " + json.dumps(row), flush=True)
+    print_result(row)
 
 
 def run_child(args, role: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        role,
+    argv = [
         "--run-dir",
         str(args.run_dir),
         "--source-steps",
@@ -172,12 +166,7 @@ def run_child(args, role: str) -> dict:
         "--updates",
         ",".join(map(str, args.updates)),
     ] + (["--quick"] if args.quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{role}: run failed (exit {proc.returncode})")
-    row = json.loads(lines[-1][len("RESULT ") :])
+    row = run_worker(__file__, role, argv)
     print(f"  {role:17s} {row['wall_s']:5.0f}s  mean test loss {row['mean']:.4f}", flush=True)
     return row
 

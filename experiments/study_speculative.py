@@ -39,9 +39,10 @@ import shutil
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, add_study_args, quick_data, study_dir, train_run, train_steps
+
 CONFIGS = REPO / "configs" / "distill"
-QUICK = ["data.seq_len=64", "data.docs_per_domain=300", "data.eval_docs_per_domain=16", "train.eval_batches=2"]
+QUICK = quick_data(docs_per_domain=300, eval_batches=2)  # the configs' model sizes
 # --size large: a target whose decoding step is dominated by reading its weights (d_model 512, 8 layers, ~25M
 # parameters, ~100 MB float32) and a 1-layer d_model-128 draft (~0.2M parameters) distilled from it, on the
 # predictable domains; short training at small batch / sequence (the target need not be good, the draft must
@@ -61,36 +62,65 @@ LARGE_DRAFT = ["data.batch_size=8", "optim.lr=3e-3"]
 
 
 def train(yaml_name: str, overrides: list[str]):
-    from jaxeff.config import load_config
-    from jaxeff.train.loop import run_training
-
-    cfg = load_config(CONFIGS / yaml_name, overrides)
-    shutil.rmtree(cfg.run_path, ignore_errors=True)
-    t0 = time.perf_counter()
-    out = run_training(cfg)
+    cfg, out, wall = train_run(CONFIGS / yaml_name, overrides)
     print(
         f"  {cfg.name}: {cfg.model.n_layers} layers, {cfg.model.param_count():,} params, {cfg.train.steps} steps, "
-        f"eval loss {out['eval/loss']:.3f}, {time.perf_counter() - t0:.0f} s",
+        f"eval loss {out['eval/loss']:.3f}, {wall:.0f} s",
         flush=True,
     )
     return cfg, out
 
 
 def _train_both(common, study, t_steps, d_steps, draft_layers, t_extra=(), d_extra=()):
-    train("teacher.yaml", [*common, *t_extra, "name=target", f"train.steps={t_steps}", f"train.eval_every={t_steps}", f"checkpoint.every={t_steps}"])
+    train("teacher.yaml", [*common, *t_extra, "name=target", *train_steps(t_steps)])
     train(
         "student_kd.yaml",
-        [
-            *common,
-            *d_extra,
-            "name=draft_kd",
-            f"model.n_layers={draft_layers}",
-            f"distill.teacher_checkpoint={study / 'target'}",
-            f"train.steps={d_steps}",
-            f"train.eval_every={d_steps}",
-            f"checkpoint.every={d_steps}",
-        ],
+        [*common, *d_extra, "name=draft_kd", f"model.n_layers={draft_layers}", f"distill.teacher_checkpoint={study / 'target'}", *train_steps(d_steps)],
     )
+
+
+# The set-up this study and study_medusa.py share: flags, folder, the target and its distilled draft.
+def add_target_draft_args(ap: argparse.ArgumentParser, name: str, quick_help: str, size_help: str) -> None:
+    """``--quick``, ``--run-dir`` (runs in ``<run-dir>/<name>_study[_large][_quick]``), ``--size``,
+    ``--target-steps``, ``--draft-steps``."""
+    add_study_args(ap, name, quick_help, run_dir_help=f"runs go to <run-dir>/{name}_study[_large][_quick]/")
+    ap.add_argument("--size", choices=("small", "large"), default="small", help=size_help)
+    ap.add_argument("--target-steps", type=int, default=None, help="default 600 (--quick 200); large 150 (--quick 60)")
+    ap.add_argument("--draft-steps", type=int, default=None, help="default 300 (--quick 150); large 250 (--quick 100)")
+
+
+def target_draft_study(args) -> tuple[Path, bool]:
+    """``(study folder, large)`` for flags from :func:`add_target_draft_args`."""
+    large = args.size == "large"
+    return study_dir(args, variant="_large" if large else ""), large
+
+
+def train_target_draft(args, study: Path, large: bool, draft_layers: int = 1) -> list[str]:
+    """Train the target and distil a ``draft_layers``-layer draft from it into ``study`` (the folder
+    deleted first; ``--reuse``: kept when its draft has a checkpoint); ``study/decode`` is always
+    deleted. Returns the overrides both runs share (folder, data; later runs on the same data reuse them)."""
+    if large:
+        t_steps = args.target_steps or (60 if args.quick else 150)
+        d_steps = args.draft_steps or (100 if args.quick else 250)
+    else:
+        t_steps = args.target_steps or (200 if args.quick else 600)
+        d_steps = args.draft_steps or (150 if args.quick else 300)
+    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(LARGE_DATA if large else QUICK if args.quick else [])]
+    shutil.rmtree(study / "decode", ignore_errors=True)
+    if not (args.reuse and (study / "draft_kd" / "checkpoints").is_dir()):
+        shutil.rmtree(study, ignore_errors=True)
+        print("training", flush=True)
+        _train_both(common, study, t_steps, d_steps, draft_layers, *((LARGE_TARGET, LARGE_DRAFT) if large else ((), ())))
+    return common
+
+
+def load_target_draft(study: Path):
+    """``(target config, target model, target params, draft config, draft model, draft params)``."""
+    from jaxeff.decode.cli import load_run
+
+    t_cfg, t_tr, t_params = load_run(study / "target")
+    d_cfg, d_tr, d_params = load_run(study / "draft_kd")
+    return t_cfg, t_tr.model, t_params, d_cfg, d_tr.model, d_params
 
 
 def prompts(cfg, per_domain: int, length: int):
@@ -160,17 +190,13 @@ def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[flo
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short training, fewer prompts and gammas (<= 5 min CPU)")
-    ap.add_argument(
-        "--size",
-        choices=("small", "large"),
-        default="small",
-        help="small: the configs' 4-layer d_model-128 target; large: d_model 512, 8 layers (~25M "
+    add_target_draft_args(
+        ap,
+        "speculative",
+        "short training, fewer prompts and gammas (<= 5 min CPU)",
+        "small: the configs' 4-layer d_model-128 target; large: d_model 512, 8 layers (~25M "
         "parameters), a 1-layer d_model-128 draft, domains arithmetic/records/code (~15 min CPU)",
     )
-    ap.add_argument("--run-dir", default=str(REPO / "runs"))
-    ap.add_argument("--target-steps", type=int, default=None)
-    ap.add_argument("--draft-steps", type=int, default=None)
     ap.add_argument("--draft-layers", type=int, default=1)
     ap.add_argument("--gammas", default=None, help="comma-separated (default 2,4; full: 1,2,4,6)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per domain (default 1; full: 2)")
@@ -184,36 +210,22 @@ def main(argv=None):
     import numpy as np
     from tensorboardX import SummaryWriter
 
-    from jaxeff.decode.cli import load_run
     from jaxeff.decode.speculative import speculative_generate
     from jaxeff.models.generate import generate
 
-    large = args.size == "large"
-    study = Path(args.run_dir) / ("speculative_study" + ("_large" if large else "") + ("_quick" if args.quick else ""))
+    study, large = target_draft_study(args)
     if large:
-        t_steps = args.target_steps or (60 if args.quick else 150)
-        d_steps = args.draft_steps or (100 if args.quick else 250)
         gammas = [int(g) for g in (args.gammas or ("2,4" if args.quick else "1,2,4,8")).split(",")]
         per_domain = args.prompts or 1
         new_tokens = args.new_tokens or (48 if args.quick else 64)
     else:
-        t_steps = args.target_steps or (200 if args.quick else 600)
-        d_steps = args.draft_steps or (150 if args.quick else 300)
         gammas = [int(g) for g in (args.gammas or ("2,4" if args.quick else "1,2,4,6")).split(",")]
         per_domain = args.prompts or (1 if args.quick else 2)
         new_tokens = args.new_tokens or (48 if args.quick else 96)
     repeats = args.repeats or (3 if large else 5)
-    common = [f"logging.run_dir={study}", "logging.progress=false", "checkpoint.keep=1", *(LARGE_DATA if large else QUICK if args.quick else [])]
     t_wall = time.perf_counter()
-    shutil.rmtree(study / "decode", ignore_errors=True)
-    if not (args.reuse and (study / "draft_kd" / "checkpoints").is_dir()):
-        shutil.rmtree(study, ignore_errors=True)
-        print("training", flush=True)
-        _train_both(common, study, t_steps, d_steps, args.draft_layers, *((LARGE_TARGET, LARGE_DRAFT) if large else ((), ())))
-
-    t_cfg, t_tr, t_params = load_run(study / "target")
-    d_cfg, d_tr, d_params = load_run(study / "draft_kd")
-    target, draft = t_tr.model, d_tr.model
+    train_target_draft(args, study, large, args.draft_layers)
+    t_cfg, target, t_params, d_cfg, draft, d_params = load_target_draft(study)
     cases = prompts(t_cfg, per_domain, args.prompt_len)
     print(f"{len(cases)} prompts of {args.prompt_len} tokens, {new_tokens} new tokens each", flush=True)
 

@@ -51,13 +51,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from _common import add_study_args, study_dir
+from _common import add_study_args, study_dir, train_run
 from study_ttt_long import configs as long_configs
 from study_ttt_long import gap_recovered, losses_of, median_step_time, train_flops_per_token
 
 from jaxeff.config import from_dict
 from jaxeff.data.tokenizer import ByteTokenizer
-from jaxeff.train.loop import load_params, run_training
+from jaxeff.train.loop import load_params
 
 MODEL_NAMES = ("full", "window", "ttt_e2e")
 TEST_EVERY = 20  # a file is a test file when crc32(relative path) % TEST_EVERY == 0
@@ -190,9 +190,7 @@ def main(argv=None):
             trained[name] = load_params(cfg, cfg.checkpoint_path)[1]
             info[name] = previous["info"][name]
             continue
-        t0 = time.perf_counter()
-        out = run_training(cfg)
-        wall = time.perf_counter() - t0
+        _, out, wall = train_run(cfg)
         trainer, params = load_params(cfg, cfg.checkpoint_path)
         trained[name] = params
         info[name] = {

@@ -43,9 +43,9 @@ from jaxeff.config import from_dict
 from jaxeff.data.synthetic import generate_documents
 from jaxeff.data.tokenizer import ByteTokenizer
 from jaxeff.models import Transformer
-from jaxeff.train.loop import load_params, run_training
+from jaxeff.train.loop import load_params
 from jaxeff.ttt.naive import naive_token_losses
-from _common import add_study_args, study_dir, token_nll
+from _common import add_study_args, study_dir, train_run, token_nll
 
 MODEL_NAMES = ("full", "window", "ttt_e2e")
 VAL_SEED, TEST_SEED = 77_001, 99_001  # documents the models never trained on (training uses seed 0)
@@ -292,9 +292,7 @@ def main(argv=None):
     trained, info = {}, {}
     cfgs = {m: c for m, c in cfgs.items() if m in args.models}
     for name, cfg in cfgs.items():
-        t0 = time.perf_counter()
-        out = run_training(cfg)
-        wall = time.perf_counter() - t0
+        _, out, wall = train_run(cfg)
         trainer, params = load_params(cfg, cfg.checkpoint_path)
         trained[name] = params
         info[name] = {
