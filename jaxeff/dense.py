@@ -32,7 +32,8 @@ Inside the context, a Dense layer named in some part computes, in this order:
 
 Dense layers in no part run unchanged, except that a ``QuantizedWeight`` kernel in the tree always
 takes step 3's quantized product (so a converted tree runs inside a plain ``intercept_dense()``).
-Do not nest two of these contexts: both would act on every layer; pass all parts to one.
+Pass all parts to one context: of two nested ones, a layer that one of them runs never reaches the
+other.
 """
 
 from __future__ import annotations
