@@ -4,7 +4,7 @@ the package is installed, so they import ``jaxeff`` and ``pallas_kernels`` direc
 
 * :func:`quick_model` / :func:`quick_data` / :func:`quick_overrides`: the ``--quick`` size every study
   shrinks its configs to (d_model 64, d_ff 192, 64-token sequences, a few hundred documents per domain),
-  with the few knobs the studies set differently as arguments;
+  with the few knobs the studies set differently as arguments; :func:`mixture`: a domain mix;
 * :func:`token_nll`: per-token negative log-likelihood (optax's integer-label cross-entropy, in
   float32), the one definition the studies' hand-written NLLs used to repeat;
 * :func:`add_study_args` / :func:`study_dir`: the ``--quick`` / ``--run-dir`` pair every study takes and
@@ -66,6 +66,11 @@ def quick_overrides(
 ) -> list[str]:
     """:func:`quick_model` + :func:`quick_data`: a study's ``--quick`` overrides."""
     return quick_model(n_layers, max_seq_len) + quick_data(docs_per_domain, eval_batches)
+
+
+def mixture(weights: dict[str, float]) -> list[str]:
+    """Overrides for a corpus of these domains mixed by these weights (``{domain: weight}``, in order)."""
+    return [f"data.domains=[{','.join(weights)}]", "data.weights={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}"]
 
 
 def token_nll(logits, targets):

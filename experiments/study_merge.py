@@ -36,7 +36,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import REPO, add_study_args, quick_overrides, study_dir, train_run, train_steps
+from _common import REPO, add_study_args, mixture, quick_overrides, study_dir, train_run, train_steps
 
 DOMAINS = ("arithmetic", "records", "prose", "code")
 A, C = "arithmetic", "code"
@@ -54,8 +54,7 @@ def config(args, name: str, steps: int, weights: dict[str, float], extra: list[s
             f"name={name}",
             f"logging.run_dir={args.run_dir}",
             "logging.progress=false",
-            f"data.domains=[{','.join(DOMAINS)}]",
-            "data.weights={" + ", ".join(f"{k}: {v}" for k, v in w.items()) + "}",
+            *mixture(w),
             *train_steps(steps),
             "train.eval_batches=4",
             "optim.weight_decay=0.0",

@@ -34,7 +34,7 @@ import resource
 import time
 from pathlib import Path
 
-from _common import REPO, add_study_args, print_result, quick_overrides, run_worker, study_dir, train_run, train_steps
+from _common import REPO, add_study_args, mixture, print_result, quick_overrides, run_worker, study_dir, train_run, train_steps
 
 OLD = ("arithmetic", "records", "prose", "code")
 NEW = "recall"
@@ -62,8 +62,7 @@ def config(args, name: str, method: str, steps: int, extra: list[str]):
             f"logging.run_dir={args.run_dir}",
             "logging.progress=false",
             "model.use_bias=true",
-            f"data.domains=[{','.join(OLD + (NEW,))}]",
-            "data.weights={" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}",
+            *mixture(weights),
             *train_steps(steps),
             "train.eval_batches=2",
             "optim.weight_decay=0.0",
