@@ -289,8 +289,8 @@ def sparsify_run(
     import json
     from pathlib import Path
 
-    from jaxeff.runs import check_new_run, lm_run_config, save_model_run
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
+    from jaxeff.runs import check_new_run, lm_run_config, load_model_params, save_model_run
+    from jaxeff.train.checkpoint import Checkpointer, find_checkpoint_dir
     from jaxeff.train.inputs import build_data
     from jaxeff.train.runtime import Trainer
 
@@ -301,11 +301,11 @@ def sparsify_run(
     src_dir = find_checkpoint_dir(run)
     with Checkpointer(src_dir, create=False) as ckpt:
         saved = ckpt.read_config(step)
-        cfg = lm_run_config(saved, out)
-        check_new_run(out)
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
-        params = ckpt.restore_params(abstract_with_shardings(trainer.base_abstract, trainer.base_shardings), step)
         src_step = step if step is not None else ckpt.latest_step()
+    cfg = lm_run_config(saved, out)
+    check_new_run(out)
+    _, params = load_model_params(src_dir, src_step)  # any method's run: its model parameters (LoRA merged, ...)
+    trainer = Trainer(cfg, devices=jax.devices()[:1])  # a plain lm run: calibration and evaluation
     _, loader, eval_sets = build_data(cfg.data, cfg.model.vocab_size)
     if method == "wanda":
         batches = [loader.next_batch() for _ in range(calib_batches)]

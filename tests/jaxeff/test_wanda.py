@@ -197,6 +197,32 @@ def test_sparsify_cli_writes_a_run_that_eval_and_init_from_read(tiny_config, tmp
     assert "eval/loss" in capsys.readouterr().out
 
 
+def test_sparsify_reads_any_methods_run_through_its_model_params(tiny_config, tmp_path):
+    """A lora run is pruned as the model it stands for: base + scale * A B merged (not its raw tree)."""
+    from jaxeff.prune.wanda import sparsify_run
+    from jaxeff.runs import load_model_params
+    from jaxeff.train.checkpoint import Checkpointer
+    from jaxeff.train.loop import Trainer
+
+    cfg = tiny_config(["method=lora", "peft.rank=2"])
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    state = trainer.init_state()
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    lora = jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape, x.dtype), state.params["lora"])  # B != 0
+    state = state.replace(params={**state.params, "lora": lora})
+    with Checkpointer(cfg.checkpoint_path) as ckpt:
+        ckpt.save(0, state, data_state={}, config=cfg.to_dict())
+    _, merged = load_model_params(cfg.run_path)
+    up = np.asarray(merged["layers_1"]["mlp"]["up"]["kernel"])
+    assert not np.array_equal(up, np.asarray(state.params["model"]["layers_1"]["mlp"]["up"]["kernel"]))
+    rec, dense, pruned = sparsify_run(cfg.run_path, tmp_path / "runs" / "lora_m50", method="magnitude", sparsity=0.5, evaluate=False, return_params=True)
+    np.testing.assert_array_equal(np.asarray(dense["layers_1"]["mlp"]["up"]["kernel"]), up)
+    k = np.asarray(pruned["layers_1"]["mlp"]["up"]["kernel"])
+    kept = k != 0
+    assert rec["pruned_sparsity"] == 0.5 and kept.mean() == 0.5
+    np.testing.assert_array_equal(k[kept], up[kept])  # survivors are the merged weights
+
+
 def _write_cfg(tmp_path, cfg):
     import yaml
 
