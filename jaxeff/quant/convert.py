@@ -119,23 +119,18 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
     byte counts of the source and converted parameters."""
     from pathlib import Path
 
-    from jaxeff.config import from_dict, run_dict, run_yaml, with_overrides
-    from jaxeff.train.checkpoint import new_lm_run, open_new_run
+    from jaxeff.config import from_dict, with_overrides
     from jaxeff.errors import ConfigError
-    from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir
-    from jaxeff.train.loop import Trainer, load_params
+    from jaxeff.runs import check_new_run, load_model_params, save_model_run
+    from jaxeff.train.checkpoint import ONE_DEVICE, Checkpointer, find_checkpoint_dir, new_lm_run
 
     ckpt_dir = find_checkpoint_dir(checkpoint)
-    probe = Checkpointer(ckpt_dir, create=False)
-    step = probe.latest_step() if step is None else step
-    saved = probe.read_config(step)
-    probe.close()
+    with Checkpointer(ckpt_dir, create=False) as probe:
+        step = probe.latest_step() if step is None else step
+        saved = probe.read_config(step)
     if saved.get("method") not in ("lm", "qat"):
         raise ConfigError(f"--checkpoint: run '{checkpoint}' has method '{saved.get('method')}', expected lm or qat")
     saved = with_overrides(saved, ONE_DEVICE)
-    devices = jax.devices()[:1]
-    src_trainer, params = load_params(from_dict(saved), ckpt_dir, step, devices=devices)
-    base = src_trainer.method.model_params(params)
     raw = {k: v for k, v in saved.items() if k != "provenance"}
     raw = with_overrides(with_overrides(raw, {**new_lm_run(Path(out)), "method": "quantized"}), list(overrides))
     cfg = from_dict(raw)
@@ -147,15 +142,11 @@ def convert_checkpoint(checkpoint: str, out: str, overrides=(), step: int | None
         "format": cfg.quant.convert.format,
         "data": "as the source run",
     }
-    trainer = Trainer(cfg, devices=devices)
-    state = trainer.init_state(jax.device_get(base))
-    ckpt = open_new_run(cfg, Path(out))
-    try:
-        ckpt.save(step, state, data_state={}, config=run_dict(cfg, provenance))
-    finally:
-        ckpt.close()
-    (Path(out) / "config.yaml").write_text(run_yaml(cfg, provenance))
-    return {"source_bytes": model_bytes(base)["total"], **{f"converted_{k}": v for k, v in model_bytes(state.params).items()}}
+    check_new_run(out)
+    _, base = load_model_params(ckpt_dir, step)  # the source's model (a qat run: its float weights)
+    converted = convert_params(base, cfg.quant)  # what the method's prepare_params does
+    save_model_run(converted, cfg, provenance=provenance, step=step)  # parameters only: nothing in it trains
+    return {"source_bytes": model_bytes(base)["total"], **{f"converted_{k}": v for k, v in model_bytes(converted).items()}}
 
 
 def run(args) -> int:
