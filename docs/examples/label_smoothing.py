@@ -14,7 +14,7 @@ import optax
 from pydantic import Field
 
 from jaxeff.schema import Section
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 
 
 class LabelSmoothingConfig(Section):
@@ -22,8 +22,8 @@ class LabelSmoothingConfig(Section):
 
 
 @register_method("label_smoothing", config=LabelSmoothingConfig)
-def label_smoothing_method(cfg, model) -> Method:
-    eps = cfg.label_smoothing.epsilon
+def label_smoothing_method(ctx: MethodContext) -> Method:
+    model, eps = ctx.model, ctx.cfg.label_smoothing.epsilon
 
     def loss(params, batch, rng, *, frozen, deterministic):
         out = model.apply(

@@ -52,10 +52,9 @@ import optax
 from pydantic import Field, field_validator
 
 from jaxeff.errors import ConfigError
-from jaxeff.models import init_params
 from jaxeff.schema import Section
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 
 # Medusa's typical-acceptance defaults (its evaluate_posterior): epsilon and delta = sqrt(epsilon)
 POSTERIOR_THRESHOLD = 0.09
@@ -262,9 +261,10 @@ def heads_loss(heads, h, targets, valid, segment_ids, decay: float):
 
 
 @register_method("medusa", config=MedusaConfig)
-def medusa_method(cfg, model) -> Method:
+def medusa_method(ctx: MethodContext) -> Method:
     """Medusa heads on the model from ``train.init_from``: heads only (``medusa1``) or heads and
     backbone (``medusa2``)."""
+    cfg, model = ctx.cfg, ctx.model
     c = cfg.medusa
     c.make_tree()  # a bad tree is refused before training
     joint = c.mode == "medusa2"
@@ -306,8 +306,7 @@ def medusa_method(cfg, model) -> Method:
             {"heads": make_optimizer(heads_cfg, total_steps), "base": make_optimizer(optim_cfg, total_steps), "frozen": optax.set_to_zero()}, labels
         )
 
-    like = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), like)
+    heads_like = jax.eval_shape(lambda base: init_heads(model.config, base, c.n_heads, c.n_layers), ctx.abstract_params)
     return Method(
         "medusa",
         loss,

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 
 KEY = "step_by_step"
 
@@ -217,8 +217,9 @@ def token_nll(logits, targets):
 
 
 @register_method(KEY, config=StepByStepConfig)
-def step_by_step_method(cfg, model) -> Method:
+def step_by_step_method(ctx: MethodContext) -> Method:
     """Multi-task training on labels and rationales (see the module docstring)."""
+    cfg, model = ctx.cfg, ctx.model
     from jaxeff.data.tokenizer import load_tokenizer
 
     s = getattr(cfg, KEY)

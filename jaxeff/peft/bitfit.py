@@ -10,7 +10,7 @@ import jax
 
 from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
-from jaxeff.train.methods import Method, lm_forward_loss, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
 
 
 def bitfit_mask(params, train_norms: bool = False):
@@ -24,7 +24,8 @@ def bitfit_mask(params, train_norms: bool = False):
 
 
 @register_method("bitfit", config=PeftConfig, section="peft")
-def bitfit_method(cfg, model) -> Method:
+def bitfit_method(ctx: MethodContext) -> Method:
+    cfg, model = ctx.cfg, ctx.model
     if not cfg.model.use_bias:
         raise ConfigError("model.use_bias: method bitfit trains only biases; expected model.use_bias=true (and a base checkpoint built with biases)")
 

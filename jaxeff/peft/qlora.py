@@ -12,7 +12,9 @@ kernel on GPU/TPU and the jnp dequantize-then-matmul reference on CPU, where Pal
 interpret mode). Gradients reach only the adapters.
 
 The base the kernels come from is ``train.init_from`` (or, without it, the seeded random
-initialisation the trainer would use).
+initialisation the trainer would use): the context's ``base_params()``, which the trainer also
+initialises the run from, so the checkpoint is read once. Reading a saved qlora run needs the base
+too (the NF4 kernels are not saved).
 """
 
 from __future__ import annotations
@@ -24,14 +26,12 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.peft.config import PeftConfig
-from jaxeff.models import init_params
 from jaxeff.peft.lora import (
     _DTYPES,
     _flatten_until,
     _get,
     _mask,
     _placeholder,
-    abstract_base,
     adapter_axes,
     adapter_dtype,
     init_adapters,
@@ -43,7 +43,7 @@ from jaxeff.peft.lora import (
     with_initial,
 )
 from jaxeff.targets import resolve_kernel_backend
-from jaxeff.train.methods import Method, lm_forward_loss, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
 
 
 def quantize_base(params, paths, double_quant: bool = True):
@@ -117,37 +117,25 @@ def _qw_type():
     return QuantizedWeight
 
 
-_jit_init = jax.jit(init_params, static_argnums=(0, 2))
-
-
 def load_base(cfg, model):
-    """The float base this run fine-tunes: ``train.init_from``'s parameters, or the seeded init."""
-    if not cfg.train.init_from:
-        return _jit_init(model, jax.random.PRNGKey(cfg.seed), (1, cfg.data.seq_len))
-    from jaxeff.train.checkpoint import Checkpointer, check_same_model, find_checkpoint_dir
-
-    ckpt = Checkpointer(find_checkpoint_dir(cfg.train.init_from), create=False)
-    try:
-        check_same_model(ckpt.read_config(), cfg.to_dict()["model"], ckpt.directory)
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract_base(cfg, model))
-        return ckpt.restore_params(abstract)
-    finally:
-        ckpt.close()
+    """Deprecated: a trainer's ``base_params()`` (or ``MethodContext.base_params()``) is the run's
+    base, read once. Left for :func:`jaxeff.peft.adapters.export_adapter` until it uses those."""
+    return MethodContext.for_model(cfg, model).base_params()
 
 
 @register_method("qlora", config=PeftConfig, section="peft")
-def qlora_method(cfg, model) -> Method:
+def qlora_method(ctx: MethodContext) -> Method:
     """LoRA adapters (bf16) on an NF4 base; only the adapters train."""
+    cfg, model = ctx.cfg, ctx.model
     p = cfg.peft
     scale = lora_scale(p)
-    like = abstract_base(cfg, model)
+    like = ctx.abstract_params
     paths = target_paths(like, p.targets)
     dtype = adapter_dtype(p, "bfloat16")
     initial = initial_adapters(cfg, like, paths)
     compute = _DTYPES[p.compute_dtype]
     backend = resolve_kernel_backend(p.kernel_backend)
-    qbase = quantize_base(load_base(cfg, model), paths, p.double_quant)
+    qbase = quantize_base(ctx.base_params(), paths, p.double_quant)
     qbase_const = jax.tree.map(np.asarray, qbase)  # for eval / generate, which get no frozen inputs
 
     def prepare_params(base, rng):
@@ -171,7 +159,6 @@ def qlora_method(cfg, model) -> Method:
     def logical_axes(axes):
         return {"model": strip_kernels(axes, paths), "lora": adapter_axes(axes, _placeholder(paths))}
 
-    base_axes = _model_axes(cfg, model)
     return Method(
         "qlora",
         loss,
@@ -181,11 +168,5 @@ def qlora_method(cfg, model) -> Method:
         model_params=model_params,
         apply=apply,
         frozen={"qbase": qbase},
-        frozen_logical_axes={"qbase": qbase_axes(base_axes, qbase)},
+        frozen_logical_axes={"qbase": qbase_axes(ctx.model_axes, qbase)},
     )
-
-
-def _model_axes(cfg, model):
-    from jaxeff.models import logical_axes
-
-    return logical_axes(model, (1, cfg.data.seq_len))

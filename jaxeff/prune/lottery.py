@@ -51,7 +51,7 @@ from jaxeff.errors import ConfigError, JaxeffError
 from jaxeff.prune.wanda import TARGETS
 from jaxeff.quant.intercept import dense_paths
 from jaxeff.schema import Section
-from jaxeff.train.methods import Method, lm_forward_loss, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
 from jaxeff.train.optim import make_optimizer, make_schedule
 
 
@@ -378,19 +378,17 @@ def mask_updates():
 
 
 @register_method("lottery", config=LotteryConfig)
-def lottery_method(cfg, model) -> Method:
+def lottery_method(ctx: MethodContext) -> Method:
     """Iterative magnitude pruning with rewinding; see the module docstring."""
     import optax
     from flax.core import unfreeze
 
-    from jaxeff.models import init_params
-
+    cfg, model = ctx.cfg, ctx.model
     c = cfg.lottery
     per = round_plan(cfg)
     if c.masks_from:
         _check_masks_from(c.masks_from, c.rounds)
-    abstract = jax.eval_shape(lambda: unfreeze(init_params(model, jax.random.PRNGKey(0), (1, cfg.data.seq_len))))
-    paths = prunable_paths(abstract, c.targets)
+    paths = prunable_paths(unfreeze(ctx.abstract_params), c.targets)
     rounds = Rounds(cfg, model, paths, per)
     rewind = c.reinit == "rewind"
 

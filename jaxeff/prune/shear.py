@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from jaxeff.prune import hard_concrete as hc
 from jaxeff.prune.config import PruneConfig, check_prune
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 from jaxeff.train.optim import make_optimizer
 
 
@@ -114,8 +114,9 @@ def warmup_steps(prune_cfg, total_steps: int) -> int:
 
 
 @register_method("shear", config=PruneConfig, section="prune")
-def shear_method(cfg, model) -> Method:
+def shear_method(ctx: MethodContext) -> Method:
     """Hard-concrete masks + Lagrangian towards ``prune.target``; see the module docstring."""
+    cfg, model = ctx.cfg, ctx.model
     p = cfg.prune
     sizes = check_prune(cfg)
     shapes = hc.mask_shapes(cfg.model, sizes)

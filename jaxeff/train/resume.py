@@ -53,8 +53,10 @@ def open_checkpoints(trainer, loader) -> tuple[Checkpointer, Any, int]:
             loader.load_state_dict(data_state)
             start = int(state.step)
         if state is None:
-            base = trainer.load_base_params(cfg.train.init_from) if cfg.train.init_from else None
+            # the base the method's factory may have read already (QLoRA's): read once, used by both
+            base = trainer.base_params() if cfg.train.init_from or trainer.context.has_base else None
             state = trainer.init_state(base)
+        trainer.context.release_base()  # the state holds what it needs: free the base's arrays
         if ckpt is None:  # one manager, created by every process alike (orbax synchronises its set-up)
             ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
     except BaseException:

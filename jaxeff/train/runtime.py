@@ -1,8 +1,13 @@
 """The runtime of a run: config -> mesh, model, method, optimizer, shardings and jitted steps.
 
 ``Trainer`` holds what does not change from step to step; ``jaxeff.train.loop.run_training`` drives
-it. Tools that only need a run's model (eval, generate, export) build a ``Trainer`` too, or use
-``load_params``.
+it. Tools that only need a run's model (eval, generate, export) use ``load_params`` (or build a
+``Trainer(cfg, purpose="load")``): its method then reads no training-only input (a teacher).
+
+The trainer works out the model's abstract parameters, logical axes and base shardings once and
+hands them to the method's factory in a :class:`jaxeff.train.methods.MethodContext`, whose
+``base_params()`` (``train.init_from``, else the seeded init) is read at most once per trainer:
+shared by the factory (QLoRA's base) and the fresh train state (``init_state``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from jaxeff.errors import ConfigError
 from jaxeff.models import Transformer, init_params, logical_axes
 from jaxeff.train import sharding as shd
 from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, check_same_model
-from jaxeff.train.methods import make_method
+from jaxeff.train.methods import MethodContext, make_method
 from jaxeff.train.optim import make_optimizer, make_schedule
 from jaxeff.train.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -54,8 +59,9 @@ def peak_flops_per_device(cfg: ExperimentConfig) -> float | None:
 class Trainer:
     """Everything about a run that does not change from step to step."""
 
-    def __init__(self, cfg: ExperimentConfig, *, devices=None):
+    def __init__(self, cfg: ExperimentConfig, *, devices=None, purpose: str = "train"):
         self.cfg = cfg
+        self.purpose = purpose
         self.mesh = shd.build_mesh(cfg.mesh, devices)
         self.rules = cfg.mesh.rules
         div = shd.batch_divisor(self.mesh, self.rules)
@@ -65,20 +71,21 @@ class Trainer:
         if cfg.optim.grad_accum > 1 and per_micro % div:
             raise ConfigError(f"optim.grad_accum: micro-batches of {per_micro} rows do not split over {div} batch shards")
         self.model = Transformer(cfg.model)
-        try:
-            self.method = make_method(cfg, self.model)
-        except KeyError as e:
-            raise ConfigError(str(e.args[0])) from None
         seq = cfg.data.seq_len
         key = jax.random.PRNGKey(cfg.seed)
         self.base_abstract = jax.eval_shape(lambda: init_params(self.model, key, (1, seq)))
-        abstract_params = jax.eval_shape(lambda: self.method.prepare_params(init_params(self.model, key, (1, seq)), key))
+        model_axes = logical_axes(self.model, (1, seq))
+        self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)
+        self.context = MethodContext(cfg, self.model, self.base_abstract, model_axes, purpose, read_base=self._read_base)
+        try:
+            self.method = make_method(self.context)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        abstract_params = jax.eval_shape(self.method.prepare_params, self.base_abstract, key)
         trainable = self.method.trainable(abstract_params)
         make_tx = self.method.optimizer or make_optimizer
         self.tx = make_tx(cfg.optim, cfg.train.steps, trainable)
         self.schedule = self.method.schedule or make_schedule(cfg.optim, cfg.train.steps)  # what train/lr logs
-        model_axes = logical_axes(self.model, (1, seq))
-        self.base_shardings = shd.param_shardings(model_axes, self.base_abstract, self.mesh, self.rules)
         self.param_shardings = shd.param_shardings(self.method.logical_axes(model_axes), abstract_params, self.mesh, self.rules)
         abstract_state = jax.eval_shape(self._init_fn, self.base_abstract)
         self.state_shardings = shd.shardings_like_params(abstract_state, abstract_params, self.param_shardings, self.mesh)
@@ -86,7 +93,9 @@ class Trainer:
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, P())
-        frozen = self.method.frozen
+        frozen = self.method.frozen if self.context.training else None  # a trainer that only reads a run needs none
+        if callable(frozen):
+            frozen = frozen()
         if frozen is None:
             self.frozen, frozen_shardings = None, None
         else:
@@ -140,20 +149,21 @@ class Trainer:
 
     def load_base_params(self, path) -> Any:
         """Model parameters of another run's checkpoint (same architecture) for ``train.init_from``;
-        ``hf:PATH`` reads a Hugging Face folder whose config.json must match the ``model`` section."""
-        from jaxeff.train.checkpoint import find_checkpoint_dir
+        ``hf:PATH`` reads a Hugging Face folder whose config.json must match the ``model`` section.
+        Reads every call; the run's own base is :meth:`base_params` (read once)."""
+        return read_base_params(self.cfg, path, self.base_abstract, self.base_shardings)
 
-        if str(path).startswith("hf:"):
-            from jaxeff.interop.hf import load_for_run
+    def base_params(self) -> Any:
+        """The model parameters this run starts from (``train.init_from``, else the seeded init),
+        placed with ``base_shardings``; read on the first call (shared with the method's factory)."""
+        return self.context.base_params()
 
-            return load_for_run(str(path)[3:], self.cfg.model, self.base_abstract, self.base_shardings)
-
-        ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
-        try:
-            check_same_model(ckpt.read_config(), self.cfg.to_dict()["model"], ckpt.directory)
-            return ckpt.restore_params(abstract_with_shardings(self.base_abstract, self.base_shardings))
-        finally:
-            ckpt.close()
+    def _read_base(self):
+        if self.cfg.train.init_from:
+            return self.load_base_params(self.cfg.train.init_from)
+        key, shape = jax.random.PRNGKey(self.cfg.seed), (1, self.cfg.data.seq_len)
+        with self._context():
+            return jax.jit(lambda: init_params(self.model, key, shape), out_shardings=self.base_shardings)()
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Global numpy batch -> global jax arrays; each process contributes its own rows."""
@@ -162,6 +172,8 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (global_rows,) + v.shape[1:]) for k, v in local.items()}
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
+        if not self.context.training:
+            raise RuntimeError(f"this Trainer was built to load a run (purpose={self.purpose!r}), not to train; build Trainer(cfg)")
         with self._context():
             return self._train_step(state, self.shard_batch(batch), self.frozen)
 
@@ -214,12 +226,33 @@ def _env_int(name: str) -> int | None:
 
 def load_params(cfg: ExperimentConfig, checkpoint_dir, step: int | None = None, devices=None):
     """``(trainer, params)``: the parameters of a checkpoint (only those: no optimizer state is read,
-    so the config's optimizer need not match), placed with the run's shardings (eval / generate)."""
-    trainer = Trainer(cfg, devices=devices)
+    so the config's optimizer need not match), placed with the run's shardings (eval / generate).
+    The trainer is built to load (``purpose="load"``): it cannot train, and its method reads no
+    training-only input, so e.g. a distilled student loads without its teacher (its prepared tree is
+    then the student alone: parameters only the training loss uses are not read)."""
+    trainer = Trainer(cfg, devices=devices, purpose="load")
     with Checkpointer(checkpoint_dir, create=False) as ckpt:
         check_same_model(ckpt.read_config(step), cfg.to_dict()["model"], ckpt.directory)
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
+    trainer.context.release_base()
     return trainer, params
 
 
-__all__ = ["Trainer", "load_params", "setup_distributed", "peak_flops_per_device", "PEAK_FLOPS"]
+def read_base_params(cfg: ExperimentConfig, path, abstract, shardings) -> Any:
+    """Model parameters of the run (or ``hf:`` folder) at ``path`` for a run of config ``cfg``
+    (same ``model`` section), read with ``abstract``'s shapes and placed with ``shardings``."""
+    from jaxeff.train.checkpoint import find_checkpoint_dir
+
+    if str(path).startswith("hf:"):
+        from jaxeff.interop.hf import load_for_run
+
+        return load_for_run(str(path)[3:], cfg.model, abstract, shardings)
+    ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
+    try:
+        check_same_model(ckpt.read_config(), cfg.to_dict()["model"], ckpt.directory)
+        return ckpt.restore_params(abstract_with_shardings(abstract, shardings))
+    finally:
+        ckpt.close()
+
+
+__all__ = ["Trainer", "load_params", "read_base_params", "setup_distributed", "peak_flops_per_device", "PEAK_FLOPS"]

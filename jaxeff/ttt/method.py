@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxeff.ttt.config import TTTConfig
 from jaxeff.models.transformer import TransformerOutput
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 from jaxeff.ttt.inner import forward
 from jaxeff.ttt.model import TTTSpec, add_fast_params, fast_logical_axes, refuse_fast_weights
 
@@ -67,8 +67,9 @@ def evaluate_logits(spec: TTTSpec, params, tokens, positions=None, segment_ids=N
 
 
 @register_method("ttt_e2e", config=TTTConfig, section="ttt")
-def ttt_method(cfg, model) -> Method:
+def ttt_method(ctx: MethodContext) -> Method:
     """End-to-end test-time training (see the ``ttt`` config section and docs/ttt.md)."""
+    cfg = ctx.cfg
     spec = TTTSpec.from_config(cfg)
 
     def loss(params, batch, rng, *, frozen, deterministic, step):
