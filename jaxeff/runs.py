@@ -5,9 +5,11 @@ step says which model and method wrote it. Tools that read a run (eval, generate
 sparsify, export, adapters) go through here:
 
 * ``read_config(run, step)``: the saved config (a dict), newest step by default;
-* ``load_model_params(run, step)``: ``(config, model parameters)`` on one device, for any method
-  (through ``Method.model_params``: LoRA merged, the distilled student, ...);
-* ``load_run(run, step)``: ``(config, trainer, prepared parameters)`` on one device: the method's own tree;
+* ``load_model_params(run, step)``: ``(config, model parameters)`` on one device (or as host arrays),
+  for any method (through ``Method.model_params``: LoRA merged, the distilled student, ...);
+* ``load_run(run, step)``: ``(config, trainer, prepared parameters)`` on one device: the method's own
+  tree, read by a trainer built to load (``purpose="load"``): inputs only training needs are not
+  read (a distilled student loads after its teacher's folder is gone);
 * ``save_model_run(params, cfg)``: a new run holding parameters only (no optimizer state), refused
   when the folder already holds a checkpoint. ``eval``, ``generate`` and ``train.init_from`` read
   parameters only; resuming such a run is refused (start from it with ``train.init_from``).
@@ -27,9 +29,10 @@ def read_config(run, step: int | None = None) -> dict:
         return ckpt.read_config(step)
 
 
-def load_model_params(run, step: int | None = None):
+def load_model_params(run, step: int | None = None, *, host: bool = False):
     """``(config, model params)`` of a run on one device; any method (its ``model_params``). The
-    config is the run's on one device (mesh 1x1x1, batch 1)."""
+    config is the run's on one device (mesh 1x1x1, batch 1). ``host``: numpy arrays instead (an
+    ``lm`` run's are read straight to host memory, e.g. a teacher sharded afterwards)."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -39,10 +42,13 @@ def load_model_params(run, step: int | None = None):
         cfg = one_device_config(ckpt.read_config(step), **{"data.batch_size": 1})
         if cfg.method == "lm":  # the saved params are the model's: no trainer needed
             abstract = abstract_model_params(cfg.to_dict())
+            if host:  # no shardings given: numpy arrays
+                return cfg, ckpt.restore_params(abstract, step)
             one = SingleDeviceSharding(jax.devices()[0])
             return cfg, ckpt.restore_params(abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract)), step)
     cfg, trainer, params = load_run(run, step)
-    return cfg, trainer.method.model_params(params)
+    params = trainer.method.model_params(params)
+    return cfg, (jax.device_get(params) if host else params)
 
 
 def load_run(run, step: int | None = None):
@@ -93,4 +99,4 @@ def save_model_run(params: Any, cfg, *, provenance: dict | None = None, key: str
     return out
 
 
-__all__ = ["read_config", "load_model_params", "lm_run_config", "check_new_run", "save_model_run"]
+__all__ = ["read_config", "load_model_params", "load_run", "lm_run_config", "check_new_run", "save_model_run"]

@@ -29,24 +29,11 @@ def register(sub) -> None:
 
 
 def load_run(path, step=None):
-    """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1). A distilled
-    student (method ``distill``, parameters saved under ``model``) is read as a plain model."""
-    import jax
+    """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1):
+    :func:`jaxeff.runs.load_run`, whose trainer reads no teacher (a distilled student loads alone)."""
+    from jaxeff.runs import load_run as load_prepared
 
-    from jaxeff.runs import load_run as load_prepared, read_config
-    from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir, one_device_config
-    from jaxeff.train.runtime import Trainer
-
-    saved = read_config(path, step)
-    if saved.get("method") != "distill":
-        return load_prepared(path, step)
-    # the student alone (no teacher to load): a plain lm trainer, parameters from the run's "model" subtree
-    cfg = one_device_config(saved, method="lm", **{"data.batch_size": 1})
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
-    with Checkpointer(find_checkpoint_dir(path), create=False) as ckpt:
-        abstract = abstract_with_shardings(trainer.base_abstract, trainer.base_shardings)
-        params = ckpt.restore_params({"model": abstract}, step)["model"]
-    return cfg, trainer, params
+    return load_prepared(path, step)
 
 
 def cmd_speculate(args) -> int:

@@ -8,6 +8,11 @@ are held and run in bfloat16 (``distill.teacher_dtype``).
 The trained tree is ``{"model": <the student's params>}`` plus ``"proj"`` (one learned ``[d_student,
 d_teacher]`` matrix per layer pair) when the cosine loss is on and the widths differ; evaluation and
 generation use ``params["model"]`` (runs written before 2026-12 say ``"student"``; they still load).
+
+Only a trainer built to train reads the teacher (or the offline top-k table): one built to read a
+saved run (``ctx.purpose == "load"``: eval, generate, export, ``jaxeff.runs``) gets the student alone
+(``{"model": ...}``; the projections serve only the training loss and are not read), so a distilled
+student stays usable after its teacher's folder is gone.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from jaxeff.distill.teacher import load_teacher
 from jaxeff.errors import ConfigError
 from jaxeff.models import Transformer, TransformerConfig, logical_axes
 from jaxeff.train.checkpoint import RUNTIME_ONLY, first_difference
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
 
 
 def layer_pairs(layer_map, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
@@ -66,11 +71,14 @@ def every_other_layer_params(teacher_params, teacher_cfg: TransformerConfig, stu
 
 
 @register_method("distill", config=DistillConfig)
-def distill_method(cfg, model: Transformer) -> Method:
-    """Knowledge distillation into ``model`` from ``cfg.distill.teacher_checkpoint`` (see the
+def distill_method(ctx: MethodContext) -> Method:
+    """Knowledge distillation into ``ctx.model`` from ``cfg.distill.teacher_checkpoint`` (see the
     ``distill`` config section for the loss)."""
+    cfg, model = ctx.cfg, ctx.model
     d = cfg.distill
     seq = cfg.data.seq_len
+    if not ctx.training:
+        return _student_method(model)
     if d.offline_topk:
         return _offline_method(cfg, model)
     if d.student_init == "every_other_layer" and cfg.train.init_from:
@@ -137,6 +145,18 @@ def distill_method(cfg, model: Transformer) -> Method:
         model_params=lambda p: p["model"],
         frozen=frozen,
         frozen_logical_axes=logical_axes(teacher_model, (1, seq)),
+    )
+
+
+def _student_method(model: Transformer) -> Method:
+    """The distilled student as a saved run is read (no teacher): its loss is the plain LM loss."""
+
+    def loss(params, batch, rng, *, frozen, deterministic):
+        value, _ = lm_forward_loss(model, params["model"], batch, rng, deterministic)
+        return value, {}
+
+    return Method(
+        "distill", loss, prepare_params=lambda p, rng: {"model": p}, logical_axes=lambda axes: {"model": axes}, model_params=lambda p: p["model"]
     )
 
 

@@ -334,3 +334,13 @@ def test_offline_top_k_over_the_whole_vocabulary_reproduces_the_online_step(tiny
         np.testing.assert_allclose(float(m_off[key]), float(m_on[key]), rtol=2e-5)
     with pytest.raises(ConfigError, match="offline top-k supports forward_kl only"):
         Trainer(_distill_cfg(tiny_config, teacher_dir, f"distill.offline_topk={path}", "distill.divergence=jsd"))
+
+
+def test_a_trainer_built_to_load_a_distilled_run_reads_no_teacher(tiny_config, tmp_path):
+    """eval / generate / jaxeff.runs read a student as the student alone: the teacher folder may be gone."""
+    cfg = _distill_cfg(tiny_config, tmp_path / "gone", "model.d_model=48", "distill.cos_weight=1.0", "mesh.data=1")
+    t = Trainer(cfg, devices=jax.devices()[:1], purpose="load")
+    assert t.frozen is None and set(t.abstract_state.params) == {"model"}
+    assert t.n_params == cfg.model.param_count()
+    with pytest.raises(CheckpointError, match=r"^distill.teacher_checkpoint: .*does not exist"):
+        Trainer(cfg, devices=jax.devices()[:1])
