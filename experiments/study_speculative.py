@@ -116,11 +116,12 @@ def train_target_draft(args, study: Path, large: bool, draft_layers: int = 1) ->
 
 def load_target_draft(study: Path):
     """``(target config, target model, target params, draft config, draft model, draft params)``."""
-    from jaxeff.decode.cli import load_run
+    from jaxeff.models import Transformer
+    from jaxeff.runs import load_model_params
 
-    t_cfg, t_tr, t_params = load_run(study / "target")
-    d_cfg, d_tr, d_params = load_run(study / "draft_kd")
-    return t_cfg, t_tr.model, t_params, d_cfg, d_tr.model, d_params
+    t_cfg, t_params = load_model_params(study / "target")
+    d_cfg, d_params = load_model_params(study / "draft_kd")  # the distilled student's parameters
+    return t_cfg, Transformer(t_cfg.model), t_params, d_cfg, Transformer(d_cfg.model), d_params
 
 
 def prompts(cfg, per_domain: int, length: int):

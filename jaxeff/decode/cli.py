@@ -28,14 +28,6 @@ def register(sub) -> None:
     s.set_defaults(handler=cmd_speculate)
 
 
-def load_run(path, step=None):
-    """``(cfg, trainer, params)`` of a run on one device, set up for decoding (batch 1):
-    :func:`jaxeff.runs.load_run`, whose trainer reads no teacher (a distilled student loads alone)."""
-    from jaxeff.runs import load_run as load_prepared
-
-    return load_prepared(path, step)
-
-
 def cmd_speculate(args) -> int:
     for name in ("gamma", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -52,6 +44,7 @@ def cmd_speculate(args) -> int:
     from jaxeff.data.tokenizer import load_tokenizer
     from jaxeff.decode.speculative import check_pair, speculative_generate
     from jaxeff.models.generate import generate
+    from jaxeff.runs import load_run  # the method's own tree, run by its trainer's method (a distilled student alone)
 
     t_cfg, t_trainer, t_params = load_run(args.target)
     d_cfg, d_trainer, d_params = load_run(args.draft)

@@ -226,24 +226,20 @@ def export_adapter(run, out, step: int | None = None, base_model_name_or_path: s
     """Take the adapters out of a ``lora`` / ``qlora`` run's checkpoint into an adapter folder
     (PEFT's format + ``adapter.json``). ``base_model_name_or_path`` (adapter_config.json) defaults
     to the folder of an ``hf:DIR`` ``train.init_from``, else null (the base run is in adapter.json)."""
-    from jaxeff.peft.qlora import load_base
     from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings, find_checkpoint_dir
     from jaxeff.train.loop import Trainer
 
     for f in (META_FILE, hf_adapter.CONFIG, hf_adapter.WEIGHTS):  # before anything is loaded
         if (Path(out) / f).exists():
             raise CheckpointError(f"adapter folder '{out}' already holds an adapter ({f}); choose another --out")
-    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
-    try:
+    with Checkpointer(find_checkpoint_dir(run), create=False) as ckpt:
         # its adapters are in the checkpoint: a peft.init_adapter folder need not exist any more
         cfg = one_device_config(ckpt.read_config(step), **{"peft.init_adapter": None})
         if cfg.method not in ("lora", "qlora"):
             raise CheckpointError(f"checkpoint '{ckpt.directory}' is a '{cfg.method}' run; expected a lora or qlora run")
-        trainer = Trainer(cfg, devices=jax.devices()[:1])
+        trainer = Trainer(cfg, devices=jax.devices()[:1], purpose="load")
         params = ckpt.restore_params(abstract_with_shardings(trainer.abstract_state.params, trainer.param_shardings), step)
-    finally:
-        ckpt.close()
-    base = load_base(cfg, trainer.model)
+    base = trainer.base_params()  # the base the run started from (qlora's factory read it already: read once)
     return save_adapter(
         out, params["lora"], adapter_meta(cfg, fingerprint(base, cfg.to_dict()["model"])), like=base, base_model_name_or_path=base_model_name_or_path
     )

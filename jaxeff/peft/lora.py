@@ -29,9 +29,8 @@ from jax.sharding import PartitionSpec as P
 from jaxeff.dense import intercept_dense
 from jaxeff.peft.config import PeftConfig
 from jaxeff.errors import ConfigError
-from jaxeff.models import init_params
 from jaxeff.targets import select
-from jaxeff.train.methods import Method, lm_forward_loss, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
 
 Path = tuple[str, ...]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -167,11 +166,6 @@ def lora_scale(peft_cfg) -> float:
     return peft_cfg.alpha / peft_cfg.rank
 
 
-def abstract_base(cfg, model):
-    key = jax.random.PRNGKey(cfg.seed)
-    return jax.eval_shape(lambda: init_params(model, key, (1, cfg.data.seq_len)))
-
-
 def adapter_dtype(peft_cfg, default: str):
     return _DTYPES[peft_cfg.adapter_dtype or default]
 
@@ -225,11 +219,12 @@ def _mask(tree, value: bool):
 
 
 @register_method("lora", config=PeftConfig, section="peft")
-def lora_method(cfg, model) -> Method:
+def lora_method(ctx: MethodContext) -> Method:
     """LoRA on the kernels that ``peft.targets`` select; the base is frozen."""
+    cfg, model = ctx.cfg, ctx.model
     p = cfg.peft
     scale = lora_scale(p)
-    like = abstract_base(cfg, model)
+    like = ctx.abstract_params
     paths = target_paths(like, p.targets)
     dtype = adapter_dtype(p, "float32")
     initial = initial_adapters(cfg, like, paths)

@@ -117,12 +117,6 @@ def _qw_type():
     return QuantizedWeight
 
 
-def load_base(cfg, model):
-    """Deprecated: a trainer's ``base_params()`` (or ``MethodContext.base_params()``) is the run's
-    base, read once. Left for :func:`jaxeff.peft.adapters.export_adapter` until it uses those."""
-    return MethodContext.for_model(cfg, model).base_params()
-
-
 @register_method("qlora", config=PeftConfig, section="peft")
 def qlora_method(ctx: MethodContext) -> Method:
     """LoRA adapters (bf16) on an NF4 base; only the adapters train."""

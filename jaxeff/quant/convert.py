@@ -30,7 +30,7 @@ from jaxeff.quant.config import QuantConfig
 from jaxeff.dense import intercept_dense
 from jaxeff.quant.intercept import dense_paths, get_path, set_path
 from jaxeff.targets import dense_modules, resolve_kernel_backend
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 from pallas_kernels.quant import QuantizedWeight, int8_matmul, quantize
 
 
@@ -78,8 +78,9 @@ def model_bytes(params) -> dict[str, int]:
 
 
 @register_method("quantized", config=QuantConfig, section="quant")
-def quantized_method(cfg, model) -> Method:
+def quantized_method(ctx: MethodContext) -> Method:
     """A converted model: float parameters become QuantizedWeight kernels; nothing trains."""
+    cfg, model = ctx.cfg, ctx.model
     qcfg = cfg.quant
 
     def apply(model_, params, tokens, **kwargs):
@@ -93,9 +94,7 @@ def quantized_method(cfg, model) -> Method:
         return jax.lax.stop_gradient(value), {}
 
     def logical_axes(model_axes):  # quantized leaves are replicated; the rest keeps the model's axes
-        from jaxeff.models import init_params
-
-        abstract = jax.eval_shape(lambda: convert_params(init_params(model, jax.random.PRNGKey(0), (1, 8)), qcfg))
+        abstract = jax.eval_shape(lambda p: convert_params(p, qcfg), ctx.abstract_params)
         for path in dense_paths(model_axes, qcfg.weight_layers):
             qw = get_path(abstract, path)["kernel"]
             spec = dataclasses.replace(qw, **{f: (None if getattr(qw, f) is None else P()) for f in ("data", "scales", "zeros", "dq_scales", "dq_mean")})

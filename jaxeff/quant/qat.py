@@ -26,7 +26,7 @@ from jaxeff.dense import intercept_dense
 from jaxeff.quant.intercept import dense_paths, get_path, set_path
 from jaxeff.quant.quantizers import QuantSpec, compute_scale_zero, scale_and_zero_from_range
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, register_method
+from jaxeff.train.methods import Method, MethodContext, register_method
 
 
 def _weight_spec(qcfg) -> QuantSpec | None:
@@ -97,8 +97,9 @@ def quantized_model_params(params, qcfg, qscales=None) -> dict:
 
 
 @register_method("qat", config=QuantConfig, section="quant")
-def qat_method(cfg, model) -> Method:
+def qat_method(ctx: MethodContext) -> Method:
     """Quantization-aware training as the ``quant`` section says (see the module docstring)."""
+    cfg, model = ctx.cfg, ctx.model
     qcfg = cfg.quant
     learn = qcfg.weight is not None and qcfg.weight.learnable_scale
 
@@ -137,9 +138,7 @@ def qat_method(cfg, model) -> Method:
     def logical_axes(model_axes):  # the learned scales are small: replicated
         if not learn:
             return model_axes
-        from jaxeff.models import init_params
-
-        scales = jax.eval_shape(lambda: init_weight_scales(init_params(model, jax.random.PRNGKey(0), (1, 8)), qcfg))
+        scales = jax.eval_shape(lambda p: init_weight_scales(p, qcfg), ctx.abstract_params)
         return {"model": model_axes, "qscales": jax.tree.map(lambda _: P(), scales)}
 
     return Method("qat", loss, prepare_params=prepare_params, logical_axes=logical_axes, model_params=model_params, apply=apply)
