@@ -88,7 +88,8 @@ def main() -> None:
     from tensorboardX import SummaryWriter
 
     from jaxeff.edit import recipe_from_dict
-    from jaxeff.edit.runs import load_model_params, merge_runs
+    from jaxeff.edit.runs import merge_runs
+    from jaxeff.runs import load_model_params
     from jaxeff.train.inputs import build_data
     from jaxeff.train.loop import Trainer
 

@@ -84,7 +84,8 @@ def main() -> None:
 
     from jaxeff.data.synthetic import generate_documents
     from jaxeff.data.tokenizer import load_tokenizer
-    from jaxeff.train.checkpoint import one_device_config, read_run_config
+    from jaxeff.runs import read_config
+    from jaxeff.train.checkpoint import one_device_config
     from jaxeff.steer import record_text, steer_generate, steered_forward
     from jaxeff.train.checkpoint import find_checkpoint_dir
     from jaxeff.train.loop import load_params
@@ -101,7 +102,7 @@ def main() -> None:
             + ["name=model", f"logging.run_dir={rd}", "logging.progress=false", f"data.domains=[{','.join(DOMAINS)}]", *train_steps(args.steps)],
         ).cfg.run_path
         print(f"  trained {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    cfg = one_device_config(read_run_config(run), **{"data.batch_size": 1})
+    cfg = one_device_config(read_config(run), **{"data.batch_size": 1})
     trainer, params = load_params(cfg, find_checkpoint_dir(run), devices=jax.devices()[:1])
     model, tok = trainer.model, load_tokenizer(cfg.data.tokenizer)
 

@@ -5,6 +5,7 @@ step says which model and method wrote it. Tools that read a run (eval, generate
 sparsify, export, adapters) go through here:
 
 * ``read_config(run, step)``: the saved config (a dict), newest step by default;
+* ``abstract_model_params(saved_config)``: the shapes of its model parameters (nothing read);
 * ``load_model_params(run, step)``: ``(config, model parameters)`` on one device (or as host arrays),
   for any method (through ``Method.model_params``: LoRA merged, the distilled student, ...);
 * ``load_run(run, step)``: ``(config, trainer, prepared parameters)`` on one device: the method's own
@@ -17,6 +18,8 @@ sparsify, export, adapters) go through here:
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,29 @@ def read_config(run, step: int | None = None) -> dict:
         return ckpt.read_config(step)
 
 
+def abstract_model_params(saved_config: dict):
+    """Shapes and dtypes of a run's model parameters (no weights read, nothing allocated)."""
+    return _abstract(json.dumps(saved_config["model"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(model_json: str):
+    import jax
+
+    from pydantic import TypeAdapter
+
+    from jaxeff.models import Transformer, TransformerConfig, init_params
+
+    model = Transformer(TypeAdapter(TransformerConfig).validate_python(json.loads(model_json)))
+    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), (1, 8)))
+
+
 def load_model_params(run, step: int | None = None, *, host: bool = False):
     """``(config, model params)`` of a run on one device; any method (its ``model_params``). The
     config is the run's on one device (mesh 1x1x1, batch 1). ``host``: numpy arrays instead (an
     ``lm`` run's are read straight to host memory, e.g. a teacher sharded afterwards)."""
     import jax
     from jax.sharding import SingleDeviceSharding
-
-    from jaxeff.edit.runs import abstract_model_params
 
     with Checkpointer(find_checkpoint_dir(run), create=False) as ckpt:
         cfg = one_device_config(ckpt.read_config(step), **{"data.batch_size": 1})
@@ -99,4 +117,4 @@ def save_model_run(params: Any, cfg, *, provenance: dict | None = None, key: str
     return out
 
 
-__all__ = ["read_config", "load_model_params", "load_run", "lm_run_config", "check_new_run", "save_model_run"]
+__all__ = ["read_config", "abstract_model_params", "load_model_params", "load_run", "lm_run_config", "check_new_run", "save_model_run"]

@@ -13,43 +13,19 @@ parameters names the ``model.*`` key).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from jaxeff.edit.recipe import Recipe
 from jaxeff.errors import CheckpointError, ConfigError
-from jaxeff.train.checkpoint import new_lm_run, one_device_config, read_run_config
+from jaxeff.runs import abstract_model_params, load_model_params, read_config
+from jaxeff.train.checkpoint import new_lm_run, one_device_config
 
 
 def _one_device_config(saved: dict, **changes):
     """The config of a saved run, on one device (mesh 1x1x1, batch 1), with dotted ``changes``."""
     return one_device_config(saved, **{"data.batch_size": 1, **changes})
-
-
-def abstract_model_params(saved_config: dict):
-    """Shapes and dtypes of a run's model parameters (no weights read, nothing allocated)."""
-    return _abstract(json.dumps(saved_config["model"], sort_keys=True))
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(model_json: str):
-    import jax
-
-    from pydantic import TypeAdapter
-
-    from jaxeff.models import Transformer, TransformerConfig, init_params
-
-    model = Transformer(TypeAdapter(TransformerConfig).validate_python(json.loads(model_json)))
-    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), (1, 8)))
-
-
-def load_model_params(run, step: int | None = None):
-    """``(config, model params)`` of a run, on one device; any method (see :mod:`jaxeff.runs`)."""
-    from jaxeff import runs
-
-    return runs.load_model_params(run, step)
 
 
 def check_same_architecture(base_cfg: dict, other_cfg: dict, base_name: str, other_name: str) -> None:
@@ -84,7 +60,7 @@ def merge_runs(recipe: Recipe) -> dict[str, Any]:
     configs = {}
     for (key, _), (path, step) in runs.items():
         try:
-            configs[path, step] = read_run_config(path, step)
+            configs[path, step] = read_config(path, step)
         except CheckpointError as err:
             raise CheckpointError(f"{key}: {err}") from None
         if Path(path).absolute() == out.absolute():
@@ -154,4 +130,4 @@ def _norm(tree) -> float:
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
 
 
-__all__ = ["merge_runs", "load_model_params", "read_run_config", "check_same_architecture", "abstract_model_params"]
+__all__ = ["merge_runs", "check_same_architecture"]

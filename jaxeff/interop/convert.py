@@ -75,9 +75,8 @@ def from_hf(hf_dir, out_run, *, dtype=None) -> Path:
     from jax.sharding import SingleDeviceSharding
 
     from jaxeff.config import from_dict
-    from jaxeff.edit.runs import abstract_model_params
     from jaxeff.interop.hf import load_weights
-    from jaxeff.runs import check_new_run, save_model_run
+    from jaxeff.runs import abstract_model_params, check_new_run, save_model_run
 
     hf_dir, out = Path(hf_dir), Path(out_run)
     model = model_section(hf_dir, dtype)

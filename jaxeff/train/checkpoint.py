@@ -375,15 +375,6 @@ def open_new_run(cfg, out: Path, key: str = "--out") -> "Checkpointer":
     return ckpt
 
 
-def read_run_config(run, step: int | None = None) -> dict:
-    """The saved config of a run folder (or its checkpoints folder), newest step or ``step``."""
-    ckpt = Checkpointer(find_checkpoint_dir(run), create=False)
-    try:
-        return ckpt.read_config(step)
-    finally:
-        ckpt.close()
-
-
 def find_checkpoint_dir(path: str | Path) -> Path:
     """Accept a run folder (``runs/<name>``) or its ``checkpoints`` folder."""
     p = Path(path)

@@ -238,7 +238,7 @@ def runs(tmp_path_factory):
 
 
 def _params(run):
-    from jaxeff.edit.runs import load_model_params
+    from jaxeff.runs import load_model_params
 
     return jax.tree.map(np.asarray, load_model_params(run)[1])
 
@@ -294,7 +294,8 @@ def test_ties_and_transfer_recipes_on_runs(runs):
 
 def test_a_lora_run_contributes_its_merged_model_parameters(runs):
     from jaxeff.edit import recipe_from_dict
-    from jaxeff.edit.runs import load_model_params, merge_runs
+    from jaxeff.edit.runs import merge_runs
+    from jaxeff.runs import load_model_params
     from jaxeff.peft import merge
     from jaxeff.train.checkpoint import Checkpointer, abstract_with_shardings
     from jaxeff.train.loop import Trainer
