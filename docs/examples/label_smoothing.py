@@ -14,7 +14,7 @@ import optax
 from pydantic import Field
 
 from jaxeff.schema import Section
-from jaxeff.train.methods import Method, MethodContext, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward, register_method
 
 
 class LabelSmoothingConfig(Section):
@@ -26,14 +26,7 @@ def label_smoothing_method(ctx: MethodContext) -> Method:
     model, eps = ctx.model, ctx.cfg.label_smoothing.epsilon
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply(
-            {"params": params},
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-        )
+        out = lm_forward(model, params, batch, rng, deterministic)  # model.apply on the batch, dropout from rng
         logits = out.logits.astype(jnp.float32)
         labels = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1]), eps)
         per_token = optax.softmax_cross_entropy(logits, labels)

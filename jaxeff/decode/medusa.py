@@ -54,7 +54,7 @@ from pydantic import Field, field_validator
 from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, MethodContext, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward, register_method
 
 # Medusa's typical-acceptance defaults (its evaluate_posterior): epsilon and delta = sqrt(epsilon)
 POSTERIOR_THRESHOLD = 0.09
@@ -274,15 +274,7 @@ def medusa_method(ctx: MethodContext) -> Method:
 
     def loss(params, batch, rng, *, frozen, deterministic):
         base = params["model"] if joint else jax.lax.stop_gradient(params["model"])
-        out = model.apply(
-            {"params": base},
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-            return_hidden=True,
-        )
+        out = lm_forward(model, base, batch, rng, deterministic, return_hidden=True)
         lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         h = final_hidden(model, base, out.hidden_states)
         hl, metrics = heads_loss(params["medusa"], h, batch["targets"], batch["loss_mask"].astype(jnp.float32), batch["segment_ids"], c.decay)

@@ -29,7 +29,7 @@ from jaxeff.distill.teacher import load_teacher
 from jaxeff.errors import ConfigError
 from jaxeff.models import Transformer, TransformerConfig, logical_axes
 from jaxeff.train.checkpoint import RUNTIME_ONLY, first_difference
-from jaxeff.train.methods import Method, MethodContext, lm_forward_loss, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward, lm_forward_loss, register_method
 
 
 def layer_pairs(layer_map, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
@@ -176,14 +176,7 @@ def _offline_method(cfg, model: Transformer) -> Method:
     table = load_topk(d.offline_topk, cfg.data.seq_len, model.config.vocab_size)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply(
-            {"params": params["model"]},
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-        )
+        out = lm_forward(model, params["model"], batch, rng, deterministic)
         mask = batch["loss_mask"].astype(jnp.float32)
         ce = cross_entropy(out.logits, batch["targets"], mask)[0]
         idx, found = lookup(frozen["fingerprints"], batch["inputs"], batch["segment_ids"])

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from jaxeff.errors import ConfigError
 from jaxeff.schema import Section
-from jaxeff.train.methods import Method, MethodContext, register_method
+from jaxeff.train.methods import Method, MethodContext, lm_forward, register_method
 
 KEY = "step_by_step"
 
@@ -228,14 +228,7 @@ def step_by_step_method(ctx: MethodContext) -> Method:
     lam = float(s.rationale_weight)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = model.apply(
-            {"params": params},
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-        )
+        out = lm_forward(model, params, batch, rng, deterministic)
         nll = token_nll(out.logits, batch["targets"])
         m_label, m_rat = task_masks(
             batch["inputs"], batch["positions"], batch["loss_mask"], bos_id=tokenizer.bos_id, marker_id=marker, prefixes=(label_ids, rationale_ids)

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from jaxeff.prune import hard_concrete as hc
 from jaxeff.prune.config import PruneConfig, check_prune
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, MethodContext, register_method
+from jaxeff.train.methods import Method, MethodContext, forward_kwargs, register_method
 from jaxeff.train.optim import make_optimizer
 
 
@@ -132,16 +132,7 @@ def shear_method(ctx: MethodContext) -> Method:
             masks = final_masks(shear, sizes)
         else:
             masks = hc.sample_masks(shear["log_alpha"], jax.random.fold_in(rng, 1))
-        out = apply_masked(
-            model,
-            params,
-            batch["inputs"],
-            masks,
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-        )
+        out = apply_masked(model, params, batch["inputs"], masks, **forward_kwargs(batch, rng, deterministic))
         lm, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         lag, metrics = lagrangian(shear, sizes, step, warm)
         probs = {t: hc.keep_prob(la) for t, la in shear["log_alpha"].items()}

@@ -26,7 +26,7 @@ from jaxeff.dense import intercept_dense
 from jaxeff.quant.intercept import dense_paths, get_path, set_path
 from jaxeff.quant.quantizers import QuantSpec, compute_scale_zero, scale_and_zero_from_range
 from jaxeff.train.losses import cross_entropy
-from jaxeff.train.methods import Method, MethodContext, register_method
+from jaxeff.train.methods import Method, MethodContext, forward_kwargs, register_method
 
 
 def _weight_spec(qcfg) -> QuantSpec | None:
@@ -114,15 +114,7 @@ def qat_method(ctx: MethodContext) -> Method:
         return fake_quant_apply(model_, mp, tokens, qcfg, qscales=scales, **kwargs)
 
     def loss(params, batch, rng, *, frozen, deterministic):
-        out = apply(
-            model,
-            params,
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-        )
+        out = apply(model, params, batch["inputs"], **forward_kwargs(batch, rng, deterministic))
         value, _ = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return value, {}
 

@@ -288,15 +288,20 @@ def make_method(ctx: MethodContext | Any, model=None, *, purpose: str = "train")
     return _REGISTRY[name](ctx)
 
 
+def forward_kwargs(batch, rng, deterministic: bool) -> dict:
+    """Keyword arguments of a forward pass over a packed training batch: its positions and segments,
+    and dropout (keyed by ``rng``) unless ``deterministic``."""
+    return {"positions": batch["positions"], "segment_ids": batch["segment_ids"], "deterministic": deterministic, "rngs": {"dropout": rng}}
+
+
+def lm_forward(model, params, batch, rng, deterministic: bool, **kwargs):
+    """``model.apply`` on a training batch's inputs (see :func:`forward_kwargs`); ``kwargs`` go to the
+    model (e.g. ``return_hidden=True``)."""
+    return model.apply({"params": params}, batch["inputs"], **forward_kwargs(batch, rng, deterministic), **kwargs)
+
+
 def lm_forward_loss(model, params, batch, rng, deterministic):
-    out = model.apply(
-        {"params": params},
-        batch["inputs"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        deterministic=deterministic,
-        rngs={"dropout": rng},
-    )
+    out = lm_forward(model, params, batch, rng, deterministic)
     loss, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
     return loss, n
 
