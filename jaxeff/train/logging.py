@@ -149,6 +149,17 @@ def memory_line(mem: dict[str, float]) -> str:
     return "compiled train step, per device: " + ", ".join(parts)
 
 
+def _synchronous(writer: SummaryWriter) -> SummaryWriter:
+    """``writer`` with each event written to its file when it is logged. tensorboardX hands events to
+    a background thread through a queue, and its ``flush()`` flushes the file without waiting for that
+    queue: a point logged just before a checkpoint could still be queued when a kill -9 comes, and
+    the resumed run would never log it again. Written in the caller's thread, every point logged
+    before :meth:`RunLogger.flush` is in the file after it."""
+    events = writer._get_file_writer().event_writer  # EventFileWriter: the queue and its thread
+    events.add_event = events._ev_writer.write_event  # EventsWriter: locked append to the file
+    return writer
+
+
 class RunLogger:
     """One TensorBoard run directory per experiment: ``<run_dir>/<name>``."""
 
@@ -163,7 +174,7 @@ class RunLogger:
             return
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / "config.yaml").write_text(_yaml(config))
-        self.writer = SummaryWriter(logdir=str(run_path), flush_secs=10)
+        self.writer = _synchronous(SummaryWriter(logdir=str(run_path), flush_secs=10))
         self.writer.add_text("config", "```yaml\n" + _yaml(config) + "\n```", global_step=start_step)
         self.hparams = run_hparams(config)
         self.wandb = _start_wandb(config, run_path, self.hparams)

@@ -170,3 +170,22 @@ def test_wandb_missing_is_one_line(tmp_path, monkeypatch, capsys):
     logger.close()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wandb is not installed" in err
+
+
+def test_flush_writes_every_point_logged_before_it(tmp_path):
+    """RunLogger.flush (called before each checkpoint) leaves every point logged so far in the event
+    file: tensorboardX's own flush does not wait for its background queue, so a point logged just
+    before a checkpoint could be lost to a kill -9 right after it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jaxeff.train.logging import RunLogger
+
+    logger = RunLogger(tmp_path / "run", {"name": "run"}, total_steps=300, start_step=0, progress=False)
+    for step in range(1, 301):
+        logger.scalars(step, {"train/loss": 1.0 / step, "train/grad_norm": float(step)})
+    logger.flush()  # no close: the file as a kill -9 would leave it
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 301))
+    assert [e.step for e in acc.Scalars("train/grad_norm")] == list(range(1, 301))
+    logger.close()
