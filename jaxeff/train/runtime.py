@@ -61,7 +61,6 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, devices=None, purpose: str = "train"):
         self.cfg = cfg
-        self.purpose = purpose
         self.mesh = shd.build_mesh(cfg.mesh, devices)
         self.rules = cfg.mesh.rules
         div = shd.batch_divisor(self.mesh, self.rules)
@@ -173,7 +172,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict[str, np.ndarray]):
         if not self.context.training:
-            raise RuntimeError(f"this Trainer was built to load a run (purpose={self.purpose!r}), not to train; build Trainer(cfg)")
+            raise RuntimeError(f"this Trainer was built to load a run (purpose={self.context.purpose!r}), not to train; build Trainer(cfg)")
         with self._context():
             return self._train_step(state, self.shard_batch(batch), self.frozen)
 
@@ -247,12 +246,9 @@ def read_base_params(cfg: ExperimentConfig, path, abstract, shardings) -> Any:
         from jaxeff.interop.hf import load_for_run
 
         return load_for_run(str(path)[3:], cfg.model, abstract, shardings)
-    ckpt = Checkpointer(find_checkpoint_dir(path), create=False)
-    try:
+    with Checkpointer(find_checkpoint_dir(path), create=False) as ckpt:
         check_same_model(ckpt.read_config(), cfg.to_dict()["model"], ckpt.directory)
         return ckpt.restore_params(abstract_with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
 
 
 __all__ = ["Trainer", "load_params", "read_base_params", "setup_distributed", "peak_flops_per_device", "PEAK_FLOPS"]
